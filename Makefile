@@ -1,0 +1,38 @@
+# Two commands for a newcomer:  `make demo`  and  `make test`.
+# Each creates its own isolated virtual environment in .venv (re-used when up to date).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= out/demo
+
+.PHONY: demo test lint typecheck setup clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# torch is installed first, pinned to the 2.13 CPU build that pip finds locally
+# (find-links); an unpinned torch would pull several GB of CUDA packages.
+$(VENV)/.installed: pyproject.toml $(BIN)/activate
+	$(BIN)/pip install "torch==2.13.*"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/hmpc-sim simulate --model tcell --controller rule --patient-seed 7 --days 10 --out $(OUT)
+	@echo "Report written to $(OUT)/ (trajectory.png, trajectory.csv, summary.json)"
+
+lint: setup
+	$(BIN)/ruff check plant_models controller sim tests
+	$(BIN)/ruff format --check plant_models controller sim tests
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: setup lint typecheck
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

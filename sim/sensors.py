@@ -1,0 +1,98 @@
+"""Sensors of the virtual plant: online probes every step and offline daily assays that
+arrive hours after their sample time, carrying that sample time."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["Measurement", "NoiseSpec", "SensorSpec", "default_sensor_spec"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One measured value.
+
+    Attributes:
+        name: process variable (full word, e.g. ``glucose``).
+        value: in the canonical unit ``unit``.
+        sample_time: culture age at which the sample was taken, h.
+        arrival_time: culture age at which the value became available, h.
+        source: ``online`` (probe) or ``assay`` (offline lab result).
+        quality: ``good``, ``uncertain`` or ``bad``.
+    """
+
+    name: str
+    value: float
+    unit: str
+    sample_time: float
+    arrival_time: float
+    source: str
+    quality: str = "good"
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSpec:
+    """Gaussian noise: standard deviation ``absolute + relative * |value|``."""
+
+    unit: str
+    absolute: float = 0.0
+    relative: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SensorSpec:
+    """Which variables are measured online and by assay, with their noise and timing."""
+
+    online: Mapping[str, NoiseSpec]
+    assays: Mapping[str, NoiseSpec]
+    assay_interval: float = 24.0
+    assay_delay: float = 4.0
+    assay_first: float = 0.0
+
+
+def default_sensor_spec(model: str) -> SensorSpec:
+    """Typical probes and assays (capacitance, Raman/analyser, daily cell count)."""
+    if model == "tcell":
+        return SensorSpec(
+            online={
+                "viable_cells": NoiseSpec("1e6 cells/mL", 0.02, 0.05),  # capacitance
+                "glucose": NoiseSpec("mM", 0.2, 0.02),  # Raman / analyser
+                "lactate": NoiseSpec("mM", 0.3, 0.02),
+            },
+            assays={
+                "viable_cells": NoiseSpec("1e6 cells/mL", 0.01, 0.03),  # cell counter
+                "viability": NoiseSpec("1", 0.01, 0.0),
+                "glucose": NoiseSpec("mM", 0.1, 0.01),
+                "lactate": NoiseSpec("mM", 0.1, 0.01),
+                "il2": NoiseSpec("IU/mL", 1.0, 0.1),  # ELISA
+            },
+        )
+    if model == "cho":
+        return SensorSpec(
+            online={
+                "viable_cells": NoiseSpec("1e9 cells/L", 0.02, 0.05),
+                "glucose": NoiseSpec("mM", 0.3, 0.02),
+                "lactate": NoiseSpec("mM", 0.3, 0.02),
+            },
+            assays={
+                "viable_cells": NoiseSpec("1e9 cells/L", 0.01, 0.03),
+                "viability": NoiseSpec("1", 0.01, 0.0),
+                "glucose": NoiseSpec("mM", 0.1, 0.01),
+                "glutamine": NoiseSpec("mM", 0.05, 0.02),
+                "lactate": NoiseSpec("mM", 0.1, 0.01),
+                "ammonia": NoiseSpec("mM", 0.05, 0.02),
+            },
+        )
+    raise ValueError(f"unknown model {model!r}; expected 'tcell' or 'cho'")
+
+
+def noisy(
+    value: float, spec: NoiseSpec, rng: np.random.Generator, *, upper: float = math.inf
+) -> float:
+    """A noisy reading, clipped to the physical range [0, upper]."""
+    sd = spec.absolute + spec.relative * abs(value)
+    return float(min(max(value + rng.normal(0.0, sd), 0.0), upper))
