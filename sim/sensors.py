@@ -9,29 +9,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from controller.measurements import Measurement
+
 __all__ = ["Measurement", "NoiseSpec", "SensorSpec", "default_sensor_spec"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Measurement:
-    """One measured value.
-
-    Attributes:
-        name: process variable (full word, e.g. ``glucose``).
-        value: in the canonical unit ``unit``.
-        sample_time: culture age at which the sample was taken, h.
-        arrival_time: culture age at which the value became available, h.
-        source: ``online`` (probe) or ``assay`` (offline lab result).
-        quality: ``good``, ``uncertain`` or ``bad``.
-    """
-
-    name: str
-    value: float
-    unit: str
-    sample_time: float
-    arrival_time: float
-    source: str
-    quality: str = "good"
 
 
 @dataclasses.dataclass(frozen=True)
