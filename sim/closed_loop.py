@@ -158,6 +158,17 @@ def summarize(df: pd.DataFrame, plant: VirtualBioreactor) -> dict[str, Any]:
         "plant_clamped_inputs": int(plant.clamped_inputs),
         "duration_h": float(last["time"]),
     }
+    summary["limits"] = {
+        k: float(getattr(proc, k))
+        for k in (
+            "glucose_low_hard",
+            "glucose_low_soft",
+            "lactate_high_soft",
+            "lactate_high_hard",
+            "ammonia_high_hard",
+        )
+        if hasattr(proc, k)
+    }
     if plant.kind == "tcell":
         reached = df.loc[df["total_viable_cells"] >= proc.dose_cells, "time"]
         summary["dose_cells"] = float(proc.dose_cells)

@@ -82,8 +82,18 @@ def plot_trajectory(df: pd.DataFrame, summary: dict[str, Any], path: Path, *, ti
     for col, c in (("glutamine", "tab:purple"), ("ammonia", "tab:brown")):
         if col in df:
             ax.plot(days, df[col], c=c, label=col)
+    styles = {
+        "glucose_low_hard": ("tab:blue", "--"),
+        "glucose_low_soft": ("tab:blue", ":"),
+        "lactate_high_hard": ("tab:orange", "--"),
+        "lactate_high_soft": ("tab:orange", ":"),
+        "ammonia_high_hard": ("tab:brown", "--"),
+    }
+    for key, value in summary.get("limits", {}).items():
+        color, style = styles.get(key, ("grey", "--"))
+        ax.axhline(value, color=color, ls=style, lw=1)
     ax.set_ylabel("concentration [mM]")
-    ax.set_title("Metabolites (dashed: hard limits)")
+    ax.set_title("Metabolites (dashed: hard, dotted: soft limits)")
     ax.legend(fontsize=8)
 
     ax = axes[1, 0]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from plant_models.cho import CHOFedBatchModel, CHOParameters, CHOProcess
-from plant_models.config import ParameterFile, load_parameters, param
+from plant_models.config import ParameterFile, load_parameters, load_toml, param
 from plant_models.tcell import TCellExpansionModel, TCellParameters, TCellProcess
 from sim.patients import VirtualPatient
 
@@ -51,10 +51,25 @@ class TCellTruthParameters(TCellParameters):
     )
 
 
+#: Values of the truth-only fields that switch the extra structure off.
+NEUTRAL_STRUCTURE = {
+    "lactate_inhibition_hill": 1.0,
+    "lactate_consumption_max": 0.0,
+    "lactate_switch_glucose": 1.0,
+    "il2_growth_uptake": 0.0,
+}
+
+
 def load_tcell_truth_parameters(
     path: str | Path | None = None,
 ) -> tuple[TCellTruthParameters, ParameterFile]:
+    """Load truth kinetics. A plain ``tcell`` parameter file (the controller's format) is
+    accepted too: it runs the truth plant with the extra structure switched off."""
     src = Path(str(DATA / "tcell_truth.toml")) if path is None else Path(path)
+    meta = load_toml(src).get("meta", {})
+    if isinstance(meta, dict) and meta.get("model") == "tcell":
+        base, prov = load_parameters(TCellParameters, src, model="tcell")
+        return TCellTruthParameters(**dataclasses.asdict(base), **NEUTRAL_STRUCTURE), prov
     return load_parameters(TCellTruthParameters, src, model="tcell-truth")
 
 
