@@ -1,0 +1,196 @@
+"""The hybrid model: mechanistic mass balances whose selected kinetic rates are corrected by
+Gaussian-process residuals.
+
+``rate_hybrid = rate_mech + r(features)`` (additive) or ``rate_mech * (1 + r(features))``
+(multiplicative), with ``r`` a fitted :class:`~plant_models.gp.GPResidual` evaluated in
+closed form through CasADi. The same object serves the MPC (``dynamics()``,
+``discretize()``), the estimator and the simulator (``rhs()``).
+
+Features are named model variables: any state (``glucose``, ``lactate``, ``il2``,
+``inhibitor``, ``viable_cells`` ...), any input, or ``culture_age`` (= t, h). A residual's
+feature names and units must match the model's, or construction fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import casadi as ca
+import numpy as np
+
+from plant_models.base import CASADI_OPS, MechanisticModel
+from plant_models.errors import ConfigError, ModelError
+from plant_models.gp import GPResidual
+
+__all__ = ["HybridModel", "RateCorrection", "feature_units"]
+
+Mode = Literal["additive", "multiplicative"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RateCorrection:
+    """One corrected rate: its residual and how the residual is applied."""
+
+    rate: str
+    residual: GPResidual
+    mode: Mode = "additive"
+
+
+def feature_units(model: MechanisticModel[Any]) -> dict[str, str]:
+    """Name -> unit of every feature a residual of ``model`` may use."""
+    units = {"culture_age": "h"}
+    for spec in model.states + model.inputs:
+        units[spec.name] = spec.unit
+    return units
+
+
+class HybridModel(MechanisticModel[Any]):
+    """Mechanistic model with GP-corrected rates (same states, inputs, rates and balances).
+
+    Args:
+        base: the mechanistic model (its parameters and process are used as they are).
+        corrections: the corrected rates, at most one correction per rate.
+    """
+
+    def __init__(self, base: MechanisticModel[Any], corrections: Sequence[RateCorrection]) -> None:
+        super().__init__(base.parameters)
+        self.base = base
+        self.name = f"hybrid_{base.name}"
+        self.states, self.inputs, self.rate_specs = base.states, base.inputs, base.rate_specs
+        self.process = getattr(base, "process", None)
+        self.corrections = tuple(corrections)
+        self._check()
+        self.refresh()
+
+    def _check(self) -> None:
+        units = feature_units(self.base)
+        rate_units = {s.name: s.unit for s in self.base.rate_specs}
+        seen: set[str] = set()
+        for c in self.corrections:
+            if c.rate not in rate_units:
+                raise ConfigError(
+                    f"{self.name}: cannot correct unknown rate {c.rate!r}; "
+                    f"rates are {sorted(rate_units)}."
+                )
+            if c.rate in seen:
+                raise ConfigError(f"{self.name}: rate {c.rate!r} is corrected twice.")
+            seen.add(c.rate)
+            if c.mode not in ("additive", "multiplicative"):
+                raise ConfigError(f"{self.name}: mode {c.mode!r} is not additive/multiplicative.")
+            if not c.residual.is_fitted:
+                raise ModelError(f"{self.name}: the residual of {c.rate!r} is not fitted.")
+            for feat, unit in zip(c.residual.feature_names, c.residual.feature_units, strict=True):
+                if feat not in units:
+                    raise ConfigError(
+                        f"{self.name}: residual feature {feat!r} is not a model "
+                        f"variable; features are {sorted(units)}."
+                    )
+                if unit != units[feat]:
+                    raise ConfigError(
+                        f"{self.name}: residual feature {feat!r} is in {unit!r} "
+                        f"but the model uses {units[feat]!r}."
+                    )
+            expected = rate_units[c.rate] if c.mode == "additive" else "1"
+            if c.residual.target_unit != expected:
+                raise ConfigError(
+                    f"{self.name}: a {c.mode} residual of {c.rate!r} must be in "
+                    f"{expected!r}, got {c.residual.target_unit!r}."
+                )
+
+    def refresh(self) -> None:
+        """Re-export the residuals (call after :meth:`GPResidual.update`)."""
+        self._gp = [c.residual.to_casadi(name=f"gp_{c.rate}") for c in self.corrections]
+        self._gp_mean = [
+            c.residual.to_casadi(name=f"gp_{c.rate}_mean", variance=False) for c in self.corrections
+        ]
+
+    # -- features ------------------------------------------------------------------------
+    def features(
+        self, t: Any, x: Sequence[Any], u: Sequence[Any], names: Sequence[str]
+    ) -> list[Any]:
+        """Values of the named features at (t, x, u)."""
+        lookup: dict[str, Any] = {"culture_age": t}
+        lookup.update(zip(self.state_names, x, strict=True))
+        lookup.update(zip(self.input_names, u, strict=True))
+        return [lookup[n] for n in names]
+
+    def feature_matrix(self, t: Any, x: Any, u: Any, rate: str) -> np.ndarray:
+        """Features of ``rate``'s residual for rows of (t, x, u). Shapes (n,), (n, nx), (n, nu)
+        -> (n, d)."""
+        c = self._correction(rate)
+        tt = np.atleast_1d(np.asarray(t, dtype=float))
+        xx = np.atleast_2d(np.asarray(x, dtype=float))
+        uu = np.atleast_2d(np.asarray(u, dtype=float))
+        return np.array(
+            [self.features(tt[i], xx[i], uu[i], c.residual.feature_names) for i in range(tt.size)],
+            dtype=float,
+        )
+
+    def _correction(self, rate: str) -> RateCorrection:
+        for c in self.corrections:
+            if c.rate == rate:
+                return c
+        raise ModelError(f"{self.name}: rate {rate!r} has no residual.")
+
+    # -- the equations -------------------------------------------------------------------
+    def rates(self, t: Any, x: Sequence[Any], u: Sequence[Any], p: Any, ops: Any) -> dict[str, Any]:
+        r = self.base.rates(t, x, u, p, ops)
+        for c, f in zip(self.corrections, self._gp_mean, strict=True):
+            feats = self.features(t, x, u, c.residual.feature_names)
+            if ops is CASADI_OPS:
+                mean = f(ca.vertcat(*feats))
+            else:
+                mean = float(f(np.array(feats, dtype=float)))
+            r[c.rate] = r[c.rate] + mean if c.mode == "additive" else r[c.rate] * (1.0 + mean)
+        return r
+
+    def balances(
+        self, t: Any, x: Sequence[Any], u: Sequence[Any], r: Mapping[str, Any], p: Any, ops: Any
+    ) -> list[Any]:
+        return self.base.balances(t, x, u, r, p, ops)
+
+    def rate_variance(self) -> ca.Function:
+        """``(t, x, u) -> variance`` of each corrected rate (in corrections order), in the
+        rate's unit squared (a multiplicative residual's variance is scaled by rate²)."""
+        t = ca.SX.sym("t")
+        x = ca.SX.sym("x", self.nx)
+        u = ca.SX.sym("u", self.nu)
+        xs = [x[i] for i in range(self.nx)]
+        us = [u[i] for i in range(self.nu)]
+        base_rates = self.base.rates(t, xs, us, self.parameters, CASADI_OPS)
+        out = []
+        for c, f in zip(self.corrections, self._gp, strict=True):
+            var = f(ca.vertcat(*self.features(t, xs, us, c.residual.feature_names)))[1]
+            out.append(var if c.mode == "additive" else var * base_rates[c.rate] ** 2)
+        v = ca.vertcat(*out) if out else ca.SX(0, 1)
+        return ca.Function(
+            f"{self.name}_rate_variance", [t, x, u], [v], ["t", "x", "u"], ["variance"]
+        )
+
+    def discretize(self, step_h: float, substeps: int = 4) -> ca.Function:
+        """One sample period with RK4: ``(t, x, u) -> x_next``, inputs held constant."""
+        return discretize(self, step_h, substeps)
+
+
+def discretize(model: MechanisticModel[Any], step_h: float, substeps: int = 4) -> ca.Function:
+    """RK4 discretisation of any model's ``dynamics()``: ``(t, x, u) -> x_next``."""
+    if not (step_h > 0 and substeps >= 1):
+        raise ModelError(
+            f"discretize: step must be positive and substeps >= 1, got {step_h!r}, {substeps!r}"
+        )
+    f = model.dynamics()
+    t = ca.MX.sym("t")
+    x = ca.MX.sym("x", model.nx)
+    u = ca.MX.sym("u", model.nu)
+    h = step_h / substeps
+    xk, tk = x, t
+    for _ in range(substeps):
+        k1 = f(tk, xk, u)[0]
+        k2 = f(tk + h / 2, xk + h / 2 * k1, u)[0]
+        k3 = f(tk + h / 2, xk + h / 2 * k2, u)[0]
+        k4 = f(tk + h, xk + h * k3, u)[0]
+        xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        tk = tk + h
+    return ca.Function(f"{model.name}_step", [t, x, u], [xk], ["t", "x", "u"], ["x_next"])

@@ -1,0 +1,109 @@
+"""HybridModel: residual-corrected rates, CasADi/numpy agreement, variance, discretisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.integrate import solve_ivp
+
+from plant_models.errors import ConfigError
+from plant_models.gp import GPResidual
+from plant_models.hybrid import HybridModel, RateCorrection, discretize
+from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
+
+
+@pytest.fixture(scope="module")
+def base() -> TCellExpansionModel:
+    return TCellExpansionModel(load_tcell_parameters()[0], load_tcell_process()[0])
+
+
+@pytest.fixture(scope="module")
+def residual() -> GPResidual:
+    rng = np.random.default_rng(1)
+    x = rng.uniform([0.0, 0.0], [25.0, 240.0], size=(40, 2))
+    y = -0.004 * x[:, 0] / 25.0 + 0.0002 * rng.normal(size=40)
+    return GPResidual(
+        ["lactate", "culture_age"],
+        ["mM", "h"],
+        "growth_rate_residual",
+        "1/h",
+        training_iterations=40,
+    ).fit(x, y)
+
+
+def test_additive_correction_equals_mechanistic_plus_gp(base, residual) -> None:  # type: ignore[no-untyped-def]
+    hybrid = HybridModel(base, [RateCorrection("growth_rate", residual)])
+    x = base.state_vector(base.initial_state())
+    x[3] = 15.0
+    u = np.array([1.0, 0.0, 0.0])
+    mean, _ = residual.predict([[15.0, 50.0]])
+    assert hybrid.rates_numpy(50.0, x, u)["growth_rate"] == pytest.approx(
+        base.rates_numpy(50.0, x, u)["growth_rate"] + mean[0], rel=1e-10
+    )
+    # other rates untouched
+    assert (
+        hybrid.rates_numpy(50.0, x, u)["death_rate"] == base.rates_numpy(50.0, x, u)["death_rate"]
+    )
+
+
+def test_multiplicative_and_symbolic_agree_with_numpy(base) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(2)
+    x_train = rng.uniform([0.0, 0.0], [25.0, 240.0], size=(30, 2))
+    factor = GPResidual(
+        ["lactate", "culture_age"], ["mM", "h"], "growth_factor", "1", training_iterations=30
+    ).fit(x_train, -0.01 * x_train[:, 0])
+    hybrid = HybridModel(base, [RateCorrection("growth_rate", factor, "multiplicative")])
+    f = hybrid.dynamics()
+    for _ in range(10):
+        x = base.state_vector(base.initial_state()) * rng.uniform(0.5, 20.0, size=7)
+        x[6] = 1.0
+        u = np.array([rng.uniform(0, 4), rng.uniform(0, 5), 0.0])
+        t = float(rng.uniform(0, 200))
+        np.testing.assert_allclose(
+            np.array(f(t, x, u)[0]).ravel(), hybrid.rhs(t, x, u), rtol=1e-10, atol=1e-12
+        )
+    mech = base.rates_numpy(10.0, x, u)["growth_rate"]
+    m, _ = factor.predict([[x[3], 10.0]])
+    assert hybrid.rates_numpy(10.0, x, u)["growth_rate"] == pytest.approx(mech * (1 + m[0]))
+
+
+def test_rate_variance_matches_gp(base, residual) -> None:  # type: ignore[no-untyped-def]
+    hybrid = HybridModel(base, [RateCorrection("growth_rate", residual)])
+    x = base.state_vector(base.initial_state())
+    x[3] = 40.0  # outside the training range: variance grows
+    _, var_out = residual.predict([[40.0, 50.0]])
+    v = float(hybrid.rate_variance()(50.0, x, np.zeros(3)))
+    assert v == pytest.approx(var_out[0], rel=1e-8)
+    x[3] = 10.0
+    assert float(hybrid.rate_variance()(50.0, x, np.zeros(3))) < v
+
+
+def test_discretize_matches_accurate_integration(base, residual) -> None:  # type: ignore[no-untyped-def]
+    hybrid = HybridModel(base, [RateCorrection("growth_rate", residual)])
+    step = hybrid.discretize(1.0)
+    x0 = base.state_vector(base.initial_state())
+    u = np.array([1.0, 1.0, 2.0])
+    ref = solve_ivp(lambda t, y: hybrid.rhs(t, y, u), (30.0, 31.0), x0, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.array(step(30.0, x0, u)).ravel(), ref.y[:, -1], rtol=1e-6)
+    mech = discretize(base, 1.0)
+    assert np.array(mech(30.0, x0, u)).ravel()[0] != np.array(step(30.0, x0, u)).ravel()[0]
+
+
+def test_mismatched_features_or_units_fail(base) -> None:  # type: ignore[no-untyped-def]
+    gp = GPResidual(["lactate"], ["g/L"], "r", "1/h", training_iterations=5).fit(
+        np.linspace(0, 20, 10)[:, None], np.zeros(10)
+    )
+    with pytest.raises(ConfigError, match="'g/L' but the model uses 'mM'"):
+        HybridModel(base, [RateCorrection("growth_rate", gp)])
+    gp2 = GPResidual(["lactic"], ["mM"], "r", "1/h", training_iterations=5).fit(
+        np.linspace(0, 20, 10)[:, None], np.zeros(10)
+    )
+    with pytest.raises(ConfigError, match="not a model variable"):
+        HybridModel(base, [RateCorrection("growth_rate", gp2)])
+    gp3 = GPResidual(["lactate"], ["mM"], "r", "1/h", training_iterations=5).fit(
+        np.linspace(0, 20, 10)[:, None], np.zeros(10)
+    )
+    with pytest.raises(ConfigError, match="unknown rate"):
+        HybridModel(base, [RateCorrection("growth", gp3)])
+    with pytest.raises(ConfigError, match="must be in '1'"):
+        HybridModel(base, [RateCorrection("growth_rate", gp3, "multiplicative")])
