@@ -93,9 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     coh.add_argument("--cohort", type=Path, default=None, help="patient distribution (TOML)")
     coh.add_argument("--out", type=Path, required=True, help="output folder")
     coh.set_defaults(func=cmd_cohort)
+    bench = sub.add_parser("bench", help="benchmarks that print figures (see docs/benchmarks)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    for add_bench in BENCHMARKS:
+        add_bench(bench_sub)
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser
+
+
+def _bench_estimation(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.bench_estimation import add_bench_estimation
+
+    add_bench_estimation(bench_sub)
+
+
+#: Benchmarks under ``hmpc-sim bench``: callables that take the bench sub-parsers.
+BENCHMARKS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _bench_estimation,
+]
 
 
 #: Other modules add sub-commands here: callables that take the sub-parsers object.

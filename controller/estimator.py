@@ -1,0 +1,877 @@
+"""State estimation: an extended Kalman filter that fuses online probes every step and
+offline assays that arrive hours after their sample time.
+
+Pipeline of one :meth:`Estimator.update`:
+
+1. predict from the last update to ``time_h`` with the inputs applied in between;
+2. validate every measurement without the estimate (:mod:`controller.validation`);
+3. place each valid measurement at its **sample time** in a bounded history of steps
+   (inserting a step when the sample time falls between two updates);
+4. re-process the history from the earliest changed step to the present: predict, gate
+   each measurement on its innovation (spike check), correct. A late assay therefore
+   corrects the present estimate exactly as if it had arrived on time.
+
+The augmented state is ``z = [x; log f]``: the model states ``x`` and the logarithms of
+multiplicative factors ``f`` on selected model parameters (default: ``mu_max``, the
+patient's growth-rate factor), each a slow random walk. The discretised dynamics are one
+CasADi function (RK4 with fixed sub-steps, built once) with its Jacobian.
+
+Non-negativity: states are kept in linear coordinates and the mean is projected onto the
+physical box (``low <= x <= high`` of each state) after every prediction and every scalar
+correction; factors live in log coordinates, so they are positive by construction. See
+docs/estimation.md for the reasons of this choice.
+
+Optionally (``online_gains``) the state also carries the log-gain of selected online probes
+(``online reading = gain * true value``): a capacitance probe's cells-per-signal calibration
+drifts as activated T cells change size, and only the assays can see that. The assays then
+recalibrate the probe instead of merely nudging the state.
+
+Shapes: ``nx`` model states, ``nf`` factors, ``ng`` probe gains, ``nz = nx + nf + ng``;
+covariances ``(nz, nz)`` in the order ``[x; log factors; log gains]``.
+Units are the model's canonical units; time is culture age in h.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import casadi as ca
+import numpy as np
+import numpy.typing as npt
+
+from controller.measurements import Measurement
+from controller.validation import (
+    MeasurementDecision,
+    MeasurementValidator,
+    ValidationSettings,
+    log_rejection,
+)
+from plant_models.errors import ConfigError, IntegrationError, ModelError
+
+__all__ = [
+    "Estimator",
+    "EstimatorConfig",
+    "EstimatorResult",
+    "MeasurementDecision",
+]
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+NoiseTable = Mapping[str, tuple[float, float]]
+_GateCounts = dict[tuple[str, str], tuple[float, ...]]
+_Decisions = dict[int, tuple[bool, str, str]]
+
+#: Online sensors and assays of the T-cell process (standard deviation = absolute +
+#: relative * |value|): capacitance, Raman/analyser, cell counter, ELISA. Typical
+#: datasheet figures [check]; the same values as the virtual plant's sensors.
+_TCELL_ONLINE: dict[str, tuple[float, float]] = {
+    "viable_cells": (0.02, 0.05),
+    "glucose": (0.2, 0.02),
+    "lactate": (0.3, 0.02),
+}
+_TCELL_ASSAY: dict[str, tuple[float, float]] = {
+    "viable_cells": (0.01, 0.03),
+    "viability": (0.01, 0.0),
+    "glucose": (0.1, 0.01),
+    "lactate": (0.1, 0.01),
+    "il2": (1.0, 0.1),
+}
+#: Process noise of the T-cell model, per sqrt(h): model error the filter expects.
+_TCELL_PROCESS: dict[str, tuple[float, float]] = {
+    "viable_cells": (0.002, 0.01),
+    "dead_cells": (0.002, 0.01),
+    "glucose": (0.05, 0.01),
+    "lactate": (0.05, 0.01),
+    "il2": (0.5, 0.01),
+    "inhibitor": (0.1, 0.005),
+    "volume": (1e-4, 0.0),
+}
+_TCELL_RANGES: dict[str, tuple[float, float]] = {
+    "viable_cells": (0.0, 500.0),
+    "dead_cells": (0.0, 500.0),
+    "glucose": (0.0, 200.0),
+    "lactate": (0.0, 200.0),
+    "il2": (0.0, 1e4),
+    "inhibitor": (0.0, 1e6),
+    "volume": (0.0, 1000.0),
+    "viability": (0.0, 1.0),
+    "total_viable_cells": (0.0, 1e6),
+}
+_CHO_ONLINE: dict[str, tuple[float, float]] = {
+    "viable_cells": (0.02, 0.05),
+    "glucose": (0.3, 0.02),
+    "lactate": (0.3, 0.02),
+}
+_CHO_ASSAY: dict[str, tuple[float, float]] = {
+    "viable_cells": (0.01, 0.03),
+    "viability": (0.01, 0.0),
+    "glucose": (0.1, 0.01),
+    "glutamine": (0.05, 0.02),
+    "lactate": (0.1, 0.01),
+    "ammonia": (0.05, 0.02),
+}
+_CHO_PROCESS: dict[str, tuple[float, float]] = {
+    "viable_cells": (0.002, 0.01),
+    "total_cells": (0.002, 0.01),
+    "glucose": (0.05, 0.01),
+    "glutamine": (0.01, 0.01),
+    "lactate": (0.05, 0.01),
+    "ammonia": (0.01, 0.01),
+    "volume": (1e-4, 0.0),
+}
+_CHO_RANGES: dict[str, tuple[float, float]] = {
+    "viable_cells": (0.0, 100.0),
+    "total_cells": (0.0, 200.0),
+    "glucose": (0.0, 500.0),
+    "glutamine": (0.0, 200.0),
+    "lactate": (0.0, 500.0),
+    "ammonia": (0.0, 100.0),
+    "volume": (0.0, 20000.0),
+    "viability": (0.0, 1.0),
+    "total_viable_cells": (0.0, 1e6),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorConfig:
+    """Tuning of the :class:`Estimator` (use :meth:`for_model` for per-model defaults).
+
+    Attributes:
+        process_noise: state -> (absolute, relative) standard deviation of the model error
+            per sqrt(h); missing states get (1e-6, 0.01).
+        online_noise: variable -> (absolute, relative) measurement standard deviation of
+            the online probes.
+        assay_noise: the same for offline assays.
+        physical_ranges: variable -> (low, high); measurements outside are rejected and
+            state means are projected into the box. Missing: the model's state bounds.
+        parameter_factors: model parameters with an estimated multiplicative factor (the
+            first is reported as ``growth_factor`` when it is ``mu_max``).
+        factor_initial_std: initial standard deviation of each log-factor.
+        factor_random_walk: standard deviation of each log-factor's random walk per sqrt(h).
+        factor_bounds: (low, high) of every factor.
+        online_gains: online variables whose probe gain is estimated (empty: probes are
+            taken as calibrated).
+        gain_initial_std: initial standard deviation of each log-gain.
+        gain_random_walk: standard deviation of each log-gain's random walk per sqrt(h).
+        gain_bounds: (low, high) of every probe gain.
+        innovation_gate: online measurement rejected as a spike when
+            |innovation| > gate * sqrt(innovation variance).
+        assay_innovation_gate: the same for assays.
+        gate_reset_after: after this many consecutive gate rejections of one variable
+            within ``gate_reset_window_h`` the model, not the sensor, is taken to be wrong:
+            the value is accepted and the variance of the states it measures inflated until
+            it passes the gate.
+        gate_reset_window_h: the time span of those rejections, h (isolated spikes or a
+            recurring frozen value hours apart never re-admit).
+        stuck_samples: online value unchanged for this many samples is stuck.
+        stuck_tolerance: change regarded as "unchanged".
+        max_online_age_h: older online samples are stale.
+        history_h: how far back a late measurement can be re-processed, h.
+        max_substep_h: longest RK4 sub-step of the prediction, h.
+        substeps_per_call: RK4 sub-steps inside the CasADi step function.
+        time_tolerance_h: timestamps closer than this are the same time.
+        uncertain_variance_factor: measurement variance multiplier for values whose source
+            flags their quality ``uncertain`` (``bad`` ones are rejected).
+    """
+
+    process_noise: NoiseTable = dataclasses.field(default_factory=dict)
+    online_noise: NoiseTable = dataclasses.field(default_factory=dict)
+    assay_noise: NoiseTable = dataclasses.field(default_factory=dict)
+    physical_ranges: NoiseTable = dataclasses.field(default_factory=dict)
+    parameter_factors: tuple[str, ...] = ("mu_max",)
+    factor_initial_std: float = 0.3
+    factor_random_walk: float = 0.01
+    factor_bounds: tuple[float, float] = (0.1, 5.0)
+    online_gains: tuple[str, ...] = ()
+    gain_initial_std: float = 0.05
+    gain_random_walk: float = 0.01
+    gain_bounds: tuple[float, float] = (0.5, 2.0)
+    innovation_gate: float = 4.0
+    assay_innovation_gate: float = 4.0
+    gate_reset_after: int = 3
+    gate_reset_window_h: float = 4.0
+    stuck_samples: int = 5
+    stuck_tolerance: float = 0.0
+    max_online_age_h: float = 2.0
+    history_h: float = 72.0
+    max_substep_h: float = 0.05
+    substeps_per_call: int = 10
+    time_tolerance_h: float = 1e-6
+    uncertain_variance_factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        positive = {
+            "factor_initial_std": self.factor_initial_std,
+            "innovation_gate": self.innovation_gate,
+            "assay_innovation_gate": self.assay_innovation_gate,
+            "max_online_age_h": self.max_online_age_h,
+            "gate_reset_window_h": self.gate_reset_window_h,
+            "history_h": self.history_h,
+            "max_substep_h": self.max_substep_h,
+            "time_tolerance_h": self.time_tolerance_h,
+            "uncertain_variance_factor": self.uncertain_variance_factor,
+        }
+        for key, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"estimator config: {key} must be positive, got {value!r}.")
+        if not (math.isfinite(self.factor_random_walk) and self.factor_random_walk >= 0):
+            raise ConfigError(
+                "estimator config: factor_random_walk must be >= 0, "
+                f"got {self.factor_random_walk!r}."
+            )
+        for key, (low, high) in (
+            ("factor_bounds", self.factor_bounds),
+            ("gain_bounds", self.gain_bounds),
+        ):
+            if not 0 < low <= 1.0 <= high < math.inf:
+                raise ConfigError(
+                    f"estimator config: {key} ({low}, {high}) must bracket 1 and be > 0."
+                )
+        if not (math.isfinite(self.gain_random_walk) and self.gain_random_walk >= 0):
+            raise ConfigError(
+                f"estimator config: gain_random_walk must be >= 0, got {self.gain_random_walk!r}."
+            )
+        if not (math.isfinite(self.gain_initial_std) and self.gain_initial_std > 0):
+            raise ConfigError(
+                "estimator config: gain_initial_std must be positive, "
+                f"got {self.gain_initial_std!r}."
+            )
+        for key, ival in (
+            ("gate_reset_after", self.gate_reset_after),
+            ("stuck_samples", self.stuck_samples),
+            ("substeps_per_call", self.substeps_per_call),
+        ):
+            if ival < 1:
+                raise ConfigError(f"estimator config: {key} must be at least 1, got {ival!r}.")
+        for table_name in ("process_noise", "online_noise", "assay_noise"):
+            for name, (absolute, relative) in getattr(self, table_name).items():
+                if not (absolute >= 0 and relative >= 0 and absolute + relative > 0):
+                    raise ConfigError(
+                        f"estimator config: {table_name}[{name!r}] = ({absolute}, {relative}) "
+                        "needs non-negative parts, not both zero."
+                    )
+        for name, (rlow, rhigh) in self.physical_ranges.items():
+            if not rlow < rhigh:
+                raise ConfigError(
+                    f"estimator config: physical_ranges[{name!r}] = ({rlow}, {rhigh}) is empty."
+                )
+
+    @classmethod
+    def for_model(cls, model: Any) -> EstimatorConfig:
+        """Defaults for the T-cell or CHO model (recognised by their states); generic
+        relative defaults for any other model.
+
+        The T-cell and CHO defaults estimate the gain of the online viable-cell probe,
+        which only assays can observe: for a site without assays use
+        ``dataclasses.replace(config, online_gains=())``.
+        """
+        names = set(model.state_names)
+        if "dead_cells" in names:
+            return cls(
+                process_noise=dict(_TCELL_PROCESS),
+                online_noise=dict(_TCELL_ONLINE),
+                assay_noise=dict(_TCELL_ASSAY),
+                physical_ranges=dict(_TCELL_RANGES),
+                online_gains=("viable_cells",),
+            )
+        if "total_cells" in names:
+            return cls(
+                process_noise=dict(_CHO_PROCESS),
+                online_noise=dict(_CHO_ONLINE),
+                assay_noise=dict(_CHO_ASSAY),
+                physical_ranges=dict(_CHO_RANGES),
+                online_gains=("viable_cells",),
+            )
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: it holds a numpy array
+class EstimatorResult:
+    """The estimate after one :meth:`Estimator.update`.
+
+    Attributes:
+        time_h: culture age of the estimate, h.
+        state: state name -> posterior mean (canonical units).
+        std: state name -> posterior standard deviation.
+        outputs: measurable variable (states and derived, e.g. viability) -> mean.
+        growth_factor: estimated factor on ``mu_max`` (1.0 when not estimated).
+        growth_factor_std: its standard deviation (delta method on the log-factor).
+        factors: parameter name -> estimated multiplicative factor.
+        online_gains: online variable -> estimated probe gain (reading / true value).
+        covariance: ``(nz, nz)`` covariance of ``[x; log factors; log probe gains]``.
+        accepted: decisions on the measurements of this call that were used.
+        rejected: decisions on the measurements of this call that were rejected.
+        reprocessed_from_h: earliest time re-processed because of a late measurement
+            (None when only the present step was updated).
+    """
+
+    time_h: float
+    state: Mapping[str, float]
+    std: Mapping[str, float]
+    outputs: Mapping[str, float]
+    growth_factor: float
+    growth_factor_std: float
+    factors: Mapping[str, float]
+    online_gains: Mapping[str, float]
+    covariance: FloatArray
+    accepted: tuple[MeasurementDecision, ...]
+    rejected: tuple[MeasurementDecision, ...]
+    reprocessed_from_h: float | None
+
+    def state_vector(self, names: Sequence[str]) -> FloatArray:
+        """State means ordered as ``names`` (e.g. ``model.state_names``) -> (len(names),)."""
+        return np.array([self.state[n] for n in names], dtype=float)
+
+
+@dataclasses.dataclass
+class _Step:
+    """One point of the history: the measurements fused at ``time_h`` and the estimate
+    before (prior) and after (posterior) fusing them. ``inputs`` were applied over the
+    interval that ends here."""
+
+    time_h: float
+    inputs: FloatArray
+    measurements: list[Measurement]
+    prior_mean: FloatArray
+    prior_cov: FloatArray
+    post_mean: FloatArray
+    post_cov: FloatArray
+    gate_counts_before: _GateCounts
+    gate_counts_after: _GateCounts
+    decisions: dict[int, tuple[bool, str, str]]
+
+
+class Estimator:
+    """Extended Kalman filter with delayed-measurement re-processing and parameter factors.
+
+    Args:
+        model: any model with ``state_names``, ``input_names``, ``parameters`` (for the
+            nominal values of ``config.parameter_factors``) and
+            ``dynamics(symbolic_parameters=...) -> ca.Function (t, x, u, p) -> (xdot, ...)``.
+        config: tuning; default :meth:`EstimatorConfig.for_model`.
+    """
+
+    def __init__(self, model: Any, config: EstimatorConfig | None = None) -> None:
+        self.model = model
+        self.config = config if config is not None else EstimatorConfig.for_model(model)
+        cfg = self.config
+        self.state_names: tuple[str, ...] = tuple(model.state_names)
+        self.input_names: tuple[str, ...] = tuple(model.input_names)
+        self.factor_names: tuple[str, ...] = tuple(cfg.parameter_factors)
+        self.nx = len(self.state_names)
+        self.nu = len(self.input_names)
+        self.nf = len(self.factor_names)
+        self.gain_names: tuple[str, ...] = tuple(cfg.online_gains)
+        self.ng = len(self.gain_names)
+        self.nz = self.nx + self.nf + self.ng
+        self._nominal = self._nominal_parameters()
+        self._low, self._high = self._state_box()
+        self._step_fn = self._build_step()
+        self.output_names, self._output_fn = self._build_outputs()
+        ranges = {**self._default_ranges(), **cfg.physical_ranges}
+        self.validator = MeasurementValidator(
+            ValidationSettings(
+                physical_ranges=ranges,
+                stuck_samples=cfg.stuck_samples,
+                stuck_tolerance=cfg.stuck_tolerance,
+                max_online_age_h=cfg.max_online_age_h,
+                time_tolerance_h=cfg.time_tolerance_h,
+            ),
+            frozenset(self.output_names),
+        )
+        self._history: list[_Step] = []
+        #: Every decision taken, oldest first (bounded to the last 10 000).
+        self.events: list[MeasurementDecision] = []
+
+    # -- construction ------------------------------------------------------------------
+    def _nominal_parameters(self) -> FloatArray:
+        values = []
+        params = getattr(self.model, "parameters", None)
+        for name in self.factor_names:
+            value = getattr(params, name, None)
+            if value is None or not math.isfinite(float(value)) or float(value) <= 0:
+                raise ConfigError(
+                    f"estimator config: parameter_factors names {name!r}, but the model has no "
+                    "positive parameter of that name; choose one of its kinetic parameters."
+                )
+            values.append(float(value))
+        return np.array(values, dtype=float)
+
+    def _state_box(self) -> tuple[FloatArray, FloatArray]:
+        specs = {s.name: s for s in getattr(self.model, "states", ())}
+        ranges = self.config.physical_ranges
+        low = np.zeros(self.nz)
+        high = np.full(self.nz, np.inf)
+        for i, name in enumerate(self.state_names):
+            if name in specs:
+                low[i], high[i] = specs[name].low, specs[name].high
+            if name in ranges:
+                low[i], high[i] = max(low[i], ranges[name][0]), min(high[i], ranges[name][1])
+        flow, fhigh = self.config.factor_bounds
+        glow, ghigh = self.config.gain_bounds
+        nxf = self.nx + self.nf
+        low[self.nx : nxf], high[self.nx : nxf] = math.log(flow), math.log(fhigh)
+        low[nxf:], high[nxf:] = math.log(glow), math.log(ghigh)
+        return low, high
+
+    def _default_ranges(self) -> dict[str, tuple[float, float]]:
+        ranges = {
+            n: (float(self._low[i]), float(self._high[i])) for i, n in enumerate(self.state_names)
+        }
+        ranges["viability"] = (0.0, 1.0)
+        return ranges
+
+    def _build_step(self) -> ca.Function:
+        """``(t, z, u, h) -> (z_next, A)``: RK4 over ``h`` in ``substeps_per_call`` sub-steps
+        and ``A = d z_next / d z``."""
+        dyn = self.model.dynamics(symbolic_parameters=self.factor_names)
+        t = ca.SX.sym("t")
+        z = ca.SX.sym("z", self.nz)
+        u = ca.SX.sym("u", self.nu)
+        h = ca.SX.sym("h")
+        p = ca.DM(self._nominal) * ca.exp(z[self.nx : self.nx + self.nf]) if self.nf else None
+
+        def f(tt: Any, xx: Any) -> Any:
+            args = [tt, xx, u] if p is None else [tt, xx, u, p]
+            return dyn(*args)[0]
+
+        m = self.config.substeps_per_call
+        dt = h / m
+        x = z[: self.nx]
+        tk = t
+        for _ in range(m):
+            k1 = f(tk, x)
+            k2 = f(tk + dt / 2, x + dt / 2 * k1)
+            k3 = f(tk + dt / 2, x + dt / 2 * k2)
+            k4 = f(tk + dt, x + dt * k3)
+            x = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            tk = tk + dt
+        z_next = ca.vertcat(x, z[self.nx :])
+        jac = ca.jacobian(z_next, z)
+        return ca.Function(
+            "estimator_step", [t, z, u, h], [z_next, jac], ["t", "z", "u", "h"], ["z_next", "A"]
+        )
+
+    def _build_outputs(self) -> tuple[tuple[str, ...], ca.Function]:
+        """``z -> (y, C)``: every measurable variable and its Jacobian."""
+        z = ca.SX.sym("z", self.nz)
+        idx = {n: i for i, n in enumerate(self.state_names)}
+        names = list(self.state_names)
+        exprs = [z[i] for i in range(self.nx)]
+        if "viable_cells" in idx and ("dead_cells" in idx or "total_cells" in idx):
+            viable = z[idx["viable_cells"]]
+            total = viable + z[idx["dead_cells"]] if "dead_cells" in idx else z[idx["total_cells"]]
+            names.append("viability")
+            exprs.append(viable / ca.fmax(total, 1e-9))
+        if "viable_cells" in idx and "volume" in idx:
+            names.append("total_viable_cells")
+            exprs.append(z[idx["viable_cells"]] * z[idx["volume"]])
+        # rows: ("", name) true value (assays); ("online", name) as read by a probe with gain
+        self._rows: dict[tuple[str, str], int] = {("", n): i for i, n in enumerate(names)}
+        for i, name in enumerate(self.gain_names):
+            if name not in names:
+                raise ConfigError(
+                    f"estimator config: online_gains names {name!r}, which the model cannot "
+                    f"predict; choose from {names}."
+                )
+            self._rows[("online", name)] = len(exprs)
+            exprs.append(ca.exp(z[self.nx + self.nf + i]) * exprs[names.index(name)])
+        y = ca.vertcat(*exprs)
+        fn = ca.Function("estimator_outputs", [z], [y, ca.jacobian(y, z)], ["z"], ["y", "C"])
+        return tuple(names), fn
+
+    # -- public API --------------------------------------------------------------------
+    def initialize(
+        self,
+        x0_mean: Mapping[str, float],
+        P0: npt.ArrayLike,
+        time_h: float = 0.0,
+    ) -> EstimatorResult:
+        """Start (or restart) the filter.
+
+        Args:
+            x0_mean: state name -> initial mean (all states).
+            P0: initial covariance of the states, ``(nx, nx)``, or of the augmented state
+                ``(nz, nz)``; a vector is taken as the diagonal. Factor variances default
+                to ``factor_initial_std**2``.
+            time_h: culture age of the initial estimate.
+        """
+        missing = [n for n in self.state_names if n not in x0_mean]
+        unknown = [n for n in x0_mean if n not in self.state_names]
+        if missing or unknown:
+            raise ModelError(
+                f"initialize: x0_mean has missing {missing} / unknown {unknown} states; "
+                f"expected {list(self.state_names)}."
+            )
+        mean = np.zeros(self.nz)
+        mean[: self.nx] = [float(x0_mean[n]) for n in self.state_names]
+        p_in = np.asarray(P0, dtype=float)
+        if p_in.ndim == 1:
+            p_in = np.diag(p_in)
+        cov = np.diag(
+            np.concatenate(
+                [
+                    np.zeros(self.nx),
+                    np.full(self.nf, self.config.factor_initial_std**2),
+                    np.full(self.ng, self.config.gain_initial_std**2),
+                ]
+            )
+        )
+        if p_in.shape == (self.nx, self.nx):
+            cov[: self.nx, : self.nx] = p_in
+        elif p_in.shape == (self.nz, self.nz):
+            cov = p_in.copy()
+        else:
+            raise ModelError(
+                f"initialize: P0 has shape {p_in.shape}; expected ({self.nx}, {self.nx}) or "
+                f"({self.nz}, {self.nz}) (states, log-factors {list(self.factor_names)}, "
+                f"log-gains {list(self.gain_names)})."
+            )
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov))):
+            raise ModelError("initialize: x0_mean and P0 must be finite.")
+        cov = 0.5 * (cov + cov.T)
+        if np.min(np.linalg.eigvalsh(cov)) < -1e-12 * max(1.0, float(np.max(np.abs(cov)))):
+            raise ModelError("initialize: P0 must be positive semi-definite.")
+        mean = self._project(mean)
+        self.validator = MeasurementValidator(
+            self.validator.settings, self.validator.known_variables
+        )
+        self._history = [
+            _Step(
+                time_h=float(time_h),
+                inputs=np.zeros(self.nu),
+                measurements=[],
+                prior_mean=mean,
+                prior_cov=cov,
+                post_mean=mean.copy(),
+                post_cov=cov.copy(),
+                gate_counts_before={},
+                gate_counts_after={},
+                decisions={},
+            )
+        ]
+        self.events = []
+        return self._result([], None)
+
+    @property
+    def history_times(self) -> tuple[float, ...]:
+        """Times of the steps kept for re-processing, oldest first, h."""
+        return tuple(step.time_h for step in self._history)
+
+    @property
+    def time_h(self) -> float:
+        """Culture age of the present estimate, h."""
+        self._require_initialized()
+        return self._history[-1].time_h
+
+    def update(
+        self,
+        time_h: float,
+        inputs_applied_since_last: Mapping[str, float],
+        measurements: Sequence[Measurement],
+    ) -> EstimatorResult:
+        """Advance to ``time_h`` and fuse the measurements that arrived since the last call.
+
+        Args:
+            time_h: present culture age (not before the previous update), h.
+            inputs_applied_since_last: input name -> value held since the last update
+                (all inputs; ignored when ``time_h`` equals the previous time).
+            measurements: online readings and assays, each placed at its ``sample_time``.
+
+        Returns:
+            The estimate at ``time_h`` with the decision on every measurement of this call.
+        """
+        self._require_initialized()
+        cfg = self.config
+        tol = cfg.time_tolerance_h
+        last = self._history[-1]
+        if not math.isfinite(time_h) or time_h < last.time_h - tol:
+            raise ModelError(
+                f"update: time {time_h!r} h is before the last update at {last.time_h:g} h; "
+                "the estimator's clock must not run backwards."
+            )
+        changed = len(self._history) - 1
+        if time_h > last.time_h + tol:
+            u = self._input_vector(inputs_applied_since_last)
+            self._history.append(
+                _Step(
+                    float(time_h),
+                    u,
+                    [],
+                    last.post_mean,
+                    last.post_cov,
+                    last.post_mean,
+                    last.post_cov,
+                    {},
+                    {},
+                    {},
+                )
+            )
+            changed = len(self._history) - 1
+        now = self._history[-1].time_h
+        rejected_early: list[MeasurementDecision] = []
+        placed: list[Measurement] = []
+        for m in measurements:
+            ok, reason, detail = self.validator.check(m, now, self._history[0].time_h)
+            if not ok:
+                rejected_early.append(MeasurementDecision(m, False, reason, detail, now))
+                continue
+            index = self._place(m)
+            changed = min(changed, index)
+            placed.append(m)
+        reprocessed = self._history[changed].time_h if changed < len(self._history) - 1 else None
+        if reprocessed is not None:
+            log.info("re-processing the history from %.4g h to %.4g h", reprocessed, now)
+        self._replay(changed)
+        decisions: dict[int, tuple[bool, str, str]] = {}
+        for step in self._history[changed:]:
+            decisions.update(step.decisions)
+        self._prune()
+        return self._result(placed, reprocessed, rejected_early, decisions)
+
+    # -- history -----------------------------------------------------------------------
+    def _place(self, m: Measurement) -> int:
+        """Attach ``m`` to the step at its sample time (inserting one if needed); index."""
+        tol = self.config.time_tolerance_h
+        hist = self._history
+        for i in range(len(hist) - 1, -1, -1):
+            step = hist[i]
+            if abs(step.time_h - m.sample_time) <= tol:
+                step.measurements.append(m)
+                return i
+            if step.time_h < m.sample_time:
+                # strictly between step i and i + 1: the inputs of that interval apply to both
+                nxt = hist[i + 1]
+                new = _Step(
+                    m.sample_time,
+                    nxt.inputs.copy(),
+                    [m],
+                    step.post_mean,
+                    step.post_cov,
+                    step.post_mean,
+                    step.post_cov,
+                    {},
+                    {},
+                    {},
+                )
+                hist.insert(i + 1, new)
+                return i + 1
+        raise ModelError(  # the validator rejects samples older than the history
+            f"measurement {m.name} sampled at {m.sample_time:g} h precedes the history."
+        )
+
+    def _replay(self, start: int) -> None:
+        hist = self._history
+        for k in range(start, len(hist)):
+            step = hist[k]
+            if k > 0:
+                prev = hist[k - 1]
+                step.prior_mean, step.prior_cov = self._predict(
+                    prev.post_mean, prev.post_cov, prev.time_h, step.time_h, step.inputs
+                )
+                step.gate_counts_before = dict(prev.gate_counts_after)
+            step.post_mean, step.post_cov, step.gate_counts_after, step.decisions = self._correct(
+                step.prior_mean,
+                step.prior_cov,
+                step.time_h,
+                step.measurements,
+                step.gate_counts_before,
+            )
+
+    def _prune(self) -> None:
+        cutoff = self._history[-1].time_h - self.config.history_h
+        drop = 0
+        while drop < len(self._history) - 1 and self._history[drop + 1].time_h <= cutoff:
+            drop += 1
+        if drop:
+            del self._history[:drop]
+            # the oldest kept step is now the start of any re-processing
+            self.validator.forget_before(self._history[0].time_h)
+
+    # -- filter equations --------------------------------------------------------------
+    def _predict(
+        self, mean: FloatArray, cov: FloatArray, t0: float, t1: float, u: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        dt = t1 - t0
+        if dt <= 0:
+            return mean.copy(), cov.copy()
+        cfg = self.config
+        span = cfg.max_substep_h * cfg.substeps_per_call
+        n = max(1, math.ceil(dt / span - 1e-9))
+        h = dt / n
+        z = mean.copy()
+        phi = np.eye(self.nz)
+        t = t0
+        for _ in range(n):
+            z_next, a_mat = self._step_fn(t, z, u, h)
+            z = self._project(np.asarray(z_next, dtype=float).reshape(-1))
+            phi = np.asarray(a_mat, dtype=float) @ phi
+            t += h
+        if not (np.all(np.isfinite(z)) and np.all(np.isfinite(phi))):
+            raise IntegrationError(
+                f"estimator prediction {t0:g}-{t1:g} h gave non-finite values; "
+                "check the model, the inputs and max_substep_h."
+            )
+        q = np.zeros(self.nz)
+        for i, name in enumerate(self.state_names):
+            absolute, relative = cfg.process_noise.get(name, (1e-6, 0.01))
+            q[i] = (absolute + relative * abs(mean[i])) ** 2 * dt
+        q[self.nx : self.nx + self.nf] = cfg.factor_random_walk**2 * dt
+        q[self.nx + self.nf :] = cfg.gain_random_walk**2 * dt
+        new_cov = phi @ cov @ phi.T + np.diag(q)
+        return z, 0.5 * (new_cov + new_cov.T)
+
+    def _correct(
+        self,
+        mean: FloatArray,
+        cov: FloatArray,
+        time_h: float,
+        measurements: Sequence[Measurement],
+        gate_counts: _GateCounts,
+    ) -> tuple[FloatArray, FloatArray, _GateCounts, _Decisions]:
+        cfg = self.config
+        x = mean.copy()
+        p = cov.copy()
+        counts = dict(gate_counts)
+        decisions: _Decisions = {}
+        index = self._rows
+        # canonical order, so the result does not depend on arrival order
+        for m in sorted(measurements, key=lambda m: (m.source, m.name, m.value)):
+            y_all, c_all = self._output_fn(x)
+            j = index.get((m.source, m.name), index[("", m.name)])
+            y_hat = float(y_all[j])
+            c_row = np.asarray(c_all[j, :], dtype=float).reshape(-1)
+            table = cfg.online_noise if m.source == "online" else cfg.assay_noise
+            absolute, relative = table.get(m.name, (0.0, 0.05))
+            r = max((absolute + relative * abs(y_hat)) ** 2, 1e-12)
+            if m.quality == "uncertain":
+                r *= cfg.uncertain_variance_factor
+            pc = p @ c_row
+            s = float(c_row @ pc) + r
+            nu = m.value - y_hat
+            gate = cfg.innovation_gate if m.source == "online" else cfg.assay_innovation_gate
+            sigmas = abs(nu) / math.sqrt(s)
+            key = (m.source, m.name)
+            if sigmas > gate:
+                times = (*counts.get(key, ()), time_h)[-cfg.gate_reset_after :]
+                counts[key] = times
+                persistent = (
+                    len(times) >= cfg.gate_reset_after
+                    and times[-1] - times[0] <= cfg.gate_reset_window_h
+                )
+                if not persistent:
+                    decisions[id(m)] = (
+                        False,
+                        "innovation_gate",
+                        f"innovation {nu:.4g} is {sigmas:.1f} sd (gate {gate:g})",
+                    )
+                    continue
+                p = self._inflate(p, c_row, nu**2 / gate**2 * 1.05 - r)
+                log.warning(
+                    "%s %s rejected by the gate %d times in a row at %.4g h: taking the model to "
+                    "be wrong, variance of the states it measures inflated",
+                    m.source,
+                    m.name,
+                    len(times),
+                    time_h,
+                )
+                pc = p @ c_row
+                s = float(c_row @ pc) + r
+                detail = f"re-admitted after {len(times)} gate rejections ({sigmas:.1f} sd)"
+            else:
+                detail = f"innovation {sigmas:.2f} sd"
+            counts[key] = ()
+            gain = pc / s
+            x = self._project(x + gain * nu)
+            ikc = np.eye(self.nz) - np.outer(gain, c_row)
+            p = ikc @ p @ ikc.T + r * np.outer(gain, gain)
+            p = 0.5 * (p + p.T)
+            decisions[id(m)] = (True, "accepted", detail)
+        return x, p, counts, decisions
+
+    def _inflate(self, p: FloatArray, c_row: FloatArray, target: float) -> FloatArray:
+        """Add variance to the model states a measurement depends on (diagonal, in proportion
+        to their present variance) until its predicted variance ``c P c'`` reaches ``target``.
+        Factors and probe gains are slow by design and are not inflated."""
+        involved = np.abs(c_row) > 0
+        involved[self.nx :] = False
+        d = np.where(involved, np.maximum(np.diag(p), 1e-12), 0.0)
+        present = float(c_row @ p @ c_row)
+        along = float(np.sum(c_row**2 * d))
+        if target <= present or along <= 0:
+            return p
+        return p + np.diag(d * (target - present) / along)
+
+    def _project(self, z: FloatArray) -> FloatArray:
+        return np.clip(z, self._low, self._high)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _require_initialized(self) -> None:
+        if not self._history:
+            raise ModelError("the estimator is not initialised: call initialize(x0_mean, P0).")
+
+    def _input_vector(self, inputs: Mapping[str, float]) -> FloatArray:
+        missing = [n for n in self.input_names if n not in inputs]
+        unknown = [n for n in inputs if n not in self.input_names]
+        if missing or unknown:
+            raise ModelError(
+                f"update: inputs have missing {missing} / unknown {unknown}; "
+                f"expected {list(self.input_names)}."
+            )
+        u = np.array([float(inputs[n]) for n in self.input_names], dtype=float)
+        if not np.all(np.isfinite(u)):
+            raise ModelError(f"update: inputs must be finite, got {dict(inputs)}.")
+        return u
+
+    def _result(
+        self,
+        placed: Sequence[Measurement],
+        reprocessed: float | None,
+        rejected_early: Sequence[MeasurementDecision] = (),
+        decisions: Mapping[int, tuple[bool, str, str]] | None = None,
+    ) -> EstimatorResult:
+        now = self._history[-1]
+        decisions = decisions or {}
+        accepted: list[MeasurementDecision] = []
+        rejected: list[MeasurementDecision] = list(rejected_early)
+        for m in placed:
+            ok, reason, detail = decisions[id(m)]
+            (accepted if ok else rejected).append(
+                MeasurementDecision(m, ok, reason, detail, now.time_h)
+            )
+        for d in rejected:
+            log_rejection(d)
+        self.events.extend(accepted + rejected)
+        if len(self.events) > 10_000:
+            del self.events[: len(self.events) - 10_000]
+        z, p = now.post_mean, now.post_cov
+        sd = np.sqrt(np.maximum(np.diag(p), 0.0))
+        y = np.asarray(self._output_fn(z)[0], dtype=float).reshape(-1)
+        factors = {n: float(math.exp(z[self.nx + i])) for i, n in enumerate(self.factor_names)}
+        gains = {
+            n: float(math.exp(z[self.nx + self.nf + i])) for i, n in enumerate(self.gain_names)
+        }
+        if "mu_max" in self.factor_names:
+            i = self.nx + self.factor_names.index("mu_max")
+            growth, growth_sd = math.exp(z[i]), math.exp(z[i]) * float(sd[i])
+        else:
+            growth, growth_sd = 1.0, 0.0
+        return EstimatorResult(
+            time_h=now.time_h,
+            state={n: float(z[i]) for i, n in enumerate(self.state_names)},
+            std={n: float(sd[i]) for i, n in enumerate(self.state_names)},
+            outputs={n: float(y[i]) for i, n in enumerate(self.output_names)},
+            growth_factor=float(growth),
+            growth_factor_std=float(growth_sd),
+            factors=factors,
+            online_gains=gains,
+            covariance=p.copy(),
+            accepted=tuple(accepted),
+            rejected=tuple(rejected),
+            reprocessed_from_h=reprocessed,
+        )

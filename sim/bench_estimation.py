@@ -1,0 +1,400 @@
+"""``hmpc-sim bench estimation``: how well the estimator tracks viable cells on a cohort.
+
+Each virtual patient's batch runs once under the fixed-recipe baseline (the recipe has no
+feedback, so the plant trajectory does not depend on the estimator); the recorded
+measurement stream is then replayed through a fresh :class:`controller.estimator.Estimator`
+per scenario. The estimator sees measurements only, never the truth; the truth is used to
+score it. Scenarios:
+
+- ``online_only``: online probes only (estimator without the probe-gain state, which
+  nothing could observe); ``online_only_default_config``: the same data, default config;
+- ``with_assays``: online probes and the daily assays, delivered hours late;
+- ``with_assays_no_probe_gain``: the same without the probe-gain state;
+- ``assays_on_time``: the same assays delivered at their sample time (an ideal lab); equal
+  to ``with_assays`` up to the few hours after each sample, by re-processing;
+- ``assays_naive_at_arrival``: the assays used as if sampled when they arrive (what a
+  filter without re-processing does), to show what the re-processing is worth;
+- ``fault_<kind>``: ``with_assays`` with one fault kind of :mod:`sim.faults` injected;
+  ``fault_drift_no_probe_gain``: a drifting probe and no probe-gain state;
+  ``fault_drift_online_only``: a drifting probe and no assays;
+- ``fault_all``: every fault kind at once.
+
+Score: root-mean-square error of the present estimate of viable cells over every step of
+every patient (1e6 cells/mL), plus viability and IL-2 (which only the assays measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from controller.estimator import Estimator, EstimatorConfig
+from controller.measurements import Measurement
+from plant_models.errors import ConfigError
+from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
+from sim.baselines import make_baseline
+from sim.closed_loop import default_limiter
+from sim.faults import FAULT_KINDS, FaultInjector, default_fault
+from sim.patients import PatientCohort, VirtualPatient
+from sim.plant import VirtualBioreactor
+from sim.truth import load_tcell_truth_parameters
+
+__all__ = [
+    "RecordedStep",
+    "add_bench_estimation",
+    "initial_estimate",
+    "record_batch",
+    "register",
+    "run_estimation_benchmark",
+    "run_estimator",
+]
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedStep:
+    """One control step of a recorded batch.
+
+    Attributes:
+        time_h: culture age at the end of the step, h.
+        inputs: inputs applied over the step that ends here.
+        measurements: what arrived during the step (online readings and assays).
+        truth: true states and derived values at ``time_h``.
+    """
+
+    time_h: float
+    inputs: Mapping[str, float]
+    measurements: tuple[Measurement, ...]
+    truth: Mapping[str, float]
+
+
+def record_batch(
+    patient: VirtualPatient, *, seed: int, days: float = 8.0, step_h: float = 1.0
+) -> list[RecordedStep]:
+    """Run one T-cell batch under the recipe baseline and record the measurement stream."""
+    plant = VirtualBioreactor.tcell(patient, seed=seed)
+    controller = make_baseline("recipe", "tcell")
+    limiter = default_limiter(plant)
+    inputs = {n: plant.bounds[n][0] for n in plant.model.input_names}
+    measurements = plant.initial_measurements()
+    steps = [RecordedStep(0.0, dict(inputs), tuple(measurements), plant.true_values())]
+    for _ in range(round(days * 24.0 / step_h)):
+        proposed = controller.step(plant.time_h, measurements, inputs)
+        inputs = limiter.apply(proposed, inputs, step_h)
+        measurements = plant.step(inputs, step_h)
+        steps.append(
+            RecordedStep(plant.time_h, dict(inputs), tuple(measurements), plant.true_values())
+        )
+    return steps
+
+
+def initial_estimate(model: TCellExpansionModel) -> tuple[dict[str, float], FloatArray]:
+    """Prior at inoculation: the process specification, with the spread of the cohort.
+
+    Seeding density is counted (10 %), viability is unknown within 70-98 % (dead cells
+    +/- 0.1e6/mL); media composition is known.
+    """
+    x0 = model.initial_state()
+    sd = {
+        "viable_cells": 0.1 * x0["viable_cells"],
+        "dead_cells": 0.1,
+        "glucose": 1.0,
+        "lactate": 0.3,
+        "il2": 10.0,
+        "inhibitor": 1.0,
+        "volume": 0.01,
+    }
+    return x0, np.array([sd[n] ** 2 for n in model.state_names], dtype=float)
+
+
+def run_estimator(
+    model: TCellExpansionModel,
+    steps: Sequence[RecordedStep],
+    *,
+    use_assays: bool = True,
+    injector: FaultInjector | None = None,
+    assay_timing: str = "late",
+    config: EstimatorConfig | None = None,
+) -> dict[str, Any]:
+    """Replay a recorded batch through a new estimator; errors and decisions per step.
+
+    Args:
+        assay_timing: ``late`` (as delivered), ``on_time`` (delivered at the sample time)
+            or ``naive`` (sample time replaced by the arrival time).
+
+    Returns:
+        ``errors`` (dict of arrays: estimate minus truth per step for viable_cells,
+        viability, il2), ``growth_factor`` (array per step) and ``rejected`` (reason ->
+        count).
+    """
+    est = Estimator(model, config)
+    x0, p0 = initial_estimate(model)
+    est.initialize(x0, p0, time_h=steps[0].time_h)
+    deliveries: list[list[Measurement]] = [list(s.measurements) for s in steps]
+    if assay_timing == "on_time":
+        times = [s.time_h for s in steps]
+        moved: list[list[Measurement]] = [[m for m in d if m.source != "assay"] for d in deliveries]
+        for d in deliveries:
+            for m in d:
+                if m.source == "assay":
+                    k = int(np.searchsorted(times, m.sample_time - 1e-9))
+                    moved[min(k, len(steps) - 1)].append(m)
+        deliveries = moved
+    elif assay_timing == "naive":
+        deliveries = [
+            [
+                dataclasses.replace(m, sample_time=m.arrival_time) if m.source == "assay" else m
+                for m in d
+            ]
+            for d in deliveries
+        ]
+    elif assay_timing != "late":
+        raise ValueError(f"assay_timing {assay_timing!r}; expected late, on_time or naive")
+    names = ("viable_cells", "viability", "il2")
+    errors: dict[str, list[float]] = {n: [] for n in names}
+    growth: list[float] = []
+    rejected: dict[str, int] = {}
+    for step, delivered in zip(steps, deliveries, strict=True):
+        batch = [m for m in delivered if use_assays or m.source == "online"]
+        if injector is not None:
+            batch = injector(step.time_h, batch)
+        result = est.update(step.time_h, step.inputs, batch)
+        for decision in result.rejected:
+            rejected[decision.reason] = rejected.get(decision.reason, 0) + 1
+        for n in names:
+            errors[n].append(result.outputs[n] - step.truth[n])
+        growth.append(result.growth_factor)
+    return {
+        "errors": {n: np.array(v) for n, v in errors.items()},
+        "growth_factor": np.array(growth),
+        "rejected": rejected,
+    }
+
+
+def _rmse(chunks: Sequence[FloatArray]) -> float:
+    values = np.concatenate(list(chunks))
+    return float(math.sqrt(float(np.mean(values**2))))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scenario:
+    name: str
+    use_assays: bool = True
+    faults: tuple[str, ...] = ()
+    timing: str = "late"
+    probe_gain: bool = True
+
+
+def _scenarios(fault_kinds: Sequence[str]) -> list[_Scenario]:
+    out = [
+        # a site without assays cannot observe a probe gain: it runs without that state
+        _Scenario("online_only", use_assays=False, probe_gain=False),
+        _Scenario("online_only_default_config", use_assays=False),
+        _Scenario("with_assays"),
+        _Scenario("with_assays_no_probe_gain", probe_gain=False),
+        _Scenario("assays_on_time", timing="on_time"),
+        _Scenario("assays_naive_at_arrival", timing="naive"),
+    ]
+    out += [_Scenario(f"fault_{k}", faults=(k,)) for k in fault_kinds]
+    if "drift" in fault_kinds:
+        out.append(_Scenario("fault_drift_no_probe_gain", faults=("drift",), probe_gain=False))
+        out.append(
+            _Scenario(
+                "fault_drift_online_only", use_assays=False, faults=("drift",), probe_gain=False
+            )
+        )
+    out.append(_Scenario("fault_all", faults=tuple(fault_kinds)))
+    return out
+
+
+def run_estimation_benchmark(
+    patients: int = 20,
+    *,
+    seed: int = 0,
+    days: float = 8.0,
+    step_h: float = 1.0,
+    fault_kinds: Sequence[str] = FAULT_KINDS,
+) -> dict[str, Any]:
+    """The estimation figures on a seeded cohort (see the module docstring)."""
+    t0 = time.perf_counter()
+    model = TCellExpansionModel(load_tcell_parameters()[0], load_tcell_process()[0])
+    default = EstimatorConfig.for_model(model)
+    no_gain = dataclasses.replace(default, online_gains=())
+    cohort = PatientCohort(patients, seed)
+    scenarios = _scenarios(fault_kinds)
+    errors: dict[str, dict[str, list[FloatArray]]] = {s.name: {} for s in scenarios}
+    rejected: dict[str, dict[str, int]] = {s.name: {} for s in scenarios}
+    raw: list[FloatArray] = []
+    growth_error: list[float] = []
+    growth_prior_error: list[float] = []
+    for i, patient in enumerate(cohort):
+        steps = record_batch(patient, seed=seed * 100003 + i, days=days, step_h=step_h)
+        raw.append(_raw_online_error(steps))
+        for sc in scenarios:
+            injector = None
+            if sc.faults:
+                specs = [default_fault(k) for k in sc.faults]
+                injector = FaultInjector(specs, seed=seed * 1009 + i)
+            out = run_estimator(
+                model,
+                steps,
+                use_assays=sc.use_assays,
+                injector=injector,
+                assay_timing=sc.timing,
+                config=default if sc.probe_gain else no_gain,
+            )
+            for n, e in out["errors"].items():
+                errors[sc.name].setdefault(n, []).append(e)
+            for reason, count in out["rejected"].items():
+                rejected[sc.name][reason] = rejected[sc.name].get(reason, 0) + count
+            if sc.name == "with_assays":
+                # the truth plant's factor on the nominal model's mu_max
+                true_factor = patient.growth_factor * _truth_mu_max_ratio(model)
+                growth_error.append(float(out["growth_factor"][-1] / true_factor - 1.0))
+                growth_prior_error.append(1.0 / true_factor - 1.0)
+    figures: dict[str, Any] = {}
+    for sc in scenarios:
+        for n in ("viable_cells", "viability", "il2"):
+            figures[f"rmse_{n}_{sc.name}"] = _rmse(errors[sc.name][n])
+    online = figures["rmse_viable_cells_online_only"]
+    assays = figures["rmse_viable_cells_with_assays"]
+    figures["rmse_viable_cells_raw_online"] = _rmse(raw)
+    figures["rmse_reduction_from_assays"] = _reduction(assays, online)
+    figures["rmse_reduction_from_assays_same_config"] = _reduction(
+        figures["rmse_viable_cells_with_assays_no_probe_gain"], online
+    )
+    if "drift" in fault_kinds:
+        figures["rmse_reduction_from_assays_under_probe_drift"] = _reduction(
+            figures["rmse_viable_cells_fault_drift"],
+            figures["rmse_viable_cells_fault_drift_online_only"],
+        )
+    figures["growth_factor_final_abs_relative_error_mean"] = float(np.mean(np.abs(growth_error)))
+    figures["growth_factor_prior_abs_relative_error_mean"] = float(
+        np.mean(np.abs(growth_prior_error))
+    )
+    figures["rejected"] = rejected
+    figures["units"] = {"viable_cells": "1e6 cells/mL", "viability": "1", "il2": "IU/mL"}
+    figures["notes"] = {
+        "online_only": "estimator without the probe-gain state (unobservable without assays)",
+        "online_only_default_config": "default configuration (with probe gain), no assays",
+        "with_assays": "default configuration, assays delivered hours after sampling",
+        "rmse_reduction_from_assays": "1 - with_assays / online_only",
+        "rmse_reduction_from_assays_same_config": "1 - with_assays_no_probe_gain / online_only",
+        "rmse_reduction_from_assays_under_probe_drift": (
+            "1 - fault_drift / fault_drift_online_only (probe gain drifting +4 %/day)"
+        ),
+        "rmse": "present estimate vs truth, every step of every patient, pooled",
+    }
+    figures["setup"] = {
+        "patients": patients,
+        "cohort_seed": seed,
+        "days": days,
+        "step_h": step_h,
+        "controller": "recipe",
+        "model": "tcell (nominal parameters; the truth plant is mismatched)",
+        "fault_kinds": list(fault_kinds),
+        "wall_time_s": round(time.perf_counter() - t0, 2),
+    }
+    return figures
+
+
+def _reduction(new: float, old: float) -> float:
+    return 1.0 - new / old if old > 0 else 0.0
+
+
+def _truth_mu_max_ratio(model: TCellExpansionModel) -> float:
+    return load_tcell_truth_parameters()[0].mu_max / model.parameters.mu_max
+
+
+def _raw_online_error(steps: Sequence[RecordedStep]) -> FloatArray:
+    """Latest online viable-cell reading minus truth per step (no estimator)."""
+    out = []
+    last = math.nan
+    for s in steps:
+        for m in s.measurements:
+            if m.source == "online" and m.name == "viable_cells":
+                last = m.value
+        out.append(last - s.truth["viable_cells"])
+    return np.array(out)
+
+
+# -- command line ---------------------------------------------------------------------
+def add_bench_estimation(bench_subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add ``estimation`` to the sub-parsers of the ``bench`` command."""
+    p = bench_subparsers.add_parser(
+        "estimation", help="estimator accuracy with late assays and sensor faults"
+    )
+    p.add_argument("--patients", type=int, default=20, help="virtual patients (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed")
+    p.add_argument("--days", type=float, default=8.0, help="batch length, days")
+    p.add_argument("--step-hours", type=float, default=1.0, help="sample period, h")
+    p.add_argument("--json", type=Path, required=True, help="write the figures here")
+    p.set_defaults(func=cmd_bench_estimation)
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """``sim.cli.EXTRA_COMMANDS`` hook: add ``bench`` (unless another module has) and
+    ``bench estimation``."""
+    bench = subparsers.choices.get("bench")
+    if bench is None:
+        bench = subparsers.add_parser("bench", help="benchmarks")
+    bench_sub = next((a for a in bench._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if bench_sub is None:
+        bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    add_bench_estimation(bench_sub)
+
+
+def cmd_bench_estimation(args: argparse.Namespace) -> int:
+    """Run the benchmark, write the JSON and print the figures."""
+    if args.patients < 1:
+        raise ConfigError(f"--patients must be at least 1, got {args.patients}")
+    if not (args.days > 0 and args.step_hours > 0):
+        raise ConfigError("--days and --step-hours must be positive")
+    # every injected fault is rejected with a warning; thousands of them would bury the
+    # figures, so they are shown only with --verbose
+    quiet = [logging.getLogger(n) for n in ("controller.validation", "controller.estimator")]
+    levels = [q.level for q in quiet]
+    if not getattr(args, "verbose", False):
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+    try:
+        figures = run_estimation_benchmark(
+            args.patients, seed=args.seed, days=args.days, step_h=args.step_hours
+        )
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    print(f"estimation benchmark, {args.patients} patients, recipe controller")
+    print("RMSE of viable cells (1e6 cells/mL):")
+    for key in sorted(k for k in figures if k.startswith("rmse_viable_cells_")):
+        print(f"  {key.removeprefix('rmse_viable_cells_'):<26} {figures[key]:.4f}")
+    print(
+        f"RMSE reduction from assays: {figures['rmse_reduction_from_assays']:.1%} (default "
+        f"config), {figures['rmse_reduction_from_assays_same_config']:.1%} (both without the "
+        "probe-gain state)"
+    )
+    if "rmse_reduction_from_assays_under_probe_drift" in figures:
+        drift = figures["rmse_reduction_from_assays_under_probe_drift"]
+        print(f"RMSE reduction from assays when the probe drifts: {drift:.1%}")
+    print(
+        f"viability RMSE: online only {figures['rmse_viability_online_only']:.4f}, "
+        f"with assays {figures['rmse_viability_with_assays']:.4f}; IL-2 RMSE: online only "
+        f"{figures['rmse_il2_online_only']:.2f}, with assays {figures['rmse_il2_with_assays']:.2f}"
+    )
+    print(f"wrote {args.json} ({figures['setup']['wall_time_s']} s)")
+    return 0
