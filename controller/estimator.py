@@ -37,6 +37,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import casadi as ca
@@ -50,6 +51,7 @@ from controller.validation import (
     ValidationSettings,
     log_rejection,
 )
+from plant_models.config import check_keys, load_toml
 from plant_models.errors import ConfigError, IntegrationError, ModelError
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "EstimatorConfig",
     "EstimatorResult",
     "MeasurementDecision",
+    "load_estimator_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -288,6 +291,75 @@ class EstimatorConfig:
                 online_gains=("viable_cells",),
             )
         return cls()
+
+
+_SCALARS = {
+    f.name
+    for f in dataclasses.fields(EstimatorConfig)
+    if f.type in ("float", "int") or f.type in (float, int)
+}
+_NAME_LISTS = ("parameter_factors", "online_gains")
+_PAIRS = ("factor_bounds", "gain_bounds")
+_TABLES = ("process_noise", "online_noise", "assay_noise", "physical_ranges")
+
+
+def load_estimator_config(path: str | Path, model: Any) -> EstimatorConfig:
+    """Estimator tuning from a TOML file, on top of :meth:`EstimatorConfig.for_model`.
+
+    The file has an ``[estimator]`` table with the scalar settings, ``parameter_factors``
+    and ``online_gains`` (lists of names), ``factor_bounds`` and ``gain_bounds`` (pairs),
+    and optional tables ``[process_noise]``, ``[online_noise]``, ``[assay_noise]`` (name =
+    [absolute, relative]) and ``[physical_ranges]`` (name = [low, high]) whose entries
+    replace the defaults of those names. Unknown keys are rejected with suggestions.
+
+    Raises:
+        ConfigError: naming the file and the key.
+    """
+    data = load_toml(path)
+    where = str(path)
+    check_keys(data, ("estimator", *_TABLES), where)
+    base = EstimatorConfig.for_model(model)
+    section = data.get("estimator", {})
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: [estimator] must be a table.")
+    allowed = sorted(_SCALARS | set(_NAME_LISTS) | set(_PAIRS))
+    check_keys(section, allowed, f"{where} [estimator]")
+    changes: dict[str, Any] = {}
+    for key, value in section.items():
+        at = f"{where} [estimator] {key}"
+        if key in _NAME_LISTS:
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{at}: expected a list of names, got {value!r}.")
+            changes[key] = tuple(value)
+        elif key in _PAIRS:
+            changes[key] = _pair(value, at)
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{at}: expected a number, got {value!r}.")
+        elif isinstance(getattr(base, key), int) and not isinstance(value, int):
+            raise ConfigError(f"{at}: expected a whole number, got {value!r}.")
+        else:
+            changes[key] = value
+    for table in _TABLES:
+        entries = data.get(table, {})
+        if not isinstance(entries, Mapping):
+            raise ConfigError(f"{where}: [{table}] must be a table of name = [a, b].")
+        if entries:
+            merged = dict(getattr(base, table))
+            merged.update({n: _pair(v, f"{where} [{table}] {n}") for n, v in entries.items()})
+            changes[table] = merged
+    try:
+        config = dataclasses.replace(base, **changes)
+        Estimator(model, config)  # names of factors and gains checked against the model
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return config
+
+
+def _pair(value: Any, where: str) -> tuple[float, float]:
+    ok = isinstance(value, list) and len(value) == 2
+    if not ok or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value):
+        raise ConfigError(f"{where}: expected [number, number], got {value!r}.")
+    return float(value[0]), float(value[1])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: it holds a numpy array

@@ -10,12 +10,18 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from controller.estimator import Estimator, EstimatorConfig, EstimatorResult
+from controller.estimator import (
+    Estimator,
+    EstimatorConfig,
+    EstimatorResult,
+    load_estimator_config,
+)
 from controller.measurements import Measurement
 from plant_models.cho import CHOFedBatchModel, load_cho_parameters, load_cho_process
 from plant_models.errors import ConfigError, ModelError
@@ -422,6 +428,42 @@ def test_estimator_runs_on_a_hybrid_model(model: TCellExpansionModel) -> None:
     assert min(results[-1].state.values()) >= 0.0
     truth = batch.truth[-1]["viable_cells"]
     assert results[-1].state["viable_cells"] == pytest.approx(truth, rel=0.05)
+
+
+def test_tuning_file_is_loaded_and_checked(model: TCellExpansionModel, tmp_path: Path) -> None:
+    good = tmp_path / "estimator.toml"
+    good.write_text(
+        "[estimator]\n"
+        'parameter_factors = ["mu_max", "il2_uptake"]\n'
+        "online_gains = []\n"
+        "innovation_gate = 5.0\n"
+        "stuck_samples = 6\n"
+        "gain_bounds = [0.8, 1.25]\n"
+        "[assay_noise]\n"
+        "il2 = [2.0, 0.15]\n"
+    )
+    config = load_estimator_config(good, model)
+    assert config.parameter_factors == ("mu_max", "il2_uptake")
+    assert config.online_gains == ()
+    assert config.innovation_gate == 5.0 and config.stuck_samples == 6
+    assert config.gain_bounds == (0.8, 1.25)
+    assert config.assay_noise["il2"] == (2.0, 0.15)
+    assert (
+        config.assay_noise["viability"] == EstimatorConfig.for_model(model).assay_noise["viability"]
+    )
+    bad = tmp_path / "bad.toml"
+    for text, match in [
+        ("[estimator]\ninnovation_gat = 5.0\n", "Did you mean 'innovation_gate'"),
+        ("[estimator]\nstuck_samples = 2.5\n", "whole number"),
+        ("[estimator]\nhistory_h = -1.0\n", "history_h must be positive"),
+        ('[estimator]\nparameter_factors = ["mu_maks"]\n', "mu_maks"),
+        ("[process_noise]\nglucose = [0.1]\n", r"\[process_noise\] glucose"),
+        ("[filter]\n", "unknown key 'filter'"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=match) as info:
+            load_estimator_config(bad, model)
+        assert str(bad) in str(info.value)
 
 
 # -- API errors -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from controller.estimator import Estimator
 from controller.measurements import Measurement
 from plant_models.errors import ConfigError
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
+from sim import cli
 from sim.bench_estimation import (
     RecordedStep,
     add_bench_estimation,
@@ -234,6 +235,11 @@ def test_bench_estimation_command_writes_the_figures(tmp_path: Path) -> None:
     for key in keys:
         assert math.isfinite(figures[key]) and figures[key] > 0, key
     assert figures["setup"]["patients"] == 1
+    # and through the installed command line
+    wired = tmp_path / "wired.json"
+    argv = ["bench", "estimation", "--patients", "1", "--days", "1", "--json", str(wired)]
+    assert cli.main(argv) == 0
+    assert "rmse_viable_cells_fault_drift" in json.loads(wired.read_text())
 
 
 @pytest.mark.slow
