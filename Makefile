@@ -15,7 +15,7 @@ $(BIN)/activate:
 # (find-links); an unpinned torch would pull several GB of CUDA packages.
 $(VENV)/.installed: pyproject.toml $(BIN)/activate
 	$(BIN)/pip install "torch==2.13.*"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,bench]"
 	touch $@
 
 setup: $(VENV)/.installed

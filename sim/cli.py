@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from plant_models.cho import load_cho_process
 from plant_models.errors import HmpcError
@@ -24,6 +25,7 @@ __all__ = ["main"]
 log = logging.getLogger("hmpc.sim")
 
 BASELINES = ("recipe", "rule")
+MPC_NAMES = ("mechanistic-mpc", "oracle")
 
 
 def _positive(text: str) -> float:
@@ -45,7 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run one closed-loop batch and write its report")
     sim.add_argument("--model", choices=("tcell", "cho"), default="tcell")
-    sim.add_argument("--controller", choices=BASELINES, default="recipe")
+    sim.add_argument("--controller", choices=BASELINES + MPC_NAMES, default="recipe")
+    sim.add_argument(
+        "--mpc-config",
+        type=Path,
+        default=None,
+        help="MPC tuning file (default configs/mpc_<model>.toml)",
+    )
+    sim.add_argument(
+        "--faults",
+        default=None,
+        help="inject sensor faults: comma-separated kinds or 'all' "
+        "(nan,out_of_range,stuck,spike,stale,duplicate,out_of_order,drift)",
+    )
+    sim.add_argument("--fault-seed", type=int, default=0, help="seed of the fault injection")
     who = sim.add_mutually_exclusive_group()
     who.add_argument(
         "--patient-seed",
@@ -108,9 +123,16 @@ def _bench_estimation(bench_sub: argparse._SubParsersAction[argparse.ArgumentPar
     add_bench_estimation(bench_sub)
 
 
+def _bench_mpc(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.bench_mpc import add_bench_mpc
+
+    add_bench_mpc(bench_sub)
+
+
 #: Benchmarks under ``hmpc-sim bench``: callables that take the bench sub-parsers.
 BENCHMARKS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _bench_estimation,
+    _bench_mpc,
 ]
 
 
@@ -138,12 +160,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
             plant.model = cho_truth_model(patient, cproc, ctruth)
         days = args.days if args.days is not None else cproc.harvest_time / 24.0
-    controller = make_baseline(args.controller, args.model)
+    controller: Any
+    if args.controller in MPC_NAMES:
+        from sim.mpc_controllers import make_mpc_controller
+
+        controller = make_mpc_controller(args.controller, plant, args.mpc_config)
+    else:
+        controller = make_baseline(args.controller, args.model)
+    faults = None
+    if args.faults:
+        from sim.faults import FaultInjector, parse_fault_kinds
+
+        faults = FaultInjector(parse_fault_kinds(args.faults), seed=args.fault_seed)
     t0 = time.perf_counter()
-    df = run_closed_loop(plant, controller, days=days, step_h=args.step_hours)
+    df = run_closed_loop(
+        plant, controller, days=days, step_h=args.step_hours, measurement_filter=faults
+    )
     elapsed = time.perf_counter() - t0
     summary = summarize(df, plant)
     summary["controller"] = args.controller
+    if args.faults:
+        summary["faults"] = args.faults
+    if args.controller in MPC_NAMES:
+        from sim.mpc_controllers import mpc_statistics
+
+        summary.update(mpc_statistics(controller))
     summary["wall_time_s"] = round(elapsed, 3)
     title = f"{args.model} batch, patient {patient.patient_id}, controller {args.controller}"
     write_batch(df, summary, args.out, title=title)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -63,9 +63,12 @@ def run_closed_loop(
     days: float,
     step_h: float = 1.0,
     limiter: OutputLimiter | None = None,
+    measurement_filter: Callable[[float, list[Measurement]], list[Measurement]] | None = None,
 ) -> pd.DataFrame:
     """Run one batch; a row per step with the true state, the latest online measurements,
     the inputs applied over the following step, and cumulative media.
+    ``measurement_filter`` (e.g. a fault injector) transforms what the sensors deliver
+    before the controller sees it.
 
     The assays that arrived are kept in ``df.attrs["assays"]`` (a DataFrame) and the
     column units in ``df.attrs["units"]``.
@@ -76,7 +79,11 @@ def run_closed_loop(
     n_steps = round(days * 24.0 / step_h)
     names = plant.model.input_names
     inputs = {n: plant.bounds[n][0] for n in names}
-    measurements: list[Measurement] = plant.initial_measurements()
+
+    def deliver(ms: list[Measurement]) -> list[Measurement]:
+        return measurement_filter(plant.time_h, ms) if measurement_filter else ms
+
+    measurements: list[Measurement] = deliver(plant.initial_measurements())
     assays: list[Measurement] = []
     online: dict[str, float] = {}
     media = 0.0
@@ -86,7 +93,7 @@ def run_closed_loop(
         for m in measurements:
             if m.source == "assay":
                 assays.append(m)
-            else:
+            elif m.quality == "good" and math.isfinite(m.value):
                 online[m.name] = m.value
         if k < n_steps:
             proposed = controller.step(t, measurements, inputs)
@@ -103,7 +110,7 @@ def run_closed_loop(
         if k == n_steps:
             break
         media += _media_litres(plant, inputs, step_h)
-        measurements = plant.step(inputs, step_h)
+        measurements = deliver(plant.step(inputs, step_h))
     df = pd.DataFrame(rows)
     df.attrs["units"] = _units(plant)
     df.attrs["assays"] = pd.DataFrame(

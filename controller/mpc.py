@@ -1,0 +1,964 @@
+"""Nonlinear model-predictive control: the NLP is built once, re-solved every step.
+
+Pipeline (docs/mpc.md): model ``dynamics()`` -> RK4 step function ``F(t, x, u)`` over
+``step_h`` -> multiple-shooting NLP in scaled variables, every per-step datum an NLP
+parameter -> IPOPT (or CasADi's SQP) -> status check -> move, or the failure policy.
+
+The model is anything with ``state_names``, ``input_names`` and ``dynamics()`` (a
+``ca.Function (t, x, u) -> (xdot, rates)``), see :class:`PredictionModel`. A hybrid model
+may add ``residual_std()`` (``ca.Function (t, x, u) -> std`` of its corrected rates,
+names in ``residual_names``); the standard deviation is then propagated along the previous
+solution (zero order: evaluated numerically, never differentiated) and tightens every
+bounded state by ``kappa * sigma``.
+
+Parameter vector of the NLP (per step): initial state, previous input, start time, stage
+mask (shrinking horizon with a fixed-size NLP), terminal selector, dose target, tracking
+references and the tightening terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import casadi as ca
+import numpy as np
+import numpy.typing as npt
+
+from controller.mpc_config import MPCConfig
+from plant_models.base import CASADI_OPS
+from plant_models.config import suggest
+from plant_models.errors import ConfigError, ModelError, SolverFailedError
+
+__all__ = ["MPCResult", "NonlinearMPC", "PredictionModel"]
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+
+#: Solver return statuses whose solution may be applied.
+ACCEPTED_STATUSES = frozenset({"Solve_Succeeded", "Solved_To_Acceptable_Level"})
+#: Small move penalty on the stages beyond the harvest, so that their inputs stay defined.
+_IDLE_MOVE_WEIGHT = 1e-4
+
+
+class PredictionModel(Protocol):
+    """What the MPC needs of a model (mechanistic or hybrid).
+
+    Optional extras of a hybrid model, looked up with ``getattr``:
+
+    - ``residual_names``: names of the corrected rates (n_r);
+    - ``residual_std()`` -> ``ca.Function (t, x, u) -> std`` (n_r,): used for constraint
+      tightening (evaluated along the previous plan, never differentiated);
+    - ``residual_mean()`` -> ``ca.Function (t, x, u) -> mean`` (n_r,) and
+      ``base_dynamics()`` -> the mechanistic ``(t, x, u) -> (xdot, ...)`` without the
+      residual: needed by ``residual = "linearized"``, where the NLP holds the mechanistic
+      model plus the residual's first-order expansion about the previous plan (as
+      parameters), so its cost does not grow with the GP;
+    - ``residual_state_map()`` -> ``ca.Function (t, x, u) -> d xdot / d rate`` (nx, n_r)
+      (derived from ``balances`` when the model has them, as a
+      :class:`~plant_models.base.MechanisticModel` does).
+    """
+
+    @property
+    def state_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def input_names(self) -> tuple[str, ...]: ...
+
+    def dynamics(self) -> ca.Function: ...
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MPCResult:
+    """Outcome of one MPC step.
+
+    Attributes:
+        u: the move to apply, input name -> value (always within bounds and rate limits).
+        success: the solver's solution was accepted (False: a fallback move).
+        status: solver return status (or the reason no solve was made).
+        iterations: solver iterations (all attempts).
+        solve_time_s: wall time of the solve(s), s.
+        time_h: culture age of the step.
+        horizon_steps: active prediction steps (shrinks towards the harvest).
+        state_names, input_names, residual_names: column names of the arrays.
+        predicted_times: (N+1,) h.
+        predicted_states: (N+1, nx) physical units (NaN when no solution was accepted).
+        predicted_inputs: (N, nu).
+        predicted_std: (N, n_r) standard deviation of the corrected rates along the plan
+            (zeros when the model has no residual or ``kappa`` is 0: no tightening, so the
+            propagation is skipped).
+        predicted_state_std: (N+1, nx) propagated state standard deviation (zeros likewise).
+        cost: objective value (NaN on failure).
+        slacks: largest slack of each soft constraint over the horizon, in state units, and
+            ``dose_shortfall`` (relative to the dose target).
+        fallback_used: which failure policy produced ``u`` (``""`` when none).
+        fallback_reason: why (``""`` when none).
+    """
+
+    u: Mapping[str, float]
+    success: bool
+    status: str
+    iterations: int
+    solve_time_s: float
+    time_h: float
+    horizon_steps: int
+    state_names: tuple[str, ...]
+    input_names: tuple[str, ...]
+    residual_names: tuple[str, ...]
+    predicted_times: FloatArray
+    predicted_states: FloatArray
+    predicted_inputs: FloatArray
+    predicted_std: FloatArray
+    predicted_state_std: FloatArray
+    cost: float
+    slacks: Mapping[str, float]
+    fallback_used: str = ""
+    fallback_reason: str = ""
+
+
+@dataclasses.dataclass
+class _Plan:
+    """The last accepted solution (for warm starts and the ``shift`` policy)."""
+
+    time_h: float
+    w: FloatArray
+    lam_x: FloatArray
+    lam_g: FloatArray
+    states: FloatArray  # (N+1, nx)
+    inputs: FloatArray  # (N, nu)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Soft:
+    state: int
+    sign: float  # +1: x <= limit, -1: x >= limit
+    limit: float
+    weight: float
+    weight_linear: float
+    label: str
+
+
+class NonlinearMPC:
+    """Nonlinear MPC with a fixed NLP (multiple shooting, RK4) and warm starts.
+
+    Args:
+        model: see :class:`PredictionModel`.
+        config: tuning; fill process limits first with
+            :func:`controller.mpc_config.with_process_limits`.
+        recipe: culture age -> inputs; needed when ``on_failure = "recipe"``.
+
+    Raises:
+        ConfigError: a name in the tuning is not a state/input of the model (with a
+            suggestion), or the objective lacks what it needs.
+        ModelError: the model does not offer the interface above.
+    """
+
+    def __init__(
+        self,
+        model: PredictionModel,
+        config: MPCConfig,
+        *,
+        recipe: Callable[[float], Mapping[str, float]] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.recipe = recipe
+        self.state_names: tuple[str, ...] = tuple(model.state_names)
+        self.input_names: tuple[str, ...] = tuple(model.input_names)
+        self.nx, self.nu, self.horizon = (
+            len(self.state_names),
+            len(self.input_names),
+            config.horizon,
+        )
+        self._check_config()
+        self._scales()
+        self._setup_residual()
+        self._build()
+        self._plan: _Plan | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _name_error(self, name: str, table: str, allowed: Sequence[str], kind: str) -> ConfigError:
+        return ConfigError(
+            f"{self.config.source} [{table}] {name}: not a {kind} of model "
+            f"{getattr(self.model, 'name', type(self.model).__name__)!r}."
+            f"{suggest(name, allowed)} Known {kind}s: {', '.join(allowed)}."
+        )
+
+    def _check_config(self) -> None:
+        c = self.config
+        states, inputs = self.state_names, self.input_names
+        state_tables: tuple[tuple[str, Mapping[str, Any]], ...] = (
+            ("tracking", c.tracking),
+            ("weights stage_state", c.stage_state_weights),
+            ("weights terminal_state", c.terminal_state_weights),
+            ("bounds", c.hard_bounds),
+            ("soft_bounds", c.soft_bounds),
+            ("scaling states", c.state_scaling),
+        )
+        for table, names in state_tables:
+            for n in names:
+                if n not in states:
+                    raise self._name_error(n, table, states, "state")
+        input_tables: tuple[tuple[str, Mapping[str, Any]], ...] = (
+            ("weights input_move", c.input_move_weights),
+            ("weights input_usage", c.input_usage_weights),
+            ("weights input_quadratic", c.input_quadratic_weights),
+            ("inputs", c.input_bounds),
+            ("inputs rate_limit", c.rate_limits),
+            ("scaling inputs", c.input_scaling),
+        )
+        for table, names in input_tables:
+            for n in names:
+                if n not in inputs:
+                    raise self._name_error(n, table, inputs, "input")
+        if c.on_failure == "recipe" and self.recipe is None:
+            raise ConfigError(
+                f"{c.source} [mpc] on_failure = 'recipe' but no recipe was given to the MPC; "
+                "pass recipe=... or choose hold/shift."
+            )
+        if c.objective == "dose-by-date":
+            d = c.dose
+            for n in (d.cells_state, d.volume_state):
+                if n not in states:
+                    raise self._name_error(n, "dose", states, "state")
+            if d.dose_cells is None or d.harvest_time is None:
+                raise ConfigError(
+                    f"{c.source} [dose]: dose-by-date needs dose_cells and harvest_time; give "
+                    "them in the file or fill them from the process (with_process_limits)."
+                )
+
+    def _scales(self) -> None:
+        c = self.config
+        sx = np.ones(self.nx)
+        for i, n in enumerate(self.state_names):
+            hard = c.hard_bounds.get(n)
+            if n in c.state_scaling:
+                sx[i] = c.state_scaling[n]
+            elif hard is not None and hard.high is not None and hard.high > 0:
+                sx[i] = hard.high
+        lo = np.full(self.nu, -np.inf)
+        hi = np.full(self.nu, np.inf)
+        bounds_fn = getattr(self.model, "input_bounds", None)
+        if callable(bounds_fn):
+            mlo, mhi = bounds_fn()
+            lo, hi = np.asarray(mlo, dtype=float).copy(), np.asarray(mhi, dtype=float).copy()
+        for i, n in enumerate(self.input_names):
+            if n in c.input_bounds:
+                lo[i], hi[i] = c.input_bounds[n]
+        su = np.ones(self.nu)
+        for i, n in enumerate(self.input_names):
+            if n in c.input_scaling:
+                su[i] = c.input_scaling[n]
+            elif math.isfinite(hi[i]) and hi[i] > 0:
+                su[i] = hi[i]
+        rates = np.full(self.nu, np.inf)
+        for i, n in enumerate(self.input_names):
+            if n in c.rate_limits:
+                rates[i] = c.rate_limits[n]
+        self.state_scale, self.input_scale = sx, su
+        self.u_low, self.u_high, self.rate_limits = lo, hi, rates
+
+    def _build(self) -> None:
+        c = self.config
+        nx, nu, n, h = self.nx, self.nu, self.horizon, c.step_h
+        f = self.model.dynamics()
+        if not isinstance(f, ca.Function) or f.n_in() != 3:
+            raise ModelError(
+                "model.dynamics() must return a ca.Function (t, x, u) -> (xdot, ...) with "
+                "exactly three inputs."
+            )
+        # one RK4 step over step_h (integrator_substeps sub-steps)
+        t = ca.MX.sym("t")
+        x = ca.MX.sym("x", nx)
+        u = ca.MX.sym("u", nu)
+        linearized = self._linearized
+        n_r = len(self.residual_names)
+        nq = n_r + n_r * nx + nx if linearized else 0
+        q = ca.MX.sym("q", nq)
+
+        def exact(tk: Any, xk: Any) -> Any:
+            return f(tk, xk, u)[0]
+
+        base_fn, map_fn = self._base_fn, self._map_fn
+
+        def first_order(tk: Any, xk: Any) -> Any:
+            # mechanistic part + residual linearised about the previous plan (parameters q)
+            if base_fn is None or map_fn is None:  # guarded by _setup_residual
+                raise ModelError("linearized residual without base_dynamics/state map")
+            mean = q[:n_r] + ca.mtimes(ca.reshape(q[n_r : n_r + n_r * nx], n_r, nx), xk - q[-nx:])
+            return base_fn(tk, xk, u)[0] + ca.mtimes(map_fn(tk, xk, u), mean)
+
+        rhs = first_order if linearized else exact
+        step_fn = ca.Function(
+            "mpc_step", [t, x, u, q], [self._rk4(rhs, t, x)], ["t", "x", "u", "q"], ["x_next"]
+        )
+        x_exact = self._rk4(exact, t, x)
+        sim_fn = ca.Function("mpc_simulate", [t, x, u], [x_exact], ["t", "x", "u"], ["x_next"])
+        jac_fn = ca.Function(
+            "mpc_step_jac", [t, x, u], [ca.jacobian(x_exact, x)], ["t", "x", "u"], ["A"]
+        )
+        lin_fn = None
+        if linearized and self._mean_fn is not None:
+            mean = self._mean_fn(t, x, u)
+            lin_fn = ca.Function(
+                "residual_linearisation",
+                [t, x, u],
+                [ca.vertcat(mean, ca.vec(ca.jacobian(mean, x)), x)],
+                ["t", "x", "u"],
+                ["q"],
+            )
+        if c.solver.expand:
+            try:
+                step_fn = step_fn.expand()
+                sim_fn = sim_fn.expand()
+                jac_fn = jac_fn.expand()
+                lin_fn = lin_fn.expand() if lin_fn is not None else None
+            except RuntimeError as exc:  # e.g. a model with MX-only nodes
+                log.info("MPC: NLP kept as MX (cannot expand: %s)", exc)
+        self._step_fn, self._sim_fn, self._jac_fn, self._lin_fn = step_fn, sim_fn, jac_fn, lin_fn
+        sym: Any = ca.SX if step_fn.is_a("SXFunction") else ca.MX
+
+        sx = ca.DM(self.state_scale)
+        su = ca.DM(self.input_scale)
+        xs = sym.sym("X", nx, n + 1)
+        us = sym.sym("U", nu, n)
+        xp = ca.diag(sx) @ xs
+        up = ca.diag(su) @ us
+
+        # soft constraints
+        softs: list[_Soft] = []
+        for name, b in c.soft_bounds.items():
+            i = self.state_names.index(name)
+            if b.high is not None:
+                softs.append(_Soft(i, 1.0, b.high, b.weight, b.weight_linear, f"{name}_high"))
+            if b.low is not None:
+                softs.append(_Soft(i, -1.0, b.low, b.weight, b.weight_linear, f"{name}_low"))
+        self._softs = softs
+        ns = len(softs)
+        ss = sym.sym("S", ns, n)
+        dose_mode = c.objective == "dose-by-date"
+        sd = sym.sym("sd", 1 if dose_mode else 0)
+        self.tracked = tuple(c.tracking)
+        nt = len(self.tracked)
+
+        # parameters
+        p_x0 = sym.sym("x0", nx)
+        p_u = sym.sym("u_prev", nu)
+        p_t0 = sym.sym("t0")
+        p_mask = sym.sym("mask", 1, n)
+        p_term = sym.sym("terminal", 1, n)
+        p_dose = sym.sym("dose_target")
+        p_ref = sym.sym("reference", nt, n + 1)
+        p_tight = sym.sym("tightening", nx, n)
+        p_q = sym.sym("residual_linearisation", nq, n)
+        params = [p_x0, p_u, p_t0, p_mask, p_term, p_dose, p_ref, p_tight, p_q]
+        self._param_shapes = [(int(q.size1()), int(q.size2())) for q in params]
+
+        g: list[Any] = []
+        lbg: list[FloatArray] = []
+        ubg: list[FloatArray] = []
+
+        blocks: list[tuple[int, int, int]] = []  # (start, size, rows per stage or 0)
+
+        def add(
+            expr: Any, low: float | FloatArray, high: float | FloatArray, *, staged: bool = True
+        ) -> None:
+            e = ca.vec(expr)
+            size = int(e.size1())
+            start = int(sum(int(q.size1()) for q in g))
+            blocks.append((start, size, int(expr.size1()) if staged else 0))
+            g.append(e)
+            lbg.append(np.broadcast_to(np.asarray(low, dtype=float), (size,)).copy())
+            ubg.append(np.broadcast_to(np.asarray(high, dtype=float), (size,)).copy())
+
+        # initial state and shooting gaps (scaled)
+        add(xs[:, 0] - p_x0 / sx, 0.0, 0.0, staged=False)
+        times = p_t0 + h * ca.DM(np.arange(n)).T
+        x_next = step_fn.map(n)(times, xp[:, :n], up, p_q)
+        add((x_next - xp[:, 1:]) / ca.repmat(sx, 1, n), 0.0, 0.0)
+        self._n_eq = int(sum(int(e.size1()) for e in g))
+        # rate-of-change limits (first move over the sample period, then per step)
+        du = ca.horzcat(up[:, 0] - p_u, up[:, 1:] - up[:, :-1])
+        for i in range(nu):
+            r = self.rate_limits[i]
+            if math.isfinite(r):
+                span = np.full(n, r * h)
+                span[0] = r * c.sample_period_h
+                add(du[i, :] / su[i], -span / self.input_scale[i], span / self.input_scale[i])
+        # hard state limits on x_1..x_N, masked beyond the harvest, tightened by kappa*sigma
+        self._bounded: list[tuple[int, str]] = []
+        for name, hb in c.hard_bounds.items():
+            i = self.state_names.index(name)
+            si = float(self.state_scale[i])
+            if hb.high is not None:
+                add(p_mask * (xp[i, 1:] - hb.high + p_tight[i, :]) / si, -np.inf, 0.0)
+                self._bounded.append((i, f"{name}_high"))
+            if hb.low is not None:
+                add(p_mask * (hb.low + p_tight[i, :] - xp[i, 1:]) / si, -np.inf, 0.0)
+                self._bounded.append((i, f"{name}_low"))
+        for j, s in enumerate(softs):
+            si = float(self.state_scale[s.state])
+            viol = s.sign * (xp[s.state, 1:] - s.limit) + p_tight[s.state, :]
+            add(p_mask * viol / si - ss[j, :], -np.inf, 0.0)
+
+        # objective
+        cost: Any = 0
+        if dose_mode:
+            ic = self.state_names.index(c.dose.cells_state)
+            iv = self.state_names.index(c.dose.volume_state)
+            cells_end = ca.sum2(p_term * xp[ic, 1:] * xp[iv, 1:])
+            add(1.0 - cells_end / p_dose - sd, -np.inf, 0.0, staged=False)
+            cost += c.dose.weight * sd**2 + c.dose.weight_linear * sd
+            if c.dose.viability_weight > 0:
+                viability = self._viability_expr(xp)
+                if viability is not None:
+                    cost += c.dose.viability_weight * (1.0 - ca.sum2(p_term * viability[:, 1:]))
+        for j, name in enumerate(self.tracked):
+            i = self.state_names.index(name)
+            term = c.tracking[name]
+            err = (xp[i, :] - p_ref[j, :]) / float(self.state_scale[i])
+            cost += term.weight * ca.sum2(p_mask * err[:, :n] ** 2)
+            cost += term.weight * ca.sum2(p_term * err[:, 1:] ** 2)
+        for name, wgt in c.stage_state_weights.items():
+            i = self.state_names.index(name)
+            cost += wgt * ca.sum2(p_mask * xp[i, :n]) / float(self.state_scale[i])
+        for name, wgt in c.terminal_state_weights.items():
+            i = self.state_names.index(name)
+            cost += wgt * ca.sum2(p_term * xp[i, 1:]) / float(self.state_scale[i])
+        for name, wgt in c.input_usage_weights.items():
+            i = self.input_names.index(name)
+            cost += wgt * h * ca.sum2(p_mask * up[i, :])
+        for name, wgt in c.input_quadratic_weights.items():
+            i = self.input_names.index(name)
+            cost += wgt * ca.sum2(p_mask * us[i, :] ** 2)
+        for i, name in enumerate(self.input_names):
+            wgt = c.input_move_weights.get(name, 0.0)
+            dui = du[i, :] / su[i]
+            cost += ca.sum2((wgt * p_mask + _IDLE_MOVE_WEIGHT * (1 - p_mask)) * dui**2)
+        for j, s in enumerate(softs):
+            cost += s.weight * ca.sumsqr(ss[j, :]) + s.weight_linear * ca.sum2(ss[j, :])
+
+        w = ca.vertcat(ca.vec(xs), ca.vec(us), ca.vec(ss), sd)
+        p = ca.vertcat(*[ca.vec(q) for q in params])
+        nw = int(w.size1())
+        lbw = np.full(nw, -np.inf)
+        ubw = np.full(nw, np.inf)
+        o = nx * (n + 1)
+        lbw[o : o + nu * n] = np.tile(self.u_low / self.input_scale, n)
+        ubw[o : o + nu * n] = np.tile(self.u_high / self.input_scale, n)
+        lbw[o + nu * n :] = 0.0  # slacks
+        self._lbw, self._ubw = lbw, ubw
+        self._g_blocks = blocks
+        self._w_blocks = [(0, o, nx), (o, nu * n, nu), (o + nu * n, ns * n, ns)]
+        self._lbg, self._ubg = np.concatenate(lbg), np.concatenate(ubg)
+        self._nw, self._ng, self._np = nw, int(self._lbg.size), int(p.size1())
+        self._offsets = (o, o + nu * n, o + nu * n + ns * n)
+        nlp = {"x": w, "p": p, "f": cost, "g": ca.vertcat(*g)}
+        self._solver_cold = ca.nlpsol("mpc_cold", c.solver.name, nlp, self._solver_options(False))
+        self._solver_warm = (
+            ca.nlpsol("mpc_warm", c.solver.name, nlp, self._solver_options(True))
+            if c.solver.warm_start
+            else self._solver_cold
+        )
+        log.debug("MPC built: %d variables, %d constraints, %d parameters", nw, self._ng, self._np)
+
+    def _rk4(self, rhs: Callable[[Any, Any], Any], t: Any, x: Any) -> Any:
+        """State after one ``step_h`` of RK4 (``integrator_substeps`` sub-steps) of ``rhs``."""
+        m = self.config.integrator_substeps
+        dt = self.config.step_h / m
+        xk, tk = x, t
+        for _ in range(m):
+            k1 = rhs(tk, xk)
+            k2 = rhs(tk + dt / 2, xk + dt / 2 * k1)
+            k3 = rhs(tk + dt / 2, xk + dt / 2 * k2)
+            k4 = rhs(tk + dt, xk + dt * k3)
+            xk = xk + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            tk = tk + dt
+        return xk
+
+    def _viability_expr(self, xp: Any) -> Any:
+        names = self.state_names
+        iv = names.index(self.config.dose.cells_state)
+        if "dead_cells" in names:
+            return xp[iv, :] / (xp[iv, :] + xp[names.index("dead_cells"), :] + 1e-9)
+        if "total_cells" in names:
+            return xp[iv, :] / (xp[names.index("total_cells"), :] + 1e-9)
+        return None
+
+    def _solver_options(self, warm: bool) -> dict[str, Any]:
+        s = self.config.solver
+        common: dict[str, Any] = {}
+        if s.jit:
+            common = {
+                "jit": True,
+                "compiler": "shell",
+                "jit_options": {"flags": ["-O1"], "verbose": False},
+            }
+        if s.name == "sqpmethod":
+            return common | {
+                "print_time": False,
+                "print_header": False,
+                "print_iteration": False,
+                "print_status": False,
+                "error_on_fail": False,
+                "max_iter": s.max_iter,
+                "tol_pr": s.tolerance,
+                "tol_du": s.tolerance,
+                "qpsol": "qrqp",
+                "qpsol_options": {
+                    "print_iter": False,
+                    "print_header": False,
+                    "error_on_fail": False,
+                },
+                "hessian_approximation": "exact" if s.hessian == "exact" else "limited-memory",
+            }
+        opts: dict[str, Any] = common | {
+            "print_time": False,
+            "error_on_fail": False,
+            "ipopt.print_level": 0,
+            "ipopt.sb": "yes",
+            "ipopt.max_iter": s.max_iter,
+            "ipopt.max_cpu_time": s.max_cpu_time_s,
+            "ipopt.tol": s.tolerance,
+            "ipopt.acceptable_tol": s.acceptable_tolerance,
+            "ipopt.linear_solver": s.linear_solver,
+            "ipopt.hessian_approximation": s.hessian,
+        }
+        if warm:
+            opts.update(
+                {
+                    "ipopt.warm_start_init_point": "yes",
+                    "ipopt.warm_start_bound_push": 1e-6,
+                    "ipopt.warm_start_slack_bound_push": 1e-6,
+                    "ipopt.warm_start_mult_bound_push": 1e-6,
+                    "ipopt.mu_init": s.warm_start_mu,
+                }
+            )
+        return opts
+
+    def _setup_residual(self) -> None:
+        """Optional residual interface of a hybrid model (see :class:`PredictionModel`)."""
+        self.residual_names: tuple[str, ...] = ()
+        self._std_fn: ca.Function | None = None
+        self._mean_fn: ca.Function | None = None
+        self._base_fn: ca.Function | None = None
+        self._map_fn: ca.Function | None = None
+        fns: dict[str, ca.Function] = {}
+        for attr in ("residual_std", "residual_mean", "base_dynamics"):
+            factory = getattr(self.model, attr, None)
+            if callable(factory):
+                fn = factory()
+                if not isinstance(fn, ca.Function) or fn.n_in() != 3:
+                    raise ModelError(f"model.{attr}() must return a ca.Function of (t, x, u).")
+                fns[attr] = fn
+        # "linearized" applies to hybrid models; a purely mechanistic model has nothing to
+        # linearise and is solved exactly
+        self._linearized = self.config.residual == "linearized" and "residual_mean" in fns
+        if self._linearized and "base_dynamics" not in fns:
+            raise ConfigError(
+                f"{self.config.source} [mpc] residual = 'linearized' needs the model's "
+                "base_dynamics() (mechanistic part) as well; add it or use residual = 'exact'."
+            )
+        ref = fns.get("residual_std", fns.get("residual_mean"))
+        if ref is None:
+            return
+        n_r = int(ref.size1_out(0)) * int(ref.size2_out(0))
+        names = tuple(getattr(self.model, "residual_names", ()) or ())
+        if not names:
+            names = tuple(f"residual_{i}" for i in range(n_r))
+        if len(names) != n_r:
+            raise ModelError(f"residual_names {names} do not match {n_r} residual outputs.")
+        map_factory = getattr(self.model, "residual_state_map", None)
+        map_fn = map_factory() if callable(map_factory) else self._derive_state_map(names)
+        self.residual_names, self._map_fn = names, map_fn
+        self._std_fn = fns.get("residual_std")
+        self._mean_fn = fns.get("residual_mean")
+        self._base_fn = fns.get("base_dynamics")
+
+    def _derive_state_map(self, names: tuple[str, ...]) -> ca.Function:
+        """d xdot / d rate for the residual rates, from the model's mass balances."""
+        model: Any = self.model
+        rate_names = tuple(getattr(model, "rate_names", ()))
+        if not hasattr(model, "balances") or any(r not in rate_names for r in names):
+            raise ModelError(
+                "the model has residual_std() but neither residual_state_map() nor mass "
+                f"balances over rates {names}; add residual_state_map()."
+            )
+        t = ca.SX.sym("t")
+        x = ca.SX.sym("x", self.nx)
+        u = ca.SX.sym("u", self.nu)
+        r = ca.SX.sym("r", len(rate_names))
+        rd = {k: r[i] for i, k in enumerate(rate_names)}
+        xs = [x[i] for i in range(self.nx)]
+        us = [u[i] for i in range(self.nu)]
+        xdot = ca.vertcat(*model.balances(t, xs, us, rd, model.parameters, CASADI_OPS))
+        idx = [rate_names.index(k) for k in names]
+        jac = ca.jacobian(xdot, ca.vertcat(*[r[i] for i in idx]))
+        return ca.Function("residual_state_map", [t, x, u], [jac], ["t", "x", "u"], ["G"])
+
+    # ------------------------------------------------------------------ public
+    @property
+    def n_variables(self) -> int:
+        """Number of NLP decision variables."""
+        return self._nw
+
+    @property
+    def n_constraints(self) -> int:
+        return self._ng
+
+    def reset(self) -> None:
+        """Forget the previous solution (next step starts cold)."""
+        self._plan = None
+
+    def simulate(self, x0: FloatArray, t0: float, inputs: FloatArray) -> FloatArray:
+        """Prediction of the model over ``len(inputs)`` steps of ``step_h``: (n+1, nx)."""
+        out = [np.asarray(x0, dtype=float).reshape(-1)]
+        for k, uk in enumerate(np.atleast_2d(inputs)):
+            xk = self._sim_fn(t0 + k * self.config.step_h, out[-1], uk)
+            out.append(np.asarray(xk, dtype=float).reshape(-1))
+        return np.array(out)
+
+    def step(
+        self,
+        x0: Mapping[str, float] | Sequence[float] | FloatArray,
+        t: float,
+        u_prev: Mapping[str, float] | Sequence[float] | FloatArray,
+        *,
+        references: Mapping[str, float | Sequence[float]] | None = None,
+        harvest_time: float | None = None,
+    ) -> MPCResult:
+        """Solve the MPC problem from state ``x0`` at culture age ``t`` (h).
+
+        Args:
+            x0: state estimate (name -> value, or a vector in ``state_names`` order).
+            t: culture age, h.
+            u_prev: inputs applied over the last period (rate limits count from these).
+            references: tracking references overriding the tuning (a value, or N+1 values).
+            harvest_time: culture age of the harvest, h (default: the tuning's, for
+                dose-by-date; none otherwise); the horizon shrinks to it.
+        Returns:
+            :class:`MPCResult`; on solver failure the move of the ``on_failure`` policy.
+        Raises:
+            SolverFailedError: only with ``on_failure = "raise"``.
+        """
+        c = self.config
+        x = self._vector(x0, self.state_names, "state")
+        up = self._vector(u_prev, self.input_names, "input")
+        n, h = self.horizon, c.step_h
+        times = t + h * np.arange(n + 1, dtype=np.float64)
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(up)) and math.isfinite(t)):
+            return self._fallback(t, up, "non-finite state, input or time", "not solved", 0, 0.0)
+        harvest = harvest_time
+        if harvest is None and c.objective == "dose-by-date":
+            harvest = c.dose.harvest_time
+        active = n
+        if harvest is not None:
+            active = int(min(max(math.ceil((harvest - t) / h - 1e-6), 1), n))
+        mask = np.zeros(n)
+        mask[:active] = 1.0
+        term = np.zeros(n)
+        term[active - 1] = 1.0
+        dose_target = 1.0
+        if c.objective == "dose-by-date":
+            base = float(c.dose.dose_cells or 0.0) * (1.0 + c.dose.margin)
+            to_go = max(float(harvest or 0.0) - times[active], 0.0)
+            dose_target = base * math.exp(-c.dose.reference_growth_rate * to_go)
+        refs = self._references(references)
+        guess_states, guess_inputs, lam = self._initial_guess(x, t, up)
+        rate_std, state_std = self._uncertainty(guess_states, guess_inputs, times)
+        tight = (c.kappa * state_std[1:, :]).T  # (nx, N)
+        lin = self._linearisation(guess_states, guess_inputs, times)
+        params = [x, up, np.array([t]), mask, term, np.array([dose_target]), refs, tight, lin]
+        p = np.concatenate([np.asarray(v, dtype=float).reshape(-1, order="F") for v in params])
+        w0 = self._pack(guess_states, guess_inputs, x, dose_target, term)
+
+        t_start = time.perf_counter()
+        iterations = 0
+        attempts: list[tuple[Any, bool]] = []
+        if lam is not None and c.solver.warm_start:
+            attempts.append((self._solver_warm, True))
+        attempts.append((self._solver_cold, False))
+        status = "not solved"
+        sol: Any = None
+        accepted = False
+        for solver, warm in attempts:
+            if not warm and sol is not None:
+                # the cold retry must not push the step beyond the CPU budget
+                if time.perf_counter() - t_start > 0.5 * c.solver.max_cpu_time_s:
+                    break
+            kwargs: dict[str, Any] = {
+                "x0": w0,
+                "p": p,
+                "lbx": self._lbw,
+                "ubx": self._ubw,
+                "lbg": self._lbg,
+                "ubg": self._ubg,
+            }
+            if warm and lam is not None:
+                kwargs["lam_x0"], kwargs["lam_g0"] = lam
+            sol = solver(**kwargs)
+            stats = solver.stats()
+            status = str(stats.get("return_status", "unknown"))
+            iterations += int(stats.get("iter_count", 0))
+            accepted = self._accept(stats, sol)
+            if accepted:
+                break
+            log.info("MPC t=%.2f h: %s solve failed (%s)", t, "warm" if warm else "cold", status)
+        elapsed = time.perf_counter() - t_start
+        if not accepted:
+            return self._fallback(t, up, f"solver status {status}", status, iterations, elapsed)
+
+        wopt = np.asarray(sol["x"], dtype=float).reshape(-1)
+        states, inputs, slack, sdose = self._unpack(wopt)
+        self._plan = _Plan(
+            t,
+            wopt,
+            np.asarray(sol["lam_x"], dtype=float).reshape(-1),
+            np.asarray(sol["lam_g"], dtype=float).reshape(-1),
+            states,
+            inputs,
+        )
+        move = self._project(inputs[0], up)
+        slacks = {
+            s.label: float(np.max(slack[j]) * self.state_scale[s.state]) if n else 0.0
+            for j, s in enumerate(self._softs)
+        }
+        if c.objective == "dose-by-date":
+            slacks["dose_shortfall"] = sdose
+        return MPCResult(
+            u=dict(zip(self.input_names, (float(v) for v in move), strict=True)),
+            success=True,
+            status=status,
+            iterations=iterations,
+            solve_time_s=elapsed,
+            time_h=t,
+            horizon_steps=active,
+            state_names=self.state_names,
+            input_names=self.input_names,
+            residual_names=self.residual_names,
+            predicted_times=times,
+            predicted_states=states,
+            predicted_inputs=inputs,
+            predicted_std=rate_std,
+            predicted_state_std=state_std,
+            cost=float(sol["f"]),
+            slacks=slacks,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _vector(
+        self,
+        value: Mapping[str, float] | Sequence[float] | FloatArray,
+        names: Sequence[str],
+        kind: str,
+    ) -> FloatArray:
+        if isinstance(value, Mapping):
+            unknown = [k for k in value if k not in names]
+            missing = [k for k in names if k not in value]
+            if unknown or missing:
+                raise ModelError(
+                    f"MPC: {kind} mapping has unknown {unknown} / missing {missing}; "
+                    f"expected {list(names)}."
+                )
+            return np.array([float(value[k]) for k in names])
+        arr = np.asarray(value, dtype=float).reshape(-1)
+        if arr.size != len(names):
+            raise ModelError(
+                f"MPC: expected {len(names)} {kind} values {list(names)}, got {arr.size}."
+            )
+        return arr
+
+    def _references(self, references: Mapping[str, float | Sequence[float]] | None) -> FloatArray:
+        n = self.horizon
+        out = np.zeros((len(self.tracked), n + 1))
+        extra = dict(references or {})
+        unknown = [k for k in extra if k not in self.tracked]
+        if unknown:
+            raise ConfigError(
+                f"MPC: references for {unknown}, but only {list(self.tracked)} are tracked "
+                f"({self.config.source} [tracking])."
+            )
+        for j, name in enumerate(self.tracked):
+            value = extra.get(name, self.config.tracking[name].reference)
+            arr = np.asarray(value, dtype=float).reshape(-1)
+            if arr.size not in (1, n + 1):
+                raise ModelError(f"MPC: reference of {name} needs 1 or {n + 1} values.")
+            out[j, :] = arr
+        return out
+
+    def _initial_guess(
+        self, x: FloatArray, t: float, up: FloatArray
+    ) -> tuple[FloatArray, FloatArray, tuple[FloatArray, FloatArray] | None]:
+        n, h = self.horizon, self.config.step_h
+        plan = self._plan
+        if plan is not None and self.config.solver.warm_start:
+            # previous solution, shifted to the new time grid by interpolation
+            old_t = plan.time_h + h * np.arange(n + 1)
+            new_t = t + h * np.arange(n + 1)
+            states = np.column_stack(
+                [np.interp(new_t, old_t, plan.states[:, i]) for i in range(self.nx)]
+            )
+            states[0] = x
+            idx = np.clip(np.floor((new_t[:n] - plan.time_h) / h + 1e-9).astype(int), 0, n - 1)
+            inputs = plan.inputs[idx]
+            shift = round((t - plan.time_h) / h)
+            if 0 <= shift < n:
+                lam_x = _shift_blocks(plan.lam_x, self._w_blocks, shift)
+                lam_g = _shift_blocks(plan.lam_g, self._g_blocks, shift)
+                return states, inputs, (lam_x, lam_g)
+            return states, inputs, None
+        u0 = np.clip(up, self.u_low, self.u_high)
+        inputs = np.tile(u0, (n, 1))
+        states = self.simulate(x, t, inputs)
+        if not np.all(np.isfinite(states)):
+            states = np.tile(x, (n + 1, 1))
+        return states, inputs, None
+
+    def _uncertainty(
+        self, states: FloatArray, inputs: FloatArray, times: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """Zero-order propagation of the residual std along a given plan.
+
+        Returns (rate std (N, n_r), state std (N+1, nx)).
+        """
+        n, h = self.horizon, self.config.step_h
+        if self._std_fn is None or self._map_fn is None or self.config.kappa <= 0:
+            return np.zeros((n, len(self.residual_names))), np.zeros((n + 1, self.nx))
+        tt, xx, uu = times[:n].reshape(1, -1), states[:n].T, inputs.T
+        std = np.asarray(self._std_fn.map(n)(tt, xx, uu), dtype=float).reshape(-1, n).T
+        std = np.nan_to_num(np.maximum(std, 0.0))
+        a_all = np.asarray(self._jac_fn.map(n)(tt, xx, uu), dtype=float)  # nx x (nx*n)
+        g_all = np.asarray(self._map_fn.map(n)(tt, xx, uu), dtype=float)  # nx x (n_r*n)
+        n_r = std.shape[1]
+        cov = np.zeros((self.nx, self.nx))
+        out = np.zeros((n + 1, self.nx))
+        for k in range(n):
+            a = a_all[:, k * self.nx : (k + 1) * self.nx]
+            gk = g_all[:, k * n_r : (k + 1) * n_r] * h
+            cov = a @ cov @ a.T + gk @ np.diag(std[k] ** 2) @ gk.T
+            out[k + 1] = np.sqrt(np.maximum(np.diag(cov), 0.0))
+        return std, np.nan_to_num(out)
+
+    def _linearisation(
+        self, states: FloatArray, inputs: FloatArray, times: FloatArray
+    ) -> FloatArray:
+        """Residual mean, its state Jacobian and the state along a plan: (nq, N)."""
+        n = self.horizon
+        if self._lin_fn is None:
+            return np.zeros((0, n))
+        q = self._lin_fn.map(n)(times[:n].reshape(1, -1), states[:n].T, inputs.T)
+        return np.nan_to_num(np.asarray(q, dtype=float))
+
+    def _pack(
+        self, states: FloatArray, inputs: FloatArray, x: FloatArray, target: float, term: FloatArray
+    ) -> FloatArray:
+        n = self.horizon
+        xs = (states / self.state_scale).T.reshape(-1, order="F")
+        us = (inputs / self.input_scale).T.reshape(-1, order="F")
+        ss = np.zeros(len(self._softs) * n)
+        parts = [xs, us, ss]
+        if self.config.objective == "dose-by-date":
+            c = self.config.dose
+            ic, iv = self.state_names.index(c.cells_state), self.state_names.index(c.volume_state)
+            cells = float(np.sum(term * states[1:, ic] * states[1:, iv]))
+            parts.append(np.array([max(0.0, 1.0 - cells / target)]))
+        return np.concatenate(parts)
+
+    def _unpack(self, w: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray, float]:
+        n = self.horizon
+        a, b, c = self._offsets
+        states = w[:a].reshape(n + 1, self.nx) * self.state_scale
+        inputs = w[a:b].reshape(n, self.nu) * self.input_scale
+        slack = w[b:c].reshape(n, len(self._softs)).T
+        sdose = float(w[c]) if w.size > c else 0.0
+        return states, inputs, slack, sdose
+
+    def _accept(self, stats: Mapping[str, Any], sol: Mapping[str, Any]) -> bool:
+        status = str(stats.get("return_status", ""))
+        ok = status in ACCEPTED_STATUSES
+        if self.config.solver.name != "ipopt":
+            ok = bool(stats.get("success", False))
+        if not ok:
+            return False
+        w = np.asarray(sol["x"], dtype=float)
+        return bool(np.all(np.isfinite(w)) and math.isfinite(float(sol["f"])))
+
+    def _project(self, u: FloatArray, up: FloatArray) -> FloatArray:
+        """Clip a move into the input bounds and the rate limits around ``up``."""
+        span = self.rate_limits * self.config.sample_period_h
+        prev = np.clip(up, self.u_low, self.u_high)
+        out = np.clip(u, prev - span, prev + span)
+        out = np.clip(out, self.u_low, self.u_high)
+        if np.any(np.abs(out - u) > 1e-6 * np.maximum(1.0, np.abs(u))):
+            log.debug("MPC: move %s projected to %s", u, out)
+        return out
+
+    def _fallback(
+        self, t: float, up: FloatArray, reason: str, status: str, iterations: int, elapsed: float
+    ) -> MPCResult:
+        policy = self.config.on_failure
+        if policy == "raise":
+            raise SolverFailedError(f"MPC at t={t:.3f} h: {reason}; no move applied.", status)
+        used, u = "hold", up.copy()
+        n, h = self.horizon, self.config.step_h
+        plan = self._plan
+        if policy == "shift" and plan is not None:
+            k = math.floor((t - plan.time_h) / h + 1e-9)
+            if 0 <= k < n:
+                used, u = "shift", plan.inputs[k].copy()
+        elif policy == "recipe" and self.recipe is not None:
+            rec = self.recipe(t)
+            used, u = (
+                "recipe",
+                np.array([float(rec.get(k, up[i])) for i, k in enumerate(self.input_names)]),
+            )
+        if not np.all(np.isfinite(u)):
+            used, u = "hold", up.copy()
+        move = self._project(u, np.nan_to_num(up))
+        log.warning("MPC t=%.2f h: %s; applying the %s move (policy %s)", t, reason, used, policy)
+        nan_x = np.full((n + 1, self.nx), np.nan)
+        return MPCResult(
+            u=dict(zip(self.input_names, (float(v) for v in move), strict=True)),
+            success=False,
+            status=status,
+            iterations=iterations,
+            solve_time_s=elapsed,
+            time_h=t,
+            horizon_steps=0,
+            state_names=self.state_names,
+            input_names=self.input_names,
+            residual_names=self.residual_names,
+            predicted_times=t + h * np.arange(n + 1, dtype=np.float64),
+            predicted_states=nan_x,
+            predicted_inputs=np.full((n, self.nu), np.nan),
+            predicted_std=np.zeros((n, len(self.residual_names))),
+            predicted_state_std=np.zeros((n + 1, self.nx)),
+            cost=float("nan"),
+            slacks={},
+            fallback_used=used,
+            fallback_reason=reason,
+        )
+
+
+def _shift_blocks(
+    values: FloatArray, blocks: Sequence[tuple[int, int, int]], shift: int
+) -> FloatArray:
+    """Shift stage-ordered blocks of a vector by ``shift`` stages (last stage repeated).
+
+    ``blocks``: (start, size, rows per stage); rows 0 means "not staged" (kept as is).
+    """
+    out = values.copy()
+    if shift <= 0:
+        return out
+    for start, size, rows in blocks:
+        if rows <= 0 or size <= 0:
+            continue
+        block = values[start : start + size].reshape(-1, rows)
+        moved = np.vstack([block[shift:], np.repeat(block[-1:], min(shift, len(block)), axis=0)])
+        out[start : start + size] = moved[: len(block)].reshape(-1)
+    return out

@@ -1,0 +1,575 @@
+"""``hmpc-sim bench mpc``: timing of the nonlinear MPC against a peer and against itself.
+
+Problems (performance.md):
+
+- ``dompc-batch``: the do-mpc batch bioreactor example, run in one process with hmpc's
+  MPC and with do-mpc 5.1.2 (benchmark-only dependency, extra ``bench``), interleaved step
+  by step so that both see the same machine state. Output: ``ours_median_s``,
+  ``peer_median_s``, ``speedup``, ``fingerprint_max_abs_err`` (our first five inputs vs the
+  peer's) and more.
+- ``hybrid-atmp``: the T-cell problem (hourly steps, 48-step horizon, all constraints)
+  with a GP residual of N points on the growth rate, optionally with variance-aware
+  tightening; the same problem without GP is timed in the same run. Output: ``median_s``,
+  ``p95_s``, ``iterations_median``, ``mechanistic_median_s``, ``gp_overhead_ratio``.
+
+Wire-up: :func:`add_bench_mpc` adds ``mpc`` to an existing ``bench`` sub-parser set;
+:func:`register` adds ``bench`` itself when no one else has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import casadi as ca
+import numpy as np
+import numpy.typing as npt
+
+from controller.mpc import NonlinearMPC
+from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
+from plant_models.base import CASADI_OPS
+from plant_models.errors import ConfigError, HmpcError, SolverFailedError
+from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
+from sim.baselines import RuleController, make_baseline
+from sim.closed_loop import default_limiter
+from sim.patients import VirtualPatient, load_cohort_spec
+from sim.plant import VirtualBioreactor
+
+__all__ = [
+    "DOMPC_FINGERPRINT",
+    "DompcBatchModel",
+    "GPCorrectedTCellModel",
+    "add_bench_mpc",
+    "bench_dompc_batch",
+    "bench_hybrid_atmp",
+    "register",
+]
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+#: The peer's closed loop as documented in performance.md (first five inputs, final state).
+DOMPC_FINGERPRINT = {
+    "first_inputs": [0.0081000, 0.0145017, 0.0192925, 0.0226668, 0.0248766],
+    "final_state": [3.70000, 1.6046e-4, 1.681883, 123.955096],
+}
+DOMPC_X0 = (1.0, 0.5, 0.0, 120.0)
+
+
+# ---------------------------------------------------------------------- problem A
+
+
+class DompcBatchModel:
+    """do-mpc's batch bioreactor (examples/batch_reactor) as an MPC prediction model.
+
+    States biomass X, substrate S, product P, volume V; input feed u::
+
+        mu(S) = mu_m S / (K_m + S + S^2/K_i)
+        dX = mu X - u/V X;  dS = -mu X/Y_x - v X/Y_p + u/V (S_in - S)
+        dP = v X - u/V P;   dV = u
+    """
+
+    name = "dompc_batch"
+    state_names = ("biomass", "substrate", "product", "volume")
+    input_names = ("feed",)
+
+    def __init__(
+        self,
+        mu_m: float = 0.02,
+        k_m: float = 0.05,
+        k_i: float = 5.0,
+        v: float = 0.004,
+        y_p: float = 1.2,
+        y_x: float = 0.5,
+        s_in: float = 200.0,
+    ) -> None:
+        self.mu_m, self.k_m, self.k_i, self.v = mu_m, k_m, k_i, v
+        self.y_p, self.y_x, self.s_in = y_p, y_x, s_in
+
+    def dynamics(self) -> ca.Function:
+        t = ca.SX.sym("t")
+        x = ca.SX.sym("x", 4)
+        u = ca.SX.sym("u", 1)
+        xb, s, p, vol = x[0], x[1], x[2], x[3]
+        mu = self.mu_m * s / (self.k_m + s + s**2 / self.k_i)
+        xdot = ca.vertcat(
+            mu * xb - u[0] / vol * xb,
+            -mu * xb / self.y_x - self.v * xb / self.y_p + u[0] / vol * (self.s_in - s),
+            self.v * xb - u[0] / vol * p,
+            u[0],
+        )
+        return ca.Function("dompc_batch", [t, x, u], [xdot, mu], ["t", "x", "u"], ["xdot", "rates"])
+
+
+def _cvodes_plant(model: DompcBatchModel) -> ca.Function:
+    f = model.dynamics()
+    x = ca.SX.sym("x", 4)
+    u = ca.SX.sym("u", 1)
+    ode = f(0.0, x, u)[0]
+    opts = {"abstol": 1e-10, "reltol": 1e-10}
+    return ca.integrator("dompc_plant", "cvodes", {"x": x, "p": u, "ode": ode}, 0.0, 1.0, opts)
+
+
+def _dompc_peer(model: DompcBatchModel) -> tuple[Any, Any]:
+    """do-mpc's own MPC and simulator for the batch reactor (as in its example)."""
+    if importlib.util.find_spec("do_mpc") is None:
+        raise ConfigError(
+            "bench mpc --problem dompc-batch needs do-mpc 5.1.2 (the peer); install the "
+            "benchmark extra: pip install 'hmpc[bench]' (or do-mpc==5.1.2)."
+        )
+    # optional, benchmark-only dependency (untyped): imported by name, used as Any
+    do_mpc: Any = importlib.import_module("do_mpc")
+
+    m = do_mpc.model.Model("continuous")
+    xb = m.set_variable("_x", "X_s")
+    s = m.set_variable("_x", "S_s")
+    p = m.set_variable("_x", "P_s")
+    vol = m.set_variable("_x", "V_s")
+    inp = m.set_variable("_u", "inp")
+    y_x = m.set_variable("_p", "Y_x")
+    s_in = m.set_variable("_p", "S_in")
+    mu = model.mu_m * s / (model.k_m + s + s**2 / model.k_i)
+    m.set_rhs("X_s", mu * xb - inp / vol * xb)
+    m.set_rhs("S_s", -mu * xb / y_x - model.v * xb / model.y_p + inp / vol * (s_in - s))
+    m.set_rhs("P_s", model.v * xb - inp / vol * p)
+    m.set_rhs("V_s", inp)
+    m.setup()
+
+    mpc = do_mpc.controller.MPC(m)
+    mpc.settings.n_horizon = 20
+    mpc.settings.n_robust = 0
+    mpc.settings.open_loop = False
+    mpc.settings.t_step = 1.0
+    mpc.settings.state_discretization = "collocation"
+    mpc.settings.collocation_type = "radau"
+    mpc.settings.collocation_deg = 2
+    mpc.settings.collocation_ni = 2
+    mpc.settings.store_full_solution = False
+    mpc.settings.supress_ipopt_output()
+    mpc.set_objective(mterm=-m.x["P_s"], lterm=-m.x["P_s"])
+    mpc.set_rterm(inp=1.0)
+    mpc.bounds["lower", "_x", "X_s"] = 0.0
+    mpc.bounds["lower", "_x", "S_s"] = -0.01
+    mpc.bounds["lower", "_x", "P_s"] = 0.0
+    mpc.bounds["lower", "_x", "V_s"] = 0.0
+    mpc.bounds["upper", "_x", "X_s"] = 3.7
+    mpc.bounds["upper", "_x", "P_s"] = 3.0
+    mpc.bounds["lower", "_u", "inp"] = 0.0
+    mpc.bounds["upper", "_u", "inp"] = 0.2
+    mpc.set_uncertainty_values(Y_x=np.array([model.y_x]), S_in=np.array([model.s_in]))
+    mpc.setup()
+
+    sim = do_mpc.simulator.Simulator(m)
+    sim.settings.t_step = 1.0
+    sim.settings.integration_tool = "cvodes"
+    sim.settings.abstol = 1e-10
+    sim.settings.reltol = 1e-10
+    p_template = sim.get_p_template()
+
+    def p_fun(t_now: float) -> Any:
+        p_template["Y_x"] = model.y_x
+        p_template["S_in"] = model.s_in
+        return p_template
+
+    sim.set_p_fun(p_fun)
+    sim.setup()
+    x0 = np.array(DOMPC_X0).reshape(-1, 1)
+    mpc.x0 = x0
+    sim.x0 = x0
+    mpc.set_initial_guess()
+    return mpc, sim
+
+
+def bench_dompc_batch(steps: int = 150, *, with_peer: bool = True) -> dict[str, Any]:
+    """Closed loops of problem A with our MPC and do-mpc, interleaved step by step."""
+    model = DompcBatchModel()
+    config = load_mpc_config(CONFIG_DIR / "mpc_dompc_batch.toml")
+    ours = NonlinearMPC(model, config)
+    plant = _cvodes_plant(model)
+    peer = _dompc_peer(model) if with_peer else None
+    x = np.array(DOMPC_X0, dtype=float)
+    u_prev = np.zeros(1)
+    ours_t: list[float] = []
+    ours_it: list[int] = []
+    ours_u: list[float] = []
+    peer_t: list[float] = []
+    peer_u: list[float] = []
+    x_peer = np.array(DOMPC_X0, dtype=float).reshape(-1, 1)
+    for k in range(steps):
+        t0 = time.perf_counter()
+        res = ours.step(x, float(k), u_prev)
+        ours_t.append(time.perf_counter() - t0)
+        ours_it.append(res.iterations)
+        if not res.success:  # unreachable with on_failure = "raise"; kept for clarity
+            raise SolverFailedError(f"dompc-batch step {k}: {res.status}", res.status)
+        u_prev = np.array([res.u["feed"]])
+        ours_u.append(float(u_prev[0]))
+        x = np.asarray(plant(x0=x, p=u_prev)["xf"], dtype=float).reshape(-1)
+        if peer is not None:
+            mpc, sim = peer
+            t0 = time.perf_counter()
+            u_peer = mpc.make_step(x_peer)
+            peer_t.append(time.perf_counter() - t0)
+            status = str(mpc.solver_stats.get("return_status", ""))
+            if not mpc.solver_stats.get("success", False):
+                log.warning("do-mpc step %d: %s", k, status)
+            peer_u.append(float(np.asarray(u_peer).reshape(-1)[0]))
+            x_peer = sim.make_step(u_peer)
+    first = np.array(ours_u[:5])
+    out: dict[str, Any] = {
+        "problem": "dompc-batch",
+        "steps": steps,
+        "ours_median_s": statistics.median(ours_t),
+        "ours_p95_s": float(np.percentile(ours_t, 95)),
+        "ours_iterations_median": statistics.median(ours_it),
+        "ours_variables": ours.n_variables,
+        "ours_first_inputs": first.tolist(),
+        "ours_final_state": x.tolist(),
+        "documented_fingerprint": DOMPC_FINGERPRINT,
+        "fingerprint_vs_documented_max_abs_err": float(
+            np.max(np.abs(first - DOMPC_FINGERPRINT["first_inputs"][: first.size]))
+        ),
+        "transcription": (
+            f"multiple shooting, RK4 x{config.integrator_substeps} per step "
+            "(peer: Radau collocation degree 2, 2 elements per step)"
+        ),
+    }
+    if peer is not None:
+        pf = np.array(peer_u[:5])
+        mpc = peer[0]
+        out.update(
+            {
+                "peer": "do-mpc " + _version("do_mpc"),
+                "peer_median_s": statistics.median(peer_t),
+                "peer_p95_s": float(np.percentile(peer_t, 95)),
+                "peer_variables": int(mpc._opt_x_num.cat.shape[0]),
+                "peer_first_inputs": pf.tolist(),
+                "peer_final_state": np.asarray(x_peer, dtype=float).reshape(-1).tolist(),
+                "speedup": statistics.median(peer_t) / statistics.median(ours_t),
+                "fingerprint_max_abs_err": float(np.max(np.abs(first - pf))),
+                "final_state_max_abs_err": float(
+                    np.max(np.abs(x - np.asarray(x_peer, dtype=float).reshape(-1)))
+                ),
+            }
+        )
+    return out
+
+
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module.replace("_", "-"))
+    except Exception:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------- problem B
+
+
+class GPCorrectedTCellModel:
+    """The T-cell model with a GP residual added to its growth rate (hybrid model).
+
+    Until ``plant_models`` offers a ``HybridModel``, this is the benchmark's hybrid model:
+    ``growth_rate = mechanistic growth_rate + GP mean(features)``; ``residual_std()`` gives
+    the GP standard deviation for constraint tightening (zero order, never in the NLP).
+    Any object with ``to_casadi(variance=...)`` returning ``features -> (mean[, variance])``
+    (for example :class:`plant_models.gp.GPResidual`) plugs in.
+    """
+
+    residual_names = ("growth_rate",)
+
+    def __init__(self, base: TCellExpansionModel, gp: Any, features: Sequence[str]) -> None:
+        self.base = base
+        self.name = f"{base.name}_hybrid"
+        self.gp = gp
+        self.features = tuple(features)
+        self.state_names = base.state_names
+        self.input_names = base.input_names
+        self.rate_names = base.rate_names
+        self.parameters = base.parameters
+        self._mean = gp.to_casadi("gp_mean", variance=False)
+        self._var = gp.to_casadi("gp_var", variance=True)
+
+    def _feature_vector(self, x: Any) -> Any:
+        return ca.vertcat(*[x[self.state_names.index(f)] for f in self.features])
+
+    def balances(
+        self, t: Any, x: Sequence[Any], u: Sequence[Any], r: Mapping[str, Any], p: Any, ops: Any
+    ) -> list[Any]:
+        return self.base.balances(t, x, u, r, p, ops)
+
+    def input_bounds(self) -> tuple[FloatArray, FloatArray]:
+        return self.base.input_bounds()
+
+    def dynamics(self) -> ca.Function:
+        t = ca.MX.sym("t")
+        x = ca.MX.sym("x", self.base.nx)
+        u = ca.MX.sym("u", self.base.nu)
+        xs = [x[i] for i in range(self.base.nx)]
+        us = [u[i] for i in range(self.base.nu)]
+        p = self.base.parameters
+        r = dict(self.base.rates(t, xs, us, p, CASADI_OPS))
+        r["growth_rate"] = r["growth_rate"] + self._mean(self._feature_vector(x))
+        xdot = ca.vertcat(*self.base.balances(t, xs, us, r, p, CASADI_OPS))
+        rv = ca.vertcat(*[r[k] for k in self.rate_names])
+        return ca.Function(
+            f"{self.name}_dynamics", [t, x, u], [xdot, rv], ["t", "x", "u"], ["xdot", "rates"]
+        )
+
+    def base_dynamics(self) -> ca.Function:
+        """The mechanistic part alone."""
+        return self.base.dynamics()
+
+    def residual_mean(self) -> ca.Function:
+        t = ca.MX.sym("t")
+        x = ca.MX.sym("x", self.base.nx)
+        u = ca.MX.sym("u", self.base.nu)
+        mean = self._mean(self._feature_vector(x))
+        return ca.Function("gp_mean", [t, x, u], [mean], ["t", "x", "u"], ["mean"])
+
+    def residual_std(self) -> ca.Function:
+        t = ca.MX.sym("t")
+        x = ca.MX.sym("x", self.base.nx)
+        u = ca.MX.sym("u", self.base.nu)
+        _, var = self._var(self._feature_vector(x))
+        return ca.Function(
+            "gp_std", [t, x, u], [ca.sqrt(ca.fmax(var, 0.0))], ["t", "x", "u"], ["std"]
+        )
+
+
+GP_FEATURES = ("glucose", "lactate", "il2")
+
+
+def growth_residual_data(n_points: int, seed: int = 0) -> tuple[FloatArray, FloatArray]:
+    """Training data of the growth-rate residual (truth minus nominal model) from simulated
+    batches of seeded virtual patients under the rule controller with perturbed moves.
+
+    Returns X (n, 3) of GP_FEATURES and y (n,) in 1/h.
+    """
+    proc = load_tcell_process()[0]
+    nominal = TCellExpansionModel(load_tcell_parameters()[0], proc)
+    spec = load_cohort_spec()[0]
+    rng = np.random.default_rng(seed)
+    xs: list[FloatArray] = []
+    ys: list[float] = []
+    batch = 0
+    while len(ys) < 2 * n_points:
+        plant = VirtualBioreactor.tcell(VirtualPatient.draw(1000 + batch, spec), seed=batch)
+        rule = RuleController("tcell", cell_specific_perfusion=float(rng.uniform(0.03, 0.15)))
+        limiter = default_limiter(plant)
+        inputs = {n: plant.bounds[n][0] for n in plant.model.input_names}
+        measurements = plant.initial_measurements()
+        for _ in range(int(proc.harvest_time)):
+            proposed = rule.step(plant.time_h, measurements, inputs)
+            inputs = limiter.apply(proposed, inputs, 1.0)
+            u = plant.model.input_vector(inputs)
+            truth = plant.model.rates_numpy(plant.time_h, plant.state, u)
+            model = nominal.rates_numpy(plant.time_h, plant.state, u)
+            names = plant.model.state_names
+            xs.append(np.array([plant.state[names.index(f)] for f in GP_FEATURES]))
+            ys.append(truth["growth_rate"] - model["growth_rate"])
+            measurements = plant.step(inputs, 1.0)
+        batch += 1
+    idx = rng.choice(len(ys), size=n_points, replace=False)
+    return np.array(xs)[idx], np.array(ys)[idx]
+
+
+def _fit_gp(n_points: int, *, sparse: bool, seed: int) -> Any:
+    try:
+        from plant_models.gp import GPResidual
+    except ImportError as exc:
+        raise ConfigError(f"bench hybrid-atmp needs plant_models.gp.GPResidual ({exc}).") from exc
+    x, y = growth_residual_data(n_points, seed=seed)
+    gp = GPResidual(
+        GP_FEATURES,
+        ("mM", "mM", "IU/mL"),
+        "growth_rate_residual",
+        "1/h",
+        sparse=sparse,
+        n_inducing=min(64, n_points),
+        training_iterations=60,
+        seed=seed,
+        max_points=max(2000, n_points),
+    )
+    return gp.fit(x, y)
+
+
+def bench_hybrid_atmp(
+    gp_points: int,
+    *,
+    variance: bool,
+    steps: int = 48,
+    sparse: bool = True,
+    seed: int = 0,
+    start_h: float = 72.0,
+    residual: str | None = None,
+    config_path: Path | None = None,
+) -> dict[str, Any]:
+    """Problem B: hourly T-cell MPC with and without a GP residual, interleaved per step.
+
+    The nominal patient's batch runs on the recipe until ``start_h``, then both MPCs are
+    stepped ``steps`` times from the same true state (the plant follows the hybrid MPC).
+    ``residual`` overrides the tuning's residual mode (``exact`` or ``linearized``).
+    """
+    proc = load_tcell_process()[0]
+    base = TCellExpansionModel(load_tcell_parameters()[0], proc)
+    path = config_path or CONFIG_DIR / "mpc_tcell_hourly.toml"
+    config: MPCConfig = with_process_limits(load_mpc_config(path), proc, base.operating_bounds())
+    if not variance:
+        config = dataclasses.replace(config, kappa=0.0)
+    if residual is not None:
+        config = dataclasses.replace(config, residual=residual)
+    t_fit = time.perf_counter()
+    gp = _fit_gp(gp_points, sparse=sparse, seed=seed)
+    fit_s = time.perf_counter() - t_fit
+    hybrid = GPCorrectedTCellModel(base, gp, GP_FEATURES)
+    t_build = time.perf_counter()
+    mpc_gp = NonlinearMPC(hybrid, config)
+    build_s = time.perf_counter() - t_build
+    mpc_mech = NonlinearMPC(base, config)
+    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    limiter = default_limiter(plant)
+    # the recipe brings the culture to the growth phase, where the inputs matter
+    recipe = make_baseline("recipe", "tcell")
+    u_gp = {n: plant.bounds[n][0] for n in plant.model.input_names}
+    while plant.time_h < start_h - 1e-9:
+        u_gp = limiter.apply(recipe.step(plant.time_h, [], u_gp), u_gp, 1.0)
+        plant.step(u_gp, 1.0)
+    x = plant.state.copy()
+    u_mech = dict(u_gp)
+    t_gp: list[float] = []
+    t_mech: list[float] = []
+    it_gp: list[int] = []
+    failures = 0
+    for _ in range(steps):
+        t = plant.time_h
+        t0 = time.perf_counter()
+        r_gp = mpc_gp.step(x, t, u_gp)
+        t_gp.append(time.perf_counter() - t0)
+        it_gp.append(r_gp.iterations)
+        t0 = time.perf_counter()
+        r_mech = mpc_mech.step(x, t, u_mech)
+        t_mech.append(time.perf_counter() - t0)
+        failures += int(not r_gp.success)
+        u_gp = limiter.apply(r_gp.u, u_gp, 1.0)
+        u_mech = limiter.apply(r_mech.u, u_mech, 1.0)
+        plant.step(u_gp, 1.0)
+        x = plant.state.copy()
+    med, mech = statistics.median(t_gp), statistics.median(t_mech)
+    return {
+        "problem": "hybrid-atmp",
+        "gp_points": gp_points,
+        "gp_kind": "sparse" if sparse else "exact",
+        "gp_basis": int(gp.n_basis_),
+        "variance": variance,
+        "kappa": config.kappa,
+        "residual": config.residual,
+        "start_h": start_h,
+        "steps": steps,
+        "horizon": config.horizon,
+        "step_h": config.step_h,
+        "median_s": med,
+        "p95_s": float(np.percentile(t_gp, 95)),
+        "iterations_median": statistics.median(it_gp),
+        "failures": failures,
+        "mechanistic_median_s": mech,
+        "gp_overhead_ratio": med / mech,
+        "gp_fit_s": fit_s,
+        "nlp_build_s": build_s,
+        "variables": mpc_gp.n_variables,
+    }
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def add_bench_mpc(bench_subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``mpc`` to the sub-commands of ``hmpc-sim bench``."""
+    p = bench_subparsers.add_parser("mpc", help="time the nonlinear MPC (vs do-mpc, GP sizes)")
+    p.add_argument("--problem", choices=("dompc-batch", "hybrid-atmp"), required=True)
+    p.add_argument("--json", type=Path, required=True, help="write the figures here")
+    p.add_argument("--steps", type=int, default=None, help="closed-loop steps (150 / 48)")
+    p.add_argument("--gp-points", type=int, default=300, help="GP training points N")
+    p.add_argument("--variance", action="store_true", help="variance-aware tightening")
+    p.add_argument("--exact-gp", action="store_true", help="exact GP instead of sparse")
+    p.add_argument("--no-peer", action="store_true", help="dompc-batch: skip do-mpc")
+    p.add_argument("--seed", type=int, default=0, help="seed of the GP training data")
+    p.add_argument(
+        "--residual",
+        choices=("exact", "linearized"),
+        default=None,
+        help="hybrid-atmp: GP mean exactly in the NLP or linearised about the last plan",
+    )
+    p.add_argument(
+        "--start-hours", type=float, default=72.0, help="hybrid-atmp: recipe until this age"
+    )
+    p.set_defaults(func=cmd_bench_mpc)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """EXTRA_COMMANDS hook: add ``bench`` (if nobody has) and ``bench mpc``."""
+    bench = subparsers.choices.get("bench")
+    if bench is None:
+        bench = subparsers.add_parser("bench", help="benchmarks")
+    bench_sub = next(
+        (a for a in bench._actions if isinstance(a, argparse._SubParsersAction)),
+        None,
+    )
+    if bench_sub is None:
+        bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    add_bench_mpc(bench_sub)
+
+
+def cmd_bench_mpc(args: argparse.Namespace) -> int:
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {args.steps}")
+    if args.gp_points < 10:
+        raise ConfigError(f"--gp-points must be at least 10, got {args.gp_points}")
+    try:
+        if args.problem == "dompc-batch":
+            out = bench_dompc_batch(args.steps or 150, with_peer=not args.no_peer)
+        else:
+            out = bench_hybrid_atmp(
+                args.gp_points,
+                variance=args.variance,
+                steps=args.steps or 48,
+                sparse=not args.exact_gp,
+                seed=args.seed,
+                start_h=args.start_hours,
+                residual=args.residual,
+            )
+    except HmpcError:
+        raise
+    out["machine"] = {"python": platform.python_version(), "casadi": _version("casadi")}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    keys = [
+        k
+        for k in (
+            "ours_median_s",
+            "peer_median_s",
+            "speedup",
+            "fingerprint_max_abs_err",
+            "median_s",
+            "mechanistic_median_s",
+            "gp_overhead_ratio",
+        )
+        if k in out
+    ]
+    print(", ".join(f"{k} {out[k]:.4g}" for k in keys))
+    print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,235 @@
+"""Closed-loop tests of the MPC controllers (sim/mpc_controllers.py) and the benchmark
+command (sim/bench_mpc.py), with the real solver and the virtual plant."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import casadi as ca
+import numpy as np
+import pytest
+
+from controller.mpc import NonlinearMPC
+from controller.mpc_config import load_mpc_config, with_process_limits
+from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
+from sim.bench_mpc import (
+    CONFIG_DIR,
+    DOMPC_FINGERPRINT,
+    GP_FEATURES,
+    GPCorrectedTCellModel,
+    add_bench_mpc,
+    bench_dompc_batch,
+    register,
+)
+from sim.closed_loop import run_closed_loop, summarize
+from sim.mpc_controllers import ModelObserver, make_mpc_controller, mpc_statistics
+from sim.patients import VirtualPatient
+from sim.plant import VirtualBioreactor
+
+
+def test_mechanistic_mpc_reaches_the_dose_on_the_nominal_patient() -> None:
+    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    controller = make_mpc_controller("mechanistic-mpc", plant)
+    days = plant.process.harvest_time / 24.0
+    df = run_closed_loop(plant, controller, days=days)
+    s = summarize(df, plant)
+    stats = mpc_statistics(controller)
+    assert s["dose_reached_by_harvest"]
+    assert s["hard_constraint_violations"] == 0
+    assert s["plant_clamped_inputs"] == 0
+    assert s["final_viability"] > 0.75
+    assert stats["mpc_steps"] == len(df) - 1
+    assert stats["mpc_failures"] <= 2
+    # the economic objective uses far less media than the fixed recipe (12.5 L)
+    assert s["media_used"] < 8.0
+
+
+@pytest.mark.parametrize("kind", ["tcell", "cho"])
+@pytest.mark.parametrize("name", ["oracle", "mechanistic-mpc"])
+def test_controllers_run_on_both_models(kind: str, name: str) -> None:
+    patient = VirtualPatient.nominal()
+    plant = VirtualBioreactor.tcell(patient) if kind == "tcell" else VirtualBioreactor.cho(patient)
+    controller = make_mpc_controller(name, plant)
+    df = run_closed_loop(plant, controller, days=0.25)
+    assert controller.name == name
+    assert len(controller.results) == 6
+    assert all(r.success for r in controller.results)
+    assert df["hard_violation"].sum() == 0
+    for r in controller.results:
+        for n, (low, high) in plant.bounds.items():
+            assert low <= r.u[n] <= high
+
+
+def test_unknown_controller_name() -> None:
+    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    with pytest.raises(ValueError, match="mechanistic-mpc"):
+        make_mpc_controller("hybrid-mp", plant)
+
+
+def test_observer_follows_the_truth_under_the_recipe() -> None:
+    from sim.baselines import make_baseline
+
+    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    recipe = make_baseline("recipe", "tcell")
+    from plant_models.tcell import TCellExpansionModel, load_tcell_parameters
+
+    model = TCellExpansionModel(load_tcell_parameters()[0], plant.process)  # type: ignore[arg-type]
+    observer = ModelObserver(model, model.state_vector(model.initial_state()))
+    inputs = {n: 0.0 for n in model.input_names}
+    measurements = plant.initial_measurements()
+    for _ in range(96):
+        x = observer.update(plant.time_h, measurements, inputs)
+        inputs = recipe.step(plant.time_h, measurements, inputs)
+        measurements = plant.step(inputs, 1.0)
+    x = observer.update(plant.time_h, measurements, inputs)
+    names = model.state_names
+    truth = plant.state
+    for name, rel in (
+        ("viable_cells", 0.1),
+        ("glucose", 0.05),
+        ("inhibitor", 0.1),
+        ("volume", 1e-6),
+    ):
+        i = names.index(name)
+        assert x[i] == pytest.approx(truth[i], rel=rel)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_dompc_batch_matches_the_peers_fingerprint() -> None:
+    out = bench_dompc_batch(steps=5, with_peer=False)
+    assert out["fingerprint_vs_documented_max_abs_err"] < 1e-4
+    assert np.allclose(out["ours_first_inputs"], DOMPC_FINGERPRINT["first_inputs"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_dompc_batch_full_closed_loop_final_state() -> None:
+    out = bench_dompc_batch(steps=150, with_peer=False)
+    assert np.allclose(
+        out["ours_final_state"], DOMPC_FINGERPRINT["final_state"], atol=1e-4, rtol=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_dompc_batch_against_do_mpc_itself() -> None:
+    if importlib.util.find_spec("do_mpc") is None:
+        pytest.skip("do-mpc (extra 'bench') is not installed")
+    out = bench_dompc_batch(steps=10, with_peer=True)
+    assert out["fingerprint_max_abs_err"] < 1e-4
+    assert out["speedup"] > 0
+
+
+def test_bench_command_registers_next_to_other_bench_commands(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="hmpc-sim")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # another module already added "bench" with its own sub-command
+    other = sub.add_parser("bench").add_subparsers(dest="bench_command", required=True)
+    other.add_parser("campaign")
+    register(sub)
+    args = parser.parse_args(
+        ["bench", "mpc", "--problem", "dompc-batch", "--json", str(tmp_path / "o.json")]
+    )
+    assert args.problem == "dompc-batch" and callable(args.func)
+    # and on a parser without "bench" it adds it
+    parser2 = argparse.ArgumentParser(prog="hmpc-sim")
+    sub2 = parser2.add_subparsers(dest="command", required=True)
+    register(sub2)
+    args2 = parser2.parse_args(
+        [
+            "bench",
+            "mpc",
+            "--problem",
+            "hybrid-atmp",
+            "--gp-points",
+            "100",
+            "--variance",
+            "--json",
+            "x.json",
+        ]
+    )
+    assert args2.gp_points == 100 and args2.variance
+    # add_bench_mpc works on any bench sub-parser set
+    parser3 = argparse.ArgumentParser()
+    add_bench_mpc(parser3.add_subparsers())
+
+
+def test_bench_command_writes_json(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="hmpc-sim")
+    register(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(
+        [
+            "bench",
+            "mpc",
+            "--problem",
+            "dompc-batch",
+            "--no-peer",
+            "--steps",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
+    assert args.func(args) == 0
+    data = json.loads(out.read_text())
+    assert data["problem"] == "dompc-batch" and data["steps"] == 3
+    assert data["ours_median_s"] > 0
+
+
+# ----------------------------------------------------------------------------- hybrid model
+
+
+class AnalyticResidual:
+    """A smooth, known growth-rate residual with the GPResidual export interface."""
+
+    def to_casadi(self, name: str = "gp_residual", *, variance: bool = True) -> ca.Function:
+        z = ca.MX.sym("features", 3)
+        mean = 0.006 * ca.tanh((z[1] - 10.0) / 10.0) - 0.002 * z[0] / (5.0 + z[0])
+        outs = [mean, ca.MX(1e-5)] if variance else [mean]
+        names = ["mean", "variance"] if variance else ["mean"]
+        return ca.Function(name, [z], outs, ["features"], names)
+
+
+def hybrid_mpc(residual: str, kappa: float) -> tuple[NonlinearMPC, np.ndarray]:
+    proc = load_tcell_process()[0]
+    base = TCellExpansionModel(load_tcell_parameters()[0], proc)
+    model = GPCorrectedTCellModel(base, AnalyticResidual(), GP_FEATURES)
+    cfg = with_process_limits(
+        load_mpc_config(CONFIG_DIR / "mpc_tcell_hourly.toml"), proc, base.operating_bounds()
+    )
+    cfg = dataclasses.replace(cfg, residual=residual, kappa=kappa, horizon=16, step_h=3.0)
+    values = base.initial_state()
+    values.update(viable_cells=6.0, lactate=14.0, glucose=9.0, inhibitor=300.0)
+    return NonlinearMPC(model, cfg), base.state_vector(values)
+
+
+def test_linearized_residual_converges_to_the_exact_hybrid_solution() -> None:
+    u0 = {"perfusion_rate": 2.0, "glucose_feed": 0.0, "il2_addition": 0.0}
+    exact, x = hybrid_mpc("exact", 0.0)
+    lin, _ = hybrid_mpc("linearized", 0.0)
+    ref = exact.step(x, 120.0, u0)
+    assert ref.success
+    moves = []
+    for _ in range(4):  # same state and time: each solve re-linearises about the last plan
+        res = lin.step(x, 120.0, u0)
+        assert res.success
+        moves.append(np.array([res.u[n] for n in res.input_names]))
+    target = np.array([ref.u[n] for n in ref.input_names])
+    assert np.allclose(moves[-1], target, rtol=1e-3, atol=1e-4)
+    assert np.allclose(
+        lin.simulate(x, 120.0, res.predicted_inputs), ref.predicted_states, rtol=0.05
+    )
+
+
+def test_hybrid_std_is_reported_and_tightens() -> None:
+    mpc, x = hybrid_mpc("exact", 2.0)
+    res = mpc.step(x, 120.0, {"perfusion_rate": 2.0, "glucose_feed": 0.0, "il2_addition": 0.0})
+    assert res.success
+    assert res.residual_names == ("growth_rate",)
+    assert np.allclose(res.predicted_std, np.sqrt(1e-5))
+    assert res.predicted_state_std[-1, list(res.state_names).index("viable_cells")] > 0
