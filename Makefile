@@ -16,6 +16,7 @@ $(BIN)/activate:
 $(VENV)/.installed: pyproject.toml $(BIN)/activate
 	$(BIN)/pip install "torch==2.13.*"
 	$(BIN)/pip install -e ".[dev,bench]"
+	bash sim/opcua/setup_nodesets.sh
 	touch $@
 
 setup: $(VENV)/.installed

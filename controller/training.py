@@ -101,8 +101,8 @@ def _assay_series(record: BatchRecord, name: str, times: FloatArray, default: fl
     sel = record.assays[record.assays["name"] == name]
     if len(sel) == 0:
         return np.full(times.shape, default)
-    sel = sel.groupby("sample_time", as_index=False)["value"].mean().sort_values("sample_time")
-    return np.interp(times, sel["sample_time"].to_numpy(float), sel["value"].to_numpy(float))
+    means = sel.groupby("sample_time")["value"].mean().sort_index()  # duplicates averaged
+    return np.interp(times, means.index.to_numpy(float), means.to_numpy(float))
 
 
 def reconstruct_states(record: BatchRecord, model: MechanisticModel[object]) -> FloatArray:

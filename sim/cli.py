@@ -136,8 +136,16 @@ BENCHMARKS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]],
 ]
 
 
+def _serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.opcua.cli import register
+
+    register(sub)
+
+
 #: Other modules add sub-commands here: callables that take the sub-parsers object.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _serve,
+]
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

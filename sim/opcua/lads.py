@@ -1,0 +1,382 @@
+"""Information models: the official NodeSets (DI, AMB, IA, Machinery, LADS) imported from the
+npm package ``node-opcua-nodesets`` (``sim/opcua/setup_nodesets.sh``), or, when they are not
+installed, a hand-built subset with the same namespace URIs, type NodeIds and BrowseNames.
+
+Instances are built node by node (no ``instantiate()``, which omits inherited mandatory
+children) with deterministic string NodeIds in the simulator namespace
+``urn:hmpc:sim`` and explicit DisplayNames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from asyncua import Server, ua
+
+from plant_models.errors import ConfigError
+
+__all__ = [
+    "AM_URI",
+    "DI_URI",
+    "HMPC_URI",
+    "LADS_URI",
+    "Namespaces",
+    "NodeBuilder",
+    "find_nodesets_dir",
+    "load_models",
+    "nodeid",
+    "status",
+]
+
+log = logging.getLogger(__name__)
+
+UA_URI = "http://opcfoundation.org/UA/"
+DI_URI = "http://opcfoundation.org/UA/DI/"
+AMB_URI = "http://opcfoundation.org/UA/AMB/"
+IA_URI = "http://opcfoundation.org/UA/IA/"
+MACHINERY_URI = "http://opcfoundation.org/UA/Machinery/"
+LADS_URI = "http://opcfoundation.org/UA/LADS/"
+AM_URI = "http://opcfoundation.org/UA/AdditiveManufacturing/"
+JOBS_URI = "http://opcfoundation.org/UA/Machinery/Jobs/"
+HMPC_URI = "urn:hmpc:sim"
+
+#: Files imported, in dependency order.
+NODESET_FILES = (
+    "Opc.Ua.Di.NodeSet2.xml",
+    "Opc.Ua.AMB.NodeSet2.xml",
+    "Opc.Ua.IA.NodeSet2.xml",
+    "Opc.Ua.Machinery.NodeSet2.xml",
+    "Opc.Ua.LADS.NodeSet2.xml",
+)
+
+#: Type NodeIds (numeric, in their namespace) of the official NodeSets used by the instances.
+DI_DEVICE_SET = 5001
+LADS_TYPES = {
+    "LADSDeviceType": 1002,
+    "FunctionalUnitType": 1003,
+    "ProgramManagerType": 1006,
+    "AnalogControlFunctionType": 1009,
+    "AnalogControlFunctionWithTotalizerType": 1014,
+    "AnalogScalarSensorFunctionType": 1016,
+    "FunctionalUnitSetType": 1023,
+    "FunctionSetType": 1026,
+}
+
+_DESIGN_TOOL_ONLY = re.compile(
+    r'<UA(Object|Variable)\b[^>]*DesignToolOnly="true"[^>]*>.*?</UA\1>', re.DOTALL
+)
+
+
+def nodeid(ident: int | str, ns: int = 0) -> ua.NodeId:
+    """A NodeId from plain Python values (asyncua's annotations want its NewTypes)."""
+    if isinstance(ident, str):
+        return ua.NodeId(ua.String(ident), ua.Int16(ns))
+    return ua.NodeId(ua.Int32(ident), ua.Int16(ns))
+
+
+def status(code: int) -> ua.StatusCode:
+    return ua.StatusCode(ua.UInt32(code))
+
+
+def find_nodesets_dir(explicit: Path | None = None) -> Path | None:
+    """The ``nodesets/`` folder of node-opcua-nodesets: ``explicit``, else
+    ``$HMPC_NODESETS_DIR``, else ``<repo>/build/opcua/node_modules/...`` if present."""
+    candidates = []
+    if explicit is not None:
+        candidates.append(explicit)
+    elif os.environ.get("HMPC_NODESETS_DIR"):
+        candidates.append(Path(os.environ["HMPC_NODESETS_DIR"]))
+    else:
+        root = Path(__file__).resolve().parents[2]
+        candidates.append(root / "build/opcua/node_modules/node-opcua-nodesets/nodesets")
+    for path in candidates:
+        if all((path / f).is_file() for f in NODESET_FILES):
+            return path
+    if explicit is not None:
+        raise ConfigError(
+            f"{explicit}: the NodeSets {', '.join(NODESET_FILES)} are not all there; "
+            "run sim/opcua/setup_nodesets.sh"
+        )
+    return None
+
+
+def _patched(text: str) -> str:
+    """The importer fixes of docs/opcua.md: LADS spells the encoding "Default JSON" (asyncua
+    expects "Default Json"); DI 1.05 has DesignToolOnly nodes without a parent, which the
+    importer refuses."""
+    text = _DESIGN_TOOL_ONLY.sub("", text)
+    return text.replace("Default JSON", "Default Json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Namespaces:
+    """Namespace indexes of this server (never cache them in a client: resolve by URI)."""
+
+    di: int
+    lads: int
+    hmpc: int
+    official: bool
+
+    def lads_type(self, name: str) -> ua.NodeId:
+        return nodeid(LADS_TYPES[name], self.lads)
+
+
+async def load_models(server: Server, nodesets: Path | None, *, hand_built: bool) -> Namespaces:
+    """Import the official NodeSets, or build the subset by hand (``hand_built`` or when no
+    NodeSets are found)."""
+    if not hand_built and nodesets is not None:
+        # the importer logs every reference it repairs (hundreds of lines for DI/LADS);
+        # keep its errors only
+        importer_log = logging.getLogger("asyncua.common.xmlimporter")
+        level = importer_log.level
+        importer_log.setLevel(logging.ERROR)
+        try:
+            for name in NODESET_FILES:
+                text = _patched((nodesets / name).read_text(encoding="utf-8"))
+                await server.import_xml(xmlstring=text)
+        finally:
+            importer_log.setLevel(level)
+        official = True
+        log.info("imported the official NodeSets from %s", nodesets)
+    else:
+        if not hand_built:
+            log.warning(
+                "official NodeSets not installed (sim/opcua/setup_nodesets.sh): using the "
+                "hand-built LADS subset with the official URIs, type NodeIds and BrowseNames"
+            )
+        await _hand_built_types(server)
+        official = False
+    di = await server.get_namespace_index(DI_URI)
+    lads = await server.get_namespace_index(LADS_URI)
+    hmpc = await server.register_namespace(HMPC_URI)
+    return Namespaces(di=di, lads=lads, hmpc=hmpc, official=official)
+
+
+async def _hand_built_types(server: Server) -> None:
+    di = await server.register_namespace(DI_URI)
+    for uri in (AMB_URI, IA_URI, MACHINERY_URI):
+        await server.register_namespace(uri)
+    lads = await server.register_namespace(LADS_URI)
+    base = server.get_node(nodeid(ua.ObjectIds.BaseObjectType))
+    await base.add_object_type(nodeid(1001, di), ua.QualifiedName("TopologyElementType", di))
+    for name, ident in LADS_TYPES.items():
+        await base.add_object_type(nodeid(ident, lads), ua.QualifiedName(name, lads))
+    objects = server.nodes.objects
+    await objects.add_object(nodeid(DI_DEVICE_SET, di), ua.QualifiedName("DeviceSet", di))
+
+
+def _unece_id(code: str) -> int:
+    """UNECE Rec. 20 common code -> OPC UA UnitId (Part 8)."""
+    ident = 0
+    for ch in code:
+        ident = (ident << 8) | ord(ch)
+    return ident
+
+
+#: Canonical unit -> (UNECE code or "" for none, description).
+UNITS: dict[str, tuple[str, str]] = {
+    "mM": ("M33", "millimole per litre"),
+    "h": ("HUR", "hour"),
+    "L": ("LTR", "litre"),
+    "mL": ("MLT", "millilitre"),
+    "1": ("C62", "one (dimensionless)"),
+    "1/d": ("", "per day (vessel volumes per day)"),
+    "mL/h": ("", "millilitre per hour"),
+    "kIU/h": ("", "thousand international units per hour"),
+    "kIU": ("", "thousand international units"),
+    "IU/mL": ("", "international units per millilitre"),
+    "1e6 cells/mL": ("", "million cells per millilitre"),
+    "1e9 cells/L": ("", "billion cells per litre"),
+    "1e9 cells": ("", "billion cells"),
+    "degC": ("CEL", "degree Celsius"),
+    "kPa": ("KPA", "kilopascal"),
+    "mJ/cm2": ("", "millijoule per square centimetre"),
+    "%": ("P1", "percent"),
+}
+
+
+def eu_information(unit: str) -> ua.EUInformation:
+    code, description = UNITS.get(unit, ("", unit))
+    return ua.EUInformation(
+        NamespaceUri="http://www.opcfoundation.org/UA/units/un/cefact",
+        UnitId=_unece_id(code) if code else -1,
+        DisplayName=ua.LocalizedText(unit if not code or unit != "1" else ""),
+        Description=ua.LocalizedText(description),
+    )
+
+
+class NodeBuilder:
+    """Adds nodes with explicit type definitions, DisplayNames and string NodeIds."""
+
+    def __init__(self, server: Server, ns: int) -> None:
+        self.server = server
+        self.ns = ns
+
+    def nid(self, path: str) -> ua.NodeId:
+        return nodeid(path, self.ns)
+
+    async def _add(self, item: ua.AddNodesItem) -> ua.NodeId:
+        result = (await self.server.iserver.isession.add_nodes([item]))[0]
+        if not result.StatusCode.is_good():
+            raise ConfigError(
+                f"adding node {item.RequestedNewNodeId} failed: {result.StatusCode.name}"
+            )
+        return item.RequestedNewNodeId
+
+    async def object(
+        self,
+        parent: ua.NodeId,
+        path: str,
+        browse_name: ua.QualifiedName,
+        typedef: ua.NodeId,
+        *,
+        reference: int = ua.ObjectIds.HasComponent,
+    ) -> ua.NodeId:
+        attrs = ua.ObjectAttributes()
+        attrs.DisplayName = ua.LocalizedText(browse_name.Name)
+        attrs.EventNotifier = 0
+        item = ua.AddNodesItem(
+            RequestedNewNodeId=self.nid(path),
+            BrowseName=browse_name,
+            NodeClass=ua.NodeClass.Object,
+            ParentNodeId=parent,
+            ReferenceTypeId=nodeid(reference),
+            TypeDefinition=typedef,
+            NodeAttributes=attrs,
+        )
+        return await self._add(item)
+
+    async def variable(
+        self,
+        parent: ua.NodeId,
+        path: str,
+        browse_name: ua.QualifiedName,
+        value: Any,
+        vtype: ua.VariantType,
+        *,
+        typedef: int = ua.ObjectIds.BaseDataVariableType,
+        reference: int = ua.ObjectIds.HasComponent,
+        writable: bool = False,
+        array: bool = False,
+        datatype: ua.NodeId | None = None,
+    ) -> ua.NodeId:
+        attrs = ua.VariableAttributes()
+        attrs.DisplayName = ua.LocalizedText(browse_name.Name)
+        attrs.Value = ua.Variant(value, vtype, is_array=array)
+        attrs.DataType = datatype if datatype is not None else _datatype(vtype)
+        attrs.ValueRank = ua.ValueRank.OneDimension if array else ua.ValueRank.Scalar
+        if array:
+            attrs.ArrayDimensions = [0]
+        level = ua.AccessLevel.CurrentRead.mask
+        if writable:
+            level |= ua.AccessLevel.CurrentWrite.mask
+        attrs.AccessLevel = level
+        attrs.UserAccessLevel = level
+        item = ua.AddNodesItem(
+            RequestedNewNodeId=self.nid(path),
+            BrowseName=browse_name,
+            NodeClass=ua.NodeClass.Variable,
+            ParentNodeId=parent,
+            ReferenceTypeId=nodeid(reference),
+            TypeDefinition=nodeid(typedef),
+            NodeAttributes=attrs,
+        )
+        return await self._add(item)
+
+    async def analog(
+        self,
+        parent: ua.NodeId,
+        path: str,
+        browse_name: ua.QualifiedName,
+        value: float,
+        unit: str,
+        low: float,
+        high: float,
+    ) -> ua.NodeId:
+        """An AnalogItemType Double with EngineeringUnits and EURange properties."""
+        node = await self.variable(
+            parent,
+            path,
+            browse_name,
+            value,
+            ua.VariantType.Double,
+            typedef=ua.ObjectIds.AnalogItemType,
+        )
+        await self.property(
+            node, f"{path}.EngineeringUnits", "EngineeringUnits", eu_information(unit)
+        )
+        await self.property(node, f"{path}.EURange", "EURange", ua.Range(Low=low, High=high))
+        return node
+
+    async def property(self, parent: ua.NodeId, path: str, name: str, value: Any) -> ua.NodeId:
+        vtype = _property_vtype(value)
+        return await self.variable(
+            parent,
+            path,
+            ua.QualifiedName(name, 0),
+            value,
+            vtype,
+            typedef=ua.ObjectIds.PropertyType,
+            reference=ua.ObjectIds.HasProperty,
+            datatype=_property_datatype(value),
+        )
+
+    async def method(
+        self,
+        parent: ua.NodeId,
+        path: str,
+        browse_name: ua.QualifiedName,
+        func: Any,
+        inputs: Sequence[ua.Argument],
+        outputs: Sequence[ua.Argument],
+    ) -> ua.NodeId:
+        node = await self.server.get_node(parent).add_method(
+            self.nid(path), browse_name, func, list(inputs), list(outputs)
+        )
+        return node.nodeid
+
+
+def argument(
+    name: str, vtype: ua.VariantType, description: str, *, array: bool = False
+) -> ua.Argument:
+    arg = ua.Argument()
+    arg.Name = name
+    arg.DataType = _datatype(vtype)
+    arg.ValueRank = ua.ValueRank.OneDimension if array else ua.ValueRank.Scalar
+    arg.ArrayDimensions = [0] if array else []
+    arg.Description = ua.LocalizedText(description)
+    return arg
+
+
+def _datatype(vtype: ua.VariantType) -> ua.NodeId:
+    if vtype is ua.VariantType.ExtensionObject:
+        return nodeid(ua.ObjectIds.Structure)
+    return nodeid(vtype.value)
+
+
+def _property_datatype(value: Any) -> ua.NodeId | None:
+    if isinstance(value, ua.EUInformation):
+        return nodeid(ua.ObjectIds.EUInformation)
+    if isinstance(value, ua.Range):
+        return nodeid(ua.ObjectIds.Range)
+    return None
+
+
+def _property_vtype(value: Any) -> ua.VariantType:
+    if isinstance(value, ua.EUInformation | ua.Range):
+        return ua.VariantType.ExtensionObject
+    if isinstance(value, bool):
+        return ua.VariantType.Boolean
+    if isinstance(value, float):
+        return ua.VariantType.Double
+    if isinstance(value, int):
+        return ua.VariantType.UInt32
+    if isinstance(value, ua.LocalizedText):
+        return ua.VariantType.LocalizedText
+    return ua.VariantType.String

@@ -1,0 +1,1267 @@
+"""OPC UA plant simulators: bioreactors (LADS) and a bioprinter (OPC 40540 subset), secure,
+with the plant-side APC handshake, on an accelerated process clock.
+
+Entry point: ``async with serve_simulators(config) as sims: ...`` (``hmpc-sim serve`` wraps
+it). The plant side (virtual bioreactors, APC logic, printer, faults) is plain Python; the
+servers publish it and route method calls into it.
+
+Who is calling: asyncua calls method handlers without the session. Each server replaces
+``InternalServer.create_session`` so sessions are :class:`_HmpcSession`, which sets the
+context variable :data:`sim.opcua.security.CALLING_USER` to the session's authenticated
+identity around every Call and Write; the handlers (awaited in the same task) read it.
+The same session class enforces the per-node write rules (Heartbeat: role ``apc`` only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from asyncua import Server, ua
+from asyncua.server.internal_session import InternalSession
+
+from plant_models.errors import ConfigError, PlantIOError
+from sim.opcua.apc import ApcInterface, ItemStatus, Mode, Role, default_apc_config
+from sim.opcua.clock import ProcessClock
+from sim.opcua.faults import Fault, FaultBook
+from sim.opcua.lads import (
+    DI_DEVICE_SET,
+    NodeBuilder,
+    argument,
+    find_nodesets_dir,
+    load_models,
+    nodeid,
+    status,
+)
+from sim.opcua.printer import JobOrder, PrinterSim, ReturnCode
+from sim.opcua.security import (
+    CALLING_USER,
+    SECURE_POLICIES,
+    FolderTrustList,
+    Identity,
+    RoleUserManager,
+    ensure_certificate,
+    load_users,
+)
+from sim.patients import VirtualPatient, load_cohort_spec
+from sim.plant import VirtualBioreactor
+from sim.sensors import Measurement
+
+__all__ = ["SimulatorConfig", "Simulators", "serve_simulators"]
+
+log = logging.getLogger(__name__)
+
+VT = ua.VariantType
+
+#: Process variable -> LADS function BrowseName stem.
+FUNCTION_NAMES = {
+    "viable_cells": "ViableCellDensity",
+    "viability": "Viability",
+    "glucose": "Glucose",
+    "lactate": "Lactate",
+    "il2": "IL2",
+    "glutamine": "Glutamine",
+    "ammonia": "Ammonia",
+    "perfusion_rate": "PerfusionPump",
+    "glucose_feed": "GlucoseFeedPump",
+    "il2_addition": "IL2Dosing",
+    "feed_rate": "FeedPump",
+}
+
+#: Input -> (unit of its rate, totalized unit, factor from rate*h*volume to the total).
+TOTALIZERS: dict[str, tuple[str, Callable[[float, float], float]]] = {
+    "perfusion_rate": ("L", lambda rate, volume: rate / 24.0 * volume),  # 1/d x L -> L/h
+    "glucose_feed": ("mL", lambda rate, volume: rate),  # mL/h
+    "il2_addition": ("kIU", lambda rate, volume: rate),  # kIU/h
+    "feed_rate": ("L", lambda rate, volume: rate),
+}
+
+
+def _camel(name: str) -> str:
+    return FUNCTION_NAMES.get(name) or "".join(p.capitalize() for p in name.split("_"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatorConfig:
+    """Settings of ``hmpc-sim serve``.
+
+    Attributes:
+        host, port: bioreactor server endpoint; the printer listens on ``printer_port``
+            (default ``port + 1``; 0 for none).
+        units: number of bioreactors (BR01, BR02, ...), unit ``i`` with patient seed
+            ``patient_seed + i`` (nominal patient when ``patient_seed`` is None).
+        speed: process hours per wall hour (3600: one process hour per second).
+        pki: folder of certificates, trust list and (default) users file.
+        dev_insecure: also offer SecurityPolicy None (development only).
+        heartbeat_timeout_s: wall seconds without a heartbeat change before shedding.
+        plant_step_h: process-time grid on which the plant is integrated.
+        nodesets: node-opcua-nodesets folder (default: auto-detected); ``hand_built``
+            forces the hand-built subset.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 4840
+    printer_port: int | None = None
+    units: int = 1
+    speed: float = 1.0
+    patient_seed: int | None = None
+    sensor_seed: int = 0
+    model: str = "tcell"
+    pki: Path = Path("pki")
+    users_file: Path | None = None
+    dev_insecure: bool = False
+    heartbeat_timeout_s: float = 10.0
+    plant_step_h: float = 0.1
+    tick_s: float = 0.05
+    nodesets: Path | None = None
+    hand_built: bool = False
+    faults: tuple[Fault, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.units <= 99:
+            raise ConfigError(f"--units must be in 1..99, got {self.units}")
+        if self.model not in ("tcell", "cho"):
+            raise ConfigError(f"--model {self.model!r}; expected tcell or cho")
+        for name in ("speed", "heartbeat_timeout_s", "plant_step_h", "tick_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be positive, got {value!r}")
+
+    @property
+    def printer_endpoint_port(self) -> int:
+        return self.port + 1 if self.printer_port is None else self.printer_port
+
+    @property
+    def users_path(self) -> Path:
+        return self.users_file if self.users_file is not None else self.pki / "users.toml"
+
+
+# -- plant side ---------------------------------------------------------------------------------
+class BioreactorUnit:
+    """One virtual bioreactor with its APC interface (no OPC UA here)."""
+
+    def __init__(self, name: str, plant: VirtualBioreactor, apc: ApcInterface) -> None:
+        self.name = name
+        self.plant = plant
+        self.apc = apc
+        self.batch_id = f"{name}-{plant.patient.patient_id}"
+        self.state = "Running"
+        self.latest: dict[tuple[str, str], Measurement] = {}
+        self.totals: dict[str, float] = dict.fromkeys(apc.config.limits, 0.0)
+        for m in plant.initial_measurements():
+            self.latest[(m.source, m.name)] = m
+
+    def advance(self, dt_h: float) -> None:
+        applied = self.apc.advance(dt_h)
+        volume = self.plant.true_values().get("volume", 1.0)
+        for m in self.plant.step(applied, dt_h):
+            self.latest[(m.source, m.name)] = m
+        for name, rate in applied.items():
+            if name in TOTALIZERS:
+                self.totals[name] += TOTALIZERS[name][1](rate, volume) * dt_h
+
+
+def _make_unit(config: SimulatorConfig, index: int, now: float) -> BioreactorUnit:
+    name = f"BR{index + 1:02d}"
+    if config.patient_seed is None:
+        patient = VirtualPatient.nominal()
+    else:
+        patient = VirtualPatient.draw(config.patient_seed + index, load_cohort_spec()[0])
+    seed = config.sensor_seed + index
+    if config.model == "tcell":
+        plant = VirtualBioreactor.tcell(patient, seed=seed)
+    else:
+        plant = VirtualBioreactor.cho(patient, seed=seed)
+    proc: Any = plant.process
+    rates = {}
+    if plant.kind == "tcell":
+        rates = {"perfusion_rate": float(proc.perfusion_rate_limit)}
+    elif plant.kind == "cho":
+        rates = {"feed_rate": float(proc.feed_rate_limit)}
+    units = {v.name: v.unit for v in plant.model.inputs}
+    apc_config = default_apc_config(
+        plant.bounds, units, rates, heartbeat_timeout_s=config.heartbeat_timeout_s
+    )
+    initial = {n: plant.bounds[n][0] for n in plant.model.input_names}
+    return BioreactorUnit(name, plant, ApcInterface(apc_config, initial, now))
+
+
+# -- sessions that know their user ----------------------------------------------------------------
+class _HmpcSession(InternalSession):
+    """InternalSession that exposes its identity to method handlers and guards writes."""
+
+    users: RoleUserManager
+    write_roles: dict[ua.NodeId, frozenset[Role]]
+
+    def _identity(self) -> Identity | None:
+        return self.users.identity(self.user)
+
+    async def call(self, params: list[ua.CallMethodRequest]) -> list[ua.CallMethodResult]:
+        token = CALLING_USER.set(self._identity())
+        try:
+            return await super().call(params)
+        finally:
+            CALLING_USER.reset(token)
+
+    async def write(self, params: ua.WriteParameters) -> list[ua.StatusCode]:
+        identity = self._identity()
+        allowed: list[ua.WriteValue] = []
+        results: list[ua.StatusCode | None] = []
+        for item in params.NodesToWrite:
+            roles = self.write_roles.get(item.NodeId)
+            if roles is None or identity is None or identity.role not in roles:
+                who = identity.name if identity else "unknown"
+                log.warning("write to %s by %s refused", item.NodeId.to_string(), who)
+                results.append(status(ua.StatusCodes.BadUserAccessDenied))
+            else:
+                allowed.append(item)
+                results.append(None)
+        done = iter(
+            await super().write(ua.WriteParameters(NodesToWrite=allowed)) if allowed else []
+        )
+        return [r if r is not None else next(done) for r in results]
+
+
+def _install_sessions(
+    server: Server, users: RoleUserManager, write_roles: dict[ua.NodeId, frozenset[Role]]
+) -> None:
+    iserver = server.iserver
+
+    def create_session(name: str, user: Any = None, external: bool = False) -> InternalSession:
+        kwargs = {} if user is None else {"user": user}
+        session = _HmpcSession(
+            iserver, iserver.aspace, iserver.subscription_service, name, external=external, **kwargs
+        )
+        session.users = users
+        session.write_roles = write_roles
+        return session
+
+    iserver.create_session = create_session  # type: ignore[method-assign]
+
+
+def _caller() -> Identity | None:
+    return CALLING_USER.get()
+
+
+_STATUS = {
+    ItemStatus.GOOD: ua.StatusCodes.Good,
+    ItemStatus.OUT_OF_RANGE: ua.StatusCodes.BadOutOfRange,
+    ItemStatus.INVALID_STATE: ua.StatusCodes.BadInvalidState,
+    ItemStatus.ACCESS_DENIED: ua.StatusCodes.BadUserAccessDenied,
+    ItemStatus.UNKNOWN_ITEM: ua.StatusCodes.BadNodeIdUnknown,
+}
+
+
+def _ts(stamp: datetime) -> ua.DateTime:
+    return cast(ua.DateTime, stamp)
+
+
+def _dv(value: Any, vtype: ua.VariantType, stamp: datetime, code: int = 0) -> ua.DataValue:
+    return ua.DataValue(
+        Value=ua.Variant(value, vtype),
+        StatusCode=status(code),
+        SourceTimestamp=_ts(stamp),
+        ServerTimestamp=_ts(datetime.now(UTC)),
+    )
+
+
+# -- common server set-up -------------------------------------------------------------------------
+class _BaseServer:
+    """An asyncua server with the security of docs/opcua.md; subclasses add the model."""
+
+    kind = "base"
+
+    def __init__(self, config: SimulatorConfig, port: int, sims: Simulators) -> None:
+        self.config = config
+        self.port = port
+        self.sims = sims
+        self.server: Server | None = None
+        self.write_roles: dict[ua.NodeId, frozenset[Role]] = {}
+        self.ns = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://{self.config.host}:{self.port}/hmpc/{self.kind}"
+
+    @property
+    def application_uri(self) -> str:
+        return f"urn:hmpc:sim:{self.kind}"
+
+    async def start(self) -> None:
+        cfg = self.config
+        users = RoleUserManager(load_users(cfg.users_path))
+        server = Server(user_manager=cast(Any, users))
+        await server.init()
+        server.set_endpoint(self.endpoint)
+        server.set_server_name(f"hmpc simulated {self.kind}")
+        await server.set_application_uri(self.application_uri)
+        cert, key = await ensure_certificate(cfg.pki, f"hmpc-sim-{self.kind}", self.application_uri)
+        await server.load_certificate(str(cert))
+        await server.load_private_key(str(key))
+        policies = list(SECURE_POLICIES)
+        if cfg.dev_insecure:
+            log.warning("%s: SecurityPolicy None offered (--dev-insecure)", self.kind)
+            policies.insert(0, ua.SecurityPolicyType.NoSecurity)
+        server.set_security_policy(policies)
+        server.set_identity_tokens([ua.UserNameIdentityToken])
+        server.set_certificate_validator(FolderTrustList(cfg.pki / "trusted", cfg.pki / "rejected"))
+        _install_sessions(server, users, self.write_roles)
+        self.server = server
+        await self.build(server)
+        await self.publish()  # clients never see the placeholders of a fresh address space
+        try:
+            await server.start()
+        except OSError as exc:
+            raise PlantIOError(f"{self.kind}: cannot listen on {self.endpoint}: {exc}") from exc
+        log.info("%s server listening on %s", self.kind, self.endpoint)
+
+    async def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            await server.stop()
+
+    async def build(self, server: Server) -> None:
+        raise NotImplementedError
+
+    async def publish(self) -> None:
+        raise NotImplementedError
+
+    async def _publish_clock(self, server: Server) -> None:
+        """ProcessTime is the plant grid time (h); BatchStartTime the process epoch."""
+        clock = self.sims.clock
+        t = self.sims.process_h()
+        stamp = clock.timestamp(t)
+        await server.write_attribute_value(
+            nodeid("Clock.ProcessTime", self.ns), _dv(t, VT.Double, stamp)
+        )
+        await server.write_attribute_value(
+            nodeid("Clock.BatchStartTime", self.ns), _dv(clock.epoch, VT.DateTime, stamp)
+        )
+
+    async def _clock_nodes(self, b: NodeBuilder, root: ua.NodeId) -> None:
+        clock = self.sims.clock
+        node = await b.object(root, "Clock", ua.QualifiedName("Clock", self.ns), _base_object())
+        await b.variable(
+            node, "Clock.ProcessTime", ua.QualifiedName("ProcessTime", self.ns), 0.0, VT.Double
+        )
+        await b.variable(
+            node,
+            "Clock.BatchStartTime",
+            ua.QualifiedName("BatchStartTime", self.ns),
+            clock.epoch,
+            VT.DateTime,
+        )
+        await b.variable(
+            node, "Clock.Speed", ua.QualifiedName("Speed", self.ns), clock.speed, VT.Double
+        )
+
+    async def _fault_method(self, b: NodeBuilder, root: ua.NodeId) -> None:
+        await b.method(
+            root,
+            "APC.InjectFault",
+            ua.QualifiedName("InjectFault", self.ns),
+            self._inject_fault,
+            [
+                argument("Kind", VT.String, "stale, stuck, nan, bad, restart, printer or clear"),
+                argument("Target", VT.String, "e.g. BR01.glucose, BR01.* or *"),
+                argument(
+                    "DurationH",
+                    VT.Double,
+                    "process hours (restart: wall seconds); 0 = until cleared",
+                ),
+            ],
+            [],
+        )
+
+    async def _inject_fault(
+        self, parent: ua.NodeId, *args: ua.Variant
+    ) -> ua.StatusCode | list[Any]:
+        caller = _caller()
+        if caller is None or caller.role not in (Role.OPERATOR, Role.ENGINEER):
+            return status(ua.StatusCodes.BadUserAccessDenied)
+        try:
+            kind, target, duration = (a.Value for a in args)
+            fault = Fault(str(kind), str(target) or "*", self.sims.process_h(), float(duration))
+        except (ValueError, TypeError, ConfigError) as exc:
+            log.warning("InjectFault refused: %s", exc)
+            return status(ua.StatusCodes.BadInvalidArgument)
+        log.warning("InjectFault %s by %s", fault, caller.name)
+        self.sims.faults.add(fault)
+        return []
+
+    def _guard(self, nodeid: ua.NodeId, *roles: Role) -> None:
+        self.write_roles[nodeid] = frozenset(roles)
+
+
+def _base_object() -> ua.NodeId:
+    return nodeid(ua.ObjectIds.BaseObjectType)
+
+
+def _folder() -> ua.NodeId:
+    return nodeid(ua.ObjectIds.FolderType)
+
+
+# -- bioreactor server (LADS) ----------------------------------------------------------------------
+@dataclasses.dataclass
+class _UnitNodes:
+    sensors: dict[tuple[str, str], ua.NodeId] = dataclasses.field(default_factory=dict)
+    current: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
+    target: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
+    totals: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
+    apc: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
+    published: dict[tuple[str, str], tuple[float, float]] = dataclasses.field(default_factory=dict)
+    stuck: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+
+
+class BioreactorServer(_BaseServer):
+    kind = "bioreactor"
+
+    def __init__(self, config: SimulatorConfig, port: int, sims: Simulators) -> None:
+        super().__init__(config, port, sims)
+        self.nodes: dict[str, _UnitNodes] = {}
+        self.official_nodesets = False
+
+    async def build(self, server: Server) -> None:
+        cfg = self.config
+        nodesets = None if cfg.hand_built else find_nodesets_dir(cfg.nodesets)
+        ns = await load_models(server, nodesets, hand_built=cfg.hand_built)
+        self.ns = ns.hmpc
+        self.official_nodesets = ns.official
+        b = NodeBuilder(server, ns.hmpc)
+        device_set = nodeid(DI_DEVICE_SET, ns.di)
+        apc_root = await b.object(
+            nodeid(ua.ObjectIds.ObjectsFolder),
+            "APC",
+            ua.QualifiedName("APC", ns.hmpc),
+            _folder(),
+            reference=ua.ObjectIds.Organizes,
+        )
+        await self._clock_nodes(b, apc_root)
+        await self._fault_method(b, apc_root)
+        self.nodes = {}
+        for unit in self.sims.units:
+            nodes = _UnitNodes()
+            self.nodes[unit.name] = nodes
+            await self._build_unit(b, ns, device_set, unit, nodes)
+            await self._build_apc(b, apc_root, unit, nodes)
+
+    async def _build_unit(
+        self,
+        b: NodeBuilder,
+        ns: Any,
+        device_set: ua.NodeId,
+        unit: BioreactorUnit,
+        nodes: _UnitNodes,
+    ) -> None:
+        L = ns.lads
+        u = unit.name
+        device = await b.object(
+            device_set, u, ua.QualifiedName(u, ns.hmpc), ns.lads_type("LADSDeviceType")
+        )
+        fus = await b.object(
+            device,
+            f"{u}.FunctionalUnitSet",
+            ua.QualifiedName("FunctionalUnitSet", L),
+            ns.lads_type("FunctionalUnitSetType"),
+        )
+        fu_path = f"{u}.Bioreactor"
+        fu = await b.object(
+            fus,
+            fu_path,
+            ua.QualifiedName("Bioreactor", ns.hmpc),
+            ns.lads_type("FunctionalUnitType"),
+        )
+        state = await b.object(
+            fu,
+            f"{fu_path}.FunctionalUnitState",
+            ua.QualifiedName("FunctionalUnitState", L),
+            _base_object(),
+        )
+        nodes.apc["State"] = await b.variable(
+            state,
+            f"{fu_path}.FunctionalUnitState.CurrentState",
+            ua.QualifiedName("CurrentState", 0),
+            ua.LocalizedText(unit.state),
+            VT.LocalizedText,
+        )
+        fset = await b.object(
+            fu,
+            f"{fu_path}.FunctionSet",
+            ua.QualifiedName("FunctionSet", L),
+            ns.lads_type("FunctionSetType"),
+        )
+        spec = unit.plant.sensors
+        for source, table, suffix in (
+            ("online", spec.online, "Sensor"),
+            ("assay", spec.assays, "Assay"),
+        ):
+            for var, noise in table.items():
+                fname = f"{_camel(var)}{suffix}"
+                path = f"{fu_path}.FunctionSet.{fname}"
+                func = await b.object(
+                    fset,
+                    path,
+                    ua.QualifiedName(fname, ns.hmpc),
+                    ns.lads_type("AnalogScalarSensorFunctionType"),
+                )
+                high = 1.0 if var == "viability" else 1e4
+                m = unit.latest.get((source, var))
+                nodes.sensors[(source, var)] = await b.analog(
+                    func,
+                    f"{path}.SensorValue",
+                    ua.QualifiedName("SensorValue", L),
+                    m.value if m is not None else math.nan,
+                    noise.unit,
+                    0.0,
+                    high,
+                )
+        for name, lim in unit.apc.config.limits.items():
+            fname = _camel(name)
+            path = f"{fu_path}.FunctionSet.{fname}"
+            typename = (
+                "AnalogControlFunctionWithTotalizerType"
+                if name in TOTALIZERS
+                else "AnalogControlFunctionType"
+            )
+            func = await b.object(
+                fset, path, ua.QualifiedName(fname, ns.hmpc), ns.lads_type(typename)
+            )
+            nodes.current[name] = await b.analog(
+                func,
+                f"{path}.CurrentValue",
+                ua.QualifiedName("CurrentValue", L),
+                unit.apc.working[name],
+                lim.unit,
+                lim.low,
+                lim.high,
+            )
+            nodes.target[name] = await b.analog(
+                func,
+                f"{path}.TargetValue",
+                ua.QualifiedName("TargetValue", L),
+                unit.apc.targets[name],
+                lim.unit,
+                lim.low,
+                lim.high,
+            )
+            if name in TOTALIZERS:
+                nodes.totals[name] = await b.analog(
+                    func,
+                    f"{path}.TotalizedValue",
+                    ua.QualifiedName("TotalizedValue", L),
+                    0.0,
+                    TOTALIZERS[name][0],
+                    0.0,
+                    1e9,
+                )
+        pm = await b.object(
+            fu,
+            f"{fu_path}.ProgramManager",
+            ua.QualifiedName("ProgramManager", L),
+            ns.lads_type("ProgramManagerType"),
+        )
+        active = await b.object(
+            pm,
+            f"{fu_path}.ProgramManager.ActiveProgram",
+            ua.QualifiedName("ActiveProgram", L),
+            _base_object(),
+        )
+        await b.variable(
+            active,
+            f"{fu_path}.ProgramManager.ActiveProgram.CurrentProgramTemplate",
+            ua.QualifiedName("CurrentProgramTemplate", L),
+            f"{unit.plant.kind}-expansion",
+            VT.String,
+        )
+        await b.variable(
+            active,
+            f"{fu_path}.ProgramManager.ActiveProgram.SupervisoryJobId",
+            ua.QualifiedName("SupervisoryJobId", L),
+            unit.batch_id,
+            VT.String,
+        )
+        await b.variable(
+            active,
+            f"{fu_path}.ProgramManager.ActiveProgram.PatientId",
+            ua.QualifiedName("PatientId", ns.hmpc),
+            unit.plant.patient.patient_id,
+            VT.String,
+        )
+        nodes.apc["Runtime"] = await b.variable(
+            active,
+            f"{fu_path}.ProgramManager.ActiveProgram.CurrentRuntime",
+            ua.QualifiedName("CurrentRuntime", L),
+            0.0,
+            VT.Double,
+        )
+
+    async def _build_apc(
+        self, b: NodeBuilder, root: ua.NodeId, unit: BioreactorUnit, nodes: _UnitNodes
+    ) -> None:
+        n = self.ns
+        u = unit.name
+        obj = await b.object(root, f"APC.{u}", ua.QualifiedName(u, n), _base_object())
+        apc = unit.apc
+        hb = await b.variable(
+            obj, f"APC.{u}.Heartbeat", ua.QualifiedName("Heartbeat", n), 0, VT.UInt32, writable=True
+        )
+        self._guard(hb, Role.APC)
+        nodes.apc["Heartbeat"] = hb
+        for name, value, vtype in (
+            ("Mode", int(apc.mode), VT.Int32),
+            ("ModeName", apc.mode.name.capitalize(), VT.String),
+            ("Fallback", apc.fallback, VT.Boolean),
+            ("ShedCount", apc.shed_count, VT.UInt32),
+            ("HeartbeatHealthy", False, VT.Boolean),
+            ("HeartbeatTimeout", apc.config.heartbeat_timeout_s, VT.Double),
+            ("BatchId", unit.batch_id, VT.String),
+        ):
+            nodes.apc[name] = await b.variable(
+                obj, f"APC.{u}.{name}", ua.QualifiedName(name, n), value, vtype
+            )
+        names = list(apc.config.limits)
+        await b.variable(
+            obj,
+            f"APC.{u}.SetpointNames",
+            ua.QualifiedName("SetpointNames", n),
+            names,
+            VT.String,
+            array=True,
+        )
+        for key, values in (("Setpoints", apc.targets), ("WorkingSetpoints", apc.working)):
+            nodes.apc[key] = await b.variable(
+                obj,
+                f"APC.{u}.{key}",
+                ua.QualifiedName(key, n),
+                [values[k] for k in names],
+                VT.Double,
+                array=True,
+            )
+        for key, attr in (
+            ("SetpointLow", "low"),
+            ("SetpointHigh", "high"),
+            ("RateUp", "rate_up"),
+            ("RateDown", "rate_down"),
+            ("Deadband", "deadband"),
+        ):
+            vals = [float(getattr(apc.config.limits[k], attr)) for k in names]
+            vals = [v if math.isfinite(v) else 1e300 for v in vals]
+            await b.variable(
+                obj, f"APC.{u}.{key}", ua.QualifiedName(key, n), vals, VT.Double, array=True
+            )
+
+        async def write_setpoints(
+            parent: ua.NodeId, *args: ua.Variant
+        ) -> ua.StatusCode | list[ua.Variant]:
+            result = self._write_setpoints(unit, nodes, args)
+            if self.server is not None:
+                await self._publish_apc(self.server, unit, self.sims.clock.wall())
+            return result
+
+        async def request_mode(
+            parent: ua.NodeId, *args: ua.Variant
+        ) -> ua.StatusCode | list[ua.Variant]:
+            result = self._request_mode(unit, args)
+            if self.server is not None:
+                await self._publish_apc(self.server, unit, self.sims.clock.wall())
+            return result
+
+        await b.method(
+            obj,
+            f"APC.{u}.WriteSetpoints",
+            ua.QualifiedName("WriteSetpoints", n),
+            write_setpoints,
+            [
+                argument("Names", VT.String, "setpoint names (SetpointNames)", array=True),
+                argument("Values", VT.Double, "values in the canonical units", array=True),
+            ],
+            [argument("Results", VT.StatusCode, "one status per item", array=True)],
+        )
+        await b.method(
+            obj,
+            f"APC.{u}.RequestMode",
+            ua.QualifiedName("RequestMode", n),
+            request_mode,
+            [argument("Mode", VT.Int32, "0 Local, 1 Remote (operator only)")],
+            [argument("Result", VT.StatusCode, "Good, BadInvalidState or BadUserAccessDenied")],
+        )
+
+    def _write_setpoints(
+        self, unit: BioreactorUnit, nodes: _UnitNodes, args: Sequence[ua.Variant]
+    ) -> ua.StatusCode | list[ua.Variant]:
+        caller = _caller()
+        if len(args) != 2:
+            return status(ua.StatusCodes.BadArgumentsMissing)
+        names, values = args[0].Value, args[1].Value
+        if (
+            not isinstance(names, list)
+            or not isinstance(values, list)
+            or len(names) != len(values)
+            or args[0].VariantType is not VT.String
+            or args[1].VariantType is not VT.Double  # exact types: a Float is refused
+        ):
+            return status(ua.StatusCodes.BadInvalidArgument)
+        if caller is None:
+            statuses = [ItemStatus.ACCESS_DENIED] * len(names)
+        else:
+            statuses = unit.apc.write_setpoints(
+                names, values, caller.role, self.sims.clock.wall(), caller.name
+            )
+        codes = [status(_STATUS[s]) for s in statuses]
+        return [ua.Variant(codes, VT.StatusCode, is_array=True)]
+
+    def _request_mode(
+        self, unit: BioreactorUnit, args: Sequence[ua.Variant]
+    ) -> ua.StatusCode | list[ua.Variant]:
+        caller = _caller()
+        if len(args) != 1 or not isinstance(args[0].Value, int):
+            return status(ua.StatusCodes.BadInvalidArgument)
+        try:
+            mode = Mode(args[0].Value)
+        except ValueError:
+            return status(ua.StatusCodes.BadInvalidArgument)
+        if caller is None:
+            result = ItemStatus.ACCESS_DENIED
+        else:
+            result = unit.apc.request_mode(mode, caller.role, self.sims.clock.wall(), caller.name)
+        return [ua.Variant(status(_STATUS[result]), VT.StatusCode)]
+
+    async def read_heartbeats(self) -> None:
+        if self.server is None:
+            return
+        now = self.sims.clock.wall()
+        for unit in self.sims.units:
+            dv = self.server.iserver.aspace.read_attribute_value(
+                self.nodes[unit.name].apc["Heartbeat"], ua.AttributeIds.Value
+            )
+            if dv.Value is not None and isinstance(dv.Value.Value, int):
+                unit.apc.beat(dv.Value.Value, now)
+
+    async def publish(self) -> None:
+        server = self.server
+        if server is None:
+            return
+        clock = self.sims.clock
+        faults = self.sims.faults
+        now_wall = clock.wall()
+        for unit in self.sims.units:
+            nodes = self.nodes[unit.name]
+            t = unit.plant.time_h
+            for key, node in nodes.sensors.items():
+                m = unit.latest.get(key)
+                if m is None:
+                    continue
+                kind = faults.sensor_fault(unit.name, m.name, t)
+                if kind != "stuck":
+                    nodes.stuck.pop(key, None)
+                if kind == "stale":
+                    continue
+                value, code = m.value, _quality(m.quality)
+                if kind == "stuck":
+                    value = nodes.stuck.setdefault(key, nodes.published.get(key, (value, 0.0))[0])
+                elif kind == "nan":
+                    value = math.nan
+                elif kind == "bad":
+                    code = ua.StatusCodes.BadSensorFailure
+                sample = m.sample_time if kind != "stuck" else t
+                mark = (value, sample)
+                if nodes.published.get(key) == mark and kind is None:
+                    continue
+                nodes.published[key] = mark
+                await server.write_attribute_value(
+                    node, _dv(value, VT.Double, clock.timestamp(sample), code)
+                )
+            await self._publish_apc(server, unit, now_wall)
+        await self._publish_clock(server)
+
+    async def _publish_apc(self, server: Server, unit: BioreactorUnit, now_wall: float) -> None:
+        """Control functions and APC variables of one unit (also right after a method call,
+        so a client sees a mode change or new targets without waiting for the next tick)."""
+        nodes = self.nodes[unit.name]
+        t = unit.plant.time_h
+        stamp = self.sims.clock.timestamp(t)
+        for name, node in nodes.current.items():
+            await server.write_attribute_value(node, _dv(unit.apc.working[name], VT.Double, stamp))
+            await server.write_attribute_value(
+                nodes.target[name], _dv(unit.apc.targets[name], VT.Double, stamp)
+            )
+        for name, node in nodes.totals.items():
+            await server.write_attribute_value(node, _dv(unit.totals[name], VT.Double, stamp))
+        apc = unit.apc
+        names = list(apc.config.limits)
+        apc_values: tuple[tuple[str, Any, ua.VariantType], ...] = (
+            ("Mode", int(apc.mode), VT.Int32),
+            ("ModeName", apc.mode.name.capitalize(), VT.String),
+            ("Fallback", apc.fallback, VT.Boolean),
+            ("ShedCount", apc.shed_count, VT.UInt32),
+            ("HeartbeatHealthy", apc.heartbeat_healthy(now_wall), VT.Boolean),
+            ("Runtime", t, VT.Double),
+            ("State", ua.LocalizedText(unit.state), VT.LocalizedText),
+        )
+        for label, val, vtype in apc_values:
+            await server.write_attribute_value(nodes.apc[label], _dv(val, vtype, stamp))
+        await server.write_attribute_value(
+            nodes.apc["Setpoints"],
+            ua.DataValue(
+                Value=ua.Variant([apc.targets[k] for k in names], VT.Double, is_array=True),
+                SourceTimestamp=_ts(stamp),
+                ServerTimestamp=_ts(datetime.now(UTC)),
+            ),
+        )
+        await server.write_attribute_value(
+            nodes.apc["WorkingSetpoints"],
+            ua.DataValue(
+                Value=ua.Variant([apc.working[k] for k in names], VT.Double, is_array=True),
+                SourceTimestamp=_ts(stamp),
+                ServerTimestamp=_ts(datetime.now(UTC)),
+            ),
+        )
+
+
+def _quality(quality: str) -> int:
+    if quality == "good":
+        return int(ua.StatusCodes.Good)
+    if quality == "uncertain":
+        return int(ua.StatusCodes.Uncertain)
+    return int(ua.StatusCodes.Bad)
+
+
+# -- printer server (OPC 40540 subset) -------------------------------------------------------------
+class PrinterServer(_BaseServer):
+    kind = "printer"
+
+    def __init__(self, config: SimulatorConfig, port: int, sims: Simulators) -> None:
+        super().__init__(config, port, sims)
+        self.monitoring: dict[str, ua.NodeId] = {}
+        self.job_nodes: dict[str, dict[str, ua.NodeId]] = {}
+        self.jobs_folder: ua.NodeId | None = None
+        self.state_node: ua.NodeId | None = None
+        self.fault_node: ua.NodeId | None = None
+        self.builder: NodeBuilder | None = None
+        self.am = 0
+
+    async def build(self, server: Server) -> None:
+        from sim.opcua.lads import AM_URI, HMPC_URI, JOBS_URI
+
+        self.am = await server.register_namespace(AM_URI)
+        jobs_ns = await server.register_namespace(JOBS_URI)
+        self.ns = await server.register_namespace(HMPC_URI)
+        b = NodeBuilder(server, self.ns)
+        self.builder = b
+        objects = nodeid(ua.ObjectIds.ObjectsFolder)
+        root = await b.object(
+            objects,
+            "APC",
+            ua.QualifiedName("APC", self.ns),
+            _folder(),
+            reference=ua.ObjectIds.Organizes,
+        )
+        await self._clock_nodes(b, root)
+        await self._fault_method(b, root)
+        am = self.am
+        machine = await b.object(
+            objects,
+            "Printer",
+            ua.QualifiedName("Bioprinter", am),
+            _base_object(),
+            reference=ua.ObjectIds.Organizes,
+        )
+        ident = await b.object(
+            machine,
+            "Printer.Identification",
+            ua.QualifiedName("Identification", am),
+            _base_object(),
+        )
+        for key, value in (
+            ("Manufacturer", "hmpc simulator"),
+            ("Model", "virtual bioprinter"),
+            ("AMTechnology", "MaterialExtrusion"),
+            ("SerialNumber", "SIM-0001"),
+        ):
+            await b.variable(
+                ident, f"Printer.Identification.{key}", ua.QualifiedName(key, am), value, VT.String
+            )
+        mon = await b.object(
+            machine, "Printer.Monitoring", ua.QualifiedName("Monitoring", am), _base_object()
+        )
+        units = {
+            "NozzleTemperature": ("degC", 0.0, 250.0),
+            "CartridgeTemperature": ("degC", 0.0, 250.0),
+            "BedTemperature": ("degC", -20.0, 120.0),
+            "ExtrusionPressure": ("kPa", 0.0, 1000.0),
+            "UVCrosslinkDose": ("mJ/cm2", 0.0, 1e9),
+        }
+        for key, reading in self.sims.printer.monitoring().items():
+            unit, low, high = units[key]
+            self.monitoring[key] = await b.analog(
+                mon,
+                f"Printer.Monitoring.{key}",
+                ua.QualifiedName(key, am),
+                reading,
+                unit,
+                low,
+                high,
+            )
+        state = await b.object(
+            machine,
+            "Printer.MachineryItemState",
+            ua.QualifiedName("MachineryItemState", am),
+            _base_object(),
+        )
+        self.state_node = await b.variable(
+            state,
+            "Printer.MachineryItemState.CurrentState",
+            ua.QualifiedName("CurrentState", 0),
+            ua.LocalizedText(self.sims.printer.machine_state()),
+            VT.LocalizedText,
+        )
+        self.fault_node = await b.variable(
+            machine, "Printer.Fault", ua.QualifiedName("Fault", self.ns), "", VT.String
+        )
+        jm = await b.object(
+            machine,
+            "Printer.JobManagement",
+            ua.QualifiedName("JobManagement", jobs_ns),
+            _base_object(),
+        )
+        control = await b.object(
+            jm,
+            "Printer.JobManagement.JobOrderControl",
+            ua.QualifiedName("JobOrderControl", jobs_ns),
+            _base_object(),
+        )
+        self.jobs_folder = await b.object(
+            jm,
+            "Printer.JobManagement.JobOrderList",
+            ua.QualifiedName("JobOrderList", jobs_ns),
+            _folder(),
+            reference=ua.ObjectIds.Organizes,
+        )
+        self.job_nodes = {}
+        job_args = [
+            argument("JobOrderId", VT.String, "unique job order id"),
+            argument("PatientId", VT.String, "patient id"),
+            argument("BatchId", VT.String, "batch id (bioreactor SupervisoryJobId)"),
+            argument("CellCount", VT.Double, "viable cells to print, 1e9 cells"),
+            argument("BioinkCellDensity", VT.Double, "cell density in the bioink, 1e6 cells/mL"),
+            argument(
+                "ScheduledStart", VT.DateTime, "process timestamp (BatchStartTime + process time)"
+            ),
+        ]
+        ret = [
+            argument(
+                "ReturnValue",
+                VT.UInt64,
+                "0 ok; 1 unknown id; 2 invalid state; 4 rejected; 8 not allowed",
+            )
+        ]
+        for method in ("Store", "StoreAndStart"):
+            await b.method(
+                control,
+                f"Printer.JobManagement.JobOrderControl.{method}",
+                ua.QualifiedName(method, jobs_ns),
+                self._store_handler(method == "StoreAndStart"),
+                job_args,
+                ret,
+            )
+        for method in ("Start", "Stop", "Pause", "Resume", "Abort", "Cancel", "Clear"):
+            await b.method(
+                control,
+                f"Printer.JobManagement.JobOrderControl.{method}",
+                ua.QualifiedName(method, jobs_ns),
+                self._command_handler(method),
+                [argument("JobOrderId", VT.String, "job order id")],
+                ret,
+            )
+        await b.method(
+            machine,
+            "Printer.ClearFault",
+            ua.QualifiedName("ClearFault", self.ns),
+            self._clear_fault,
+            [],
+            ret,
+        )
+        for job in self.sims.printer.jobs.values():
+            await self._add_job_nodes(job)
+
+    def _allowed(self) -> Identity | None:
+        caller = _caller()
+        if caller is None or caller.role not in (Role.APC, Role.OPERATOR):
+            return None
+        return caller
+
+    def _store_handler(self, start: bool) -> Callable[..., Any]:
+        async def handler(parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant] | ua.StatusCode:
+            caller = self._allowed()
+            if caller is None:
+                return _ret(ReturnCode.INVALID_REQUEST)
+            try:
+                job_id, patient, batch, cells, density, when = (a.Value for a in args)
+                stamp = when if isinstance(when, datetime) else None
+                if stamp is None:
+                    raise TypeError("ScheduledStart must be a DateTime")
+                job = JobOrder(
+                    str(job_id),
+                    str(patient),
+                    str(batch),
+                    float(cells),
+                    float(density),
+                    self.sims.clock.to_process_h(stamp),
+                )
+            except (TypeError, ValueError):
+                return status(ua.StatusCodes.BadInvalidArgument)
+            code, why = self.sims.printer.store(job, start=start, now_h=self.sims.process_h())
+            log.info(
+                "printer: Store%s %s by %s -> %s %s",
+                "AndStart" if start else "",
+                job_id,
+                caller.name,
+                code.name,
+                why,
+            )
+            if code is ReturnCode.OK:
+                await self._add_job_nodes(job)
+            return _ret(code)
+
+        return handler
+
+    def _command_handler(self, method: str) -> Callable[..., Any]:
+        async def handler(parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant] | ua.StatusCode:
+            caller = self._allowed()
+            if caller is None:
+                return _ret(ReturnCode.INVALID_REQUEST)
+            if len(args) != 1 or not isinstance(args[0].Value, str):
+                return status(ua.StatusCodes.BadInvalidArgument)
+            job_id = args[0].Value
+            code = self.sims.printer.command(job_id, method, self.sims.process_h())
+            log.info("printer: %s %s by %s -> %s", method, job_id, caller.name, code.name)
+            if code is ReturnCode.OK and job_id not in self.sims.printer.jobs:
+                await self._remove_job_nodes(job_id)
+            return _ret(code)
+
+        return handler
+
+    async def _clear_fault(
+        self, parent: ua.NodeId, *args: ua.Variant
+    ) -> list[ua.Variant] | ua.StatusCode:
+        caller = _caller()
+        if caller is None or caller.role is not Role.OPERATOR:
+            return _ret(ReturnCode.INVALID_REQUEST)
+        self.sims.printer.clear_fault()
+        return _ret(ReturnCode.OK)
+
+    async def _add_job_nodes(self, job: JobOrder) -> None:
+        b = self.builder
+        if b is None or self.jobs_folder is None or job.job_id in self.job_nodes:
+            return
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", job.job_id)
+        path = f"Printer.JobManagement.JobOrderList.{safe}"
+        obj = await b.object(
+            self.jobs_folder, path, ua.QualifiedName(job.job_id, self.am), _base_object()
+        )
+        clock = self.sims.clock
+        nodes = {"object": obj}
+        for key, value, vtype in (
+            ("JobOrderId", job.job_id, VT.String),
+            ("PatientId", job.patient_id, VT.String),
+            ("BatchId", job.batch_id, VT.String),
+            ("CellCount", job.cell_count, VT.Double),
+            ("BioinkCellDensity", job.bioink_density, VT.Double),
+            ("ScheduledStart", clock.timestamp(job.scheduled_start_h), VT.DateTime),
+            ("State", job.state.value, VT.String),
+            ("Progress", job.progress, VT.Double),
+            ("ResultCellsPrinted", 0.0, VT.Double),
+            ("ResultBioinkVolume", 0.0, VT.Double),
+            ("ResultOutcome", "", VT.String),
+            ("EndTime", clock.epoch, VT.DateTime),
+        ):
+            nodes[key] = await b.variable(
+                obj, f"{path}.{key}", ua.QualifiedName(key, self.am), value, vtype
+            )
+        self.job_nodes[job.job_id] = nodes
+
+    async def _remove_job_nodes(self, job_id: str) -> None:
+        nodes = self.job_nodes.pop(job_id, None)
+        if nodes is not None and self.server is not None:
+            await self.server.delete_nodes([self.server.get_node(nodes["object"])], recursive=True)
+
+    async def publish(self) -> None:
+        server = self.server
+        if server is None:
+            return
+        printer = self.sims.printer
+        clock = self.sims.clock
+        t = printer.time_h
+        stamp = clock.timestamp(t)
+        for key, value in printer.monitoring().items():
+            await server.write_attribute_value(self.monitoring[key], _dv(value, VT.Double, stamp))
+        if self.state_node is not None and self.fault_node is not None:
+            await server.write_attribute_value(
+                self.state_node,
+                _dv(ua.LocalizedText(printer.machine_state()), VT.LocalizedText, stamp),
+            )
+            await server.write_attribute_value(
+                self.fault_node, _dv(printer.fault, VT.String, stamp)
+            )
+        for job_id, job in printer.jobs.items():
+            if job_id not in self.job_nodes:
+                await self._add_job_nodes(job)
+            nodes = self.job_nodes[job_id]
+            await server.write_attribute_value(
+                nodes["State"], _dv(job.state.value, VT.String, stamp)
+            )
+            await server.write_attribute_value(
+                nodes["Progress"], _dv(job.progress, VT.Double, stamp)
+            )
+            if job.result is not None:
+                r = job.result
+                results: tuple[tuple[str, Any, ua.VariantType], ...] = (
+                    ("ResultCellsPrinted", r.cells_printed, VT.Double),
+                    ("ResultBioinkVolume", r.bioink_volume_ml, VT.Double),
+                    ("ResultOutcome", r.outcome, VT.String),
+                    ("EndTime", clock.timestamp(r.end_time_h), VT.DateTime),
+                )
+                for label, val, vtype in results:
+                    await server.write_attribute_value(nodes[label], _dv(val, vtype, stamp))
+        await self._publish_clock(server)
+
+
+def _ret(code: ReturnCode) -> list[ua.Variant]:
+    return [ua.Variant(int(code), VT.UInt64)]
+
+
+# -- the simulators ------------------------------------------------------------------------------
+class Simulators:
+    """The plant side plus its servers; built by :func:`serve_simulators`."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.clock = ProcessClock(config.speed)
+        now = self.clock.wall()
+        self.units = [_make_unit(config, i, now) for i in range(config.units)]
+        self.printer = PrinterSim()
+        self.faults = FaultBook(config.faults)
+        self.bioreactor = BioreactorServer(config, config.port, self)
+        self.printer_server: PrinterServer | None = None
+        if config.printer_endpoint_port:
+            self.printer_server = PrinterServer(config, config.printer_endpoint_port, self)
+        self._task: asyncio.Task[None] | None = None
+        self._restarts: set[asyncio.Task[None]] = set()
+        self.restarting = False
+
+    @property
+    def servers(self) -> list[_BaseServer]:
+        return [s for s in (self.bioreactor, self.printer_server) if s is not None]
+
+    @property
+    def endpoint(self) -> str:
+        return self.bioreactor.endpoint
+
+    @property
+    def printer_endpoint(self) -> str | None:
+        return self.printer_server.endpoint if self.printer_server is not None else None
+
+    def process_h(self) -> float:
+        """The process time of the plant grid (the published ProcessTime)."""
+        return self.units[0].plant.time_h
+
+    def unit(self, name: str) -> BioreactorUnit:
+        for unit in self.units:
+            if unit.name == name:
+                return unit
+        raise ConfigError(f"no unit {name!r}; units: {[u.name for u in self.units]}")
+
+    async def start(self) -> None:
+        for server in self.servers:
+            await server.start()
+        self.clock.reset()  # the batch starts when the servers are up
+        await self.publish()
+        self._task = asyncio.create_task(self._run(), name="hmpc-sim-plant")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for task in list(self._restarts):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for server in self.servers:
+            await server.stop()
+
+    async def publish(self) -> None:
+        for server in self.servers:
+            await server.publish()
+
+    async def restart(self, down_s: float) -> None:
+        """Stop the servers for ``down_s`` wall seconds and start them again."""
+        log.warning("fault: OPC UA servers restarting (down %.1f s)", down_s)
+        self.restarting = True
+        try:
+            for server in self.servers:
+                await server.stop()
+            await asyncio.sleep(down_s)
+            for server in self.servers:
+                await server.start()
+        finally:
+            self.restarting = False
+        await self.publish()
+
+    def step(self) -> None:
+        """Advance every unit and the printer to the clock's process time (plant grid)."""
+        target = self.clock.process_h()
+        dt = self.config.plant_step_h
+        max_steps = 1000
+        for unit in self.units:
+            n = 0
+            while unit.plant.time_h + dt <= target + 1e-9 and n < max_steps:
+                unit.advance(dt)
+                n += 1
+            if n == max_steps:
+                log.warning(
+                    "%s: plant behind the clock by %.1f h", unit.name, target - unit.plant.time_h
+                )
+        self.printer.advance(self.process_h())
+
+    async def _run(self) -> None:
+        while True:
+            if not self.restarting:
+                await self.bioreactor.read_heartbeats()
+            now = self.clock.wall()
+            for unit in self.units:
+                unit.apc.check_watchdog(now)
+            self.step()
+            for fault in self.faults.due_events(self.process_h()):
+                if fault.kind == "restart":
+                    task = asyncio.create_task(self.restart(fault.duration_h or 2.0))
+                    self._restarts.add(task)
+                    task.add_done_callback(self._restarts.discard)
+                elif fault.kind == "printer":
+                    self.printer.inject_fault(f"injected fault ({fault.target})", self.process_h())
+            if not self.restarting:
+                try:
+                    await self.publish()
+                except (ua.UaError, OSError) as exc:
+                    log.warning("publish failed: %s", exc)
+            await asyncio.sleep(self.config.tick_s)
+
+
+@contextlib.asynccontextmanager
+async def serve_simulators(config: SimulatorConfig) -> AsyncIterator[Simulators]:
+    """Start the bioreactor and printer servers and the plant; always stops them."""
+    sims = Simulators(config)
+    try:
+        await sims.start()
+        yield sims
+    finally:
+        await sims.stop()

@@ -1,0 +1,219 @@
+"""Shared helpers of the OPC UA simulator tests (a uniquely named module, so tests can import
+it whatever other conftest.py files exist): a PKI folder with users and a trusted client
+certificate, free loopback ports, and the simulators running on their own event loop in a
+thread (started once per module, always stopped). Tests talk to them with real asyncua
+clients under ``asyncio.run``.
+
+and the simulators running on their own event loop in a thread (started once per module,
+always stopped). Tests talk to them with real asyncua clients under ``asyncio.run``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from asyncua import Client, ua
+from asyncua.crypto.cert_gen import setup_self_signed_certificate
+from asyncua.crypto.security_policies import (
+    SecurityPolicyAes128Sha256RsaOaep,
+    SecurityPolicyAes256Sha256RsaPss,
+    SecurityPolicyBasic256Sha256,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from sim.opcua.apc import Role
+from sim.opcua.lads import HMPC_URI
+from sim.opcua.security import write_user
+from sim.opcua.server import SimulatorConfig, Simulators, serve_simulators
+
+T = TypeVar("T")
+
+PASSWORDS = {
+    "apc": "apc-secret",
+    "operator": "op-secret",
+    "viewer": "view-secret",
+    "engineer": "eng",
+}
+ROLES = {
+    "apc": Role.APC,
+    "operator": Role.OPERATOR,
+    "viewer": Role.VIEWER,
+    "engineer": Role.ENGINEER,
+}
+CLIENT_URI = "urn:hmpc:test:client"
+POLICIES = {
+    "Basic256Sha256": SecurityPolicyBasic256Sha256,
+    "Aes128_Sha256_RsaOaep": SecurityPolicyAes128Sha256RsaOaep,
+    "Aes256_Sha256_RsaPss": SecurityPolicyAes256Sha256RsaPss,
+}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    folder: Path
+    client_cert: Path
+    client_key: Path
+    untrusted_cert: Path
+    untrusted_key: Path
+
+
+def _client_cert(folder: Path, name: str, uri: str) -> tuple[Path, Path]:
+    cert, key = folder / f"{name}_cert.der", folder / f"{name}_key.pem"
+    asyncio.run(
+        setup_self_signed_certificate(
+            key, cert, uri, "localhost", [ExtendedKeyUsageOID.CLIENT_AUTH], {"commonName": name}
+        )
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    for name, password in PASSWORDS.items():
+        write_user(folder / "users.toml", name, ROLES[name], password, iterations=1000)
+    clients = tmp_path_factory.mktemp("clients")
+    cert, key = _client_cert(clients, "client", CLIENT_URI)
+    bad_cert, bad_key = _client_cert(clients, "stranger", "urn:hmpc:test:stranger")
+    (folder / "trusted").mkdir(parents=True, exist_ok=True)
+    (folder / "trusted" / "client.der").write_bytes(cert.read_bytes())
+    return Pki(folder, cert, key, bad_cert, bad_key)
+
+
+class SimThread:
+    """Simulators on an event loop in a background thread."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.sims: Simulators | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="opcua-sims", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as exc:  # reported to the test thread
+            self._error = exc
+            self._ready.set()
+        finally:
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with serve_simulators(self.config) as sims:
+            self.sims = sims
+            self._ready.set()
+            await self._stop.wait()
+
+    def start(self) -> SimThread:
+        self._thread.start()
+        if not self._ready.wait(60) or self._error is not None:
+            self.close()
+            raise RuntimeError(f"simulators did not start: {self._error!r}")
+        return self
+
+    def run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a coroutine on the simulators' loop (to inspect or change the plant side)."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(fn(), self.loop)  # type: ignore[arg-type]
+        return future.result(30)
+
+    def close(self) -> None:
+        if self._stop is not None and self.loop.is_running():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    @property
+    def s(self) -> Simulators:
+        assert self.sims is not None
+        return self.sims
+
+
+@pytest.fixture(scope="module")
+def sim(pki: Pki) -> Iterator[SimThread]:
+    port, printer_port = free_ports(2)
+    config = SimulatorConfig(
+        port=port,
+        printer_port=printer_port,
+        units=2,
+        speed=3600.0,
+        patient_seed=7,
+        pki=pki.folder,
+        heartbeat_timeout_s=1.5,
+    )
+    thread = SimThread(config).start()
+    try:
+        yield thread
+    finally:
+        thread.close()
+
+
+class _Client(Client):  # type: ignore[misc]
+    """asyncua Client whose disconnect lets the loop run the transport's close callback,
+    so ``asyncio.run`` does not close the loop over an open socket (ResourceWarning)."""
+
+    async def disconnect(self) -> None:
+        try:
+            await super().disconnect()
+        finally:
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def session(
+    endpoint: str,
+    pki: Pki,
+    user: str | None = "apc",
+    *,
+    password: str | None = None,
+    policy: str = "Basic256Sha256",
+    mode: ua.MessageSecurityMode = ua.MessageSecurityMode.SignAndEncrypt,
+    untrusted: bool = False,
+) -> AsyncIterator[Client]:
+    """A connected client session, always closed (socket included)."""
+    client = _Client(endpoint, timeout=10)
+    client.application_uri = "urn:hmpc:test:stranger" if untrusted else CLIENT_URI
+    cert, key = (
+        (pki.untrusted_cert, pki.untrusted_key) if untrusted else (pki.client_cert, pki.client_key)
+    )
+    await client.set_security(POLICIES[policy], str(cert), str(key), mode=mode)
+    if user is not None:
+        client.set_user(user)
+        client.set_password(password if password is not None else PASSWORDS[user])
+    try:
+        await client.connect()
+    except BaseException:
+        await asyncio.sleep(0.01)  # let the refused connection's transport close
+        raise
+    try:
+        yield client
+    finally:
+        await client.disconnect()
+
+
+async def node(client: Client, path: str) -> Any:
+    ns = await client.get_namespace_index(HMPC_URI)
+    return client.get_node(ua.NodeId(path, ns))
