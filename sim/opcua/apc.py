@@ -237,16 +237,15 @@ class ApcInterface:
         return ItemStatus.GOOD
 
     def advance(self, dt_h: float) -> dict[str, float]:
-        """Ramp the working setpoints toward the targets over ``dt_h`` process hours and
-        return the average applied over the interval (what the plant integrates)."""
-        applied: dict[str, float] = {}
+        """Move the working setpoints toward the targets by at most the rate limit times
+        ``dt_h`` process hours and return them: the inputs the plant applies over the next
+        ``dt_h`` (piecewise constant, as the in-process closed loop applies its inputs, so a
+        controller that respects the rate limits sees its setpoints applied unchanged)."""
         for name, lim in self.config.limits.items():
             start = self.working[name]
             target = self.targets[name]
             if target >= start:
-                end = min(target, start + lim.rate_up * dt_h)
+                self.working[name] = min(target, start + lim.rate_up * dt_h)
             else:
-                end = max(target, start - lim.rate_down * dt_h)
-            self.working[name] = end
-            applied[name] = 0.5 * (start + end)
-        return applied
+                self.working[name] = max(target, start - lim.rate_down * dt_h)
+        return dict(self.working)

@@ -66,6 +66,11 @@ LADS_TYPES = {
     "AnalogScalarSensorFunctionType": 1016,
     "FunctionalUnitSetType": 1023,
     "FunctionSetType": 1026,
+    "FunctionalUnitStateMachineType": 1043,
+    "ControlFunctionStateMachineType": 1044,
+    "ProgramTemplateSetType": 1019,
+    "ResultSetType": 1020,
+    "ActiveProgramType": 1040,
 }
 
 _DESIGN_TOOL_ONLY = re.compile(
@@ -187,6 +192,7 @@ UNITS: dict[str, tuple[str, str]] = {
     "mL": ("MLT", "millilitre"),
     "1": ("C62", "one (dimensionless)"),
     "1/d": ("", "per day (vessel volumes per day)"),
+    "L/h": ("", "litre per hour"),
     "mL/h": ("", "millilitre per hour"),
     "kIU/h": ("", "thousand international units per hour"),
     "kIU": ("", "thousand international units"),

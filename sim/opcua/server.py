@@ -416,6 +416,7 @@ class _UnitNodes:
     current: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     target: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     totals: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
+    states: list[ua.NodeId] = dataclasses.field(default_factory=list)
     apc: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     published: dict[tuple[str, str], tuple[float, float]] = dataclasses.field(default_factory=dict)
     stuck: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
@@ -483,7 +484,7 @@ class BioreactorServer(_BaseServer):
             fu,
             f"{fu_path}.FunctionalUnitState",
             ua.QualifiedName("FunctionalUnitState", L),
-            _base_object(),
+            ns.lads_type("FunctionalUnitStateMachineType"),
         )
         nodes.apc["State"] = await b.variable(
             state,
@@ -491,7 +492,17 @@ class BioreactorServer(_BaseServer):
             ua.QualifiedName("CurrentState", 0),
             ua.LocalizedText(unit.state),
             VT.LocalizedText,
+            typedef=ua.ObjectIds.FiniteStateVariableType,
         )
+        for method in ("Start", "Stop", "Abort"):
+            await b.method(
+                state,
+                f"{fu_path}.FunctionalUnitState.{method}",
+                ua.QualifiedName(method, L),
+                self._state_handler(unit, method),
+                [],
+                [],
+            )
         fset = await b.object(
             fu,
             f"{fu_path}.FunctionSet",
@@ -534,6 +545,22 @@ class BioreactorServer(_BaseServer):
             func = await b.object(
                 fset, path, ua.QualifiedName(fname, ns.hmpc), ns.lads_type(typename)
             )
+            cfs = await b.object(
+                func,
+                f"{path}.ControlFunctionState",
+                ua.QualifiedName("ControlFunctionState", L),
+                ns.lads_type("ControlFunctionStateMachineType"),
+            )
+            nodes.states.append(
+                await b.variable(
+                    cfs,
+                    f"{path}.ControlFunctionState.CurrentState",
+                    ua.QualifiedName("CurrentState", 0),
+                    ua.LocalizedText(unit.state),
+                    VT.LocalizedText,
+                    typedef=ua.ObjectIds.FiniteStateVariableType,
+                )
+            )
             nodes.current[name] = await b.analog(
                 func,
                 f"{path}.CurrentValue",
@@ -568,11 +595,29 @@ class BioreactorServer(_BaseServer):
             ua.QualifiedName("ProgramManager", L),
             ns.lads_type("ProgramManagerType"),
         )
+        node_set = await b.object(
+            pm,
+            f"{fu_path}.ProgramManager.ProgramTemplateSet",
+            ua.QualifiedName("ProgramTemplateSet", L),
+            ns.lads_type("ProgramTemplateSetType"),
+        )
+        await b.property(
+            node_set, f"{fu_path}.ProgramManager.ProgramTemplateSet.NodeVersion", "NodeVersion", "1"
+        )
+        node_set = await b.object(
+            pm,
+            f"{fu_path}.ProgramManager.ResultSet",
+            ua.QualifiedName("ResultSet", L),
+            ns.lads_type("ResultSetType"),
+        )
+        await b.property(
+            node_set, f"{fu_path}.ProgramManager.ResultSet.NodeVersion", "NodeVersion", "1"
+        )
         active = await b.object(
             pm,
             f"{fu_path}.ProgramManager.ActiveProgram",
             ua.QualifiedName("ActiveProgram", L),
-            _base_object(),
+            ns.lads_type("ActiveProgramType"),
         )
         await b.variable(
             active,
@@ -694,6 +739,32 @@ class BioreactorServer(_BaseServer):
             [argument("Result", VT.StatusCode, "Good, BadInvalidState or BadUserAccessDenied")],
         )
 
+    def _state_handler(self, unit: BioreactorUnit, method: str) -> Callable[..., Any]:
+        """FunctionalUnitState methods (operator): Start -> Running; Stop / Abort -> Stopped /
+        Aborted with Local mode and every setpoint at its lower limit (pumps off)."""
+
+        async def handler(parent: ua.NodeId, *args: ua.Variant) -> ua.StatusCode | list[Any]:
+            caller = _caller()
+            if caller is None or caller.role is not Role.OPERATOR:
+                return status(ua.StatusCodes.BadUserAccessDenied)
+            if method == "Start":
+                if unit.state == "Aborted":
+                    return status(ua.StatusCodes.BadInvalidState)
+                unit.state = "Running"
+            else:
+                unit.state = "Stopped" if method == "Stop" else "Aborted"
+                unit.apc.request_mode(
+                    Mode.LOCAL, Role.OPERATOR, self.sims.clock.wall(), caller.name
+                )
+                for name, lim in unit.apc.config.limits.items():
+                    unit.apc.targets[name] = unit.apc.working[name] = lim.low
+            log.warning("%s: %s by %s -> %s", unit.name, method, caller.name, unit.state)
+            if self.server is not None:
+                await self._publish_apc(self.server, unit, self.sims.clock.wall())
+            return []
+
+        return handler
+
     def _write_setpoints(
         self, unit: BioreactorUnit, nodes: _UnitNodes, args: Sequence[ua.Variant]
     ) -> ua.StatusCode | list[ua.Variant]:
@@ -730,6 +801,8 @@ class BioreactorServer(_BaseServer):
             return status(ua.StatusCodes.BadInvalidArgument)
         if caller is None:
             result = ItemStatus.ACCESS_DENIED
+        elif mode is Mode.REMOTE and unit.state != "Running":
+            result = ItemStatus.INVALID_STATE  # a stopped or aborted unit takes no APC
         else:
             result = unit.apc.request_mode(mode, caller.role, self.sims.clock.wall(), caller.name)
         return [ua.Variant(status(_STATUS[result]), VT.StatusCode)]
@@ -808,6 +881,10 @@ class BioreactorServer(_BaseServer):
         )
         for label, val, vtype in apc_values:
             await server.write_attribute_value(nodes.apc[label], _dv(val, vtype, stamp))
+        for node in nodes.states:  # control functions follow the functional unit
+            await server.write_attribute_value(
+                node, _dv(ua.LocalizedText(unit.state), VT.LocalizedText, stamp)
+            )
         await server.write_attribute_value(
             nodes.apc["Setpoints"],
             ua.DataValue(

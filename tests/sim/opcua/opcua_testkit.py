@@ -2,10 +2,7 @@
 it whatever other conftest.py files exist): a PKI folder with users and a trusted client
 certificate, free loopback ports, and the simulators running on their own event loop in a
 thread (started once per module, always stopped). Tests talk to them with real asyncua
-clients under ``asyncio.run``.
-
-and the simulators running on their own event loop in a thread (started once per module,
-always stopped). Tests talk to them with real asyncua clients under ``asyncio.run``."""
+clients under ``asyncio.run``."""
 
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ def test_working_setpoint_ramps_at_the_rate_limits() -> None:
     apc.write_setpoints(["perfusion_rate"], [2.0], Role.APC, 0.0, "apc")
     applied = apc.advance(1.0)  # 0.5 per h up
     assert apc.working["perfusion_rate"] == pytest.approx(0.5)
-    assert applied["perfusion_rate"] == pytest.approx(0.25)
+    assert applied["perfusion_rate"] == pytest.approx(0.5)
     apc.advance(10.0)
     assert apc.working["perfusion_rate"] == pytest.approx(2.0)
     apc.write_setpoints(["perfusion_rate"], [0.0], Role.APC, 0.0, "apc")

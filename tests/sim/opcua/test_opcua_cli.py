@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from asyncua import Client, ua
-from conftest import Pki, free_ports
+from opcua_testkit import Pki, free_ports
 
 from sim.opcua.lads import DI_URI, LADS_URI
 

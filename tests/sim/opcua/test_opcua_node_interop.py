@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CLIENT_URI, Pki, SimThread
+from opcua_testkit import CLIENT_URI, Pki, SimThread
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from asyncua import Client, ua
-from conftest import PASSWORDS, Pki, SimThread, node, session
+from opcua_testkit import PASSWORDS, Pki, SimThread, node, session
 
 from sim.opcua.faults import Fault
 from sim.opcua.lads import DI_URI, LADS_URI, find_nodesets_dir
