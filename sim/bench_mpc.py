@@ -27,7 +27,6 @@ import logging
 import platform
 import statistics
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +36,21 @@ import numpy.typing as npt
 
 from controller.mpc import NonlinearMPC
 from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
-from plant_models.base import CASADI_OPS
 from plant_models.errors import ConfigError, HmpcError, SolverFailedError
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
-from sim.baselines import RuleController, make_baseline
+from sim.baselines import make_baseline
 from sim.closed_loop import default_limiter
-from sim.patients import VirtualPatient, load_cohort_spec
+from sim.mpc_controllers import (
+    GP_FEATURES,
+    GPCorrectedTCellModel,
+    fit_growth_residual_gp,
+)
+from sim.patients import VirtualPatient
 from sim.plant import VirtualBioreactor
 
 __all__ = [
     "DOMPC_FINGERPRINT",
     "DompcBatchModel",
-    "GPCorrectedTCellModel",
     "add_bench_mpc",
     "bench_dompc_batch",
     "bench_hybrid_atmp",
@@ -280,134 +282,6 @@ def _version(module: str) -> str:
 # ---------------------------------------------------------------------- problem B
 
 
-class GPCorrectedTCellModel:
-    """The T-cell model with a GP residual added to its growth rate (hybrid model).
-
-    Until ``plant_models`` offers a ``HybridModel``, this is the benchmark's hybrid model:
-    ``growth_rate = mechanistic growth_rate + GP mean(features)``; ``residual_std()`` gives
-    the GP standard deviation for constraint tightening (zero order, never in the NLP).
-    Any object with ``to_casadi(variance=...)`` returning ``features -> (mean[, variance])``
-    (for example :class:`plant_models.gp.GPResidual`) plugs in.
-    """
-
-    residual_names = ("growth_rate",)
-
-    def __init__(self, base: TCellExpansionModel, gp: Any, features: Sequence[str]) -> None:
-        self.base = base
-        self.name = f"{base.name}_hybrid"
-        self.gp = gp
-        self.features = tuple(features)
-        self.state_names = base.state_names
-        self.input_names = base.input_names
-        self.rate_names = base.rate_names
-        self.parameters = base.parameters
-        self._mean = gp.to_casadi("gp_mean", variance=False)
-        self._var = gp.to_casadi("gp_var", variance=True)
-
-    def _feature_vector(self, x: Any) -> Any:
-        return ca.vertcat(*[x[self.state_names.index(f)] for f in self.features])
-
-    def balances(
-        self, t: Any, x: Sequence[Any], u: Sequence[Any], r: Mapping[str, Any], p: Any, ops: Any
-    ) -> list[Any]:
-        return self.base.balances(t, x, u, r, p, ops)
-
-    def input_bounds(self) -> tuple[FloatArray, FloatArray]:
-        return self.base.input_bounds()
-
-    def dynamics(self) -> ca.Function:
-        t = ca.MX.sym("t")
-        x = ca.MX.sym("x", self.base.nx)
-        u = ca.MX.sym("u", self.base.nu)
-        xs = [x[i] for i in range(self.base.nx)]
-        us = [u[i] for i in range(self.base.nu)]
-        p = self.base.parameters
-        r = dict(self.base.rates(t, xs, us, p, CASADI_OPS))
-        r["growth_rate"] = r["growth_rate"] + self._mean(self._feature_vector(x))
-        xdot = ca.vertcat(*self.base.balances(t, xs, us, r, p, CASADI_OPS))
-        rv = ca.vertcat(*[r[k] for k in self.rate_names])
-        return ca.Function(
-            f"{self.name}_dynamics", [t, x, u], [xdot, rv], ["t", "x", "u"], ["xdot", "rates"]
-        )
-
-    def base_dynamics(self) -> ca.Function:
-        """The mechanistic part alone."""
-        return self.base.dynamics()
-
-    def residual_mean(self) -> ca.Function:
-        t = ca.MX.sym("t")
-        x = ca.MX.sym("x", self.base.nx)
-        u = ca.MX.sym("u", self.base.nu)
-        mean = self._mean(self._feature_vector(x))
-        return ca.Function("gp_mean", [t, x, u], [mean], ["t", "x", "u"], ["mean"])
-
-    def residual_std(self) -> ca.Function:
-        t = ca.MX.sym("t")
-        x = ca.MX.sym("x", self.base.nx)
-        u = ca.MX.sym("u", self.base.nu)
-        _, var = self._var(self._feature_vector(x))
-        return ca.Function(
-            "gp_std", [t, x, u], [ca.sqrt(ca.fmax(var, 0.0))], ["t", "x", "u"], ["std"]
-        )
-
-
-GP_FEATURES = ("glucose", "lactate", "il2")
-
-
-def growth_residual_data(n_points: int, seed: int = 0) -> tuple[FloatArray, FloatArray]:
-    """Training data of the growth-rate residual (truth minus nominal model) from simulated
-    batches of seeded virtual patients under the rule controller with perturbed moves.
-
-    Returns X (n, 3) of GP_FEATURES and y (n,) in 1/h.
-    """
-    proc = load_tcell_process()[0]
-    nominal = TCellExpansionModel(load_tcell_parameters()[0], proc)
-    spec = load_cohort_spec()[0]
-    rng = np.random.default_rng(seed)
-    xs: list[FloatArray] = []
-    ys: list[float] = []
-    batch = 0
-    while len(ys) < 2 * n_points:
-        plant = VirtualBioreactor.tcell(VirtualPatient.draw(1000 + batch, spec), seed=batch)
-        rule = RuleController("tcell", cell_specific_perfusion=float(rng.uniform(0.03, 0.15)))
-        limiter = default_limiter(plant)
-        inputs = {n: plant.bounds[n][0] for n in plant.model.input_names}
-        measurements = plant.initial_measurements()
-        for _ in range(int(proc.harvest_time)):
-            proposed = rule.step(plant.time_h, measurements, inputs)
-            inputs = limiter.apply(proposed, inputs, 1.0)
-            u = plant.model.input_vector(inputs)
-            truth = plant.model.rates_numpy(plant.time_h, plant.state, u)
-            model = nominal.rates_numpy(plant.time_h, plant.state, u)
-            names = plant.model.state_names
-            xs.append(np.array([plant.state[names.index(f)] for f in GP_FEATURES]))
-            ys.append(truth["growth_rate"] - model["growth_rate"])
-            measurements = plant.step(inputs, 1.0)
-        batch += 1
-    idx = rng.choice(len(ys), size=n_points, replace=False)
-    return np.array(xs)[idx], np.array(ys)[idx]
-
-
-def _fit_gp(n_points: int, *, sparse: bool, seed: int) -> Any:
-    try:
-        from plant_models.gp import GPResidual
-    except ImportError as exc:
-        raise ConfigError(f"bench hybrid-atmp needs plant_models.gp.GPResidual ({exc}).") from exc
-    x, y = growth_residual_data(n_points, seed=seed)
-    gp = GPResidual(
-        GP_FEATURES,
-        ("mM", "mM", "IU/mL"),
-        "growth_rate_residual",
-        "1/h",
-        sparse=sparse,
-        n_inducing=min(64, n_points),
-        training_iterations=60,
-        seed=seed,
-        max_points=max(2000, n_points),
-    )
-    return gp.fit(x, y)
-
-
 def bench_hybrid_atmp(
     gp_points: int,
     *,
@@ -434,7 +308,7 @@ def bench_hybrid_atmp(
     if residual is not None:
         config = dataclasses.replace(config, residual=residual)
     t_fit = time.perf_counter()
-    gp = _fit_gp(gp_points, sparse=sparse, seed=seed)
+    gp = fit_growth_residual_gp(gp_points, sparse=sparse, seed=seed)
     fit_s = time.perf_counter() - t_fit
     hybrid = GPCorrectedTCellModel(base, gp, GP_FEATURES)
     t_build = time.perf_counter()

@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from plant_models.errors import ConfigError
+from plant_models.errors import ConfigError, PlantIOError
 from sim.opcua.apc import Role
 from sim.opcua.faults import parse_fault
 from sim.opcua.security import write_user
@@ -138,7 +138,13 @@ async def _serve(config: SimulatorConfig) -> None:
         )
         print("ready", flush=True)
         sys.stdout.flush()
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        failing = asyncio.create_task(sims.wait_failed())
+        done, pending = await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if failing in done:
+            raise PlantIOError(f"the simulated plant failed: {failing.result()!r}")
     log.info("simulators stopped")
 
 

@@ -1262,11 +1262,30 @@ class Simulators:
         self.clock.reset()  # the batch starts when the servers are up
         await self.publish()
         self._task = asyncio.create_task(self._run(), name="hmpc-sim-plant")
+        self._task.add_done_callback(self._plant_done)
+
+    @staticmethod
+    def _plant_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("plant loop failed: %r; values are no longer updated", task.exception())
+
+    async def wait_failed(self) -> BaseException:
+        """Wait until the plant loop fails (it never ends otherwise) and return the error."""
+        if self._task is None:
+            raise PlantIOError("the simulators are not running")
+        try:
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the plant loop's failure is the result here
+            return exc
+        return PlantIOError("the plant loop ended")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # a failed plant loop was logged by _plant_done (and reported by wait_failed)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         for task in list(self._restarts):

@@ -19,14 +19,18 @@ from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_
 from sim.bench_mpc import (
     CONFIG_DIR,
     DOMPC_FINGERPRINT,
-    GP_FEATURES,
-    GPCorrectedTCellModel,
     add_bench_mpc,
     bench_dompc_batch,
     register,
 )
 from sim.closed_loop import run_closed_loop, summarize
-from sim.mpc_controllers import ModelObserver, make_mpc_controller, mpc_statistics
+from sim.mpc_controllers import (
+    GP_FEATURES,
+    GPCorrectedTCellModel,
+    ModelObserver,
+    make_mpc_controller,
+    mpc_statistics,
+)
 from sim.patients import VirtualPatient
 from sim.plant import VirtualBioreactor
 

@@ -1,7 +1,7 @@
 """Shared helpers of the OPC UA simulator tests (a uniquely named module, so tests can import
 it whatever other conftest.py files exist): a PKI folder with users and a trusted client
 certificate, free loopback ports, and the simulators running on their own event loop in a
-thread (started once per module, always stopped). Tests talk to them with real asyncua
+thread (started once per test session, always stopped). Tests talk to them with real asyncua
 clients under ``asyncio.run``."""
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class SimThread:
         return self.sims
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sim(pki: Pki) -> Iterator[SimThread]:
     port, printer_port = free_ports(2)
     config = SimulatorConfig(
@@ -159,7 +159,7 @@ def sim(pki: Pki) -> Iterator[SimThread]:
         speed=3600.0,
         patient_seed=7,
         pki=pki.folder,
-        heartbeat_timeout_s=1.5,
+        heartbeat_timeout_s=2.0,
     )
     thread = SimThread(config).start()
     try:

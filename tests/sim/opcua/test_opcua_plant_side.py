@@ -4,12 +4,16 @@ OPC UA with the in-process closed loop)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
+from opcua_testkit import free_ports
 
+from plant_models.errors import IntegrationError
 from sim.opcua.apc import Mode, Role
-from sim.opcua.server import SimulatorConfig, Simulators
+from sim.opcua.security import write_user
+from sim.opcua.server import SimulatorConfig, Simulators, serve_simulators
 from sim.patients import VirtualPatient, load_cohort_spec
 from sim.plant import VirtualBioreactor
 
@@ -44,3 +48,23 @@ def test_unit_matches_the_in_process_plant(tmp_path: Path) -> None:
     truth, ref_truth = unit.plant.true_values(), reference.true_values()
     assert truth == pytest.approx(ref_truth, rel=1e-12)
     assert unit.totals["glucose_feed"] == pytest.approx(0.5 * 19)  # mL/h x h
+
+
+@pytest.mark.integration
+def test_a_failing_plant_is_reported_not_hidden(tmp_path: Path) -> None:
+    write_user(tmp_path / "users.toml", "viewer", Role.VIEWER, "pw", iterations=1000)
+    port, printer_port = free_ports(2)
+    config = SimulatorConfig(
+        port=port, printer_port=printer_port, pki=tmp_path, speed=3600.0, hand_built=True
+    )
+
+    def broken(dt_h: float) -> None:
+        raise IntegrationError("plant integration failed (test)")
+
+    async def go() -> BaseException:
+        async with serve_simulators(config) as sims:
+            sims.units[0].advance = broken  # type: ignore[method-assign]
+            return await asyncio.wait_for(sims.wait_failed(), 10)
+
+    error = asyncio.run(go())
+    assert isinstance(error, IntegrationError)

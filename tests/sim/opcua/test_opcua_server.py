@@ -50,6 +50,12 @@ async def beating(client: Client, unit: str) -> None:
 
 async def grant_remote(sim: SimThread, pki: Pki, unit: str = "BR01") -> None:
     async with session(sim.s.endpoint, pki, "operator") as op:
+        # as an operator does: grant only once the plant shows a healthy heartbeat
+        healthy = await node(op, f"APC.{unit}.HeartbeatHealthy")
+        for _ in range(100):
+            if await healthy.read_value():
+                break
+            await asyncio.sleep(0.05)
         result = await call(op, f"APC.{unit}", "RequestMode", ua.Variant(1, ua.VariantType.Int32))
         assert result == ua.StatusCode(ua.StatusCodes.Good)
 
@@ -177,6 +183,7 @@ def test_assays_carry_their_sample_time_and_clock_runs_fast(sim: SimThread, pki:
                 if dv.SourceTimestamp is not None and not math.isnan(dv.Value.Value):
                     break
                 await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
             t1 = await (await node(c, "Clock.ProcessTime")).read_value()
             return epoch, dv, t0, t1
 
@@ -510,3 +517,39 @@ def test_server_restart_fault_comes_back(sim: SimThread, pki: Pki) -> None:
     down, t = asyncio.run(go())
     assert down
     assert t > 0
+
+
+def test_functional_unit_stop_and_start(sim: SimThread, pki: Pki) -> None:
+    fus = "BR02.Bioreactor.FunctionalUnitState"
+
+    async def go() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with session(sim.s.endpoint, pki, "viewer") as viewer:
+            try:
+                await call(viewer, fus, "Stop")
+                out["viewer"] = "accepted"
+            except ua.UaStatusCodeError as exc:
+                out["viewer"] = exc.code
+        async with session(sim.s.endpoint, pki, "operator") as op:
+            await call(op, fus, "Stop")
+            state = await node(op, f"{fus}.CurrentState")
+            out["stopped"] = (await state.read_value()).Text
+            pump = await node(op, "BR02.Bioreactor.FunctionSet.GlucoseFeedPump")
+            cfs = await pump.get_child(
+                [f"{await op.get_namespace_index(LADS_URI)}:ControlFunctionState", "0:CurrentState"]
+            )
+            out["pump_state"] = (await cfs.read_value()).Text
+            out["setpoints"] = await (await node(op, "APC.BR02.WorkingSetpoints")).read_value()
+            out["remote"] = await call(
+                op, "APC.BR02", "RequestMode", ua.Variant(1, ua.VariantType.Int32)
+            )
+            await call(op, fus, "Start")
+            out["started"] = (await state.read_value()).Text
+        return out
+
+    out = asyncio.run(go())
+    assert out["viewer"] == ua.StatusCodes.BadUserAccessDenied
+    assert out["stopped"] == "Stopped" and out["pump_state"] == "Stopped"
+    assert out["setpoints"] == [0.0, 0.0, 0.0]  # pumps off
+    assert out["remote"] == ua.StatusCode(ua.StatusCodes.BadInvalidState)
+    assert out["started"] == "Running"
