@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml $(BIN)/activate
 	$(BIN)/pip install "torch==2.13.*"
 	$(BIN)/pip install -e ".[dev,bench]"
 	bash sim/opcua/setup_nodesets.sh
+	bash sim/opcua/setup_lads_client.sh
 	touch $@
 
 setup: $(VENV)/.installed

@@ -13,7 +13,8 @@ bounded state by ``kappa * sigma``.
 
 Parameter vector of the NLP (per step): initial state, previous input, start time, stage
 mask (shrinking horizon with a fixed-size NLP), terminal selector, dose target, tracking
-references and the tightening terms.
+references, the tightening terms and (``residual = "linearized"``) the residual's
+first-order expansion about the previous plan.
 """
 
 from __future__ import annotations
@@ -357,7 +358,6 @@ class NonlinearMPC:
         p_tight = sym.sym("tightening", nx, n)
         p_q = sym.sym("residual_linearisation", nq, n)
         params = [p_x0, p_u, p_t0, p_mask, p_term, p_dose, p_ref, p_tight, p_q]
-        self._param_shapes = [(int(q.size1()), int(q.size2())) for q in params]
 
         g: list[Any] = []
         lbg: list[FloatArray] = []
@@ -381,7 +381,6 @@ class NonlinearMPC:
         times = p_t0 + h * ca.DM(np.arange(n)).T
         x_next = step_fn.map(n)(times, xp[:, :n], up, p_q)
         add((x_next - xp[:, 1:]) / ca.repmat(sx, 1, n), 0.0, 0.0)
-        self._n_eq = int(sum(int(e.size1()) for e in g))
         # rate-of-change limits (first move over the sample period, then per step)
         du = ca.horzcat(up[:, 0] - p_u, up[:, 1:] - up[:, :-1])
         for i in range(nu):
@@ -391,16 +390,13 @@ class NonlinearMPC:
                 span[0] = r * c.sample_period_h
                 add(du[i, :] / su[i], -span / self.input_scale[i], span / self.input_scale[i])
         # hard state limits on x_1..x_N, masked beyond the harvest, tightened by kappa*sigma
-        self._bounded: list[tuple[int, str]] = []
         for name, hb in c.hard_bounds.items():
             i = self.state_names.index(name)
             si = float(self.state_scale[i])
             if hb.high is not None:
                 add(p_mask * (xp[i, 1:] - hb.high + p_tight[i, :]) / si, -np.inf, 0.0)
-                self._bounded.append((i, f"{name}_high"))
             if hb.low is not None:
                 add(p_mask * (hb.low + p_tight[i, :] - xp[i, 1:]) / si, -np.inf, 0.0)
-                self._bounded.append((i, f"{name}_low"))
         for j, s in enumerate(softs):
             si = float(self.state_scale[s.state])
             viol = s.sign * (xp[s.state, 1:] - s.limit) + p_tight[s.state, :]

@@ -25,7 +25,8 @@ __all__ = ["main"]
 log = logging.getLogger("hmpc.sim")
 
 BASELINES = ("recipe", "rule")
-MPC_NAMES = ("mechanistic-mpc", "oracle")
+#: MPC controllers of sim.mpc_controllers (imported lazily: they build CasADi problems)
+MPC_NAMES = ("mechanistic-mpc", "hybrid-mpc", "oracle")
 
 
 def _positive(text: str) -> float:

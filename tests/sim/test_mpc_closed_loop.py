@@ -68,6 +68,25 @@ def test_controllers_run_on_both_models(kind: str, name: str) -> None:
             assert low <= r.u[n] <= high
 
 
+def test_hybrid_mpc_runs_with_a_learned_residual() -> None:
+    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    controller = make_mpc_controller("hybrid-mpc", plant, gp_points=100)
+    df = run_closed_loop(plant, controller, days=0.25)
+    assert controller.mpc.residual_names == ("growth_rate",)
+    assert all(r.success for r in controller.results)
+    assert df["hard_violation"].sum() == 0
+    # kappa > 0 in the tuning: the GP std is propagated and reported
+    last = controller.results[-1]
+    assert np.all(last.predicted_std > 0)
+    assert last.predicted_state_std[-1, list(last.state_names).index("viable_cells")] > 0
+
+
+def test_hybrid_mpc_needs_the_tcell_model() -> None:
+    plant = VirtualBioreactor.cho(VirtualPatient.nominal())
+    with pytest.raises(ValueError, match="T-cell"):
+        make_mpc_controller("hybrid-mpc", plant)
+
+
 def test_unknown_controller_name() -> None:
     plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
     with pytest.raises(ValueError, match="mechanistic-mpc"):

@@ -442,10 +442,10 @@ def test_printer_job_lifecycle_rejection_and_fault(sim: SimThread, pki: Pki) -> 
         endpoint = sim.s.printer_endpoint
         assert endpoint is not None
         async with session(endpoint, pki, "apc") as c:
-            out["ok"] = await store(c, "JOB-1", 0.1, 0.5)  # 10 mL: 0.5 h setup + 1 h printing
+            out["ok"] = await store(c, "JOB-1", 0.1, 3.0)  # 10 mL: 0.5 h setup + 1 h printing
             out["rejected"] = await store(c, "JOB-2", 5.0, 0.5)  # 500 mL > cartridge
             out["state0"] = await state(c, "JOB-1")
-            for _ in range(100):
+            for _ in range(200):
                 if await state(c, "JOB-1") == "Ended":
                     break
                 await asyncio.sleep(0.1)
