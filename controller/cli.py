@@ -20,7 +20,7 @@ from plant_models.gp import GPResidual
 from plant_models.hybrid import HybridModel, RateCorrection, discretize, feature_units
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 
-__all__ = ["main", "nominal_model"]
+__all__ = ["main", "nominal_model", "run_cli"]
 
 log = logging.getLogger("hmpc")
 
@@ -261,8 +261,10 @@ def _plot_validation(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse, set up logging (``-v`` for debug) and run the chosen sub-command. User errors
+    (typed hmpc errors, bad values, files that cannot be read) become a one-line message
+    and exit status 2, never a traceback. Shared by ``hmpc`` and ``hmpc-sim``."""
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -271,8 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (HmpcError, ValueError, OSError) as exc:
-        print(f"hmpc: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

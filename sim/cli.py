@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from controller.cli import run_cli
 from plant_models.cho import load_cho_process
-from plant_models.errors import HmpcError
 from plant_models.tcell import load_tcell_process
 from sim.baselines import make_baseline
 from sim.closed_loop import run_closed_loop, summarize
@@ -251,18 +251,7 @@ def cmd_cohort(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return int(args.func(args))
-    except (HmpcError, ValueError, OSError) as exc:
-        # user errors: a message, no traceback
-        print(f"hmpc-sim: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":
