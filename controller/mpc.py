@@ -152,6 +152,11 @@ class NonlinearMPC:
         config: tuning; fill process limits first with
             :func:`controller.mpc_config.with_process_limits`.
         recipe: culture age -> inputs; needed when ``on_failure = "recipe"``.
+        model_parameters: names of model parameters that become NLP parameters (e.g.
+            ``("mu_max",)`` so the estimator's per-patient growth factor reaches the
+            prediction); the model's ``dynamics(symbolic_parameters=names)`` (and
+            ``base_dynamics(symbolic_parameters=names)`` for a linearised residual) must
+            accept them. Values are given per step (default: the model's nominal values).
 
     Raises:
         ConfigError: a name in the tuning is not a state/input of the model (with a
@@ -165,10 +170,14 @@ class NonlinearMPC:
         config: MPCConfig,
         *,
         recipe: Callable[[float], Mapping[str, float]] | None = None,
+        model_parameters: Sequence[str] = (),
     ) -> None:
         self.model = model
         self.config = config
         self.recipe = recipe
+        self.parameter_names: tuple[str, ...] = tuple(model_parameters)
+        self._nominal_parameters = self._parameter_defaults()
+        self._pvals = self._nominal_parameters.copy()
         self.state_names: tuple[str, ...] = tuple(model.state_names)
         self.input_names: tuple[str, ...] = tuple(model.input_names)
         self.nx, self.nu, self.horizon = (
@@ -267,12 +276,10 @@ class NonlinearMPC:
     def _build(self) -> None:
         c = self.config
         nx, nu, n, h = self.nx, self.nu, self.horizon, c.step_h
-        f = self.model.dynamics()
-        if not isinstance(f, ca.Function) or f.n_in() != 3:
-            raise ModelError(
-                "model.dynamics() must return a ca.Function (t, x, u) -> (xdot, ...) with "
-                "exactly three inputs."
-            )
+        f = self._model_function("dynamics")
+        if f is None:
+            raise ModelError("the model has no dynamics() method.")
+        npar = len(self.parameter_names)
         # one RK4 step over step_h (integrator_substeps sub-steps)
         t = ca.MX.sym("t")
         x = ca.MX.sym("x", nx)
@@ -281,9 +288,13 @@ class NonlinearMPC:
         n_r = len(self.residual_names)
         nq = n_r + n_r * nx + nx if linearized else 0
         q = ca.MX.sym("q", nq)
+        pm = ca.MX.sym("pm", npar)
+
+        def call(fn: ca.Function, tk: Any, xk: Any) -> Any:
+            return fn(tk, xk, u, pm)[0] if npar else fn(tk, xk, u)[0]
 
         def exact(tk: Any, xk: Any) -> Any:
-            return f(tk, xk, u)[0]
+            return call(f, tk, xk)
 
         base_fn, map_fn = self._base_fn, self._map_fn
 
@@ -292,36 +303,32 @@ class NonlinearMPC:
             if base_fn is None or map_fn is None:  # guarded by _setup_residual
                 raise ModelError("linearized residual without base_dynamics/state map")
             mean = q[:n_r] + ca.mtimes(ca.reshape(q[n_r : n_r + n_r * nx], n_r, nx), xk - q[-nx:])
-            return base_fn(tk, xk, u)[0] + ca.mtimes(map_fn(tk, xk, u), mean)
+            return call(base_fn, tk, xk) + ca.mtimes(map_fn(tk, xk, u), mean)
 
         rhs = first_order if linearized else exact
         step_fn = ca.Function(
-            "mpc_step", [t, x, u, q], [self._rk4(rhs, t, x)], ["t", "x", "u", "q"], ["x_next"]
+            "mpc_step",
+            [t, x, u, q, pm],
+            [self._rk4(rhs, t, x)],
+            ["t", "x", "u", "q", "p"],
+            ["x_next"],
         )
         x_exact = self._rk4(exact, t, x)
-        sim_fn = ca.Function("mpc_simulate", [t, x, u], [x_exact], ["t", "x", "u"], ["x_next"])
-        jac_fn = ca.Function(
-            "mpc_step_jac", [t, x, u], [ca.jacobian(x_exact, x)], ["t", "x", "u"], ["A"]
+        sim_fn = ca.Function(
+            "mpc_simulate", [t, x, u, pm], [x_exact], ["t", "x", "u", "p"], ["x_next"]
         )
-        lin_fn = None
-        if linearized and self._mean_fn is not None:
-            mean = self._mean_fn(t, x, u)
-            lin_fn = ca.Function(
-                "residual_linearisation",
-                [t, x, u],
-                [ca.vertcat(mean, ca.vec(ca.jacobian(mean, x)), x)],
-                ["t", "x", "u"],
-                ["q"],
-            )
+        jac_fn = ca.Function(
+            "mpc_step_jac", [t, x, u, pm], [ca.jacobian(x_exact, x)], ["t", "x", "u", "p"], ["A"]
+        )
         if c.solver.expand:
             try:
                 step_fn = step_fn.expand()
                 sim_fn = sim_fn.expand()
                 jac_fn = jac_fn.expand()
-                lin_fn = lin_fn.expand() if lin_fn is not None else None
             except RuntimeError as exc:  # e.g. a model with MX-only nodes
                 log.info("MPC: NLP kept as MX (cannot expand: %s)", exc)
-        self._step_fn, self._sim_fn, self._jac_fn, self._lin_fn = step_fn, sim_fn, jac_fn, lin_fn
+        self._step_fn, self._sim_fn, self._jac_fn = step_fn, sim_fn, jac_fn
+        self._lin_fn = self._linearisation_function()
         sym: Any = ca.SX if step_fn.is_a("SXFunction") else ca.MX
 
         sx = ca.DM(self.state_scale)
@@ -357,7 +364,8 @@ class NonlinearMPC:
         p_ref = sym.sym("reference", nt, n + 1)
         p_tight = sym.sym("tightening", nx, n)
         p_q = sym.sym("residual_linearisation", nq, n)
-        params = [p_x0, p_u, p_t0, p_mask, p_term, p_dose, p_ref, p_tight, p_q]
+        p_model = sym.sym("model_parameters", npar)
+        params = [p_x0, p_u, p_t0, p_mask, p_term, p_dose, p_ref, p_tight, p_q, p_model]
 
         g: list[Any] = []
         lbg: list[FloatArray] = []
@@ -379,7 +387,7 @@ class NonlinearMPC:
         # initial state and shooting gaps (scaled)
         add(xs[:, 0] - p_x0 / sx, 0.0, 0.0, staged=False)
         times = p_t0 + h * ca.DM(np.arange(n)).T
-        x_next = step_fn.map(n)(times, xp[:, :n], up, p_q)
+        x_next = step_fn.map(n)(times, xp[:, :n], up, p_q, ca.repmat(p_model, 1, n))
         add((x_next - xp[:, 1:]) / ca.repmat(sx, 1, n), 0.0, 0.0)
         # rate-of-change limits (first move over the sample period, then per step)
         du = ca.horzcat(up[:, 0] - p_u, up[:, 1:] - up[:, :-1])
@@ -463,6 +471,46 @@ class NonlinearMPC:
         )
         log.debug("MPC built: %d variables, %d constraints, %d parameters", nw, self._ng, self._np)
 
+    def _linearisation_function(self) -> ca.Function | None:
+        """(t, x, u) -> [residual mean; vec(d mean / dx); x] for the linearised residual."""
+        if not self._linearized or self._mean_fn is None:
+            return None
+        t = ca.MX.sym("t")
+        x = ca.MX.sym("x", self.nx)
+        u = ca.MX.sym("u", self.nu)
+        mean = self._mean_fn(t, x, u)
+        fn = ca.Function(
+            "residual_linearisation",
+            [t, x, u],
+            [ca.vertcat(mean, ca.vec(ca.jacobian(mean, x)), x)],
+            ["t", "x", "u"],
+            ["q"],
+        )
+        if self.config.solver.expand:
+            try:
+                fn = fn.expand()
+            except RuntimeError as exc:
+                log.info("MPC: residual linearisation kept as MX (%s)", exc)
+        return fn
+
+    def refresh_residual(self) -> None:
+        """Re-read the model's residual functions after its residual learned in the batch
+        (e.g. :meth:`plant_models.gp.GPResidual.update` then ``HybridModel.refresh()``).
+
+        With ``residual = "linearized"`` (and for the tightening in any mode) the residual is
+        evaluated outside the NLP, so the NLP itself is unchanged and nothing is rebuilt but
+        these small functions. With ``residual = "exact"`` the residual is inside the NLP:
+        a changed residual needs a new :class:`NonlinearMPC`.
+        """
+        for attr, slot in (("residual_mean", "_mean_fn"), ("residual_std", "_std_fn")):
+            factory = getattr(self.model, attr, None)
+            if callable(factory) and getattr(self, slot) is not None:
+                fn = factory()
+                if not isinstance(fn, ca.Function) or fn.n_in() != 3:
+                    raise ModelError(f"model.{attr}() must return a ca.Function of (t, x, u).")
+                setattr(self, slot, fn)
+        self._lin_fn = self._linearisation_function()
+
     def _rk4(self, rhs: Callable[[Any, Any], Any], t: Any, x: Any) -> Any:
         """State after one ``step_h`` of RK4 (``integrator_substeps`` sub-steps) of ``rhs``."""
         m = self.config.integrator_substeps
@@ -537,6 +585,35 @@ class NonlinearMPC:
             )
         return opts
 
+    def _parameter_defaults(self) -> FloatArray:
+        params = getattr(self.model, "parameters", None)
+        values = []
+        for name in self.parameter_names:
+            value = getattr(params, name, None)
+            if value is None or not math.isfinite(float(value)):
+                raise ConfigError(
+                    f"MPC model_parameters: {name!r} is not a finite parameter of model "
+                    f"{getattr(self.model, 'name', type(self.model).__name__)!r}."
+                )
+            values.append(float(value))
+        return np.array(values, dtype=float)
+
+    def _model_function(self, attr: str) -> ca.Function | None:
+        """``model.<attr>()`` with the MPC's symbolic model parameters, checked."""
+        factory = getattr(self.model, attr, None)
+        if not callable(factory):
+            return None
+        names = self.parameter_names
+        fn = factory(symbolic_parameters=names) if names else factory()
+        n_in = 4 if names else 3
+        if not isinstance(fn, ca.Function) or fn.n_in() != n_in:
+            args = "(t, x, u, p)" if names else "(t, x, u)"
+            raise ModelError(
+                f"model.{attr}() must return a ca.Function {args} -> (xdot, ...) with exactly "
+                f"{n_in} inputs."
+            )
+        return fn
+
     def _setup_residual(self) -> None:
         """Optional residual interface of a hybrid model (see :class:`PredictionModel`)."""
         self.residual_names: tuple[str, ...] = ()
@@ -545,7 +622,10 @@ class NonlinearMPC:
         self._base_fn: ca.Function | None = None
         self._map_fn: ca.Function | None = None
         fns: dict[str, ca.Function] = {}
-        for attr in ("residual_std", "residual_mean", "base_dynamics"):
+        base = self._model_function("base_dynamics")
+        if base is not None:
+            fns["base_dynamics"] = base
+        for attr in ("residual_std", "residual_mean"):
             factory = getattr(self.model, attr, None)
             if callable(factory):
                 fn = factory()
@@ -615,7 +695,7 @@ class NonlinearMPC:
         """Prediction of the model over ``len(inputs)`` steps of ``step_h``: (n+1, nx)."""
         out = [np.asarray(x0, dtype=float).reshape(-1)]
         for k, uk in enumerate(np.atleast_2d(inputs)):
-            xk = self._sim_fn(t0 + k * self.config.step_h, out[-1], uk)
+            xk = self._sim_fn(t0 + k * self.config.step_h, out[-1], uk, self._pvals)
             out.append(np.asarray(xk, dtype=float).reshape(-1))
         return np.array(out)
 
@@ -627,6 +707,7 @@ class NonlinearMPC:
         *,
         references: Mapping[str, float | Sequence[float]] | None = None,
         harvest_time: float | None = None,
+        model_parameters: Mapping[str, float] | None = None,
     ) -> MPCResult:
         """Solve the MPC problem from state ``x0`` at culture age ``t`` (h).
 
@@ -637,6 +718,8 @@ class NonlinearMPC:
             references: tracking references overriding the tuning (a value, or N+1 values).
             harvest_time: culture age of the harvest, h (default: the tuning's, for
                 dose-by-date; none otherwise); the horizon shrinks to it.
+            model_parameters: values of the MPC's ``model_parameters`` for this step
+                (missing names keep their nominal values).
         Returns:
             :class:`MPCResult`; on solver failure the move of the ``on_failure`` policy.
         Raises:
@@ -645,6 +728,7 @@ class NonlinearMPC:
         c = self.config
         x = self._vector(x0, self.state_names, "state")
         up = self._vector(u_prev, self.input_names, "input")
+        self._pvals = self._parameter_vector(model_parameters)
         n, h = self.horizon, c.step_h
         times = t + h * np.arange(n + 1, dtype=np.float64)
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(up)) and math.isfinite(t)):
@@ -669,7 +753,18 @@ class NonlinearMPC:
         rate_std, state_std = self._uncertainty(guess_states, guess_inputs, times)
         tight = (c.kappa * state_std[1:, :]).T  # (nx, N)
         lin = self._linearisation(guess_states, guess_inputs, times)
-        params = [x, up, np.array([t]), mask, term, np.array([dose_target]), refs, tight, lin]
+        params = [
+            x,
+            up,
+            np.array([t]),
+            mask,
+            term,
+            np.array([dose_target]),
+            refs,
+            tight,
+            lin,
+            self._pvals,
+        ]
         p = np.concatenate([np.asarray(v, dtype=float).reshape(-1, order="F") for v in params])
         w0 = self._pack(guess_states, guess_inputs, x, dose_target, term)
 
@@ -747,6 +842,20 @@ class NonlinearMPC:
         )
 
     # ------------------------------------------------------------------ helpers
+    def _parameter_vector(self, values: Mapping[str, float] | None) -> FloatArray:
+        out = self._nominal_parameters.copy()
+        for name, value in (values or {}).items():
+            if name not in self.parameter_names:
+                raise ModelError(
+                    f"model parameter {name!r} is not one of the MPC's model_parameters "
+                    f"{list(self.parameter_names)}; declare it when building the MPC."
+                )
+            v = float(value)
+            if not math.isfinite(v):
+                raise ModelError(f"model parameter {name} = {value!r} is not finite.")
+            out[self.parameter_names.index(name)] = v
+        return out
+
     def _vector(
         self,
         value: Mapping[str, float] | Sequence[float] | FloatArray,
@@ -828,7 +937,8 @@ class NonlinearMPC:
         tt, xx, uu = times[:n].reshape(1, -1), states[:n].T, inputs.T
         std = np.asarray(self._std_fn.map(n)(tt, xx, uu), dtype=float).reshape(-1, n).T
         std = np.nan_to_num(np.maximum(std, 0.0))
-        a_all = np.asarray(self._jac_fn.map(n)(tt, xx, uu), dtype=float)  # nx x (nx*n)
+        pp = np.tile(self._pvals.reshape(-1, 1), (1, n))
+        a_all = np.asarray(self._jac_fn.map(n)(tt, xx, uu, pp), dtype=float)  # nx x (nx*n)
         g_all = np.asarray(self._map_fn.map(n)(tt, xx, uu), dtype=float)  # nx x (n_r*n)
         n_r = std.shape[1]
         cov = np.zeros((self.nx, self.nx))

@@ -1,13 +1,12 @@
-"""The nonlinear MPC as a closed-loop controller (the :class:`sim.baselines.Controller`
-protocol): ``mechanistic-mpc`` (nominal model, state from a simple observer),
-``hybrid-mpc`` (T cell: nominal model plus a GP residual on the growth rate, a stop-gap
-hybrid model until plant_models offers one) and ``oracle`` (the plant's own truth model and
-true state: the bound on what any controller can reach).
+"""The nonlinear MPC as a closed-loop controller of the virtual plant (the
+:class:`controller.baselines.Controller` protocol): ``mechanistic-mpc`` and ``hybrid-mpc``
+are the deployable estimator-fed controllers of :mod:`controller.control` (they see the
+measurements only); ``oracle`` is the MPC on the plant's own truth model and true state
+(the bound on what any controller can reach).
 
-Until the estimator (controller/estimator.py) lands, the mechanistic MPC takes its state
-from :class:`ModelObserver`: the model's open-loop prediction, corrected towards each new
-measurement with a fixed gain; states nobody measures (inhibitor, volume) stay on the
-prediction (the inhibitor is the integral of the estimated viable cells).
+Also here for the benchmarks: :func:`fit_growth_residual_gp` (a residual fitted on rate
+samples of simulated earlier batches) and :class:`GPCorrectedTCellModel` (a growth-rate
+residual with any ``to_casadi`` export plugged into the T-cell model).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
+from controller.control import ControllerSpec, EstimatingMPC, build_controller
 from controller.mpc import MPCResult, NonlinearMPC, PredictionModel
 from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
 from plant_models.base import CASADI_OPS
@@ -40,7 +41,6 @@ __all__ = [
     "MPC_CONTROLLERS",
     "GPCorrectedTCellModel",
     "MPCController",
-    "ModelObserver",
     "default_config_path",
     "fit_growth_residual_gp",
     "growth_residual_data",
@@ -61,97 +61,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 def default_config_path(kind: str) -> Path:
     """The MPC tuning file of a model kind (``configs/mpc_<kind>.toml``)."""
     return CONFIG_DIR / f"mpc_{kind}.toml"
-
-
-def _rk4_function(model: PredictionModel) -> ca.Function:
-    """``(t, x, u, dt) -> x(t + dt)``: 4 RK4 sub-steps of the model's dynamics."""
-    f = model.dynamics()
-    n_x, n_u = len(model.state_names), len(model.input_names)
-    t = ca.MX.sym("t")
-    x = ca.MX.sym("x", n_x)
-    u = ca.MX.sym("u", n_u)
-    dt = ca.MX.sym("dt")
-    h = dt / 4
-    xk, tk = x, t
-    for _ in range(4):
-        k1 = f(tk, xk, u)[0]
-        k2 = f(tk + h / 2, xk + h / 2 * k1, u)[0]
-        k3 = f(tk + h / 2, xk + h / 2 * k2, u)[0]
-        k4 = f(tk + h, xk + h * k3, u)[0]
-        xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        tk = tk + h
-    fn = ca.Function("observer_step", [t, x, u, dt], [xk])
-    try:
-        return fn.expand()
-    except RuntimeError:
-        return fn
-
-
-class ModelObserver:
-    """Open-loop model prediction corrected by the latest measurements (fixed gains).
-
-    Per call: predict from the last estimate with the inputs applied since, then blend
-    each measured state towards its measurement (``online_gain`` for probes,
-    ``assay_gain`` for offline assays). A ``viability`` assay sets ``dead_cells``
-    (T cell) or ``total_cells`` (CHO) from the estimated viable cells. The ``inhibitor``
-    (integral of viable cells) is integrated from the estimated viable cells.
-    """
-
-    def __init__(
-        self,
-        model: PredictionModel,
-        x0: FloatArray,
-        *,
-        online_gain: float = 0.5,
-        assay_gain: float = 0.8,
-    ) -> None:
-        self.model = model
-        self.names = tuple(model.state_names)
-        self.inputs = tuple(model.input_names)
-        self.x = np.asarray(x0, dtype=float).copy()
-        self.time_h = 0.0
-        self.online_gain = online_gain
-        self.assay_gain = assay_gain
-        self._step = _rk4_function(model)
-
-    def update(
-        self, time_h: float, measurements: Sequence[Measurement], applied: Mapping[str, float]
-    ) -> FloatArray:
-        """The state estimate at ``time_h`` (copy)."""
-        dt = time_h - self.time_h
-        before = self.x.copy()
-        if dt > 0:
-            u = np.array([float(applied.get(n, 0.0)) for n in self.inputs])
-            pred = np.asarray(self._step(self.time_h, self.x, u, dt), dtype=float).reshape(-1)
-            if np.all(np.isfinite(pred)):
-                self.x = np.maximum(pred, 0.0)
-            else:
-                log.warning("observer: non-finite prediction at t=%.2f h; state held", time_h)
-        self.time_h = time_h
-        viability: float | None = None
-        for m in measurements:
-            if m.quality != "good":
-                continue
-            if m.name == "viability":
-                viability = m.value
-                continue
-            if m.name in self.names:
-                i = self.names.index(m.name)
-                gain = self.online_gain if m.source == "online" else self.assay_gain
-                self.x[i] += gain * (m.value - self.x[i])
-        if "viable_cells" in self.names:
-            iv = self.names.index("viable_cells")
-            if viability is not None and 0.0 < viability <= 1.0:
-                xv = self.x[iv]
-                if "dead_cells" in self.names:
-                    self.x[self.names.index("dead_cells")] = xv * (1.0 - viability) / viability
-                elif "total_cells" in self.names:
-                    self.x[self.names.index("total_cells")] = xv / viability
-            if "inhibitor" in self.names and dt > 0:
-                ii = self.names.index("inhibitor")
-                self.x[ii] = before[ii] + 0.5 * (before[iv] + self.x[iv]) * dt
-        self.x = np.maximum(self.x, 0.0)
-        return self.x.copy()
 
 
 @dataclasses.dataclass
@@ -336,27 +245,32 @@ def make_mpc_controller(
     plant: VirtualBioreactor,
     config_path: str | Path | None = None,
     *,
+    residual: str | Path | None = None,
     gp_points: int = 300,
     gp_seed: int = 0,
-) -> MPCController:
+    learner: Any = None,
+) -> MPCController | EstimatingMPC:
     """An MPC controller by name for a plant (``tcell`` or ``cho``).
 
     Args:
-        name: ``mechanistic-mpc`` (nominal model; state from :class:`ModelObserver`),
-            ``hybrid-mpc`` (T cell: nominal model + GP growth-rate residual learned from
-            ``gp_points`` samples of earlier simulated batches of other patients; same
-            observer) or ``oracle`` (the plant's truth model and true state).
+        name: ``mechanistic-mpc`` (estimator + MPC on the nominal model, as deployed:
+            :func:`controller.control.build_controller`), ``hybrid-mpc`` (T cell: the
+            same on the hybrid model nominal + GP growth-rate residual) or ``oracle`` (the
+            plant's truth model and true state).
         plant: the virtual bioreactor (the oracle reads its model and state).
         config_path: MPC tuning file (default ``configs/mpc_<kind>.toml``).
-        gp_points, gp_seed: training-set size and seed of the hybrid model's GP.
+        residual: fitted residual file for ``hybrid-mpc`` (``hmpc fit`` output). Without
+            one, a benchmark residual is fitted on ``gp_points`` rate samples of earlier
+            simulated batches of other patients (:func:`fit_growth_residual_gp`).
+        learner: in-batch learning hook of the hybrid residual
+            (:data:`controller.control.ResidualLearner`).
     Raises:
         ValueError: unknown name. ConfigError: invalid tuning file.
     """
-    config = load_plant_config(plant, config_path)
-    recipe = _recipe(plant.kind)
     if name == "oracle":
+        config = load_plant_config(plant, config_path)
         model: PredictionModel = plant.model
-        mpc = NonlinearMPC(model, config, recipe=recipe)
+        mpc = NonlinearMPC(model, config, recipe=_recipe(plant.kind))
 
         def true_state(
             time_h: float, measurements: Sequence[Measurement], previous: Mapping[str, float]
@@ -364,34 +278,32 @@ def make_mpc_controller(
             return np.asarray(plant.state, dtype=float).copy()
 
         return MPCController("oracle", mpc, true_state)
-    if name == "hybrid-mpc":
-        if plant.kind != "tcell":
-            raise ValueError("hybrid-mpc exists for the T-cell model only (GP on its growth rate)")
-        base = _nominal_model(plant)
-        if not isinstance(base, TCellExpansionModel):  # narrowing for the type checker
-            raise TypeError("hybrid-mpc needs the T-cell model")
-        gp = fit_growth_residual_gp(gp_points, seed=gp_seed)
-        model = GPCorrectedTCellModel(base, gp, GP_FEATURES)
-        mpc = NonlinearMPC(model, config, recipe=recipe)
-        init = plant.model.initial_state()  # type: ignore[attr-defined]
-        hybrid_observer = ModelObserver(model, np.array([init[n] for n in model.state_names]))
-        return MPCController(
-            "hybrid-mpc", mpc, lambda t, ms, prev: hybrid_observer.update(t, ms, prev)
+    if name not in MPC_CONTROLLERS:
+        raise ValueError(
+            f"unknown MPC controller {name!r}; expected one of {', '.join(MPC_CONTROLLERS)}"
         )
-    if name == "mechanistic-mpc":
-        model = _nominal_model(plant)
-        mpc = NonlinearMPC(model, config, recipe=recipe)
-        init = plant.model.initial_state()  # type: ignore[attr-defined]  # process spec, not truth
-        observer = ModelObserver(model, np.array([init[n] for n in model.state_names]))
-        return MPCController(
-            "mechanistic-mpc", mpc, lambda t, ms, prev: observer.update(t, ms, prev)
-        )
-    raise ValueError(
-        f"unknown MPC controller {name!r}; expected one of {', '.join(MPC_CONTROLLERS)}"
+    if name == "hybrid-mpc" and plant.kind != "tcell":
+        raise ValueError("hybrid-mpc exists for the T-cell model only (GP on its growth rate)")
+    path = Path(config_path) if config_path is not None else None
+    if name == "hybrid-mpc" and residual is None:
+        with tempfile.TemporaryDirectory(prefix="hmpc-residual-") as tmp:
+            fitted = Path(tmp) / "residual.npz"
+            fit_growth_residual_gp(gp_points, seed=gp_seed).save(fitted)
+            return make_mpc_controller(name, plant, config_path, residual=fitted, learner=learner)
+    spec = ControllerSpec(
+        name,
+        plant.kind,
+        mpc_config=path,
+        residual=Path(residual) if residual is not None else None,
+        harvest_time=float(plant.process.harvest_time),
     )
+    built = build_controller(spec, learner=learner)
+    if not isinstance(built, EstimatingMPC):  # narrowing: MPC kinds build EstimatingMPC
+        raise TypeError(f"{name} did not build an MPC controller")
+    return built
 
 
-def mpc_statistics(controller: MPCController) -> dict[str, float | int]:
+def mpc_statistics(controller: MPCController | EstimatingMPC) -> dict[str, float | int]:
     """Solver figures of a run: steps, failures, median/max solve time, median iterations."""
     times = [r.solve_time_s for r in controller.results]
     iters = [r.iterations for r in controller.results]

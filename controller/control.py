@@ -1,0 +1,372 @@
+"""The deployable control laws behind one protocol, and the factory that builds them.
+
+A control law sees what the plant delivers (measurements with their sample times, never
+the truth) and returns the next inputs: ``step(time_h, measurements, previous) -> inputs``
+(:class:`controller.baselines.Controller`). The runtime loop (OPC UA), the in-process
+closed loop and the campaigns all drive the same objects.
+
+:class:`EstimatingMPC` is the model-predictive controller as deployed:
+
+1. :class:`controller.estimator.Estimator` (EKF on the same model) fuses the online probes
+   and the late assays and estimates the patient's growth-rate factor;
+2. :class:`controller.mpc.NonlinearMPC` re-optimises from the estimate, with the estimated
+   factor as an NLP parameter (``mu_max`` times the factor), so the prediction follows the
+   patient rather than the cohort's average;
+3. with a hybrid model, the GP residual may learn from the running batch
+   (:class:`ResidualLearner`); the MPC then re-reads the residual functions
+   (:meth:`NonlinearMPC.refresh_residual`) without rebuilding its NLP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import casadi as ca
+import numpy as np
+import numpy.typing as npt
+
+from controller.baselines import (
+    CHO_RECIPE,
+    TCELL_RECIPE,
+    Controller,
+    RecipeController,
+    make_baseline,
+)
+from controller.estimator import Estimator, EstimatorConfig, EstimatorResult, load_estimator_config
+from controller.measurements import Measurement
+from controller.mpc import MPCResult, NonlinearMPC
+from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
+from plant_models.base import MechanisticModel
+from plant_models.errors import ConfigError, ModelError
+from plant_models.hybrid import HybridModel
+
+__all__ = [
+    "CONTROLLER_KINDS",
+    "Controller",
+    "ControllerSpec",
+    "EstimatingMPC",
+    "HybridPredictionModel",
+    "build_controller",
+    "build_model",
+    "default_mpc_config",
+    "initial_estimate",
+]
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+
+#: Control laws :func:`build_controller` makes.
+CONTROLLER_KINDS = ("recipe", "rule", "mechanistic-mpc", "hybrid-mpc")
+
+_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+#: Absolute floors of the prior standard deviation at inoculation (canonical units).
+_PRIOR_FLOOR = {
+    "dead_cells": 0.1,
+    "glucose": 1.0,
+    "lactate": 0.3,
+    "il2": 10.0,
+    "inhibitor": 1.0,
+    "volume": 0.01,
+    "ammonia": 0.3,
+    "total_cells": 0.05,
+}
+
+
+def initial_estimate(model: Any) -> tuple[dict[str, float], FloatArray]:
+    """Prior at inoculation: the process specification, 10 % relative spread (the seeding
+    count) with absolute floors for what is less certain (dead cells: viability is known
+    only within 70-98 %; media composition to about a millimolar).
+
+    Returns the mean (state name -> value) and the diagonal of the covariance.
+    """
+    spec = model if hasattr(model, "initial_state") else model.base  # a HybridModel's base
+    x0 = dict(spec.initial_state())
+    var = []
+    for name in model.state_names:
+        sd = max(0.1 * abs(float(x0[name])), _PRIOR_FLOOR.get(name, 1e-6))
+        var.append(sd**2)
+    return x0, np.array(var, dtype=float)
+
+
+# ------------------------------------------------------------------ hybrid model for the MPC
+
+
+class HybridPredictionModel:
+    """A :class:`plant_models.hybrid.HybridModel` as the MPC's prediction model.
+
+    Offers what :class:`NonlinearMPC` uses for a hybrid model: ``dynamics`` (the full
+    hybrid), ``base_dynamics`` (the mechanistic part; both accept symbolic parameters),
+    ``residual_mean`` (the correction added to each corrected rate) and ``residual_std``
+    (the residual's predictive standard deviation), with ``residual_names`` the corrected
+    rates. After the residual learned (``GPResidual.update``) call :meth:`refresh`.
+    """
+
+    def __init__(self, hybrid: HybridModel) -> None:
+        self.hybrid = hybrid
+        self.base = hybrid.base
+        self.name = getattr(hybrid, "name", "hybrid")
+        self.state_names: tuple[str, ...] = tuple(hybrid.state_names)
+        self.input_names: tuple[str, ...] = tuple(hybrid.input_names)
+        self.rate_names: tuple[str, ...] = tuple(hybrid.rate_names)
+        self.parameters = hybrid.parameters
+        self.residual_names: tuple[str, ...] = tuple(c.rate for c in hybrid.corrections)
+        self._rate_index = [self.rate_names.index(r) for r in self.residual_names]
+
+    def __getattr__(self, name: str) -> Any:
+        # process specification helpers (initial_state, operating_bounds, process, ...)
+        if name in {"hybrid", "base"}:
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def refresh(self) -> None:
+        """Re-export the residual after it learned (same function sizes)."""
+        self.hybrid.refresh()
+
+    def dynamics(self, symbolic_parameters: Sequence[str] = ()) -> ca.Function:
+        return self.hybrid.dynamics(symbolic_parameters=symbolic_parameters)
+
+    def base_dynamics(self, symbolic_parameters: Sequence[str] = ()) -> ca.Function:
+        return self.base.dynamics(symbolic_parameters=symbolic_parameters)
+
+    def residual_mean(self) -> ca.Function:
+        t = ca.MX.sym("t")
+        x = ca.MX.sym("x", len(self.state_names))
+        u = ca.MX.sym("u", len(self.input_names))
+        corrected = self.hybrid.dynamics()(t, x, u)[1]
+        nominal = self.base.dynamics()(t, x, u)[1]
+        diff = ca.vertcat(*[corrected[i] - nominal[i] for i in self._rate_index])
+        return ca.Function("residual_mean", [t, x, u], [diff], ["t", "x", "u"], ["mean"])
+
+    def residual_std(self) -> ca.Function:
+        t = ca.MX.sym("t")
+        x = ca.MX.sym("x", len(self.state_names))
+        u = ca.MX.sym("u", len(self.input_names))
+        var = self.hybrid.rate_variance()(t, x, u)
+        return ca.Function(
+            "residual_std", [t, x, u], [ca.sqrt(ca.fmax(var, 0.0))], ["t", "x", "u"], ["std"]
+        )
+
+
+# ------------------------------------------------------------------ the estimator-fed MPC
+
+
+ResidualLearner = Callable[[float, Sequence[Measurement], EstimatorResult], bool]
+
+
+@dataclasses.dataclass
+class EstimatingMPC:
+    """Estimator + MPC behind the controller protocol.
+
+    Attributes:
+        name: ``mechanistic-mpc`` or ``hybrid-mpc``.
+        estimator: the EKF (initialised on the first step from :func:`initial_estimate`
+            unless :meth:`Estimator.initialize` was called before).
+        mpc: the optimiser; its ``model_parameters`` receive the estimated factors.
+        learner: optional in-batch learning of the residual: called after each estimate,
+            returns True when the model changed (the MPC then refreshes its residual).
+        harvest_time: culture age of the scheduled harvest, h (None: the tuning's).
+        results: every step's :class:`MPCResult`.
+        estimates: every step's :class:`EstimatorResult`.
+    """
+
+    name: str
+    estimator: Estimator
+    mpc: NonlinearMPC
+    learner: ResidualLearner | None = None
+    harvest_time: float | None = None
+    keep_history: bool = True
+    results: list[MPCResult] = dataclasses.field(default_factory=list)
+    estimates: list[EstimatorResult] = dataclasses.field(default_factory=list)
+    last_result: MPCResult | None = None
+    last_estimate: EstimatorResult | None = None
+    _started: bool = False
+
+    def start(self, time_h: float = 0.0) -> None:
+        """Initialise the estimator from the process specification at ``time_h``."""
+        x0, p0 = initial_estimate(self.estimator.model)
+        self.estimator.initialize(x0, p0, time_h=time_h)
+        self._started = True
+
+    def step(
+        self, time_h: float, measurements: Sequence[Measurement], previous: Mapping[str, float]
+    ) -> dict[str, float]:
+        if not self._started:
+            self.start(min([time_h, *(m.sample_time for m in measurements)]))
+        estimate = self.estimator.update(time_h, previous, measurements)
+        for d in estimate.rejected:
+            log.info(
+                "%s t=%.2f h: %s %s rejected (%s)",
+                self.name,
+                time_h,
+                d.measurement.source,
+                d.measurement.name,
+                d.reason,
+            )
+        if self.learner is not None and self.learner(time_h, measurements, estimate):
+            self.mpc.refresh_residual()
+        nominal: Any = getattr(self.mpc.model, "parameters", None)
+        factors = {
+            name: float(getattr(nominal, name)) * float(value)
+            for name, value in estimate.factors.items()
+            if name in self.mpc.parameter_names
+        }
+        x = estimate.state_vector(self.mpc.state_names)
+        result = self.mpc.step(
+            x, time_h, previous, harvest_time=self.harvest_time, model_parameters=factors
+        )
+        self.last_result, self.last_estimate = result, estimate
+        if self.keep_history:
+            self.results.append(result)
+            self.estimates.append(estimate)
+        if not result.success:
+            log.warning(
+                "%s t=%.2f h: %s -> %s (%s)",
+                self.name,
+                time_h,
+                result.status,
+                result.fallback_used,
+                result.fallback_reason,
+            )
+        return dict(result.u)
+
+
+# ------------------------------------------------------------------ factory
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerSpec:
+    """What a site file (or the simulator) says about a unit's controller.
+
+    Attributes:
+        kind: one of :data:`CONTROLLER_KINDS`.
+        model: ``tcell`` or ``cho``.
+        mpc_config: MPC tuning file (default ``configs/mpc_<model>.toml``).
+        residual: fitted residual (``hmpc fit`` output, .npz); required for hybrid-mpc.
+        estimator_config: estimator tuning file (default: the model's defaults).
+        parameters, process: model parameter / process specification files (defaults:
+            the packaged nominal ones).
+        harvest_time: culture age of the scheduled harvest, h (default: the process's).
+        learn_in_batch: update the residual from the running batch (hybrid-mpc).
+    """
+
+    kind: str
+    model: str = "tcell"
+    mpc_config: Path | None = None
+    residual: Path | None = None
+    estimator_config: Path | None = None
+    parameters: Path | None = None
+    process: Path | None = None
+    harvest_time: float | None = None
+    learn_in_batch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONTROLLER_KINDS:
+            raise ConfigError(
+                f"controller kind {self.kind!r} is unknown; choose one of "
+                f"{', '.join(CONTROLLER_KINDS)}."
+            )
+        if self.model not in ("tcell", "cho"):
+            raise ConfigError(f"model {self.model!r} is unknown; choose 'tcell' or 'cho'.")
+        if self.kind == "hybrid-mpc" and self.residual is None:
+            raise ConfigError(
+                "hybrid-mpc needs a fitted residual file (residual = 'residual.npz'); train "
+                "one with `hmpc fit --data 'runs/*/trajectory.csv' --out residual.npz ...`."
+            )
+
+
+def default_mpc_config(model: str) -> Path:
+    """The packaged MPC tuning of a model kind."""
+    return _CONFIG_DIR / f"mpc_{model}.toml"
+
+
+def build_model(
+    model: str, parameters: Path | None = None, process: Path | None = None
+) -> MechanisticModel[Any]:
+    """The controller's nominal mechanistic model of a kind (``tcell`` or ``cho``)."""
+    if model == "tcell":
+        from plant_models.tcell import (
+            TCellExpansionModel,
+            load_tcell_parameters,
+            load_tcell_process,
+        )
+
+        return TCellExpansionModel(
+            load_tcell_parameters(parameters)[0], load_tcell_process(process)[0]
+        )
+    if model == "cho":
+        from plant_models.cho import CHOFedBatchModel, load_cho_parameters, load_cho_process
+
+        return CHOFedBatchModel(load_cho_parameters(parameters)[0], load_cho_process(process)[0])
+    raise ConfigError(f"model {model!r} is unknown; choose 'tcell' or 'cho'.")
+
+
+def _hybrid(base: MechanisticModel[Any], residual: Path) -> HybridModel:
+    from plant_models.gp import GPResidual
+    from plant_models.hybrid import RateCorrection
+
+    gp = GPResidual.load(residual)
+    return HybridModel(base, [RateCorrection("growth_rate", gp)])
+
+
+def _recipe(model: str) -> Callable[[float], Mapping[str, float]]:
+    rc = RecipeController(TCELL_RECIPE if model == "tcell" else CHO_RECIPE)
+    return lambda t: rc.step(t, [], {})
+
+
+def mpc_tuning(spec: ControllerSpec, model: Any) -> MPCConfig:
+    """The MPC tuning of a spec, completed with the process limits of the model."""
+    path = spec.mpc_config if spec.mpc_config is not None else default_mpc_config(spec.model)
+    return with_process_limits(load_mpc_config(path), model.process, model.operating_bounds())
+
+
+def build_controller(spec: ControllerSpec, *, learner: ResidualLearner | None = None) -> Controller:
+    """The control law of a spec.
+
+    ``recipe``/``rule``: the baselines. ``mechanistic-mpc``: EKF + MPC on the nominal model.
+    ``hybrid-mpc``: EKF + MPC on the hybrid model (nominal + the residual file), with the
+    residual learning from the running batch when ``learner`` is given.
+
+    Raises:
+        ConfigError: bad files or names (messages name the file and the key).
+    """
+    if spec.kind in ("recipe", "rule"):
+        return make_baseline(spec.kind, spec.model)
+    base = build_model(spec.model, spec.parameters, spec.process)
+    config = mpc_tuning(spec, base)
+    if spec.kind == "hybrid-mpc":
+        if spec.residual is None:  # guarded by ControllerSpec
+            raise ConfigError("hybrid-mpc needs a residual file.")
+        hybrid = _hybrid(base, spec.residual)
+        model: Any = HybridPredictionModel(hybrid)
+        est_model: Any = hybrid
+    else:
+        model, est_model = base, base
+    est_config = (
+        load_estimator_config(spec.estimator_config, est_model)
+        if spec.estimator_config is not None
+        else EstimatorConfig.for_model(est_model)
+    )
+    factors = tuple(f for f in est_config.parameter_factors if _finite_parameter(base, f))
+    mpc = NonlinearMPC(model, config, recipe=_recipe(spec.model), model_parameters=factors)
+    estimator = Estimator(est_model, est_config)
+    return EstimatingMPC(
+        spec.kind,
+        estimator,
+        mpc,
+        learner=learner if spec.kind == "hybrid-mpc" and spec.learn_in_batch else None,
+        harvest_time=spec.harvest_time,
+    )
+
+
+def _finite_parameter(model: Any, name: str) -> bool:
+    value = getattr(model.parameters, name, None)
+    if value is None:
+        raise ModelError(f"estimator parameter factor {name!r} is not a model parameter.")
+    return math.isfinite(float(value))
