@@ -45,6 +45,8 @@ FloatArray = npt.NDArray[np.float64]
 ACCEPTED_STATUSES = frozenset({"Solve_Succeeded", "Solved_To_Acceptable_Level"})
 #: Small move penalty on the stages beyond the harvest, so that their inputs stay defined.
 _IDLE_MOVE_WEIGHT = 1e-4
+#: Quadratic and linear weight of the (scaled) slack of a hard bound's kappa*sigma margin.
+_MARGIN_WEIGHT = 1e3
 
 
 class PredictionModel(Protocol):
@@ -346,6 +348,17 @@ class NonlinearMPC:
                 softs.append(_Soft(i, 1.0, b.high, b.weight, b.weight_linear, f"{name}_high"))
             if b.low is not None:
                 softs.append(_Soft(i, -1.0, b.low, b.weight, b.weight_linear, f"{name}_low"))
+        # The kappa*sigma margin of a hard bound is itself soft (heavily penalised): the
+        # bound stays hard, but a wide GP band far from the data cannot make the problem
+        # infeasible; the margin is kept wherever it can be.
+        if self._std_fn is not None and c.kappa > 0:
+            w = _MARGIN_WEIGHT
+            for name, hb in c.hard_bounds.items():
+                i = self.state_names.index(name)
+                if hb.high is not None:
+                    softs.append(_Soft(i, 1.0, hb.high, w, w, f"{name}_high_margin"))
+                if hb.low is not None:
+                    softs.append(_Soft(i, -1.0, hb.low, w, w, f"{name}_low_margin"))
         self._softs = softs
         ns = len(softs)
         ss = sym.sym("S", ns, n)
@@ -402,9 +415,9 @@ class NonlinearMPC:
             i = self.state_names.index(name)
             si = float(self.state_scale[i])
             if hb.high is not None:
-                add(p_mask * (xp[i, 1:] - hb.high + p_tight[i, :]) / si, -np.inf, 0.0)
+                add(p_mask * (xp[i, 1:] - hb.high) / si, -np.inf, 0.0)
             if hb.low is not None:
-                add(p_mask * (hb.low + p_tight[i, :] - xp[i, 1:]) / si, -np.inf, 0.0)
+                add(p_mask * (hb.low - xp[i, 1:]) / si, -np.inf, 0.0)
         for j, s in enumerate(softs):
             si = float(self.state_scale[s.state])
             viol = s.sign * (xp[s.state, 1:] - s.limit) + p_tight[s.state, :]
