@@ -130,10 +130,17 @@ def _bench_mpc(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add_bench_mpc(bench_sub)
 
 
+def _bench_forecast(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.bench_forecast import add_bench_forecast
+
+    add_bench_forecast(bench_sub)
+
+
 #: Benchmarks under ``hmpc-sim bench``: callables that take the bench sub-parsers.
 BENCHMARKS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _bench_estimation,
     _bench_mpc,
+    _bench_forecast,
 ]
 
 

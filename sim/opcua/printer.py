@@ -4,7 +4,8 @@ ISA-95 job states of OPC 40001-3 / 10031-4, run over process time.
 Pure and synchronous; :mod:`sim.opcua.server` exposes it as the OPC 40540 subset.
 
 Job states: NotAllowedToStart (stored), AllowedToStart (started, waiting for its scheduled
-start and a free machine), Running, Interrupted (paused), Ended, Aborted.
+start and a free machine), Running, Interrupted (paused), Ended, Aborted. Update (ISA-95)
+changes the parameters of a job that is not yet running.
 Return codes of the job methods (ISA-95 job control, a subset): 0 success; 1 unknown job
 order id; 2 invalid job order status for this method; 4 unable to accept the job order
 (invalid parameters or duplicate id); 8 invalid request (caller not allowed).
@@ -94,12 +95,12 @@ class PrinterSim:
         self.uv_dose = 0.0
 
     # -- validation ---------------------------------------------------------------------
-    def validate(self, job: JobOrder, now_h: float) -> list[str]:
+    def validate(self, job: JobOrder, now_h: float, *, replacing: bool = False) -> list[str]:
         s = self.spec
         problems = []
         if not job.job_id.strip():
             problems.append("JobOrderId is empty")
-        elif job.job_id in self.jobs:
+        elif job.job_id in self.jobs and not replacing:
             problems.append(f"JobOrderId {job.job_id!r} already exists")
         if not job.patient_id.strip() or not job.batch_id.strip():
             problems.append("PatientId and BatchId are required")
@@ -131,6 +132,24 @@ class PrinterSim:
         job.state = JobState.ALLOWED_TO_START if start else JobState.NOT_ALLOWED_TO_START
         self.jobs[job.job_id] = job
         log.info("printer: job %s stored (%s)", job.job_id, job.state.value)
+        return ReturnCode.OK, ""
+
+    def update(self, job: JobOrder, now_h: float) -> tuple[ReturnCode, str]:
+        """ISA-95 Update: new parameters for a stored job that is not yet running (its
+        state is kept)."""
+        current = self.jobs.get(job.job_id)
+        if current is None:
+            return ReturnCode.UNKNOWN_JOB, f"no job {job.job_id!r}"
+        if current.state not in (JobState.NOT_ALLOWED_TO_START, JobState.ALLOWED_TO_START):
+            return ReturnCode.INVALID_STATE, f"job {job.job_id!r} is {current.state.value}"
+        problems = self.validate(job, now_h, replacing=True)
+        if problems:
+            log.warning("printer: update of %r rejected: %s", job.job_id, "; ".join(problems))
+            return ReturnCode.UNABLE_TO_ACCEPT, "; ".join(problems)
+        current.patient_id, current.batch_id = job.patient_id, job.batch_id
+        current.cell_count, current.bioink_density = job.cell_count, job.bioink_density
+        current.scheduled_start_h = job.scheduled_start_h
+        log.info("printer: job %s updated", job.job_id)
         return ReturnCode.OK, ""
 
     def command(self, job_id: str, method: str, now_h: float) -> ReturnCode:

@@ -1049,6 +1049,14 @@ class PrinterServer(_BaseServer):
                 job_args,
                 ret,
             )
+        await b.method(
+            control,
+            "Printer.JobManagement.JobOrderControl.Update",
+            ua.QualifiedName("Update", jobs_ns),
+            self._update,
+            job_args,
+            ret,
+        )
         for method in ("Start", "Stop", "Pause", "Resume", "Abort", "Cancel", "Clear"):
             await b.method(
                 control,
@@ -1075,31 +1083,34 @@ class PrinterServer(_BaseServer):
             return None
         return caller
 
+    def _parse_job(self, args: Sequence[ua.Variant]) -> JobOrder:
+        """A job order from the Store/Update arguments (TypeError/ValueError if malformed)."""
+        job_id, patient, batch, cells, density, when = (a.Value for a in args)
+        if not isinstance(when, datetime):
+            raise TypeError("ScheduledStart must be a DateTime")
+        return JobOrder(
+            str(job_id),
+            str(patient),
+            str(batch),
+            float(cells),
+            float(density),
+            self.sims.clock.to_process_h(when),
+        )
+
     def _store_handler(self, start: bool) -> Callable[..., Any]:
         async def handler(parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant] | ua.StatusCode:
             caller = self._allowed()
             if caller is None:
                 return _ret(ReturnCode.INVALID_REQUEST)
             try:
-                job_id, patient, batch, cells, density, when = (a.Value for a in args)
-                stamp = when if isinstance(when, datetime) else None
-                if stamp is None:
-                    raise TypeError("ScheduledStart must be a DateTime")
-                job = JobOrder(
-                    str(job_id),
-                    str(patient),
-                    str(batch),
-                    float(cells),
-                    float(density),
-                    self.sims.clock.to_process_h(stamp),
-                )
+                job = self._parse_job(args)
             except (TypeError, ValueError):
                 return status(ua.StatusCodes.BadInvalidArgument)
             code, why = self.sims.printer.store(job, start=start, now_h=self.sims.process_h())
             log.info(
                 "printer: Store%s %s by %s -> %s %s",
                 "AndStart" if start else "",
-                job_id,
+                job.job_id,
                 caller.name,
                 code.name,
                 why,
@@ -1109,6 +1120,31 @@ class PrinterServer(_BaseServer):
             return _ret(code)
 
         return handler
+
+    async def _update(
+        self, parent: ua.NodeId, *args: ua.Variant
+    ) -> list[ua.Variant] | ua.StatusCode:
+        caller = self._allowed()
+        if caller is None:
+            return _ret(ReturnCode.INVALID_REQUEST)
+        try:
+            job = self._parse_job(args)
+        except (TypeError, ValueError):
+            return status(ua.StatusCodes.BadInvalidArgument)
+        code, why = self.sims.printer.update(job, now_h=self.sims.process_h())
+        log.info("printer: Update %s by %s -> %s %s", job.job_id, caller.name, code.name, why)
+        nodes = self.job_nodes.get(job.job_id)
+        if code is ReturnCode.OK and nodes is not None and self.server is not None:
+            stamp = self.sims.clock.timestamp(self.sims.process_h())
+            for key, value, vtype in (
+                ("PatientId", job.patient_id, VT.String),
+                ("BatchId", job.batch_id, VT.String),
+                ("CellCount", job.cell_count, VT.Double),
+                ("BioinkCellDensity", job.bioink_density, VT.Double),
+                ("ScheduledStart", self.sims.clock.timestamp(job.scheduled_start_h), VT.DateTime),
+            ):
+                await self.server.write_attribute_value(nodes[key], _dv(value, vtype, stamp))
+        return _ret(code)
 
     def _command_handler(self, method: str) -> Callable[..., Any]:
         async def handler(parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant] | ua.StatusCode:
@@ -1122,6 +1158,8 @@ class PrinterServer(_BaseServer):
             log.info("printer: %s %s by %s -> %s", method, job_id, caller.name, code.name)
             if code is ReturnCode.OK and job_id not in self.sims.printer.jobs:
                 await self._remove_job_nodes(job_id)
+            elif code is ReturnCode.OK:
+                await self.publish()  # the new job state is visible at once
             return _ret(code)
 
         return handler

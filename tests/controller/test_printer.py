@@ -1,0 +1,497 @@
+"""PrinterCoordinator against the real simulated printer (asyncua server on 127.0.0.1, secure
+session, user apc): scheduling, rescheduling, revoking, a rejected job, a printer fault, an
+unreachable printer and a failing recorder. The printer's process clock is stepped by the
+test (no wall-clock waits), so every state change is deterministic."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sim" / "opcua"))
+from opcua_testkit import Pki, free_ports, session
+from opcua_testkit import pki as pki  # the session-scoped PKI fixture
+
+from controller.forecast import HarvestForecast
+from controller.printer import (
+    JobSpec,
+    PrinterConfig,
+    PrinterCoordinator,
+    load_printer_config,
+)
+from controller.records import EventRecord
+from plant_models.errors import ConfigError, ModelError
+from sim.opcua.clock import ProcessClock
+from sim.opcua.printer import JobOrder, JobState
+from sim.opcua.server import SimulatorConfig, Simulators
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+
+
+class SteppedPrinter:
+    """The simulators' printer server alone, on its own event loop in a thread, with a
+    process clock that only moves when the test says so."""
+
+    def __init__(self, pki: Pki) -> None:
+        port, printer_port = free_ports(2)
+        self.config = SimulatorConfig(
+            port=port, printer_port=printer_port, units=1, pki=pki.folder, plant_step_h=1.0
+        )
+        self.hours = 0.0
+        self.loop = asyncio.new_event_loop()
+        self.sims: Simulators | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="stepped-printer", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as exc:  # reported to the test thread
+            self._error = exc
+            self._ready.set()
+        finally:
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        sims = Simulators(self.config)
+        # process hours = fake monotonic seconds at speed 3600
+        sims.clock = ProcessClock(3600.0, monotonic=lambda: self.hours)
+        server = sims.printer_server
+        if server is None:
+            raise RuntimeError("no printer server")
+        await server.start()
+        self.sims = sims
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await server.stop()
+
+    def start(self) -> SteppedPrinter:
+        self._thread.start()
+        if not self._ready.wait(60) or self._error is not None:
+            self.close()
+            raise RuntimeError(f"printer did not start: {self._error!r}")
+        return self
+
+    def close(self) -> None:
+        if self._stop is not None and self.loop.is_running():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(fn(), self.loop)  # type: ignore[arg-type]
+        return future.result(30)
+
+    @property
+    def s(self) -> Simulators:
+        if self.sims is None:
+            raise RuntimeError("not started")
+        return self.sims
+
+    @property
+    def endpoint(self) -> str:
+        endpoint = self.s.printer_endpoint
+        if endpoint is None:
+            raise RuntimeError("no printer endpoint")
+        return endpoint
+
+    def now(self) -> float:
+        return self.s.process_h()
+
+    def advance_to(self, hours: float) -> None:
+        """Move process time to ``hours`` (plant grid of 1 h) and publish."""
+
+        async def go() -> None:
+            self.hours = max(self.hours, hours)
+            self.s.step()
+            server = self.s.printer_server
+            if server is not None:
+                await server.publish()
+
+        self.run(go)
+
+    def jobs(self) -> dict[str, JobOrder]:
+        async def read() -> dict[str, JobOrder]:
+            return dict(self.s.printer.jobs)
+
+        return self.run(read)
+
+
+@pytest.fixture(scope="module")
+def printer(pki: Pki) -> Iterator[SteppedPrinter]:
+    thread = SteppedPrinter(pki).start()
+    try:
+        yield thread
+    finally:
+        thread.close()
+
+
+class Recorder:
+    """Records events; fails the first ``failures`` calls (a historian that is down)."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.events: list[EventRecord] = []
+        self.failures = failures
+
+    def append_event(self, event: EventRecord) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError("historian unavailable")
+        self.events.append(event)
+
+
+def forecast(p: float, cells: float, harvest_h: float, now_h: float) -> HarvestForecast:
+    """A forecast with the figures the coordinator reads (the forecaster's own tests cover
+    how they are computed)."""
+    times = np.array([now_h, harvest_h])
+    band = np.array([cells * 0.5, cells])
+    return HarvestForecast(
+        time_h=now_h,
+        dose_cells=15.0,
+        harvest_time_h=harvest_h,
+        level=0.9,
+        members=64,
+        dose_time_h=harvest_h - 10.0,
+        dose_time_low_h=harvest_h - 20.0,
+        dose_time_high_h=harvest_h + 5.0,
+        probability_dose_by_harvest=p,
+        harvest_cells=cells,
+        harvest_cells_low=0.8 * cells,
+        harvest_cells_high=1.2 * cells,
+        times_h=times,
+        cells_median=band,
+        cells_low=0.8 * band,
+        cells_high=1.2 * band,
+        horizon_end_h=harvest_h,
+        input_plan="hold",
+        gp_variance_used=False,
+    )
+
+
+def coordinator(
+    client: Any, recorder: Recorder, batch: str, config: PrinterConfig | None = None
+) -> PrinterCoordinator:
+    return PrinterCoordinator(
+        config or PrinterConfig(),
+        client,
+        recorder,
+        batch_id=batch,
+        patient_id=f"P-{batch}",
+        unit="BR01",
+        wall_clock=lambda: 1.7e9,
+    )
+
+
+def actions(recorder: Recorder) -> list[str]:
+    return [str(e.data.get("action")) for e in recorder.events]
+
+
+# -- scheduling, rescheduling, harvest, print --------------------------------------------------
+def test_schedule_reschedule_harvest_and_print(printer: SteppedPrinter, pki: Pki) -> None:
+    t0 = printer.now()
+    harvest = t0 + 20.0
+    rec = Recorder()
+
+    async def go() -> PrinterCoordinator:
+        async with session(printer.endpoint, pki, "apc") as client:
+            c = coordinator(client, rec, "B1")
+            c.on_forecast(forecast(0.6, 20.0, harvest, t0), t0)  # not confident yet
+            await c.poll()
+            assert c.job is None and not actions(rec)
+            c.on_forecast(forecast(0.95, 20.0, harvest, t0 + 1), t0 + 1)
+            await c.poll()
+            job = printer.jobs()["PRINT-B1-1"]
+            assert job.state is JobState.NOT_ALLOWED_TO_START
+            assert job.cell_count == pytest.approx(0.4)  # 2 % of 20e9
+            assert job.bioink_density == pytest.approx(20.0)
+            assert job.scheduled_start_h == pytest.approx(harvest + 2.0, abs=1e-6)
+            assert job.patient_id == "P-B1" and job.batch_id == "B1"
+            # within tolerance: nothing is sent
+            c.on_forecast(forecast(0.95, 21.0, harvest, t0 + 2), t0 + 2)
+            await c.poll()
+            assert actions(rec) == ["Store"]
+            # beyond tolerance: the job is updated on the printer
+            c.on_forecast(forecast(0.97, 26.0, harvest + 4.0, t0 + 3), t0 + 3)
+            await c.poll()
+            job = printer.jobs()["PRINT-B1-1"]
+            assert job.cell_count == pytest.approx(0.52)
+            assert job.scheduled_start_h == pytest.approx(harvest + 6.0, abs=1e-6)
+            assert job.state is JobState.NOT_ALLOWED_TO_START
+            # harvest: real cell count, released to start 2 h later
+            printer.advance_to(harvest)
+            c.on_harvest(printer.now(), 24.0)
+            await c.poll(printer.now())
+            job = printer.jobs()["PRINT-B1-1"]
+            assert job.state is JobState.ALLOWED_TO_START
+            assert job.cell_count == pytest.approx(0.48)
+            assert job.scheduled_start_h == pytest.approx(printer.now() + 2.0, abs=1e-6)
+            printer.advance_to(printer.now() + 2.0)
+            await c.poll(printer.now())
+            assert c.job_state == "Running"
+            printer.advance_to(printer.now() + 5.0)  # 0.5 h + 24 mL / 10 mL/h
+            await c.poll(printer.now())
+            return c
+
+    c = asyncio.run(go())
+    assert c.finished and c.job_state == "Ended"
+    assert [a for a in actions(rec) if a != "machine_state"] == [
+        "Store",
+        "Update",
+        "harvest",
+        "Update",
+        "Start",
+        "job_state",
+        "job_state",
+    ]
+    jobs = [e for e in rec.events if e.data.get("action") == "job_state"]
+    assert [e.data["state"] for e in jobs] == ["Running", "Ended"]
+    machine = [e.data["state"] for e in rec.events if e.data.get("action") == "machine_state"]
+    assert machine == ["Executing", "NotExecuting"]
+    ended = jobs[-1]
+    assert ended.severity == "info" and ended.data["cells_printed"] == pytest.approx(0.48)
+    assert all(e.kind == "printer" and e.batch_id == "B1" and e.unit == "BR01" for e in rec.events)
+    assert rec.events[0].data["forecast"]["probability_dose_by_harvest"] == pytest.approx(0.95)
+    times = [e.process_time_h for e in rec.events]
+    assert times == sorted(times)
+    assert c.pending_events == 0 and c.events == rec.events
+    assert printer.jobs()["PRINT-B1-1"].result is not None
+
+
+# -- revoking --------------------------------------------------------------------------------
+def test_revoke_when_confidence_is_lost_and_schedule_again(
+    printer: SteppedPrinter, pki: Pki
+) -> None:
+    t0 = printer.now()
+    harvest = t0 + 30.0
+    rec = Recorder()
+
+    async def go() -> None:
+        async with session(printer.endpoint, pki, "apc") as client:
+            c = coordinator(client, rec, "B2")
+            c.on_forecast(forecast(0.92, 20.0, harvest, t0), t0)
+            await c.poll()
+            assert "PRINT-B2-1" in printer.jobs()
+            c.on_forecast(forecast(0.7, 20.0, harvest, t0 + 1), t0 + 1)  # hysteresis: kept
+            await c.poll()
+            assert "PRINT-B2-1" in printer.jobs()
+            c.on_forecast(forecast(0.3, 12.0, harvest, t0 + 2), t0 + 2)
+            await c.poll()
+            assert "PRINT-B2-1" not in printer.jobs() and c.job is None
+            c.on_forecast(forecast(0.93, 19.0, harvest, t0 + 3), t0 + 3)
+            await c.poll()
+            assert "PRINT-B2-2" in printer.jobs()
+            # clean up the shared printer: revoke the second job too
+            c.on_forecast(forecast(0.1, 10.0, harvest, t0 + 4), t0 + 4)
+            await c.poll()
+            assert "PRINT-B2-2" not in printer.jobs()
+
+    asyncio.run(go())
+    assert actions(rec) == ["Store", "Cancel", "Store", "Cancel"]
+    revoke = rec.events[1]
+    assert revoke.severity == "warning" and "revoked" in revoke.message
+    assert "0.30 < 0.5" in revoke.data["reason"]
+
+
+# -- a rejected job -------------------------------------------------------------------------
+def test_rejected_job_raises_one_alarm_and_is_not_resent(printer: SteppedPrinter, pki: Pki) -> None:
+    t0 = printer.now()
+    # 0.4e9 cells at 1e6 cells/mL = 400 mL: the printer's cartridge holds 30 mL
+    config = PrinterConfig(bioink_cell_density=1.0, max_printed_cells=5.0)
+    rec = Recorder()
+
+    async def go() -> None:
+        async with session(printer.endpoint, pki, "apc") as client:
+            c = coordinator(client, rec, "B3", config)
+            c.on_forecast(forecast(0.95, 20.0, t0 + 30.0, t0), t0)
+            await c.poll()
+            c.on_forecast(forecast(0.95, 20.0, t0 + 30.0, t0 + 1), t0 + 1)
+            await c.poll()
+            assert c.job is None
+
+    asyncio.run(go())
+    assert "PRINT-B3-1" not in printer.jobs()
+    assert len(rec.events) == 1  # one alarm, not one per cycle
+    alarm = rec.events[0]
+    assert alarm.severity == "alarm" and "rejected" in alarm.message
+    assert alarm.data["return_code"] == 4
+    assert alarm.data["job"]["bioink_volume_ml"] == pytest.approx(400.0)
+
+
+# -- a printer fault --------------------------------------------------------------------------
+def test_printer_fault_aborts_the_print_with_alarms_and_no_lost_record(
+    printer: SteppedPrinter, pki: Pki
+) -> None:
+    t0 = printer.now()
+    rec = Recorder(failures=2)  # the historian is down for the first two events
+
+    async def go() -> PrinterCoordinator:
+        async with session(printer.endpoint, pki, "apc") as client:
+            c = coordinator(client, rec, "B4")
+            c.on_forecast(forecast(0.99, 20.0, t0 + 5.0, t0), t0)
+            await c.poll()
+            assert c.pending_events == 1  # the first event is kept for later
+            printer.advance_to(t0 + 5.0)
+            c.on_harvest(printer.now(), 20.0)  # the recorder fails once more: both wait
+            assert c.pending_events == 2
+            await c.poll(printer.now())
+            printer.advance_to(printer.now() + 2.0)
+            await c.poll(printer.now())
+            assert c.job_state == "Running"
+
+            async def fault() -> None:
+                printer.s.printer.inject_fault("nozzle clogged", printer.now())
+                server = printer.s.printer_server
+                if server is not None:
+                    await server.publish()
+
+            async def clear() -> None:
+                printer.s.printer.clear_fault()
+                server = printer.s.printer_server
+                if server is not None:
+                    await server.publish()
+
+            try:
+                printer.run(fault)
+                await c.poll(printer.now())
+            finally:
+                printer.run(clear)  # the printer is shared by the module's tests
+            return c
+
+    c = asyncio.run(go())
+    assert c.finished and c.job_state == "Aborted"
+    assert c.pending_events == 0 and rec.events == c.events  # nothing lost, order kept
+    assert actions(rec)[:3] == ["Store", "harvest", "Start"]  # same cells: no update
+    alarms = [e for e in rec.events if e.severity == "alarm"]
+    assert {e.data["action"] for e in alarms} == {"machine_state", "job_state"}
+    aborted = next(e for e in alarms if e.data["action"] == "job_state")
+    assert "ABORTED" in aborted.message and "nozzle clogged" in aborted.data["outcome"]
+    machine = next(e for e in alarms if e.data["action"] == "machine_state")
+    assert "nozzle clogged" in machine.message
+
+
+# -- an unreachable printer ---------------------------------------------------------------------
+def test_unreachable_printer_gives_one_alarm_and_the_job_is_stored_later(
+    printer: SteppedPrinter, pki: Pki
+) -> None:
+    t0 = printer.now()
+    rec = Recorder()
+
+    async def go() -> None:
+        async with session(printer.endpoint, pki, "apc") as client:
+            c = coordinator(client, rec, "B5")
+            await c.poll(t0)  # connected: namespace and batch start known
+        # the session is closed now: the printer cannot be reached
+        c.on_forecast(forecast(0.95, 20.0, t0 + 30.0, t0), t0)
+        await c.poll()
+        await c.poll()
+        assert c.job is None
+        async with session(printer.endpoint, pki, "apc") as again:
+            c.client = again
+            await c.poll()
+            assert c.job is not None
+            c.on_forecast(forecast(0.1, 20.0, t0 + 30.0, t0 + 1), t0 + 1)
+            await c.poll()  # revoke: leave the shared printer clean
+
+    asyncio.run(go())
+    assert actions(rec) == ["unreachable", "Store", "reconnected", "Cancel"]
+    assert rec.events[0].severity == "alarm"
+
+
+def test_viewer_cannot_store_a_job(printer: SteppedPrinter, pki: Pki) -> None:
+    t0 = printer.now()
+    rec = Recorder()
+
+    async def go() -> None:
+        async with session(printer.endpoint, pki, "viewer") as client:
+            c = coordinator(client, rec, "B6")
+            c.on_forecast(forecast(0.95, 20.0, t0 + 30.0, t0), t0)
+            await c.poll()
+
+    asyncio.run(go())
+    assert [e.data["return_code"] for e in rec.events] == [8]
+    assert rec.events[0].severity == "alarm" and "apc or operator role" in rec.events[0].message
+
+
+# -- configuration and bad input ----------------------------------------------------------------
+def test_config_file_validation(tmp_path: Path) -> None:
+    path = tmp_path / "printer.toml"
+    path.write_text("[printer]\nschedule_probability = 0.8\nbioink_cell_density = 25\n")
+    config = load_printer_config(path)
+    assert config.schedule_probability == 0.8 and config.bioink_cell_density == 25.0
+    path.write_text("[printer]\nbioink_density = 25\n")
+    with pytest.raises(ConfigError, match=r"printer\.toml.*bioink_density.*bioink_cell_density"):
+        load_printer_config(path)
+    path.write_text("[printer]\nrevoke_probability = 0.95\n")
+    with pytest.raises(ConfigError, match="revoke_probability.*flap"):
+        load_printer_config(path)
+    path.write_text("[printer]\nprinted_fraction = 1.5\n")
+    with pytest.raises(ConfigError, match="printed_fraction"):
+        load_printer_config(path)
+    path.write_text('[printer]\njob_prefix = "a b"\n')
+    with pytest.raises(ConfigError, match="job_prefix"):
+        load_printer_config(path)
+    path.write_text("[mpc]\nhorizon = 3\n")
+    with pytest.raises(ConfigError, match=r"\[printer\]"):
+        load_printer_config(path)
+
+
+def test_bad_inputs_are_refused_before_anything_is_sent() -> None:
+    rec = Recorder()
+    c = PrinterCoordinator(PrinterConfig(), None, rec, batch_id="B7", patient_id="P7")  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="harvested cells"):
+        c.on_harvest(10.0, float("nan"))
+    with pytest.raises(ModelError, match="probability"):
+        c.on_forecast(forecast(1.5, 20.0, 100.0, 0.0), 0.0)
+    with pytest.raises(ModelError, match="process time"):
+        c.on_forecast(forecast(0.5, 20.0, 100.0, 0.0), float("inf"))
+    with pytest.raises(ConfigError, match="batch_id"):
+        PrinterCoordinator(PrinterConfig(), None, rec, batch_id=" ", patient_id="P")  # type: ignore[arg-type]
+    assert rec.events == []
+
+
+def test_printed_cells_are_capped_and_job_spec_volume() -> None:
+    config = PrinterConfig(printed_fraction=0.05, max_printed_cells=0.6)
+    assert config.printed_cells(10.0) == pytest.approx(0.5)
+    assert config.printed_cells(40.0) == pytest.approx(0.6)
+    spec = JobSpec("J", "P", "B", 0.6, 20.0, 100.0)
+    assert spec.parameters()["bioink_volume_ml"] == pytest.approx(30.0)
+
+
+def test_simulated_printer_update_rules() -> None:
+    """The ISA-95 Update added to the simulated printer for the coordinator."""
+    from sim.opcua.printer import PrinterSim, ReturnCode
+
+    sim = PrinterSim()
+    sim.store(JobOrder("J", "P", "B", 0.2, 10.0, 5.0), start=False, now_h=0.0)
+    code, _ = sim.update(JobOrder("J", "P", "B", 0.25, 10.0, 6.0), now_h=0.0)
+    assert code is ReturnCode.OK
+    assert (sim.jobs["J"].cell_count, sim.jobs["J"].scheduled_start_h) == (0.25, 6.0)
+    assert sim.jobs["J"].state is JobState.NOT_ALLOWED_TO_START
+    code, why = sim.update(JobOrder("J", "P", "B", 1.0, 10.0, 6.0), now_h=0.0)
+    assert code is ReturnCode.UNABLE_TO_ACCEPT and "cartridge" in why
+    assert sim.jobs["J"].cell_count == 0.25  # unchanged
+    assert (
+        sim.update(JobOrder("K", "P", "B", 0.2, 10.0, 6.0), now_h=0.0)[0] is ReturnCode.UNKNOWN_JOB
+    )
+    sim.command("J", "Start", 0.0)
+    sim.advance(6.0)
+    assert sim.jobs["J"].state is JobState.RUNNING
+    assert (
+        sim.update(JobOrder("J", "P", "B", 0.2, 10.0, 6.0), now_h=6.0)[0]
+        is ReturnCode.INVALID_STATE
+    )
