@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml $(BIN)/activate
 	$(BIN)/pip install -e ".[dev,bench]"
 	bash sim/opcua/setup_nodesets.sh
 	bash sim/opcua/setup_lads_client.sh
+	bash tests/support/setup_test_services.sh
 	touch $@
 
 setup: $(VENV)/.installed

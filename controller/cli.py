@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from controller.audit import add_audit_parser
+from controller.report import add_report_parser
 from plant_models.base import MechanisticModel
 from plant_models.cho import CHOFedBatchModel, load_cho_parameters, load_cho_process
 from plant_models.errors import HmpcError
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--process", type=Path, default=None, help="process specification file")
     fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(func=cmd_fit)
+    add_audit_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

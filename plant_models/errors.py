@@ -41,3 +41,8 @@ class SolverFailedError(HmpcError, RuntimeError):
 
 class PlantIOError(HmpcError, ConnectionError):
     """Communication with the plant (or its simulator) failed."""
+
+
+class HistorianError(HmpcError, OSError):
+    """The historian (or audit trail) could not store or read records; nothing was written
+    by the failed call. The message names the database and what to do next."""

@@ -1,0 +1,932 @@
+"""The historian: every control step and event of every unit, appended to SQLite (default)
+or PostgreSQL with the same schema, and read back for restarts, reports and audits.
+
+Each append is one committed transaction: when :meth:`Historian.append_step` returns, the
+record is on disk (SQLite in WAL mode with ``synchronous=FULL``: the write-ahead log is
+fsynced at every commit) or committed by the PostgreSQL server. A failure raises
+:class:`~plant_models.errors.HistorianError` and nothing of the failed record is kept
+(never a half-written step); the caller logs it and decides what to do. See
+docs/historian.md for the schema, the durability argument and example queries.
+
+URLs: ``sqlite:///relative/path.sqlite``, ``sqlite:////absolute/path.sqlite`` (as in
+SQLAlchemy), a plain file path (SQLite), or ``postgresql://user[:password]@host:port/db``
+(any libpq connection URL; psycopg 3).
+
+Thread safety: one connection per :class:`Historian`, guarded by a lock, so the unit tasks
+of one controller process can share one instance (from the event loop or from threads).
+Several processes may write to the same database: SQLite serialises writers (WAL, busy
+timeout) and PostgreSQL does so by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from controller.records import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
+from plant_models.errors import HistorianError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "DEFAULT_URL",
+    "SCHEMA_VERSION",
+    "Historian",
+    "canonical_json",
+    "config_event",
+    "default_url",
+    "record_json",
+]
+
+log = logging.getLogger(__name__)
+
+#: The historian used when no URL is given (overridden by the HMPC_HISTORIAN variable).
+DEFAULT_URL = "sqlite:///historian.sqlite"
+SCHEMA_VERSION = 1
+#: Seconds a writer waits for another process's write lock (SQLite) before failing.
+BUSY_TIMEOUT_S = 30.0
+
+
+def default_url() -> str:
+    """``$HMPC_HISTORIAN`` when set, else :data:`DEFAULT_URL`."""
+    return os.environ.get("HMPC_HISTORIAN", "") or DEFAULT_URL
+
+
+# ------------------------------------------------------------------------------ encoding
+
+
+def _jsonable(obj: Any) -> Any:
+    """``json.dumps`` fallback: numpy scalars and arrays, tuples, sets; else a TypeError."""
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no spaces, UTF-8 text, Python's shortest float repr;
+    non-finite floats as ``NaN``/``Infinity`` (the same tokens SQLite's JSON functions read).
+    Used for JSON columns and for the audit trail's hashes."""
+    return json.dumps(
+        obj,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=True,
+        default=_jsonable,
+    )
+
+
+def record_json(record: StepRecord | EventRecord) -> str:
+    """Canonical JSON of a record (for comparing records that may hold NaN)."""
+    return canonical_json(dataclasses.asdict(record))
+
+
+def _f(value: Any) -> float:
+    """A float column read back: SQLite stores NaN as NULL."""
+    return math.nan if value is None else float(value)
+
+
+def _float_seq(values: Any) -> tuple[float, ...]:
+    return tuple(_f(v) for v in values)
+
+
+def config_event(
+    batch_id: str,
+    unit: str,
+    *,
+    process_time_h: float,
+    wall_time: float,
+    state_limits: Mapping[str, Mapping[str, float | None]],
+    input_bounds: Mapping[str, tuple[float, float]],
+    source: str = "",
+) -> EventRecord:
+    """The ``config`` event a runtime appends at the start of a batch (and after every
+    tuning change) so that reports can draw the limits in force.
+
+    Args:
+        state_limits: state -> ``{"low": ..., "high": ..., "low_soft": ..., "high_soft": ...}``
+            (any subset; None for none), canonical units.
+        input_bounds: manipulated variable -> ``(low, high)``, canonical units.
+        source: where the limits came from (tuning file path).
+    """
+    return EventRecord(
+        batch_id=batch_id,
+        unit=unit,
+        process_time_h=process_time_h,
+        wall_time=wall_time,
+        kind="config",
+        severity="info",
+        message=f"limits in force{f' from {source}' if source else ''}",
+        data={
+            "state_limits": {k: dict(v) for k, v in state_limits.items()},
+            "input_bounds": {k: [float(lo), float(hi)] for k, (lo, hi) in input_bounds.items()},
+            "source": source,
+        },
+    )
+
+
+# ------------------------------------------------------------------------------ back-ends
+
+_TYPES = {
+    "sqlite": {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "ref": "INTEGER", "seq": "INTEGER"},
+    "postgresql": {
+        "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        "ref": "BIGINT",
+        "seq": "BIGINT",
+    },
+}
+
+_GENESIS = "0" * 64
+
+_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS hmpc_schema (version INTEGER NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS steps (
+        id {id},
+        batch_id TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        process_time_h DOUBLE PRECISION,
+        wall_time DOUBLE PRECISION,
+        mode TEXT NOT NULL,
+        growth_factor DOUBLE PRECISION,
+        overhead_s DOUBLE PRECISION,
+        solver_success INTEGER,
+        solver_status TEXT,
+        solver_iterations INTEGER,
+        solve_time_s DOUBLE PRECISION,
+        solver_cost DOUBLE PRECISION,
+        fallback_used TEXT,
+        fallback_reason TEXT,
+        solver TEXT NOT NULL,
+        predictions TEXT NOT NULL,
+        notes TEXT NOT NULL,
+        UNIQUE (batch_id, unit, step))""",
+    """CREATE TABLE IF NOT EXISTS measurements (
+        step_id {ref} NOT NULL REFERENCES steps (id),
+        idx INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        value DOUBLE PRECISION,
+        value_unit TEXT NOT NULL,
+        sample_time_h DOUBLE PRECISION,
+        arrival_time_h DOUBLE PRECISION,
+        source TEXT NOT NULL,
+        quality TEXT NOT NULL,
+        accepted INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (step_id, idx))""",
+    """CREATE TABLE IF NOT EXISTS setpoints (
+        step_id {ref} NOT NULL REFERENCES steps (id),
+        idx INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        requested DOUBLE PRECISION,
+        value DOUBLE PRECISION,
+        value_unit TEXT NOT NULL,
+        status TEXT NOT NULL,
+        PRIMARY KEY (step_id, idx))""",
+    """CREATE TABLE IF NOT EXISTS estimates (
+        step_id {ref} NOT NULL REFERENCES steps (id),
+        kind TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        value DOUBLE PRECISION,
+        PRIMARY KEY (step_id, kind, idx))""",
+    """CREATE TABLE IF NOT EXISTS events (
+        id {id},
+        batch_id TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        process_time_h DOUBLE PRECISION,
+        wall_time DOUBLE PRECISION,
+        kind TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq {seq} PRIMARY KEY,
+        wall_time DOUBLE PRECISION,
+        user_name TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        old_value TEXT NOT NULL,
+        new_value TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        batch_id TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS audit_head (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq {seq} NOT NULL,
+        hash TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS steps_batch ON steps (batch_id, unit, step)",
+    "CREATE INDEX IF NOT EXISTS events_batch ON events (batch_id, kind)",
+    "CREATE INDEX IF NOT EXISTS audit_batch ON audit (batch_id)",
+]
+
+
+def _redact(url: str) -> str:
+    """The URL without its password (for messages and logs)."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _sqlite_path(url: str) -> Path:
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :])
+    if url.startswith("sqlite:"):
+        raise HistorianError(
+            f"historian URL {url!r}: write sqlite:///relative/path or sqlite:////absolute/path"
+        )
+    return Path(url)
+
+
+class _Cursor:
+    """A DB-API cursor that takes ``?`` placeholders on both back-ends."""
+
+    def __init__(self, cursor: Any, dialect: str) -> None:
+        self._cursor = cursor
+        self._pg = dialect == "postgresql"
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self._pg else sql
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Cursor:
+        self._cursor.execute(self._sql(sql), tuple(params))
+        return self
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._cursor.executemany(self._sql(sql), [tuple(r) for r in rows])
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(self._cursor.fetchall())
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        row = self._cursor.fetchone()
+        return None if row is None else tuple(row)
+
+
+class _Backend:
+    """One connection of one dialect; opened lazily again after it was lost."""
+
+    dialect: str
+
+    def connect(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def transaction(self, write: bool) -> contextlib.AbstractContextManager[_Cursor]:
+        raise NotImplementedError
+
+    def db_errors(self) -> tuple[type[BaseException], ...]:
+        raise NotImplementedError
+
+
+class _SQLite(_Backend):
+    dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def connect(self) -> None:
+        if self.path.parent and not self.path.parent.exists():
+            raise HistorianError(
+                f"historian folder {self.path.parent} does not exist; create it or give "
+                "another --historian URL"
+            )
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
+        )
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            conn.close()
+            raise HistorianError(
+                f"historian {self.path}: SQLite could not switch to WAL mode (got {mode!r}); "
+                "put the database on a local file system"
+            )
+        # FULL: the WAL is fsynced at every commit, so a committed step survives a power
+        # loss too, not only a killed process (docs/historian.md, "Durability").
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        self._conn = conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool) -> Iterator[_Cursor]:
+        if self._conn is None:
+            self.connect()
+        conn = self._conn
+        if conn is None:  # pragma: no cover - connect() raises instead
+            raise HistorianError(f"historian {self.path}: not connected")
+        # IMMEDIATE takes the write lock at once (no lock upgrade that could deadlock);
+        # readers never block writers in WAL mode
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield _Cursor(conn.cursor(), self.dialect)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def db_errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.Error,)
+
+
+class _Postgres(_Backend):
+    dialect = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: Any = None
+
+    def connect(self) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise HistorianError(
+                "a postgresql:// historian needs psycopg 3: pip install 'psycopg[binary]'"
+            ) from exc
+        self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool) -> Iterator[_Cursor]:
+        if self._conn is None or self._conn.closed:
+            self.connect()
+        with self._conn.transaction(), self._conn.cursor() as cur:
+            yield _Cursor(cur, self.dialect)
+
+    def db_errors(self) -> tuple[type[BaseException], ...]:
+        import psycopg
+
+        return (psycopg.Error,)
+
+
+# ------------------------------------------------------------------------------ historian
+
+_STEP_COLUMNS = (
+    "id, batch_id, unit, step, process_time_h, wall_time, mode, growth_factor, overhead_s, "
+    "solver, predictions, notes"
+)
+
+
+class Historian:
+    """Append-only store of step records, events and the audit trail.
+
+    Args:
+        url: ``sqlite:///path`` (default :func:`default_url`), a file path, or a
+            ``postgresql://`` URL.
+        create: make a new SQLite file when there is none (False for readers such as
+            ``hmpc report`` and ``hmpc audit verify``, which then say that it is missing).
+    Raises:
+        HistorianError: the database cannot be opened or its schema is newer than this
+            program's.
+
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, url: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
+        self.url = os.fspath(url) if url is not None else default_url()
+        self._lock = threading.RLock()
+        self._backend: _Backend
+        if self.url.startswith(("postgresql://", "postgres://")):
+            self._backend = _Postgres(self.url)
+        else:
+            path = _sqlite_path(self.url)
+            if not create and not path.is_file():
+                raise HistorianError(
+                    f"no historian database at {path}; give the URL the controller writes to "
+                    "with --historian (or set HMPC_HISTORIAN)"
+                )
+            self._backend = _SQLite(path)
+        self._init_schema()
+
+    # -------------------------------------------------------------- plumbing
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._backend.dialect
+
+    @property
+    def display_url(self) -> str:
+        """The URL without a password."""
+        return _redact(self.url)
+
+    def __enter__(self) -> Historian:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            with contextlib.suppress(Exception):
+                self._backend.close()
+
+    @contextlib.contextmanager
+    def transaction(self, what: str, *, write: bool = True) -> Iterator[_Cursor]:
+        """One committed transaction under the historian's lock; every database error
+        becomes a :class:`HistorianError` naming ``what`` failed (nothing is kept).
+        For the audit trail and tests; other code uses the append/read methods."""
+        failures: tuple[type[BaseException], ...] = (*self._backend.db_errors(), OSError)
+        with self._lock:
+            try:
+                with self._backend.transaction(write) as cur:
+                    yield cur
+            except HistorianError:
+                raise
+            except failures as exc:
+                # a broken connection is re-opened by the next call
+                with contextlib.suppress(Exception):
+                    self._backend.close()
+                kept = "Nothing was written; check" if write else "Check"
+                raise HistorianError(
+                    f"historian {self.display_url}: {what} failed: {exc}. {kept} that the "
+                    "database is reachable and writable (disk space, permissions, server) "
+                    "and retry"
+                ) from exc
+
+    def query(self, sql: str, params: Sequence[Any] = (), what: str = "read") -> list[Any]:
+        """Rows of one read-only statement (``?`` placeholders on both back-ends)."""
+        with self.transaction(what, write=False) as cur:
+            return cur.execute(sql, params).fetchall()
+
+    def _init_schema(self) -> None:
+        types = _TYPES[self.dialect]
+        with self.transaction("creating the schema") as cur:
+            for statement in _SCHEMA:
+                cur.execute(statement.format(**types))
+            row = cur.execute("SELECT version FROM hmpc_schema").fetchone()
+            if row is None:
+                cur.execute("INSERT INTO hmpc_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise HistorianError(
+                    f"historian {self.display_url} has schema version {row[0]}, newer than "
+                    f"this program's {SCHEMA_VERSION}; upgrade hmpc"
+                )
+            if cur.execute("SELECT seq FROM audit_head WHERE id = 1").fetchone() is None:
+                cur.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, ?)", (_GENESIS,))
+
+    # -------------------------------------------------------------- appends
+
+    def append_step(self, record: StepRecord) -> None:
+        """Store one step (with its measurements, setpoints and estimates) in one committed
+        transaction.
+
+        Raises:
+            HistorianError: the database refused or failed (including a step number that
+                was already stored for this batch and unit); nothing was written.
+        """
+        what = f"appending step {record.step} of batch {record.batch_id!r} unit {record.unit!r}"
+        try:
+            solver = dict(record.solver)
+            solver_json = canonical_json(solver)
+            predictions_json = canonical_json(
+                {k: [float(v) for v in vs] for k, vs in record.predictions.items()}
+            )
+            notes_json = canonical_json(list(record.notes))
+        except (TypeError, ValueError) as exc:
+            raise HistorianError(f"historian: {what}: a value is not storable: {exc}") from exc
+        success = solver.get("success")
+        iterations = solver.get("iterations")
+        with self.transaction(what) as cur:
+            row = cur.execute(
+                "INSERT INTO steps (batch_id, unit, step, process_time_h, wall_time, mode, "
+                "growth_factor, overhead_s, solver_success, solver_status, solver_iterations, "
+                "solve_time_s, solver_cost, fallback_used, fallback_reason, solver, "
+                "predictions, notes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?) RETURNING id",
+                (
+                    record.batch_id,
+                    record.unit,
+                    int(record.step),
+                    float(record.process_time_h),
+                    float(record.wall_time),
+                    record.mode,
+                    float(record.growth_factor),
+                    float(record.overhead_s),
+                    None if success is None else int(bool(success)),
+                    None if solver.get("status") is None else str(solver["status"]),
+                    None if iterations is None else int(iterations),
+                    _opt_float(solver.get("solve_time_s")),
+                    _opt_float(solver.get("cost")),
+                    str(solver.get("fallback_used", "") or ""),
+                    str(solver.get("fallback_reason", "") or ""),
+                    solver_json,
+                    predictions_json,
+                    notes_json,
+                ),
+            ).fetchone()
+            if row is None:  # pragma: no cover - RETURNING always yields the id
+                raise HistorianError(f"historian: {what}: the database returned no id")
+            step_id = int(row[0])
+            cur.executemany(
+                "INSERT INTO measurements (step_id, idx, name, value, value_unit, "
+                "sample_time_h, arrival_time_h, source, quality, accepted, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        step_id,
+                        i,
+                        m.name,
+                        float(m.value),
+                        m.unit,
+                        float(m.sample_time_h),
+                        float(m.arrival_time_h),
+                        m.source,
+                        m.quality,
+                        int(bool(m.accepted)),
+                        m.reason,
+                    )
+                    for i, m in enumerate(record.measurements)
+                ],
+            )
+            cur.executemany(
+                "INSERT INTO setpoints (step_id, idx, name, requested, value, value_unit, "
+                "status) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (step_id, i, s.name, float(s.requested), float(s.value), s.unit, s.status)
+                    for i, s in enumerate(record.setpoints)
+                ],
+            )
+            cur.executemany(
+                "INSERT INTO estimates (step_id, kind, idx, name, value) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (step_id, kind, i, name, float(value))
+                    for kind, values in (("mean", record.estimate), ("std", record.estimate_std))
+                    for i, (name, value) in enumerate(values.items())
+                ],
+            )
+
+    def append_event(self, record: EventRecord) -> None:
+        """Store one event in one committed transaction.
+
+        Raises:
+            HistorianError: the database refused or failed; nothing was written.
+        """
+        what = f"appending a {record.kind!r} event of batch {record.batch_id!r}"
+        try:
+            data = canonical_json(dict(record.data))
+        except (TypeError, ValueError) as exc:
+            raise HistorianError(f"historian: {what}: data is not storable: {exc}") from exc
+        with self.transaction(what) as cur:
+            cur.execute(
+                "INSERT INTO events (batch_id, unit, process_time_h, wall_time, kind, severity, "
+                "message, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.batch_id,
+                    record.unit,
+                    float(record.process_time_h),
+                    float(record.wall_time),
+                    record.kind,
+                    record.severity,
+                    record.message,
+                    data,
+                ),
+            )
+
+    # -------------------------------------------------------------- readers
+
+    def batches(self) -> list[str]:
+        """Every batch id with steps or events, by the controller time of its first record."""
+        rows = self.query(
+            "SELECT batch_id FROM (SELECT batch_id, MIN(wall_time) AS first FROM steps GROUP BY "
+            "batch_id UNION ALL SELECT batch_id, MIN(wall_time) FROM events GROUP BY batch_id) "
+            "AS b GROUP BY batch_id ORDER BY MIN(first), batch_id",
+            what="listing batches",
+        )
+        return [str(r[0]) for r in rows]
+
+    def require_batch(self, batch_id: str) -> None:
+        """Raise a ValueError naming the known batches when ``batch_id`` has no records."""
+        known = self.batches()
+        if batch_id not in known:
+            listed = ", ".join(repr(b) for b in known) if known else "none"
+            raise ValueError(
+                f"batch {batch_id!r} has no records in historian {self.display_url}; known "
+                f"batches: {listed}. Give one of them with --batch (or another --historian)"
+            )
+
+    def units(self, batch_id: str) -> list[str]:
+        """The units of a batch (with steps or events), sorted."""
+        rows = self.query(
+            "SELECT unit FROM steps WHERE batch_id = ? UNION SELECT unit FROM events "
+            "WHERE batch_id = ?",
+            (batch_id, batch_id),
+            what=f"listing the units of batch {batch_id!r}",
+        )
+        return sorted(str(r[0]) for r in rows)
+
+    def steps(self, batch_id: str, unit: str | None = None) -> list[StepRecord]:
+        """The steps of a batch (one unit or all), ordered by unit and step."""
+        where = "batch_id = ?" + (" AND unit = ?" if unit is not None else "")
+        params: tuple[Any, ...] = (batch_id,) if unit is None else (batch_id, unit)
+        return self._read_steps(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE {where} ORDER BY unit, step",  # noqa: S608 (fixed SQL; values are parameters)
+            params,
+            f"reading the steps of batch {batch_id!r}",
+        )
+
+    def last_step(self, batch_id: str, unit: str) -> StepRecord | None:
+        """The latest stored step of a unit in a batch (for a restart), or None."""
+        found = self._read_steps(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE batch_id = ? AND unit = ? "  # noqa: S608
+            "ORDER BY step DESC LIMIT 1",
+            (batch_id, unit),
+            f"reading the last step of batch {batch_id!r} unit {unit!r}",
+        )
+        return found[0] if found else None
+
+    def events(
+        self, batch_id: str, unit: str | None = None, kind: str | None = None
+    ) -> list[EventRecord]:
+        """The events of a batch (optionally of one unit and/or kind) in append order."""
+        where, params = ["batch_id = ?"], [batch_id]
+        if unit is not None:
+            where.append("unit = ?")
+            params.append(unit)
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
+        rows = self.query(
+            "SELECT batch_id, unit, process_time_h, wall_time, kind, severity, message, data "  # noqa: S608
+            f"FROM events WHERE {' AND '.join(where)} ORDER BY id",
+            params,
+            what=f"reading the events of batch {batch_id!r}",
+        )
+        return [
+            EventRecord(
+                batch_id=r[0],
+                unit=r[1],
+                process_time_h=_f(r[2]),
+                wall_time=_f(r[3]),
+                kind=r[4],
+                severity=r[5],
+                message=r[6],
+                data=json.loads(r[7]),
+            )
+            for r in rows
+        ]
+
+    def _read_steps(self, sql: str, params: Sequence[Any], what: str) -> list[StepRecord]:
+        with self.transaction(what, write=False) as cur:
+            rows = cur.execute(sql, params).fetchall()
+            if not rows:
+                return []
+            ids = [int(r[0]) for r in rows]
+            marks = ", ".join("?" for _ in ids)
+            meas = cur.execute(
+                "SELECT step_id, name, value, value_unit, sample_time_h, arrival_time_h, "  # noqa: S608
+                f"source, quality, accepted, reason FROM measurements WHERE step_id IN ({marks}) "
+                "ORDER BY step_id, idx",
+                ids,
+            ).fetchall()
+            setp = cur.execute(
+                "SELECT step_id, name, requested, value, value_unit, status FROM setpoints "  # noqa: S608
+                f"WHERE step_id IN ({marks}) ORDER BY step_id, idx",
+                ids,
+            ).fetchall()
+            est = cur.execute(
+                f"SELECT step_id, kind, name, value FROM estimates WHERE step_id IN ({marks}) "  # noqa: S608
+                "ORDER BY step_id, kind, idx",
+                ids,
+            ).fetchall()
+        by_meas: dict[int, list[MeasurementRecord]] = {}
+        for m in meas:
+            by_meas.setdefault(int(m[0]), []).append(
+                MeasurementRecord(
+                    name=m[1],
+                    value=_f(m[2]),
+                    unit=m[3],
+                    sample_time_h=_f(m[4]),
+                    arrival_time_h=_f(m[5]),
+                    source=m[6],
+                    quality=m[7],
+                    accepted=bool(m[8]),
+                    reason=m[9],
+                )
+            )
+        by_setp: dict[int, list[SetpointRecord]] = {}
+        for s in setp:
+            by_setp.setdefault(int(s[0]), []).append(
+                SetpointRecord(
+                    name=s[1], requested=_f(s[2]), value=_f(s[3]), unit=s[4], status=s[5]
+                )
+            )
+        by_est: dict[tuple[int, str], dict[str, float]] = {}
+        for e in est:
+            by_est.setdefault((int(e[0]), e[1]), {})[e[2]] = _f(e[3])
+        out = []
+        for r in rows:
+            sid = int(r[0])
+            out.append(
+                StepRecord(
+                    batch_id=r[1],
+                    unit=r[2],
+                    step=int(r[3]),
+                    process_time_h=_f(r[4]),
+                    wall_time=_f(r[5]),
+                    mode=r[6],
+                    growth_factor=_f(r[7]),
+                    overhead_s=_f(r[8]),
+                    solver=json.loads(r[9]),
+                    predictions={k: _float_seq(v) for k, v in json.loads(r[10]).items()},
+                    notes=tuple(json.loads(r[11])),
+                    measurements=tuple(by_meas.get(sid, ())),
+                    setpoints=tuple(by_setp.get(sid, ())),
+                    estimate=by_est.get((sid, "mean"), {}),
+                    estimate_std=by_est.get((sid, "std"), {}),
+                )
+            )
+        return out
+
+    # -------------------------------------------------------------- tables
+
+    def to_dataframes(self, batch_id: str) -> dict[str, pd.DataFrame]:
+        """The batch as tables (pandas), for reports and exports.
+
+        Returns:
+            ``steps``: one row per unit and step: time, mode, solver figures, estimates
+            (``<state>`` and ``<state>_std``), setpoints written (``<input>``) and
+            requested (``<input>_requested``); ``measurements``, ``setpoints``:
+            one row per item; ``predictions``: one row per step, horizon point and
+            variable (``value`` and ``std``); ``events``: one row per event.
+        Raises:
+            ValueError: no records of ``batch_id`` (the message lists the known batches).
+        """
+        import pandas as pd
+
+        self.require_batch(batch_id)
+        steps = self.steps(batch_id)
+        step_rows: list[dict[str, Any]] = []
+        meas_rows: list[dict[str, Any]] = []
+        setp_rows: list[dict[str, Any]] = []
+        pred_rows: list[dict[str, Any]] = []
+        for s in steps:
+            key = {"unit": s.unit, "step": s.step, "process_time_h": s.process_time_h}
+            row: dict[str, Any] = {
+                "batch_id": s.batch_id,
+                **key,
+                "wall_time": s.wall_time,
+                "mode": s.mode,
+                "growth_factor": s.growth_factor,
+                "overhead_s": s.overhead_s,
+                "solver_success": s.solver.get("success"),
+                "solver_status": s.solver.get("status", ""),
+                "solver_iterations": s.solver.get("iterations"),
+                "solve_time_s": _opt_float(s.solver.get("solve_time_s")),
+                "solver_cost": _opt_float(s.solver.get("cost")),
+                "fallback_used": s.solver.get("fallback_used", "") or "",
+                "fallback_reason": s.solver.get("fallback_reason", "") or "",
+                "notes": "; ".join(s.notes),
+            }
+            for name, value in s.estimate.items():
+                row[name] = value
+            for name, value in s.estimate_std.items():
+                row[f"{name}_std"] = value
+            for sp in s.setpoints:
+                row[sp.name] = sp.value
+                row[f"{sp.name}_requested"] = sp.requested
+                row[f"{sp.name}_status"] = sp.status
+            step_rows.append(row)
+            for m in s.measurements:
+                meas_rows.append(
+                    {
+                        **key,
+                        "name": m.name,
+                        "value": m.value,
+                        "value_unit": m.unit,
+                        "sample_time_h": m.sample_time_h,
+                        "arrival_time_h": m.arrival_time_h,
+                        "source": m.source,
+                        "quality": m.quality,
+                        "accepted": m.accepted,
+                        "reason": m.reason,
+                    }
+                )
+            for sp in s.setpoints:
+                setp_rows.append(
+                    {
+                        **key,
+                        "name": sp.name,
+                        "requested": sp.requested,
+                        "value": sp.value,
+                        "value_unit": sp.unit,
+                        "status": sp.status,
+                    }
+                )
+            times = s.predictions.get("time_h", ())
+            for name, values in s.predictions.items():
+                if name == "time_h" or name.endswith("_std"):
+                    continue
+                std = s.predictions.get(f"{name}_std", ())
+                for i, value in enumerate(values):
+                    pred_rows.append(
+                        {
+                            **key,
+                            "horizon_index": i,
+                            "time_h": times[i] if i < len(times) else math.nan,
+                            "name": name,
+                            "value": value,
+                            "std": std[i] if i < len(std) else math.nan,
+                        }
+                    )
+        events = [
+            {
+                "batch_id": e.batch_id,
+                "unit": e.unit,
+                "process_time_h": e.process_time_h,
+                "wall_time": e.wall_time,
+                "kind": e.kind,
+                "severity": e.severity,
+                "message": e.message,
+                "data": canonical_json(dict(e.data)),
+            }
+            for e in self.events(batch_id)
+        ]
+        key_cols = ["unit", "step", "process_time_h"]
+        return {
+            "steps": pd.DataFrame(step_rows, columns=_columns(step_rows, ["batch_id", *key_cols])),
+            "measurements": pd.DataFrame(
+                meas_rows,
+                columns=[
+                    *key_cols,
+                    "name",
+                    "value",
+                    "value_unit",
+                    "sample_time_h",
+                    "arrival_time_h",
+                    "source",
+                    "quality",
+                    "accepted",
+                    "reason",
+                ],
+            ),
+            "setpoints": pd.DataFrame(
+                setp_rows,
+                columns=[*key_cols, "name", "requested", "value", "value_unit", "status"],
+            ),
+            "predictions": pd.DataFrame(
+                pred_rows, columns=[*key_cols, "horizon_index", "time_h", "name", "value", "std"]
+            ),
+            "events": pd.DataFrame(
+                events,
+                columns=[
+                    "batch_id",
+                    "unit",
+                    "process_time_h",
+                    "wall_time",
+                    "kind",
+                    "severity",
+                    "message",
+                    "data",
+                ],
+            ),
+        }
+
+
+def _columns(rows: Sequence[Mapping[str, Any]], first: Sequence[str]) -> list[str]:
+    """Column order: ``first``, then every other key in order of first appearance."""
+    cols = list(first)
+    seen = set(cols)
+    for row in rows:
+        for key in row:
+            if key not in seen:
+                seen.add(key)
+                cols.append(key)
+    return cols
+
+
+def _opt_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
