@@ -136,11 +136,18 @@ def _bench_forecast(bench_sub: argparse._SubParsersAction[argparse.ArgumentParse
     add_bench_forecast(bench_sub)
 
 
+def _bench_loop(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.bench_loop import add_bench_loop
+
+    add_bench_loop(bench_sub)
+
+
 #: Benchmarks under ``hmpc-sim bench``: callables that take the bench sub-parsers.
 BENCHMARKS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _bench_estimation,
     _bench_mpc,
     _bench_forecast,
+    _bench_loop,
 ]
 
 
@@ -150,9 +157,16 @@ def _serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     register(sub)
 
 
+def _operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.operator import register
+
+    register(sub)
+
+
 #: Other modules add sub-commands here: callables that take the sub-parsers object.
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _serve,
+    _operator,
 ]
 
 

@@ -1298,6 +1298,8 @@ class Simulators:
         for server in self.servers:
             await server.start()
         self.clock.reset()  # the batch starts when the servers are up
+        for nodes in self.bioreactor.nodes.values():
+            nodes.published.clear()  # re-stamp the initial values with the new epoch
         await self.publish()
         self._task = asyncio.create_task(self._run(), name="hmpc-sim-plant")
         self._task.add_done_callback(self._plant_done)

@@ -1,0 +1,741 @@
+"""The control loop: one task per bioreactor, on the plant's process clock.
+
+Each cycle (at multiples of the control period in process time, and at once when Remote is
+granted)::
+
+    measurements = io.take_measurements()          # arrived by subscription
+    gate: connected, every required input fresh and good, unit in Remote
+    u = await law.step(t, measurements, previous)  # worker thread, time budget
+    u = limiter.apply(u, previous, period)         # absolute, rate, deadband
+    statuses = await io.write_setpoints(u)          # one bundle, one status per item
+    recorder.append_step(StepRecord(...))
+
+Nothing is computed on stale or bad data and nothing is written unless the plant is in
+Remote: the loop then holds (the plant keeps its setpoints) and says why in the step
+record, an event and the log. Engagement is bumpless: on entering Remote (and after every
+reconnect) the loop reads the plant's setpoints back and moves from there within the rate
+limits (optionally an engagement ramp). A control-law step that overruns its budget is
+abandoned (the setpoints are held); a new step never starts while one still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from controller.historian import config_event
+from controller.limits import OutputLimiter
+from controller.measurements import Measurement
+from controller.records import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
+from controller.runtime.plant_io import PlantIO, PlantLimits, PlantStatus
+from controller.runtime.site import SetpointTag
+from plant_models.errors import PlantIOError
+
+__all__ = [
+    "ControlLaw",
+    "LoopSettings",
+    "Recorder",
+    "UnitLoop",
+    "UnitSummary",
+    "build_limiter",
+    "run_control_loop",
+]
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-6
+
+
+class Recorder(Protocol):
+    """Where step and event records go (the historian; a list in tests)."""
+
+    def append_step(self, record: StepRecord) -> None: ...
+
+    def append_event(self, record: EventRecord) -> None: ...
+
+
+class ControlLaw(Protocol):
+    """The control law (``controller.control.Controller``): measurements -> next inputs."""
+
+    name: str
+
+    def step(
+        self, time_h: float, measurements: Sequence[Measurement], previous: Mapping[str, float]
+    ) -> dict[str, float]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """Settings of one unit's loop.
+
+    Attributes:
+        period_h: control period, process hours.
+        solve_budget_s: wall seconds a step may take (None: half the period in wall seconds
+            at the plant's clock speed).
+        engage_ramp_h: after (re-)engagement every setpoint moves at most ``span * period /
+            engage_ramp_h`` per cycle until this many process hours have passed (0: off).
+        harvest_time_h: the loop ends at this culture age (None: runs until stopped).
+        hand_back: return the unit to Local when the loop ends (harvest or shutdown).
+        poll_s: longest wait between checks when nothing changes, wall seconds.
+    """
+
+    period_h: float = 1.0
+    solve_budget_s: float | None = None
+    engage_ramp_h: float = 0.0
+    harvest_time_h: float | None = None
+    hand_back: bool = True
+    poll_s: float = 0.25
+
+
+@dataclasses.dataclass
+class UnitSummary:
+    """What one unit's loop did."""
+
+    unit: str
+    batch_id: str = ""
+    cycles: int = 0
+    moves: int = 0
+    bundles: int = 0
+    item_statuses: dict[str, int] = dataclasses.field(default_factory=dict)
+    holds: int = 0
+    overruns: int = 0
+    engagements: int = 0
+    reconnects: int = 0
+    events: int = 0
+    last_time_h: float = math.nan
+    setpoints: dict[str, float] = dataclasses.field(default_factory=dict)
+    ended: str = ""
+
+
+def build_limiter(
+    names: Sequence[str], plant: PlantLimits, site: Sequence[SetpointTag] = ()
+) -> OutputLimiter:
+    """Output limits = the tighter of the plant's advertised limits and the site file's."""
+    by_name = {s.variable: s for s in site}
+    bounds: dict[str, tuple[float, float]] = {}
+    rates: dict[str, float] = {}
+    deadbands: dict[str, float] = {}
+    for n in names:
+        low, high = plant.low[n], plant.high[n]
+        rate = min(plant.rate_up[n], plant.rate_down[n])
+        dead = plant.deadband[n]
+        tag = by_name.get(n)
+        if tag is not None:
+            low = max(low, tag.low) if tag.low is not None else low
+            high = min(high, tag.high) if tag.high is not None else high
+            rate = min(rate, tag.rate) if tag.rate is not None else rate
+            dead = max(dead, tag.deadband) if tag.deadband is not None else dead
+        if low > high:
+            raise PlantIOError(
+                f"setpoint {n}: the site's limits and the plant's [{plant.low[n]}, "
+                f"{plant.high[n]}] do not overlap; fix the site file."
+            )
+        bounds[n] = (low, high)
+        if math.isfinite(rate):
+            rates[n] = rate
+        if dead > 0:
+            deadbands[n] = dead
+    return OutputLimiter(bounds=bounds, rate_limits=rates, deadbands=deadbands)
+
+
+def _mode_label(st: PlantStatus) -> str:
+    if not st.connected:
+        return "disconnected"
+    if st.remote:
+        return "remote"
+    return "shed" if st.fallback else "local"
+
+
+def _finite(values: Any) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=float).ravel()]
+
+
+class UnitLoop:
+    """The control task of one bioreactor (see the module docstring)."""
+
+    def __init__(
+        self,
+        io: PlantIO,
+        law: ControlLaw,
+        recorder: Recorder,
+        settings: LoopSettings,
+        *,
+        site_setpoints: Sequence[SetpointTag] = (),
+        units: Mapping[str, str] | None = None,
+        state_limits: Mapping[str, Mapping[str, float | None]] | None = None,
+    ) -> None:
+        if not (settings.period_h > 0 and math.isfinite(settings.period_h)):
+            raise ValueError(f"period_h must be positive, got {settings.period_h!r}")
+        self.io = io
+        self.law = law
+        self.recorder = recorder
+        self.settings = settings
+        self.site_setpoints = tuple(site_setpoints)
+        self.units = dict(units or {})
+        self.state_limits = dict(state_limits or {})
+        self.summary = UnitSummary(io.unit)
+        self.overheads: list[float] = []
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"solve-{io.unit}"
+        )
+        self._running: asyncio.Future[dict[str, float]] | None = None
+        self._buffer: list[Measurement] = []
+        self._setpoints: dict[str, float] | None = None  # the plant's targets as we know them
+        self._limiter: OutputLimiter | None = None
+        self._engaged = False
+        self._engaged_at = math.nan
+        self._generation = -1
+        self._mode = ""
+        self._hold_reason = ""
+        self._step = 0
+        self._next_t = math.nan
+        self._last_clock = math.nan
+        self._last_cycle: tuple[float, bool] = (math.nan, False)
+        self._unsaved: list[StepRecord | EventRecord] = []
+
+    # -- records ---------------------------------------------------------------------------
+    def _save(self, record: StepRecord | EventRecord) -> None:
+        """Append to the recorder; a record that cannot be stored now is kept and retried
+        (never dropped)."""
+        self._unsaved.append(record)
+        pending, self._unsaved = self._unsaved, []
+        for i, rec in enumerate(pending):
+            try:
+                if isinstance(rec, StepRecord):
+                    self.recorder.append_step(rec)
+                else:
+                    self.recorder.append_event(rec)
+            except Exception as exc:  # the historian failing must not stop control
+                log.critical(
+                    "unit=%s recorder failed (%r); %d record(s) kept for retry",
+                    self.io.unit,
+                    exc,
+                    len(pending) - i,
+                )
+                self._unsaved = pending[i:]
+                return
+
+    def _event(self, kind: str, severity: str, message: str, time_h: float, **data: Any) -> None:
+        level = {"info": logging.INFO, "warning": logging.WARNING}.get(severity, logging.ERROR)
+        log.log(
+            level,
+            "event unit=%s batch=%s t=%.3fh kind=%s severity=%s: %s %s",
+            self.io.unit,
+            self.summary.batch_id,
+            time_h,
+            kind,
+            severity,
+            message,
+            data or "",
+        )
+        self.summary.events += 1
+        self._save(
+            EventRecord(
+                batch_id=self.summary.batch_id,
+                unit=self.io.unit,
+                process_time_h=time_h,
+                wall_time=time.time(),
+                kind=kind,
+                severity=severity,
+                message=message,
+                data=data,
+            )
+        )
+
+    # -- main ------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> UnitSummary:
+        """Run until the harvest time or ``stop``; always stops the heartbeat."""
+        io = self.io
+        start = getattr(self.law, "start", None)
+        if callable(start):
+            # culture age 0 is the inoculation, where the law's prior (the process
+            # specification) holds, even when the controller joins the batch later
+            start(0.0)
+        io.set_alive(True)
+        try:
+            while not stop.is_set():
+                st = io.status()
+                if st.connected and st.batch_id != self.summary.batch_id:
+                    self.summary.batch_id = st.batch_id
+                    self._resume_numbering()
+                self._track(st)
+                harvest = self.settings.harvest_time_h
+                if harvest is not None and st.connected and st.clock_h >= harvest - _EPS:
+                    self.summary.ended = "harvest"
+                    self._event(
+                        "batch_end", "info", f"harvest time {harvest:g} h reached", st.clock_h
+                    )
+                    break
+                if self._due(st):
+                    await self._cycle(st)
+                    continue
+                await io.wait_change(self.settings.poll_s)
+            if not self.summary.ended:
+                self.summary.ended = "stopped"
+                self._event("shutdown", "info", "controller stopping", io.status().clock_h)
+            if self.settings.hand_back and io.status().remote:
+                result = await io.hand_back()
+                self._event("mode", "info", f"handed back to Local ({result})", io.status().clock_h)
+        finally:
+            io.set_alive(False)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._unsaved:
+                log.critical(
+                    "unit=%s %d record(s) could not be stored", io.unit, len(self._unsaved)
+                )
+        return self.summary
+
+    def _resume_numbering(self) -> None:
+        """Continue the step numbers of a batch the historian already holds (a restarted
+        controller), so no record collides with an earlier one."""
+        last_step = getattr(self.recorder, "last_step", None)
+        if last_step is None:
+            return
+        try:
+            last = last_step(self.summary.batch_id, self.io.unit)
+        except Exception as exc:  # a reader failure only affects numbering
+            log.warning("unit=%s cannot read the last step back: %r", self.io.unit, exc)
+            return
+        if last is not None and last.step >= self._step:
+            self._step = last.step + 1
+            log.info(
+                "unit=%s continuing batch %s at step %d",
+                self.io.unit,
+                self.summary.batch_id,
+                self._step,
+            )
+
+    def _due(self, st: PlantStatus) -> bool:
+        """A cycle is due at the next multiple of the period, and at once on entering
+        Remote (bumpless engagement does not wait a whole period)."""
+        period = self.settings.period_h
+        if st.connected and math.isfinite(st.clock_h):
+            self._last_clock = st.clock_h
+            if not math.isfinite(self._next_t):
+                self._next_t = math.ceil(st.clock_h / period - _EPS) * period
+            if st.clock_h >= self._next_t - _EPS:
+                return True
+            # entering Remote: engage now (once per clock value, so a failed attempt is not
+            # retried in a busy loop)
+            return st.remote and not self._engaged and self._last_cycle != (st.clock_h, True)
+        # disconnected: record the cycles that pass (by the extrapolated clock), write nothing
+        return (
+            math.isfinite(st.now_h)
+            and math.isfinite(self._next_t)
+            and (st.now_h >= self._next_t - _EPS)
+        )
+
+    def _track(self, st: PlantStatus) -> None:
+        """Events for connection and mode changes; any change disengages."""
+        if st.connected and st.generation != self._generation:
+            if self._generation >= 0:
+                self.summary.reconnects += 1
+                self._event(
+                    "connection", "info", "reconnected", st.clock_h, generation=st.generation
+                )
+            self._generation = st.generation
+            self._engaged = False
+            self._limiter = None
+        mode = _mode_label(st)
+        if mode == self._mode:
+            return
+        previous, self._mode = self._mode, mode
+        t = st.clock_h if math.isfinite(st.clock_h) else st.now_h
+        if self._engaged:
+            self._engaged = False
+        if mode == "disconnected":
+            if previous:
+                self._event("connection", "warning", "connection to the plant lost; holding", t)
+        elif mode == "shed":
+            self._event(
+                "fallback",
+                "alarm",
+                "the plant shed the controller (watchdog): Local with setpoints held; "
+                "waiting for the operator to grant Remote",
+                t,
+            )
+        else:
+            self._event("mode", "info", f"mode {previous or 'start'} -> {mode}", t)
+
+    async def _cycle(self, st: PlantStatus) -> None:
+        started = time.perf_counter()
+        period = self.settings.period_h
+        io = self.io
+        skipped = 0
+        if st.connected and math.isfinite(st.clock_h):
+            t = st.clock_h
+            if t >= self._next_t - _EPS:
+                skipped = math.floor((t - self._next_t) / period + _EPS)
+            self._next_t = (math.floor(t / period + _EPS) + 1) * period
+            self._last_cycle = (t, st.remote)
+        else:
+            t = self._next_t
+            self._next_t += period
+        notes: list[str] = []
+        if skipped:
+            notes.append(f"{skipped} cycle(s) skipped (controller behind the plant clock)")
+        arrived = io.take_measurements()
+        self._buffer.extend(arrived)
+        records = tuple(self._measurement_record(m) for m in arrived)
+        mode = _mode_label(st)
+        solver: dict[str, Any] = {}
+        estimate: dict[str, float] = {}
+        estimate_std: dict[str, float] = {}
+        growth = 1.0
+        predictions: dict[str, tuple[float, ...]] = {}
+        setpoints: tuple[SetpointRecord, ...] = ()
+        solve_s = 0.0
+
+        problems = self._gate(st)
+        if problems:
+            self._hold("; ".join(problems), t)
+            notes.extend(problems)
+        elif not st.remote:
+            notes.append(f"not in Remote ({mode}): nothing written")
+        else:
+            ok = await self._engage(st, t, notes)
+            if ok and self._running is not None:
+                notes.append("the previous step is still running: setpoints held")
+                self.summary.holds += 1
+            elif ok and self._setpoints is not None and self._limiter is not None:
+                previous = dict(self._setpoints)
+                proposed, solve_s, failure = await self._solve(t, previous)
+                if failure:
+                    notes.append(failure)
+                    self._hold(failure, t)
+                else:
+                    if self._hold_reason:
+                        self._event("fallback", "info", "resuming moves", t)
+                        self._hold_reason = ""
+                    solver, estimate, estimate_std, growth, predictions = self._law_details()
+                    setpoints = await self._move(proposed, previous, t, notes)
+        if not setpoints:
+            setpoints = self._held_records()
+        self._step += 1
+        self.summary.cycles += 1
+        self.summary.last_time_h = t
+        overhead = max(0.0, time.perf_counter() - started - solve_s)
+        if mode == "remote" and solve_s > 0:
+            self.overheads.append(overhead)
+        self._save(
+            StepRecord(
+                batch_id=self.summary.batch_id,
+                unit=io.unit,
+                step=self._step - 1,
+                process_time_h=t,
+                wall_time=time.time(),
+                mode=mode,
+                measurements=records,
+                estimate=estimate,
+                estimate_std=estimate_std,
+                growth_factor=growth,
+                solver=solver,
+                predictions=predictions,
+                setpoints=setpoints,
+                overhead_s=overhead,
+                notes=tuple(notes),
+            )
+        )
+
+    # -- the gate --------------------------------------------------------------------------
+    def _gate(self, st: PlantStatus) -> list[str]:
+        if not st.connected:
+            return ["not connected: nothing written"]
+        problems = []
+        inputs = self.io.inputs()
+        now = st.clock_h  # the plant's own time: a paused plant does not age its data
+        seen = {i.key for i in inputs.values()}
+        for state in inputs.values():
+            if not state.required:
+                continue
+            if state.quality != "good" or not math.isfinite(state.value):
+                problems.append(f"input {state.key} is {state.quality} ({state.value!r})")
+            elif state.max_age_h is not None and now - state.sample_time_h > state.max_age_h + _EPS:
+                problems.append(
+                    f"input {state.key} is stale ({now - state.sample_time_h:.2f} h > "
+                    f"{state.max_age_h:g} h)"
+                )
+        for key in self._required_keys():
+            if key not in seen:
+                problems.append(f"input {key}: no value received yet")
+        return problems
+
+    def _required_keys(self) -> list[str]:
+        config = getattr(self.io, "config", None)
+        if config is None:
+            return []
+        return [t.key for t in config.inputs if t.required]
+
+    def _hold(self, reason: str, t: float) -> None:
+        self.summary.holds += 1
+        if reason != self._hold_reason:
+            self._hold_reason = reason
+            self._event("fallback", "warning", f"holding the setpoints: {reason}", t)
+
+    def _held_records(self) -> tuple[SetpointRecord, ...]:
+        values = self._setpoints or {}
+        return tuple(
+            SetpointRecord(
+                n,
+                values.get(n, math.nan),
+                values.get(n, math.nan),
+                self.units.get(n, ""),
+                "not written",
+            )
+            for n in self.io.setpoint_names
+        )
+
+    @staticmethod
+    def _measurement_record(m: Measurement) -> MeasurementRecord:
+        reason = ""
+        if not math.isfinite(m.value):
+            reason = "not finite"
+        elif m.quality == "bad":
+            reason = "bad quality"
+        return MeasurementRecord(
+            name=m.name,
+            value=m.value,
+            unit=m.unit,
+            sample_time_h=m.sample_time,
+            arrival_time_h=m.arrival_time,
+            source=m.source,
+            quality=m.quality,
+            accepted=not reason,
+            reason=reason,
+        )
+
+    # -- engagement ------------------------------------------------------------------------
+    async def _engage(self, st: PlantStatus, t: float, notes: list[str]) -> bool:
+        if self._engaged and self._limiter is not None and self._setpoints is not None:
+            return True
+        io = self.io
+        try:
+            readback = await io.read_setpoints()
+            limits = io.limits()
+            if limits is None:
+                raise PlantIOError("the plant's setpoint limits are not known yet")
+            self._limiter = build_limiter(io.setpoint_names, limits, self.site_setpoints)
+        except PlantIOError as exc:
+            notes.append(f"cannot engage: {exc}")
+            self._hold(f"cannot engage: {exc}", t)
+            return False
+        self._setpoints = dict(readback)
+        self._engaged = True
+        self._engaged_at = t
+        self.summary.engagements += 1
+        self.summary.events += 1
+        self._save(
+            config_event(
+                self.summary.batch_id,
+                io.unit,
+                process_time_h=t,
+                wall_time=time.time(),
+                state_limits=self.state_limits,
+                input_bounds=self._limiter.bounds,
+                source="plant limits and site file",
+            )
+        )
+        self._event(
+            "mode",
+            "info",
+            "engaged (bumpless): starting from the plant's setpoints",
+            t,
+            setpoints=dict(readback),
+        )
+        return True
+
+    # -- the step --------------------------------------------------------------------------
+    def _budget_s(self, st: PlantStatus) -> float:
+        if self.settings.solve_budget_s is not None:
+            return self.settings.solve_budget_s
+        speed = st.speed if st.speed > 0 else 1.0
+        return 0.5 * self.settings.period_h * 3600.0 / speed
+
+    async def _solve(
+        self, t: float, previous: dict[str, float]
+    ) -> tuple[dict[str, float], float, str]:
+        """Run the law's step in the unit's worker thread within the budget.
+
+        Returns (proposal, wall seconds, failure reason or ``""``)."""
+        measurements = [m for m in self._buffer if math.isfinite(m.value) and m.quality != "bad"]
+        self._buffer = []
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self.law.step, t, measurements, dict(previous))
+        future = loop.run_in_executor(self._executor, call)
+        self._running = future
+        started = time.perf_counter()
+        budget = self._budget_s(self.io.status())
+        done, _ = await asyncio.wait({future}, timeout=budget)
+        elapsed = time.perf_counter() - started
+        if not done:
+            self.summary.overruns += 1
+            future.add_done_callback(self._late_result)
+            self._event(
+                "fallback",
+                "warning",
+                f"the control law overran its budget ({budget:.3g} s): step abandoned, "
+                f"setpoints held",
+                t,
+                budget_s=budget,
+            )
+            return {}, elapsed, f"step abandoned after {budget:.3g} s"
+        self._running = None
+        exc = future.exception()
+        if exc is not None:
+            log.error("unit=%s control law failed", self.io.unit, exc_info=exc)
+            self._event("fault", "alarm", f"the control law failed: {exc!r}", t)
+            return {}, elapsed, f"control law failed: {exc!r}"
+        proposal = future.result()
+        if not isinstance(proposal, Mapping):
+            self._event("fault", "alarm", "the control law returned no setpoints", t)
+            return {}, elapsed, "control law returned no setpoints"
+        return {str(k): float(v) for k, v in proposal.items()}, elapsed, ""
+
+    def _late_result(self, future: asyncio.Future[dict[str, float]]) -> None:
+        if self._running is future:
+            self._running = None
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("unit=%s abandoned step failed later: %r", self.io.unit, future.exception())
+        else:
+            log.info("unit=%s abandoned step finished late; result discarded", self.io.unit)
+
+    def _law_details(
+        self,
+    ) -> tuple[
+        dict[str, Any], dict[str, float], dict[str, float], float, dict[str, tuple[float, ...]]
+    ]:
+        solver: dict[str, Any] = {}
+        predictions: dict[str, tuple[float, ...]] = {}
+        result = getattr(self.law, "last_result", None)
+        if result is not None:
+            solver = {
+                "success": bool(result.success),
+                "status": str(result.status),
+                "iterations": int(result.iterations),
+                "solve_time_s": float(result.solve_time_s),
+                "cost": float(result.cost),
+                "fallback_used": str(result.fallback_used),
+                "fallback_reason": str(result.fallback_reason),
+                "slacks": {str(k): float(v) for k, v in dict(result.slacks).items()},
+            }
+            with contextlib.suppress(AttributeError, ValueError, IndexError, TypeError):
+                predictions["time_h"] = tuple(_finite(result.predicted_times))
+                states = np.asarray(result.predicted_states, dtype=float)
+                stds = np.asarray(result.predicted_state_std, dtype=float)
+                for i, name in enumerate(result.state_names):
+                    predictions[name] = tuple(_finite(states[:, i]))
+                    predictions[f"{name}_std"] = tuple(_finite(stds[:, i]))
+        estimate: dict[str, float] = {}
+        estimate_std: dict[str, float] = {}
+        growth = 1.0
+        est = getattr(self.law, "last_estimate", None)
+        if est is not None:
+            estimate = {str(k): float(v) for k, v in dict(est.state).items()}
+            estimate_std = {str(k): float(v) for k, v in dict(est.std).items()}
+            growth = float(est.growth_factor)
+        return solver, estimate, estimate_std, growth, predictions
+
+    # -- the move --------------------------------------------------------------------------
+    async def _move(
+        self,
+        proposed: Mapping[str, float],
+        previous: dict[str, float],
+        t: float,
+        notes: list[str],
+    ) -> tuple[SetpointRecord, ...]:
+        limiter = self._limiter
+        if limiter is None:  # engaged implies a limiter; kept for the type checker
+            return self._held_records()
+        period = self.settings.period_h
+        request = dict(proposed)
+        ramp = self.settings.engage_ramp_h
+        if ramp > 0 and t - self._engaged_at < ramp - _EPS:
+            for n, (low, high) in limiter.bounds.items():
+                if n in request and math.isfinite(request[n]):
+                    step = (high - low) * period / ramp
+                    request[n] = min(max(request[n], previous[n] - step), previous[n] + step)
+            notes.append("engagement ramp")
+        limited = limiter.apply(request, previous, period)
+        changed = {n: v for n, v in limited.items() if v != previous.get(n)}
+        names = self.io.setpoint_names
+        if not changed:
+            return tuple(
+                SetpointRecord(
+                    n,
+                    float(proposed.get(n, previous[n])),
+                    limited[n],
+                    self.units.get(n, ""),
+                    "unchanged",
+                )
+                for n in names
+            )
+        self.summary.moves += 1
+        self.summary.bundles += 1
+        statuses = await self.io.write_setpoints(limited)
+        log.info(
+            "write unit=%s batch=%s t=%.3fh values=%s statuses=%s",
+            self.io.unit,
+            self.summary.batch_id,
+            t,
+            {n: round(v, 6) for n, v in limited.items()},
+            statuses,
+        )
+        bad = {n: s for n, s in statuses.items() if s != "Good"}
+        for n, s in statuses.items():
+            self.summary.item_statuses[s] = self.summary.item_statuses.get(s, 0) + 1
+            if s == "Good" and self._setpoints is not None:
+                self._setpoints[n] = limited[n]
+        self.summary.setpoints = dict(self._setpoints or {})
+        if bad:
+            self._event(
+                "fault",
+                "warning",
+                f"setpoint items refused by the plant: {bad}",
+                t,
+                statuses=statuses,
+                values=limited,
+            )
+            if any(s in ("BadInvalidState", "BadCommunicationError") for s in bad.values()):
+                self._engaged = False  # re-read the plant's setpoints before the next move
+        return tuple(
+            SetpointRecord(
+                n,
+                float(proposed.get(n, previous[n])),
+                limited[n],
+                self.units.get(n, ""),
+                statuses.get(n, "not written"),
+            )
+            for n in names
+        )
+
+
+async def run_control_loop(
+    loops: Sequence[UnitLoop], stop: asyncio.Event | None = None
+) -> list[UnitSummary]:
+    """Run every unit's loop concurrently until each ends (harvest) or ``stop`` is set.
+
+    A unit whose loop fails is reported (its heartbeat stops, so the plant sheds it) and
+    the others keep running."""
+    stop_event = stop if stop is not None else asyncio.Event()
+    results = await asyncio.gather(*(lp.run(stop_event) for lp in loops), return_exceptions=True)
+    out: list[UnitSummary] = []
+    for lp, res in zip(loops, results, strict=True):
+        if isinstance(res, BaseException):
+            if isinstance(res, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+                raise res
+            log.critical("unit=%s control task failed: %r", lp.io.unit, res, exc_info=res)
+            lp.summary.ended = f"failed: {res!r}"
+            out.append(lp.summary)
+        else:
+            out.append(res)
+    return out

@@ -1,0 +1,261 @@
+"""``hmpc run --site SITE.toml``: the controller as a long-running service.
+
+One OPC UA session per server endpoint, one control task per bioreactor of the site file
+(:class:`controller.runtime.loop.UnitLoop`), every step and event appended to the historian
+(SQLite in the output folder by default). SIGINT/SIGTERM stop it cleanly: each unit hands
+back to Local (the plant holds its setpoints), the sessions close, the summary is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from controller.runtime.site import SiteConfig, UnitConfig, canonical_units, load_site
+
+__all__ = ["build_loops", "cmd_run", "register", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``run`` to the ``hmpc`` sub-commands."""
+    run = sub.add_parser(
+        "run",
+        help="run the controller against the plant (OPC UA) as described by a site file",
+        description="Long-running controller service: one control task per bioreactor of the "
+        "site file, over secure OPC UA, on the plant's process clock. Stop with Ctrl-C or "
+        "SIGTERM (units are handed back to Local). See docs/runtime.md.",
+    )
+    run.add_argument("--site", type=Path, required=True, help="site file (TOML)")
+    run.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: the site's or out/run)"
+    )
+    run.add_argument(
+        "--unit",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="run only this unit of the site file (repeatable)",
+    )
+    run.add_argument(
+        "--historian",
+        default=None,
+        metavar="URL",
+        help="historian URL (default sqlite:///OUT/historian.sqlite)",
+    )
+    run.set_defaults(func=cmd_run)
+
+
+def state_limits(model: str) -> dict[str, dict[str, float | None]]:
+    """The process specification's state limits (for the historian's ``config`` event)."""
+    if model == "tcell":
+        from plant_models.tcell import load_tcell_process
+
+        p: Any = load_tcell_process()[0]
+    else:
+        from plant_models.cho import load_cho_process
+
+        p = load_cho_process()[0]
+    limits: dict[str, dict[str, float | None]] = {
+        "glucose": {"low": p.glucose_low_hard, "low_soft": p.glucose_low_soft},
+        "lactate": {"high": p.lactate_high_hard, "high_soft": p.lactate_high_soft},
+        "volume": {"high": p.volume_max},
+    }
+    if hasattr(p, "glucose_high_hard"):
+        limits["glucose"]["high"] = p.glucose_high_hard
+    if hasattr(p, "ammonia_high_hard"):
+        limits["ammonia"] = {"high": p.ammonia_high_hard}
+    return limits
+
+
+def make_control_law(unit: UnitConfig) -> Any:
+    """The control law of a unit (controller.control.build_controller)."""
+    from controller.control import ControllerSpec, build_controller
+
+    spec = ControllerSpec(
+        kind=unit.controller,
+        model=unit.model,
+        mpc_config=unit.mpc_config,
+        residual=unit.residual,
+        harvest_time=unit.harvest_time_h,
+    )
+    return build_controller(spec)
+
+
+def build_loops(
+    site: SiteConfig,
+    laws: Mapping[str, Any],
+    recorder: Any,
+    *,
+    units: Sequence[str] | None = None,
+) -> tuple[list[Any], list[Any]]:
+    """Connections (one per endpoint) and unit loops for the chosen units of a site."""
+    from controller.runtime.loop import LoopSettings, UnitLoop
+    from controller.runtime.plant_io import OpcUaConnection
+
+    chosen = [site.unit(n) for n in units] if units else list(site.units)
+    connections: dict[str, OpcUaConnection] = {}
+    loops = []
+    for unit in chosen:
+        conn = connections.get(unit.endpoint)
+        if conn is None:
+            conn = connections[unit.endpoint] = OpcUaConnection(site, unit.endpoint)
+        io = conn.add_unit(unit)
+        settings = LoopSettings(
+            period_h=site.timing.period_h,
+            solve_budget_s=site.timing.solve_budget_s,
+            engage_ramp_h=site.timing.engage_ramp_h,
+            harvest_time_h=unit.harvest_time_h,
+        )
+        loops.append(
+            UnitLoop(
+                io,
+                laws[unit.name],
+                recorder,
+                settings,
+                site_setpoints=unit.setpoints,
+                units=canonical_units(unit.model),
+                state_limits=state_limits(unit.model),
+            )
+        )
+    return list(connections.values()), loops
+
+
+async def serve(
+    site: SiteConfig,
+    laws: Mapping[str, Any],
+    recorder: Any,
+    *,
+    units: Sequence[str] | None = None,
+    stop: asyncio.Event | None = None,
+    signals: bool = False,
+) -> list[Any]:
+    """Run the controller until every unit reached its harvest time or ``stop`` is set.
+
+    Returns each unit's :class:`~controller.runtime.loop.UnitSummary`. A connection that
+    cannot even be attempted (bad security settings) stops everything with its error.
+    """
+    from controller.runtime.loop import run_control_loop
+    from controller.runtime.plant_io import ensure_client_certificate
+
+    stop_event = stop if stop is not None else asyncio.Event()
+    if site.security.policy != "None":
+        await ensure_client_certificate(site.security)
+    site.security.password()  # fail now, with the site file's key in the message
+    connections, loops = build_loops(site, laws, recorder, units=units)
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, _stopper(stop_event, sig))
+                installed.append(sig)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for conn in connections:
+                await stack.enter_async_context(conn)
+            control = asyncio.create_task(run_control_loop(loops, stop_event), name="control")
+            watched = {control, *(c.supervisor for c in connections if c.supervisor is not None)}
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if control not in done:
+                failure = next((t.exception() for t in done if t.exception() is not None), None)
+                log.critical("plant connection ended: %r; stopping", failure)
+                stop_event.set()
+                await control
+                if failure is not None:
+                    raise failure
+            return control.result()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _stopper(stop: asyncio.Event, sig: signal.Signals) -> Any:
+    def handler() -> None:
+        log.warning("%s received: stopping (units are handed back to Local)", sig.name)
+        stop.set()
+
+    return handler
+
+
+def _setup_logging(out: Path) -> None:
+    runtime = logging.getLogger("controller.runtime")
+    if runtime.level == logging.NOTSET or runtime.level > logging.INFO:
+        runtime.setLevel(logging.INFO)
+    handler = logging.FileHandler(out / "hmpc-run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    runtime.addHandler(handler)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from controller.historian import Historian
+
+    site = load_site(args.site)
+    out: Path = args.out or site.output_dir or Path("out") / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    _setup_logging(out)
+    units = args.unit or [u.name for u in site.units]
+    for name in units:
+        site.unit(name)  # unknown names fail before anything starts
+    laws = {name: make_control_law(site.unit(name)) for name in units}
+    url = args.historian or f"sqlite:///{(out / 'historian.sqlite').resolve()}"
+    started = time.time()
+    print(f"hmpc run: site {site.name} ({args.site}), units {', '.join(units)}", flush=True)
+    print(f"historian: {url}; log: {out / 'hmpc-run.log'}", flush=True)
+    with Historian(url) as historian:
+        summaries = asyncio.run(serve(site, laws, historian, units=units, signals=True))
+        reports = _write_reports(historian, summaries, out)
+    report = {
+        "site": str(args.site),
+        "historian": historian.display_url,
+        "wall_time_s": round(time.time() - started, 3),
+        "units": [_jsonable(dataclasses.asdict(s)) for s in summaries],
+    }
+    (out / "run_summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    for s in summaries:
+        print(
+            f"{s.unit} ({s.batch_id}): {s.cycles} cycles to {s.last_time_h:.1f} h, "
+            f"{s.bundles} bundles {s.item_statuses}, {s.holds} holds, {s.overruns} overruns, "
+            f"{s.engagements} engagements, {s.reconnects} reconnects; ended: {s.ended}"
+        )
+    print(f"wrote {out / 'run_summary.json'}")
+    for path in reports:
+        print(f"batch report: {path}")
+    return 0 if all(not s.ended.startswith("failed") for s in summaries) else 1
+
+
+def _write_reports(historian: Any, summaries: Sequence[Any], out: Path) -> list[Path]:
+    """The batch report of every unit that ran (a report failure never fails the run)."""
+    from controller.report import write_report
+    from plant_models.errors import HmpcError
+
+    paths = []
+    for s in summaries:
+        if not s.cycles or not s.batch_id:
+            continue
+        try:
+            paths.append(write_report(historian, s.batch_id, out / "report" / s.unit))
+        except (HmpcError, ValueError, OSError) as exc:
+            log.error("unit=%s batch report not written: %s", s.unit, exc)
+    return paths
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj

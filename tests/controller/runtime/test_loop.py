@@ -1,0 +1,345 @@
+"""The control loop's decisions, on a scripted plant (a PlantIO written for these tests,
+without a network; the OPC UA implementation is tested against real servers in
+tests/integration): freshness gate, Remote gate, bumpless engagement, output limits,
+per-item statuses, an overrunning or failing control law, a failing recorder."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from controller.measurements import Measurement
+from controller.records import EventRecord, StepRecord
+from controller.runtime.loop import LoopSettings, UnitLoop, build_limiter, run_control_loop
+from controller.runtime.plant_io import InputState, PlantLimits, PlantStatus
+from controller.runtime.site import SetpointTag, UnitConversion
+
+INF = math.inf
+
+
+class ScriptedPlant:
+    """A plant whose clock advances ``dt_h`` per wait; ``script(plant, t)`` changes it."""
+
+    unit = "BR01"
+    setpoint_names = ("flow", "feed")
+
+    def __init__(
+        self,
+        script: Callable[[ScriptedPlant, float], None] | None = None,
+        *,
+        dt_h: float = 0.5,
+        wait_s: float = 0.002,
+    ) -> None:
+        self.script = script
+        self.dt_h = dt_h
+        self.wait_s = wait_s
+        self.clock = 0.0
+        self.connected = True
+        self.generation = 1
+        self.remote = True
+        self.fallback = False
+        self.alive = False
+        self.targets = {"flow": 1.0, "feed": 0.0}
+        self.writes: list[tuple[float, dict[str, float]]] = []
+        self.refuse: dict[str, str] = {}
+        self.sensor_value = 5.0
+        self.sensor_quality = "good"
+        self.sensor_frozen = False
+        self._sample = 0.0
+        self._pending: list[Measurement] = []
+        self._publish()
+
+    def _publish(self) -> None:
+        if not self.sensor_frozen:
+            self._sample = self.clock
+            self._pending.append(
+                Measurement(
+                    "glucose",
+                    self.sensor_value,
+                    "mM",
+                    self.clock,
+                    self.clock,
+                    "online",
+                    self.sensor_quality,
+                )
+            )
+
+    # -- PlantIO ---------------------------------------------------------------------------
+    def status(self) -> PlantStatus:
+        return PlantStatus(
+            self.connected,
+            self.generation,
+            self.connected and self.remote,
+            self.fallback,
+            self.clock,
+            self.clock,
+            3600.0,
+            "B1",
+        )
+
+    def inputs(self) -> Mapping[str, InputState]:
+        return {
+            "glucose": InputState(
+                "glucose",
+                "glucose",
+                "online",
+                self.sensor_value,
+                self._sample,
+                self.sensor_quality,
+                True,
+                1.0,
+            )
+        }
+
+    def take_measurements(self) -> list[Measurement]:
+        out, self._pending = self._pending, []
+        return out
+
+    def limits(self) -> PlantLimits:
+        return PlantLimits(
+            low={"flow": 0.0, "feed": 0.0},
+            high={"flow": 4.0, "feed": 5.0},
+            rate_up={"flow": 0.5, "feed": INF},
+            rate_down={"flow": 0.5, "feed": INF},
+            deadband={"flow": 0.004, "feed": 0.0},
+        )
+
+    async def wait_change(self, timeout_s: float) -> None:
+        await asyncio.sleep(self.wait_s)
+        self.clock = round(self.clock + self.dt_h, 9)
+        if self.script is not None:
+            self.script(self, self.clock)
+        if self.connected:
+            self._publish()
+
+    async def read_setpoints(self) -> dict[str, float]:
+        return dict(self.targets)
+
+    async def write_setpoints(self, values: Mapping[str, float]) -> dict[str, str]:
+        self.writes.append((self.clock, dict(values)))
+        out = {}
+        for name, value in values.items():
+            status = self.refuse.get(name, "Good" if self.remote else "BadInvalidState")
+            if status == "Good":
+                self.targets[name] = value
+            out[name] = status
+        return out
+
+    async def hand_back(self) -> str:
+        self.remote = False
+        return "Good"
+
+    def set_alive(self, alive: bool) -> None:
+        self.alive = alive
+
+
+class Law:
+    """Proposes fixed values; counts calls and concurrent calls."""
+
+    name = "test"
+
+    def __init__(self, proposal: Mapping[str, float], delay_s: float = 0.0) -> None:
+        self.proposal = dict(proposal)
+        self.delay_s = delay_s
+        self.calls: list[tuple[float, list[Measurement], dict[str, float]]] = []
+        self.active = 0
+        self.max_active = 0
+        self.fail_at: float | None = None
+        self._lock = threading.Lock()
+
+    def step(
+        self, time_h: float, measurements: Sequence[Measurement], previous: Mapping[str, float]
+    ) -> dict[str, float]:
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            self.calls.append((time_h, list(measurements), dict(previous)))
+            if self.fail_at is not None and time_h >= self.fail_at:
+                raise RuntimeError("model blew up")
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            return dict(self.proposal)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+class Recorder:
+    def __init__(self, fail_first: int = 0) -> None:
+        self.steps: list[StepRecord] = []
+        self.events: list[EventRecord] = []
+        self.fail_first = fail_first
+
+    def _maybe_fail(self) -> None:
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            raise OSError("disk full")
+
+    def append_step(self, record: StepRecord) -> None:
+        self._maybe_fail()
+        self.steps.append(record)
+
+    def append_event(self, record: EventRecord) -> None:
+        self._maybe_fail()
+        self.events.append(record)
+
+
+def run(
+    plant: ScriptedPlant, law: Law, recorder: Recorder | None = None, **settings: Any
+) -> tuple[Any, Recorder, UnitLoop]:
+    rec = recorder if recorder is not None else Recorder()
+    options = {"period_h": 1.0, "harvest_time_h": 10.0, "poll_s": 0.01, **settings}
+    loop = UnitLoop(plant, law, rec, LoopSettings(**options))
+    summary = asyncio.run(asyncio.wait_for(loop.run(asyncio.Event()), 60))
+    return summary, rec, loop
+
+
+def test_moves_within_limits_one_bundle_per_cycle_and_hand_back() -> None:
+    plant = ScriptedPlant()
+    summary, rec, _ = run(plant, Law({"flow": 9.0, "feed": 2.0}))
+    assert summary.ended == "harvest" and summary.engagements == 1
+    # bumpless from the read-back flow 1.0, ramped at 0.5 per h, capped at 4.0
+    flows = [v["flow"] for _, v in plant.writes]
+    assert flows == pytest.approx([1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
+    assert all(v["feed"] == 2.0 for _, v in plant.writes)
+    cycle_times = [s.process_time_h for s in rec.steps]
+    assert cycle_times == [float(t) for t in range(10)]  # one cycle per period
+    assert sum(1 for s in rec.steps if s.setpoints[0].status == "Good") == len(plant.writes)
+    assert rec.steps[-1].setpoints[0].status == "unchanged"  # at the bound: nothing written
+    assert plant.remote is False and plant.alive is False  # handed back; heartbeat stopped
+    assert [e.kind for e in rec.events][-2:] == ["batch_end", "mode"]
+
+
+def test_stale_or_bad_input_holds_without_computing() -> None:
+    def script(p: ScriptedPlant, t: float) -> None:
+        p.sensor_frozen = 2.0 <= t < 5.0  # stale from 3 h (age > 1 h)
+        p.sensor_quality = "bad" if 6.0 <= t < 7.0 else "good"
+
+    plant = ScriptedPlant(script)
+    law = Law({"flow": 1.2, "feed": 0.0})
+    _, rec, _ = run(plant, law)
+    called = [t for t, _, _ in law.calls]
+    assert not {3.0, 4.0, 6.0} & set(called)  # no move computed on stale or bad data
+    assert {0.0, 1.0, 2.0, 5.0, 7.0}.issubset(called)
+    held = {s.process_time_h: s for s in rec.steps if s.notes and "stale" in s.notes[0]}
+    assert set(held) == {3.0, 4.0}
+    assert all(p.status == "not written" for s in held.values() for p in s.setpoints)
+    assert not any(t in (3.0, 4.0, 6.0) for t, _ in plant.writes)
+    fallbacks = [e.message for e in rec.events if e.kind == "fallback"]
+    assert any("stale" in m for m in fallbacks) and any("bad" in m for m in fallbacks)
+    assert any("resuming" in m for m in fallbacks)
+    # the bad sample is recorded with the decision, and not handed to the law
+    bad = [m for s in rec.steps for m in s.measurements if m.quality == "bad"]
+    assert bad and not any(m.accepted for m in bad)
+    assert not any(m.quality == "bad" for _, ms, _ in law.calls for m in ms)
+
+
+def test_local_mode_writes_nothing_and_reengages_from_the_readback() -> None:
+    def script(p: ScriptedPlant, t: float) -> None:
+        if t == 3.0:
+            p.remote, p.fallback = False, True  # the plant sheds
+            p.targets = {"flow": 0.7, "feed": 1.0}  # and holds what it applied
+        if t == 6.5:
+            p.remote, p.fallback = True, False  # the operator grants Remote mid-period
+
+    plant = ScriptedPlant(script)
+    law = Law({"flow": 3.0, "feed": 0.0})
+    summary, rec, _ = run(plant, law)
+    assert summary.engagements == 2
+    assert not any(3.0 <= t < 6.5 for t, _ in plant.writes)
+    shed = [s for s in rec.steps if s.mode == "shed"]
+    assert [s.process_time_h for s in shed] == [3.0, 4.0, 5.0, 6.0]
+    # engagement at once (6.5 h, not 7 h), moving from the held 0.7 by at most 0.5
+    t, first = next((t, v) for t, v in plant.writes if t >= 6.5)
+    assert t == 6.5 and first["flow"] == pytest.approx(1.2)
+    assert law.calls[-1][2]["flow"] != 0.7 and any(c[2]["flow"] == 0.7 for c in law.calls)
+    assert ("fallback", "alarm") in [(e.kind, e.severity) for e in rec.events]
+
+
+def test_refused_item_is_recorded_and_not_assumed() -> None:
+    plant = ScriptedPlant()
+    plant.refuse = {"feed": "BadOutOfRange"}
+    _, rec, loop = run(plant, Law({"flow": 1.0, "feed": 3.0}), harvest_time_h=3.0)
+    statuses = {p.name: p.status for p in rec.steps[0].setpoints}
+    assert statuses == {"flow": "Good", "feed": "BadOutOfRange"}
+    # the plant kept its feed, so the next cycle proposes the move again from 0.0
+    assert loop.summary.item_statuses["BadOutOfRange"] >= 2
+    assert any(e.kind == "fault" and "BadOutOfRange" in e.message for e in rec.events)
+
+
+def test_overrunning_step_is_abandoned_and_never_overlaps() -> None:
+    plant = ScriptedPlant(wait_s=0.02)
+    law = Law({"flow": 1.5, "feed": 0.0}, delay_s=0.3)
+    summary, rec, _ = run(plant, law, solve_budget_s=0.05, harvest_time_h=20.0)
+    assert summary.overruns >= 1
+    assert law.max_active == 1  # a new step never starts while one runs
+    assert plant.writes == []  # every step overran: the setpoints were held
+    notes = [n for s in rec.steps for n in s.notes]
+    assert any("abandoned" in n for n in notes) and any("still running" in n for n in notes)
+    assert any(e.kind == "fallback" and "overran" in e.message for e in rec.events)
+
+
+def test_failing_law_holds_and_raises_an_alarm() -> None:
+    plant = ScriptedPlant()
+    law = Law({"flow": 1.5, "feed": 0.0})
+    law.fail_at = 4.0
+    summary, rec, _ = run(plant, law, harvest_time_h=6.0)
+    assert summary.ended == "harvest"
+    assert [t for t, _ in plant.writes] == [0.0]  # 1.5 once; the failures write nothing
+    assert any(e.kind == "fault" and e.severity == "alarm" for e in rec.events)
+
+
+def test_recorder_failure_loses_no_record() -> None:
+    plant = ScriptedPlant()
+    failing = Recorder(fail_first=3)
+    _, rec, loop = run(plant, Law({"flow": 1.0, "feed": 0.0}), failing, harvest_time_h=5.0)
+    assert [s.step for s in rec.steps] == list(range(5))
+    assert loop.summary.events == len(rec.events)
+
+
+def test_disconnection_holds_and_records_the_cycles() -> None:
+    def script(p: ScriptedPlant, t: float) -> None:
+        p.connected = not (2.0 <= t < 4.0)
+        if t == 4.0:
+            p.generation += 1
+
+    plant = ScriptedPlant(script)
+    summary, rec, _ = run(plant, Law({"flow": 2.0, "feed": 0.0}), harvest_time_h=6.0)
+    assert summary.reconnects == 1 and summary.engagements == 2
+    gap = [s for s in rec.steps if s.mode == "disconnected"]
+    assert gap and all(p.status == "not written" for s in gap for p in s.setpoints)
+    assert not any(2.0 <= t < 4.0 for t, _ in plant.writes)
+
+
+def test_build_limiter_takes_the_tighter_limits() -> None:
+    plant = ScriptedPlant().limits()
+    site = [
+        SetpointTag("flow", "flow", UnitConversion("1/d", "1/d"), low=0.5, high=10.0, rate=0.2),
+        SetpointTag("feed", "feed", UnitConversion("mL/h", "mL/h"), deadband=0.1),
+    ]
+    lim = build_limiter(("flow", "feed"), plant, site)
+    assert lim.bounds == {"flow": (0.5, 4.0), "feed": (0.0, 5.0)}
+    assert lim.rate_limits == {"flow": 0.2}
+    assert lim.deadbands == {"flow": 0.004, "feed": 0.1}
+
+
+def test_run_control_loop_reports_a_failed_unit() -> None:
+    class Broken(ScriptedPlant):
+        def take_measurements(self) -> list[Measurement]:
+            raise KeyError("boom")
+
+    ok, broken = ScriptedPlant(), Broken()
+    loops = [
+        UnitLoop(p, Law({"flow": 1.0, "feed": 0.0}), Recorder(), LoopSettings(harvest_time_h=3.0))
+        for p in (ok, broken)
+    ]
+    summaries = asyncio.run(run_control_loop(loops))
+    assert summaries[0].ended == "harvest"
+    assert summaries[1].ended.startswith("failed") and broken.alive is False
