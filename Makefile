@@ -24,8 +24,8 @@ $(VENV)/.installed: pyproject.toml $(BIN)/activate
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/hmpc-sim simulate --model tcell --controller rule --patient-seed 7 --days 10 --out $(OUT)
-	@echo "Report written to $(OUT)/ (trajectory.png, trajectory.csv, summary.json)"
+	$(BIN)/hmpc-sim demo --out $(OUT)
+	@echo "Batch report: $(OUT)/run/report/BR01/report.html (historian: $(OUT)/run/historian.sqlite)"
 
 lint: setup
 	$(BIN)/ruff check plant_models controller sim tests

@@ -163,9 +163,16 @@ def _operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     register(sub)
 
 
+def _demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.demo import add_demo_command
+
+    add_demo_command(sub)
+
+
 #: Other modules add sub-commands here: callables that take the sub-parsers object.
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _serve,
+    _demo,
     _operator,
 ]
 
