@@ -24,7 +24,12 @@ docs/estimation.md for the reasons of this choice.
 Optionally (``online_gains``) the state also carries the log-gain of selected online probes
 (``online reading = gain * true value``): a capacitance probe's cells-per-signal calibration
 drifts as activated T cells change size, and only the assays can see that. The assays then
-recalibrate the probe instead of merely nudging the state.
+recalibrate the probe instead of merely nudging the state. With the calibration check
+(``gain_check_threshold > 0``) a probe is taken as calibrated until its assays disagree
+with it (CUSUM); its gain is then estimated from the start of the disagreement on.
+
+:meth:`Estimator.snapshot` / :meth:`Estimator.restore` write and read the whole filter
+state (history, validation state) as JSON-compatible data, for a restart from a historian.
 
 Shapes: ``nx`` model states, ``nf`` factors, ``ng`` probe gains, ``nz = nx + nf + ng``;
 covariances ``(nz, nz)`` in the order ``[x; log factors; log gains]``.
@@ -34,11 +39,12 @@ Units are the model's canonical units; time is culture age in h.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import casadi as ca
 import numpy as np
@@ -68,6 +74,20 @@ FloatArray = npt.NDArray[np.float64]
 NoiseTable = Mapping[str, tuple[float, float]]
 _GateCounts = dict[tuple[str, str], tuple[float, ...]]
 _Decisions = dict[int, tuple[bool, str, str]]
+
+
+class _Check(NamedTuple):
+    """State of the calibration check of one probe: the two CUSUM sums, whether its gain
+    is estimated, and the sample time at which each sum last rose from zero."""
+
+    high: float = 0.0
+    low: float = 0.0
+    estimated: bool = False
+    high_since: float = math.nan
+    low_since: float = math.nan
+
+
+_Checks = dict[str, _Check]
 
 #: Online sensors and assays of the T-cell process (standard deviation = absolute +
 #: relative * |value|): capacitance, Raman/analyser, cell counter, ELISA. Typical
@@ -159,9 +179,18 @@ class EstimatorConfig:
         factor_bounds: (low, high) of every factor.
         online_gains: online variables whose probe gain is estimated (empty: probes are
             taken as calibrated).
-        gain_initial_std: initial standard deviation of each log-gain.
-        gain_random_walk: standard deviation of each log-gain's random walk per sqrt(h).
+        gain_initial_std: standard deviation of each log-gain when its estimation starts
+            (with the calibration check: at least the relative disagreement that fired it).
+        gain_random_walk: standard deviation of each log-gain's random walk per sqrt(h),
+            while the gain is estimated.
         gain_bounds: (low, high) of every probe gain.
+        gain_check_threshold: 0 (default): every gain in ``online_gains`` is estimated from
+            the start. Positive: the calibration check. Each probe is taken as calibrated
+            (gain 1, no variance) until a two-sided CUSUM of the normalised innovations of
+            its variable's assays exceeds this many standard deviations; its gain is then
+            estimated from the start of the disagreement on. See docs/estimation.md for
+            the trade-off (2.5 with ``gain_check_slack`` 1.0 is the tested setting).
+        gain_check_slack: the CUSUM's reference value (allowance per assay), sd.
         innovation_gate: online measurement rejected as a spike when
             |innovation| > gate * sqrt(innovation variance).
         assay_innovation_gate: the same for assays.
@@ -194,6 +223,8 @@ class EstimatorConfig:
     gain_initial_std: float = 0.05
     gain_random_walk: float = 0.01
     gain_bounds: tuple[float, float] = (0.5, 2.0)
+    gain_check_threshold: float = 0.0
+    gain_check_slack: float = 1.0
     innovation_gate: float = 4.0
     assay_innovation_gate: float = 4.0
     gate_reset_after: int = 3
@@ -244,6 +275,12 @@ class EstimatorConfig:
                 "estimator config: gain_initial_std must be positive, "
                 f"got {self.gain_initial_std!r}."
             )
+        for key, value in (
+            ("gain_check_threshold", self.gain_check_threshold),
+            ("gain_check_slack", self.gain_check_slack),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"estimator config: {key} must be >= 0, got {value!r}.")
         for key, ival in (
             ("gate_reset_after", self.gate_reset_after),
             ("stuck_samples", self.stuck_samples),
@@ -271,7 +308,8 @@ class EstimatorConfig:
 
         The T-cell and CHO defaults estimate the gain of the online viable-cell probe,
         which only assays can observe: for a site without assays use
-        ``dataclasses.replace(config, online_gains=())``.
+        ``dataclasses.replace(config, online_gains=())``; for a site whose probe is known
+        to hold its calibration, the calibration check (``gain_check_threshold``).
         """
         names = set(model.state_names)
         if "dead_cells" in names:
@@ -374,12 +412,15 @@ class EstimatorResult:
         growth_factor: estimated factor on ``mu_max`` (1.0 when not estimated).
         growth_factor_std: its standard deviation (delta method on the log-factor).
         factors: parameter name -> estimated multiplicative factor.
-        online_gains: online variable -> estimated probe gain (reading / true value).
+        online_gains: online variable -> estimated probe gain (reading / true value); 1.0
+            while the probe passes the calibration check.
         covariance: ``(nz, nz)`` covariance of ``[x; log factors; log probe gains]``.
         accepted: decisions on the measurements of this call that were used.
         rejected: decisions on the measurements of this call that were rejected.
         reprocessed_from_h: earliest time re-processed because of a late measurement
             (None when only the present step was updated).
+        gains_estimated: online variable -> whether its probe gain is being estimated
+            (the assays disagreed with the probe; False while it passes the check).
     """
 
     time_h: float
@@ -394,6 +435,7 @@ class EstimatorResult:
     accepted: tuple[MeasurementDecision, ...]
     rejected: tuple[MeasurementDecision, ...]
     reprocessed_from_h: float | None
+    gains_estimated: Mapping[str, bool] = dataclasses.field(default_factory=dict)
 
     def state_vector(self, names: Sequence[str]) -> FloatArray:
         """State means ordered as ``names`` (e.g. ``model.state_names``) -> (len(names),)."""
@@ -416,6 +458,27 @@ class _Step:
     gate_counts_before: _GateCounts
     gate_counts_after: _GateCounts
     decisions: dict[int, tuple[bool, str, str]]
+    checks_before: _Checks = dataclasses.field(default_factory=dict)
+    checks_after: _Checks = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def start(cls, time_h: float, inputs: FloatArray, prev: _Step) -> _Step:
+        """A new step after ``prev`` (prior and posterior set to ``prev``'s posterior until
+        the history is re-run)."""
+        return cls(
+            time_h=time_h,
+            inputs=inputs,
+            measurements=[],
+            prior_mean=prev.post_mean,
+            prior_cov=prev.post_cov,
+            post_mean=prev.post_mean,
+            post_cov=prev.post_cov,
+            gate_counts_before=dict(prev.gate_counts_after),
+            gate_counts_after=dict(prev.gate_counts_after),
+            decisions={},
+            checks_before=dict(prev.checks_after),
+            checks_after=dict(prev.checks_after),
+        )
 
 
 class Estimator:
@@ -457,6 +520,10 @@ class Estimator:
             frozenset(self.output_names),
         )
         self._history: list[_Step] = []
+        self._alarms_logged: set[tuple[str, float]] = set()
+        #: probe variable -> (time from which its gain is estimated, i.e. the start of the
+        #: disagreement, and the time of the assay that raised the calibration alarm), h
+        self._gain_start: dict[str, tuple[float, float]] = {}
         #: Every decision taken, oldest first (bounded to the last 10 000).
         self.events: list[MeasurementDecision] = []
 
@@ -610,6 +677,19 @@ class Estimator:
         if np.min(np.linalg.eigvalsh(cov)) < -1e-12 * max(1.0, float(np.max(np.abs(cov)))):
             raise ModelError("initialize: P0 must be positive semi-definite.")
         mean = self._project(mean)
+        # a probe under the calibration check has gain 1 and no variance until the assays
+        # disagree with it; a full P0 with a gain variance starts its estimation at once
+        checks: _Checks = {}
+        full = p_in.shape == (self.nz, self.nz)
+        for i, name in enumerate(self.gain_names):
+            j = self.nx + self.nf + i
+            estimated = self.config.gain_check_threshold == 0 or (full and cov[j, j] > 0)
+            checks[name] = _Check(estimated=estimated)
+            if not estimated:
+                cov[j, :] = 0.0
+                cov[:, j] = 0.0
+        self._alarms_logged.clear()
+        self._gain_start = {}
         self.validator = MeasurementValidator(
             self.validator.settings, self.validator.known_variables
         )
@@ -625,8 +705,83 @@ class Estimator:
                 gate_counts_before={},
                 gate_counts_after={},
                 decisions={},
+                checks_before=dict(checks),
+                checks_after=dict(checks),
             )
         ]
+        self.events = []
+        return self._result([], None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole filter state as JSON-compatible data (``json.dumps`` works on it).
+
+        It holds the history kept for re-processing (times, inputs, fused measurements,
+        prior and posterior of every step, gate and calibration-check state), the
+        calibration alarms and the validation state (stuck sensors, assays already seen),
+        so an estimator restored from it continues exactly as this one would, including
+        late assays sampled before the snapshot and duplicate rejection. Not included: the
+        configuration and the model (construct the new estimator with the same ones) and
+        :attr:`events` (the decision log; it lives in the historian).
+        """
+        self._require_initialized()
+        return {
+            "format": _SNAPSHOT_FORMAT,
+            "state_names": list(self.state_names),
+            "factor_names": list(self.factor_names),
+            "gain_names": list(self.gain_names),
+            "steps": [_dump_step(step) for step in self._history],
+            "gain_start": {n: [_num(a), _num(b)] for n, (a, b) in self._gain_start.items()},
+            "alarms_logged": [[n, _num(t)] for n, t in sorted(self._alarms_logged)],
+            "validator": self.validator.snapshot(),
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> EstimatorResult:
+        """Continue from a :meth:`snapshot` (instead of :meth:`initialize`).
+
+        Returns:
+            The estimate at the snapshot's present time (no measurement decisions).
+
+        Raises:
+            ModelError: the snapshot is malformed, or was taken with another model or
+                configuration (different states, factors or probe gains); re-initialise
+                the estimator in that case.
+        """
+        if not isinstance(data, Mapping) or data.get("format") != _SNAPSHOT_FORMAT:
+            raise ModelError(
+                f"restore: not an estimator snapshot (format {_SNAPSHOT_FORMAT!r} expected); "
+                "pass the dict returned by Estimator.snapshot()."
+            )
+        names = {
+            "state_names": self.state_names,
+            "factor_names": self.factor_names,
+            "gain_names": self.gain_names,
+        }
+        for key, ours in names.items():
+            if tuple(data.get(key, ())) != ours:
+                raise ModelError(
+                    f"restore: the snapshot has {key} {data.get(key)!r}, this estimator "
+                    f"{list(ours)!r}; restore with the model and configuration it was taken "
+                    "with, or initialise a new estimator."
+                )
+        validator = MeasurementValidator(self.validator.settings, self.validator.known_variables)
+        try:
+            steps = [_load_step(d, self.nz, self.nu) for d in data["steps"]]
+            gain_start = {
+                str(n): (_unnum(v[0]), _unnum(v[1])) for n, v in data["gain_start"].items()
+            }
+            alarms = {(str(n), _unnum(t)) for n, t in data["alarms_logged"]}
+            validator.restore(data["validator"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise ModelError(f"restore: malformed estimator snapshot ({exc!r}).") from None
+        times = [st.time_h for st in steps]
+        if not steps or any(b <= a for a, b in itertools.pairwise(times)):
+            raise ModelError(
+                "restore: the snapshot's history is empty or its times do not increase."
+            )
+        self._history = steps
+        self._gain_start = gain_start
+        self._alarms_logged = alarms
+        self.validator = validator
         self.events = []
         return self._result([], None)
 
@@ -670,20 +825,7 @@ class Estimator:
         changed = len(self._history) - 1
         if time_h > last.time_h + tol:
             u = self._input_vector(inputs_applied_since_last)
-            self._history.append(
-                _Step(
-                    float(time_h),
-                    u,
-                    [],
-                    last.post_mean,
-                    last.post_cov,
-                    last.post_mean,
-                    last.post_cov,
-                    {},
-                    {},
-                    {},
-                )
-            )
+            self._history.append(_Step.start(float(time_h), u, last))
             changed = len(self._history) - 1
         now = self._history[-1].time_h
         rejected_early: list[MeasurementDecision] = []
@@ -696,6 +838,7 @@ class Estimator:
             index = self._place(m)
             changed = min(changed, index)
             placed.append(m)
+        changed = self._undo_alarms(changed)
         reprocessed = self._history[changed].time_h if changed < len(self._history) - 1 else None
         if reprocessed is not None:
             log.info("re-processing the history from %.4g h to %.4g h", reprocessed, now)
@@ -719,18 +862,8 @@ class Estimator:
             if step.time_h < m.sample_time:
                 # strictly between step i and i + 1: the inputs of that interval apply to both
                 nxt = hist[i + 1]
-                new = _Step(
-                    m.sample_time,
-                    nxt.inputs.copy(),
-                    [m],
-                    step.post_mean,
-                    step.post_cov,
-                    step.post_mean,
-                    step.post_cov,
-                    {},
-                    {},
-                    {},
-                )
+                new = _Step.start(m.sample_time, nxt.inputs.copy(), step)
+                new.measurements.append(m)
                 hist.insert(i + 1, new)
                 return i + 1
         raise ModelError(  # the validator rejects samples older than the history
@@ -739,21 +872,76 @@ class Estimator:
 
     def _replay(self, start: int) -> None:
         hist = self._history
-        for k in range(start, len(hist)):
+        k = start
+        while k < len(hist):
             step = hist[k]
             if k > 0:
                 prev = hist[k - 1]
+                step.checks_before = dict(prev.checks_after)
                 step.prior_mean, step.prior_cov = self._predict(
-                    prev.post_mean, prev.post_cov, prev.time_h, step.time_h, step.inputs
+                    prev.post_mean,
+                    prev.post_cov,
+                    prev.time_h,
+                    step.time_h,
+                    step.inputs,
+                    step.checks_before,
                 )
                 step.gate_counts_before = dict(prev.gate_counts_after)
-            step.post_mean, step.post_cov, step.gate_counts_after, step.decisions = self._correct(
+            (
+                step.post_mean,
+                step.post_cov,
+                step.gate_counts_after,
+                step.checks_after,
+                step.decisions,
+            ) = self._correct(
                 step.prior_mean,
                 step.prior_cov,
                 step.time_h,
                 step.measurements,
                 step.gate_counts_before,
+                step.checks_before,
             )
+            k = self._restart_after_alarm(k)
+
+    def _undo_alarms(self, changed: int) -> int:
+        """Forget calibration alarms raised at or after the step re-processing starts from
+        (the check runs again on the new data) and return where the re-processing must
+        start so that it covers the steps those alarms changed. Hence assays that arrive in
+        any order give the in-order result."""
+        tol = self.config.time_tolerance_h
+        t_start = self._history[changed].time_h
+        for name, (since, raised_at) in list(self._gain_start.items()):
+            if raised_at >= t_start - tol:
+                del self._gain_start[name]
+                j = next(
+                    (i for i, st in enumerate(self._history) if st.time_h >= since - tol),
+                    changed,
+                )
+                changed = min(changed, j)
+        return changed
+
+    def _restart_after_alarm(self, k: int) -> int:
+        """The step to re-run next after step ``k``: ``k + 1``, or, when the calibration check
+        of a probe fired at step ``k``, the step where the disagreement began (the gain is
+        then estimated from there on, so the present estimate uses every assay of it)."""
+        hist = self._history
+        step = hist[k]
+        tol = self.config.time_tolerance_h
+        restart = k + 1
+        for name, after in step.checks_after.items():
+            before = step.checks_before.get(name)
+            if before is None or before.estimated or not after.estimated:
+                continue
+            if name in self._gain_start:
+                continue
+            since = after.high_since if after.high >= after.low else after.low_since
+            if not math.isfinite(since):
+                since = step.time_h
+            since = max(since, hist[0].time_h)
+            self._gain_start[name] = (since, step.time_h)
+            j = next(i for i, st in enumerate(hist) if st.time_h >= since - tol)
+            restart = min(restart, j)
+        return restart
 
     def _prune(self) -> None:
         cutoff = self._history[-1].time_h - self.config.history_h
@@ -767,7 +955,13 @@ class Estimator:
 
     # -- filter equations --------------------------------------------------------------
     def _predict(
-        self, mean: FloatArray, cov: FloatArray, t0: float, t1: float, u: FloatArray
+        self,
+        mean: FloatArray,
+        cov: FloatArray,
+        t0: float,
+        t1: float,
+        u: FloatArray,
+        checks: _Checks,
     ) -> tuple[FloatArray, FloatArray]:
         dt = t1 - t0
         if dt <= 0:
@@ -794,7 +988,10 @@ class Estimator:
             absolute, relative = cfg.process_noise.get(name, (1e-6, 0.01))
             q[i] = (absolute + relative * abs(mean[i])) ** 2 * dt
         q[self.nx : self.nx + self.nf] = cfg.factor_random_walk**2 * dt
-        q[self.nx + self.nf :] = cfg.gain_random_walk**2 * dt
+        for i, name in enumerate(self.gain_names):
+            # a probe taken as calibrated keeps gain 1 exactly until the check fires
+            if name not in checks or checks[name].estimated:
+                q[self.nx + self.nf + i] = cfg.gain_random_walk**2 * dt
         new_cov = phi @ cov @ phi.T + np.diag(q)
         return z, 0.5 * (new_cov + new_cov.T)
 
@@ -805,11 +1002,20 @@ class Estimator:
         time_h: float,
         measurements: Sequence[Measurement],
         gate_counts: _GateCounts,
-    ) -> tuple[FloatArray, FloatArray, _GateCounts, _Decisions]:
+        gain_checks: _Checks,
+    ) -> tuple[FloatArray, FloatArray, _GateCounts, _Checks, _Decisions]:
         cfg = self.config
         x = mean.copy()
         p = cov.copy()
         counts = dict(gate_counts)
+        checks = dict(gain_checks)
+        for name, check in checks.items():
+            # a probe found miscalibrated later: its gain is estimated from the start of
+            # the disagreement on (see _replay)
+            start = self._gain_start.get(name, (math.inf, math.inf))[0]
+            if not check.estimated and time_h >= start - cfg.time_tolerance_h:
+                checks[name] = check._replace(estimated=True)
+                p = self._release_gain(name, x, p, cfg.gain_initial_std)
         decisions: _Decisions = {}
         index = self._rows
         # canonical order, so the result does not depend on arrival order
@@ -829,6 +1035,13 @@ class Estimator:
             gate = cfg.innovation_gate if m.source == "online" else cfg.assay_innovation_gate
             sigmas = abs(nu) / math.sqrt(s)
             key = (m.source, m.name)
+            alarm = ""
+            if m.source == "assay" and m.name in checks and not checks[m.name].estimated:
+                p, alarm = self._check_probe(m, time_h, x, y_hat, nu, s, p, checks)
+                if alarm:
+                    pc = p @ c_row
+                    s = float(c_row @ pc) + r
+                    sigmas = abs(nu) / math.sqrt(s)
             if sigmas > gate:
                 times = (*counts.get(key, ()), time_h)[-cfg.gate_reset_after :]
                 counts[key] = times
@@ -857,6 +1070,7 @@ class Estimator:
                 detail = f"re-admitted after {len(times)} gate rejections ({sigmas:.1f} sd)"
             else:
                 detail = f"innovation {sigmas:.2f} sd"
+            detail += alarm
             counts[key] = ()
             gain = pc / s
             x = self._project(x + gain * nu)
@@ -864,7 +1078,76 @@ class Estimator:
             p = ikc @ p @ ikc.T + r * np.outer(gain, gain)
             p = 0.5 * (p + p.T)
             decisions[id(m)] = (True, "accepted", detail)
-        return x, p, counts, decisions
+        return x, p, counts, checks, decisions
+
+    def _check_probe(
+        self,
+        m: Measurement,
+        time_h: float,
+        x: FloatArray,
+        y_hat: float,
+        nu: float,
+        s: float,
+        p: FloatArray,
+        checks: _Checks,
+    ) -> tuple[FloatArray, str]:
+        """The calibration check of the online probe of ``m.name`` (updates ``checks``).
+
+        A two-sided CUSUM of the assay's normalised innovations. One assay adds at most 60 %
+        of the threshold (an assay the gate rejects counts, but a single spiked assay never
+        starts the estimation; two in a row in the same direction can). When it exceeds
+        ``gain_check_threshold`` the probe's gain is estimated from this assay on: variance
+        is added along the direction the online data cannot see (log-gain up, true value
+        down so that gain * value stays as read), at least the relative disagreement of
+        this assay, so the assay itself recalibrates the probe. Returns the covariance and
+        a note for the decision ("" when the check passes).
+        """
+        cfg = self.config
+        old = checks[m.name]
+        z = nu / math.sqrt(s)
+        most = 0.6 * cfg.gain_check_threshold
+        high = max(0.0, old.high + min(z - cfg.gain_check_slack, most))
+        low = max(0.0, old.low + min(-z - cfg.gain_check_slack, most))
+        check = _Check(
+            high,
+            low,
+            max(high, low) > cfg.gain_check_threshold,
+            old.high_since if old.high > 0 else (time_h if high > 0 else math.nan),
+            old.low_since if old.low > 0 else (time_h if low > 0 else math.nan),
+        )
+        checks[m.name] = check
+        if not check.estimated:
+            return p, ""
+        sigma = max(cfg.gain_initial_std, abs(nu) / max(abs(y_hat), 1e-12))
+        p = self._release_gain(m.name, x, p, sigma)
+        if (m.name, time_h) not in self._alarms_logged:
+            self._alarms_logged.add((m.name, time_h))
+            log.warning(
+                "assay %s=%.4g sampled at %.4g h disagrees with the online probe (CUSUM %.1f "
+                "sd > %g): estimating the probe's gain from now on; recalibrate the probe "
+                "against the assay",
+                m.name,
+                m.value,
+                time_h,
+                max(high, low),
+                cfg.gain_check_threshold,
+            )
+        return p, f"; probe gain estimated from now on (CUSUM {max(high, low):.1f} sd)"
+
+    def _release_gain(self, name: str, x: FloatArray, p: FloatArray, sigma: float) -> FloatArray:
+        """Start estimating the gain of the online probe of ``name``: add variance
+        ``sigma**2`` along the direction the online data cannot see (log-gain up, the true
+        value down so that gain * value stays as read)."""
+        y_all, c_all = self._output_fn(x)
+        row = self._rows[("", name)]
+        y_true = float(np.asarray(y_all, dtype=float).reshape(-1)[row])
+        c_x = np.asarray(c_all, dtype=float)[row].reshape(-1)[: self.nx]
+        norm = float(c_x @ c_x)
+        direction = np.zeros(self.nz)
+        direction[self.nx + self.nf + self.gain_names.index(name)] = 1.0
+        if norm > 0:
+            direction[: self.nx] = -y_true * c_x / norm
+        return p + sigma**2 * np.outer(direction, direction)
 
     def _inflate(self, p: FloatArray, c_row: FloatArray, target: float) -> FloatArray:
         """Add variance to the model states a measurement depends on (diagonal, in proportion
@@ -946,4 +1229,78 @@ class Estimator:
             accepted=tuple(accepted),
             rejected=tuple(rejected),
             reprocessed_from_h=reprocessed,
+            gains_estimated={n: bool(now.checks_after[n].estimated) for n in self.gain_names},
         )
+
+
+_SNAPSHOT_FORMAT = "hmpc.estimator.snapshot/1"
+
+
+def _num(value: float) -> float | str:
+    """A float for JSON: non-finite values as the strings "nan", "inf", "-inf"."""
+    value = float(value)
+    return value if math.isfinite(value) else repr(value)
+
+
+def _unnum(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, str) and value not in ("nan", "inf", "-inf"):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _dump_step(step: _Step) -> dict[str, Any]:
+    return {
+        "time_h": step.time_h,
+        "inputs": [float(v) for v in step.inputs],
+        "measurements": [dataclasses.asdict(m) for m in step.measurements],
+        "prior_mean": [float(v) for v in step.prior_mean],
+        "prior_cov": [[float(v) for v in row] for row in step.prior_cov],
+        "post_mean": [float(v) for v in step.post_mean],
+        "post_cov": [[float(v) for v in row] for row in step.post_cov],
+        "gate_counts_before": [[s, n, list(t)] for (s, n), t in step.gate_counts_before.items()],
+        "gate_counts_after": [[s, n, list(t)] for (s, n), t in step.gate_counts_after.items()],
+        "checks_before": {n: [_num(v) for v in c] for n, c in step.checks_before.items()},
+        "checks_after": {n: [_num(v) for v in c] for n, c in step.checks_after.items()},
+    }
+
+
+def _load_step(d: Mapping[str, Any], nz: int, nu: int) -> _Step:
+    def vector(key: str, n: int) -> FloatArray:
+        v = np.array([_unnum(x) for x in d[key]], dtype=float)
+        if v.shape != (n,) or not np.all(np.isfinite(v)):
+            raise ValueError(f"{key} must be {n} finite numbers")
+        return v
+
+    def matrix(key: str) -> FloatArray:
+        m = np.array([[_unnum(x) for x in row] for row in d[key]], dtype=float)
+        if m.shape != (nz, nz) or not np.all(np.isfinite(m)):
+            raise ValueError(f"{key} must be a finite ({nz}, {nz}) matrix")
+        return m
+
+    def counts(key: str) -> _GateCounts:
+        return {(str(s), str(n)): tuple(_unnum(t) for t in times) for s, n, times in d[key]}
+
+    def checks(key: str) -> _Checks:
+        out: _Checks = {}
+        for n, c in d[key].items():
+            high, low, estimated, high_since, low_since = (_unnum(v) for v in c)
+            out[str(n)] = _Check(high, low, bool(estimated), high_since, low_since)
+        return out
+
+    measurements = [Measurement(**m) for m in d["measurements"]]
+    return _Step(
+        time_h=_unnum(d["time_h"]),
+        inputs=vector("inputs", nu),
+        measurements=measurements,
+        prior_mean=vector("prior_mean", nz),
+        prior_cov=matrix("prior_cov"),
+        post_mean=vector("post_mean", nz),
+        post_cov=matrix("post_cov"),
+        gate_counts_before=counts("gate_counts_before"),
+        gate_counts_after=counts("gate_counts_after"),
+        decisions={},
+        checks_before=checks("checks_before"),
+        checks_after=checks("checks_after"),
+    )

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Mapping
+from typing import Any
 
 from controller.measurements import Measurement
 
@@ -182,9 +183,64 @@ class MeasurementValidator:
             return False, "stuck", detail
         return True, "accepted", ""
 
+    def snapshot(self) -> dict[str, Any]:
+        """The state of the checks (stuck tracks, assays seen) as JSON-compatible data;
+        non-finite numbers are written as the strings ``"nan"``, ``"inf"``, ``"-inf"``."""
+        return {
+            "online": {
+                name: {
+                    "last_value": _dump(track.last_value),
+                    "repeats": track.repeats,
+                    "last_sample_time": _dump(track.last_sample_time),
+                    "stuck_value": _dump(track.stuck_value),
+                    "recovered": track.recovered,
+                }
+                for name, track in self._online.items()
+            },
+            "seen_assays": [[n, _dump(k), _dump(t)] for (n, k), t in self._seen_assays.items()],
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Take over the state written by :meth:`snapshot`.
+
+        Raises:
+            ValueError: malformed data (the caller names the source).
+        """
+        try:
+            online = {
+                str(name): _Track(
+                    last_value=_load(t["last_value"]),
+                    repeats=int(t["repeats"]),
+                    last_sample_time=_load(t["last_sample_time"]),
+                    stuck_value=_load(t["stuck_value"]),
+                    recovered=int(t["recovered"]),
+                )
+                for name, t in data["online"].items()
+            }
+            seen = {(str(n), _load(k)): _load(t) for n, k, t in data["seen_assays"]}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"validator state malformed ({exc!r})") from None
+        self._online = online
+        self._seen_assays = seen
+
     def forget_before(self, time_h: float) -> None:
         """Drop duplicate-detection records older than ``time_h`` (bounded memory)."""
         self._seen_assays = {k: t for k, t in self._seen_assays.items() if t >= time_h}
+
+
+def _dump(value: float) -> float | str:
+    """A float for JSON: non-finite values as strings."""
+    value = float(value)
+    return value if math.isfinite(value) else repr(value)
+
+
+def _load(value: float | str) -> float:
+    """Inverse of :func:`_dump` (accepts numbers and "nan", "inf", "-inf")."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, str) and value not in ("nan", "inf", "-inf"):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
 
 
 def _too_old(m: Measurement, oldest_h: float) -> str:

@@ -7,6 +7,7 @@ The data come from the controller's own T-cell model integrated with scipy (a ma
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -259,6 +260,31 @@ def test_assay_older_than_history_is_rejected(model: TCellExpansionModel) -> Non
     assert [d.reason for d in result.rejected] == ["older_than_history"]
 
 
+def test_late_assay_improves_the_present_estimate(model: TCellExpansionModel) -> None:
+    """The day-1 assays (sampled at 24 h, delivered at 28 h after four newer online samples)
+    move the present estimate towards the truth at once, and it stays closer after."""
+    batch = simulate(model, growth_factor=1.3, hours=34, seed=14)
+    day = {t: [m for m in batch.assays if m.sample_time == t] for t in (0.0, 24.0)}
+
+    def error(results: list[EstimatorResult], k: int, name: str) -> float:
+        return abs(results[k].outputs[name] - batch.truth[k][name])
+
+    # viability: the online probes do not see dead cells (prior viability 0.9, truth 0.8)
+    with_assay = run(start(model), batch, assays="none", extra={28: day[24.0]})
+    without = run(start(model), batch, assays="none")
+    assert with_assay[28].reprocessed_from_h == pytest.approx(24.0)
+    for k in (28, 31, 34):
+        assert error(with_assay, k, "viability") < 0.5 * error(without, k, "viability")
+    # viable cells, when the cell probe is out (glucose and lactate online only)
+    no_probe = dataclasses.replace(
+        batch, online=[[m for m in ms if m.name != "viable_cells"] for ms in batch.online]
+    )
+    with_assay = run(start(model), no_probe, assays="none", extra={4: day[0.0], 28: day[24.0]})
+    without = run(start(model), no_probe, assays="none", extra={4: day[0.0]})
+    for k in (28, 31, 34):
+        assert error(with_assay, k, "viable_cells") < 0.5 * error(without, k, "viable_cells")
+
+
 # -- validation -----------------------------------------------------------------------------
 def _clean_and_faulty(
     model: TCellExpansionModel, k: int, faulty: list[Measurement], *, drop_clean: str = ""
@@ -362,6 +388,137 @@ def test_spike_gate_re_admits_a_persistent_change(model: TCellExpansionModel) ->
     assert reasons[:2] == ["innovation_gate"] * 2
     assert reasons[2] == "accepted"
     assert r.state["viable_cells"] == pytest.approx(2.0 * batch.truth[-1]["viable_cells"], rel=0.15)
+
+
+# -- calibration check of the online probe ----------------------------------------------------
+GAIN_CHECK = {"gain_check_threshold": 2.5, "gain_check_slack": 1.0}
+
+
+def _configs(model: TCellExpansionModel) -> tuple[EstimatorConfig, EstimatorConfig]:
+    """(with the calibration check, without the probe-gain state)."""
+    default = EstimatorConfig.for_model(model)
+    checked = dataclasses.replace(
+        default,
+        gain_check_threshold=GAIN_CHECK["gain_check_threshold"],
+        gain_check_slack=GAIN_CHECK["gain_check_slack"],
+    )
+    return checked, dataclasses.replace(default, online_gains=())
+
+
+def _miscalibrated(batch: Batch, gain: float) -> Batch:
+    """The online cell probe reads ``gain`` times the truth."""
+    return dataclasses.replace(
+        batch,
+        online=[
+            [
+                dataclasses.replace(m, value=m.value * gain) if m.name == "viable_cells" else m
+                for m in ms
+            ]
+            for ms in batch.online
+        ],
+    )
+
+
+def test_calibration_check_leaves_a_calibrated_probe_alone(model: TCellExpansionModel) -> None:
+    checked, no_gain = _configs(model)
+    batch = simulate(model, growth_factor=1.2, hours=120, seed=15)
+    results = run(start(model, checked), batch)
+    reference = run(start(model, no_gain), batch)
+    assert not any(r.gains_estimated["viable_cells"] for r in results)
+    assert {r.online_gains["viable_cells"] for r in results} == {1.0}
+    # the gain state without variance changes nothing: the estimate of the gain-free filter
+    for r, ref in zip(results, reference, strict=True):
+        for name in model.state_names:
+            assert r.state[name] == pytest.approx(ref.state[name], rel=1e-9, abs=1e-12)
+
+
+def test_calibration_check_catches_a_miscalibrated_probe(model: TCellExpansionModel) -> None:
+    checked, no_gain = _configs(model)
+    batch = _miscalibrated(simulate(model, hours=120, seed=16), 1.2)
+    results = run(start(model, checked), batch)
+    fired = next(k for k, r in enumerate(results) if r.gains_estimated["viable_cells"])
+    assert 24 < fired <= 52  # one assay never fires it; the second or third does
+    assert results[fired - 1].online_gains["viable_cells"] == 1.0
+    assert results[-1].online_gains["viable_cells"] == pytest.approx(1.2, abs=0.05)
+    truth = batch.truth[-1]["viable_cells"]
+    assert abs(results[-1].state["viable_cells"] - truth) < 0.05 * truth
+    uncorrected = run(start(model, no_gain), batch)[-1].state["viable_cells"]
+    assert abs(uncorrected - truth) > 0.1 * truth
+
+
+def test_calibration_check_with_out_of_order_assays_gives_the_in_order_result(
+    model: TCellExpansionModel,
+) -> None:
+    checked, _ = _configs(model)
+    batch = _miscalibrated(simulate(model, hours=80, seed=17), 1.2)
+    day = {t: [m for m in batch.assays if m.sample_time == t] for t in (0.0, 24.0, 48.0, 72.0)}
+    swapped = run(
+        start(model, checked),
+        batch,
+        assays="none",
+        extra={4: day[0.0], 52: day[48.0], 55: day[24.0][::-1], 76: day[72.0]},
+    )
+    ordered = run(
+        start(model, checked),
+        batch,
+        assays="none",
+        extra={4: day[0.0], 28: day[24.0], 52: day[48.0], 76: day[72.0]},
+    )
+    assert swapped[-1].gains_estimated == ordered[-1].gains_estimated == {"viable_cells": True}
+    for name in model.state_names:
+        assert swapped[-1].state[name] == pytest.approx(
+            ordered[-1].state[name], rel=1e-9, abs=1e-12
+        )
+    assert swapped[-1].online_gains["viable_cells"] == pytest.approx(
+        ordered[-1].online_gains["viable_cells"], rel=1e-9
+    )
+
+
+# -- snapshot and restore -------------------------------------------------------------------
+def test_snapshot_and_restore_continue_exactly(model: TCellExpansionModel) -> None:
+    """A restored estimator (snapshot through JSON) continues exactly as the original:
+    a late assay sampled before the snapshot, a duplicate of an assay seen before it, a
+    stuck probe and the calibration check all behave the same."""
+    checked, no_gain = _configs(model)
+    batch = _miscalibrated(simulate(model, hours=60, seed=18), 1.25)
+    held = [m for m in batch.assays if m.sample_time == 24.0]  # delivered after the snapshot
+    again = [m for m in batch.assays if m.sample_time == 0.0]  # delivered twice
+
+    def delivery(k: int) -> list[Measurement]:
+        ms = list(batch.online[k])
+        if k >= 26:  # the glucose reading freezes from 26 h
+            ms[1] = dataclasses.replace(ms[1], value=batch.online[26][1].value)
+        ms += [m for m in batch.assays if abs(m.arrival_time - k) < 1e-9 and m not in held]
+        return ms + (held if k == 33 else []) + (again if k == 40 else [])
+
+    original = start(model, checked)
+    for k in range(31):
+        original.update(batch.times[k], INPUTS, delivery(k))
+    text = json.dumps(original.snapshot(), allow_nan=False)
+    restored = Estimator(model, checked)
+    first = restored.restore(json.loads(text))
+    assert first.time_h == 30.0 and restored.history_times == original.history_times
+    for k in range(31, len(batch.times)):
+        a = original.update(batch.times[k], INPUTS, delivery(k))
+        b = restored.update(batch.times[k], INPUTS, delivery(k))
+        assert a.state == b.state and a.std == b.std
+        assert np.array_equal(a.covariance, b.covariance)
+        assert a.gains_estimated == b.gains_estimated
+        assert [(d.reason, d.detail) for d in a.accepted + a.rejected] == [
+            (d.reason, d.detail) for d in b.accepted + b.rejected
+        ]
+    reasons = {d.reason for d in restored.events}
+    assert {"duplicate", "stuck"} <= reasons
+    assert b.reprocessed_from_h is None and b.gains_estimated == {"viable_cells": True}
+    # snapshots of another configuration or anything else are refused
+    with pytest.raises(ModelError, match="gain_names"):
+        Estimator(model, no_gain).restore(json.loads(text))
+    with pytest.raises(ModelError, match="snapshot"):
+        Estimator(model, checked).restore({"format": "something else"})
+    broken = json.loads(text)
+    broken["steps"][0]["post_cov"] = [[1.0]]
+    with pytest.raises(ModelError, match="malformed"):
+        Estimator(model, checked).restore(broken)
 
 
 # -- physical invariants and adaptation -------------------------------------------------------

@@ -257,6 +257,15 @@ def test_benchmark_figures_on_twenty_patients() -> None:
         < 0.3 * figures["rmse_viable_cells_fault_drift_online_only"]
     )
     assert figures["rmse_viable_cells_fault_drift_no_probe_gain"] > 2.0 * assays
+    # the calibration check drops the probe-gain state's cost on this unbiased probe (the
+    # assays then lower the RMSE, a little) and still catches the drift, days later
+    assert figures["rmse_viable_cells_with_assays_gain_checked"] < online
+    assert figures["gain_check_fired"]["with_assays_gain_checked"]["patients"] <= 2
+    assert figures["gain_check_fired"]["fault_drift_gain_checked"]["patients"] == 20
+    assert (
+        figures["rmse_viable_cells_fault_drift_gain_checked"]
+        < 0.3 * figures["rmse_viable_cells_fault_drift_online_only"]
+    )
     # re-processing at the sample time beats using the assays as if sampled at arrival
     assert assays < 0.5 * figures["rmse_viable_cells_assays_naive_at_arrival"]
     for kind in FAULT_KINDS:
