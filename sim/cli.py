@@ -157,6 +157,12 @@ def _serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     register(sub)
 
 
+def _campaign(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.campaign import add_campaign_command
+
+    add_campaign_command(sub)
+
+
 def _operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from sim.operator import register
 
@@ -173,6 +179,7 @@ def _demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _serve,
     _demo,
+    _campaign,
     _operator,
 ]
 

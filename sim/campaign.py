@@ -1,0 +1,920 @@
+"""Evaluation campaigns: every virtual patient of a seeded cohort under every controller,
+run in parallel on Ray, resumable, summarised against the oracle (domain.md metrics).
+
+Pipeline (``run_campaign``):
+
+1. ``DIR/campaign.json`` (the manifest) records the arguments that determine the results;
+   a re-run into the same ``DIR`` resumes only with the same arguments.
+2. When ``hybrid-mpc`` is among the controllers, its growth-rate residual is trained first
+   on a separate *historical* cohort (a different cohort seed, so no patient is shared
+   with the held-out cohort): the rule controller runs each historical patient, the batch
+   records go to ``DIR/historical/<patient>/``, and the residual is fitted by the same code
+   as ``hmpc fit`` (:func:`controller.cli.cmd_fit`) into ``DIR/residual.npz``.
+3. Each (controller, patient) run is a Ray task writing ``DIR/runs/<controller>/<patient>/``
+   (``trajectory.csv``, ``assays.csv``, then ``summary.json`` last, each atomically). A run
+   whose ``summary.json`` exists is complete and is skipped on a re-run.
+4. The per-run summaries are aggregated into ``DIR/patients/<controller>.csv`` (one row per
+   patient), ``DIR/summary.csv`` and ``DIR/summary.md`` (one row per controller), and
+   ``DIR/distributions.png``. Wall times go to ``DIR/timing.csv`` only, so the summary of a
+   seed is the same table every time.
+
+Primary objective (the MPC's "dose by date"): per patient, the dose score
+``min(1, total viable cells at the scheduled harvest / dose)``; per controller, its mean
+over the cohort; ``primary_ratio_to_oracle`` divides it by the oracle's on the same patients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from plant_models.errors import ConfigError, HmpcError
+from plant_models.tcell import load_tcell_process
+from sim.baselines import Controller, make_baseline
+from sim.closed_loop import run_closed_loop, summarize
+from sim.patients import DATA as COHORT_DATA
+from sim.patients import PatientCohort, VirtualPatient, load_cohort_spec
+from sim.plant import VirtualBioreactor
+
+__all__ = [
+    "CONTROLLERS",
+    "CampaignResult",
+    "CampaignSpec",
+    "add_campaign_command",
+    "check_targets",
+    "run_campaign",
+    "summarize_campaign",
+]
+
+log = logging.getLogger(__name__)
+
+#: Controllers a campaign can run, in the order of the tables.
+CONTROLLERS = ("recipe", "rule", "mechanistic-mpc", "hybrid-mpc", "oracle")
+BASELINES = ("recipe", "rule")
+#: The historical cohort's seed is the campaign seed plus this offset (disjoint patients).
+HISTORICAL_SEED_OFFSET = 7_000_003
+#: Patient ``i`` of cohort seed ``s`` is drawn from seed ``s * COHORT_STRIDE + i``
+#: (:class:`sim.patients.PatientCohort`); cohorts of different seeds are disjoint below it.
+COHORT_STRIDE = 100003
+#: How the hybrid MPC gets its residual (recorded in the manifest: a campaign never mixes two).
+HYBRID_RESIDUAL_SOURCE = "historical cohort, hmpc fit defaults, residual=residual.npz"
+MANIFEST = "campaign.json"
+MANIFEST_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CampaignSpec:
+    """Everything that determines a campaign's results (what the manifest records).
+
+    Attributes:
+        patients: held-out cohort size.
+        controllers: controller names, in the canonical order of :data:`CONTROLLERS`.
+        seed: cohort seed of the held-out patients.
+        days: batch length, d (default: the process's scheduled harvest).
+        historical_patients: size of the historical cohort the hybrid residual learns from.
+        step_h: control period, h.
+        mpc_config: MPC tuning file (None: ``configs/mpc_tcell.toml``).
+        cohort: virtual-patient distribution file (None: the packaged default).
+    """
+
+    patients: int
+    controllers: tuple[str, ...]
+    seed: int
+    days: float
+    historical_patients: int = 12
+    step_h: float = 1.0
+    mpc_config: str | None = None
+    cohort: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.patients < COHORT_STRIDE:
+            raise ConfigError(f"--patients must lie in 1..{COHORT_STRIDE - 1}, got {self.patients}")
+        if not 2 <= self.historical_patients < COHORT_STRIDE:
+            raise ConfigError(
+                f"--historical must lie in 2..{COHORT_STRIDE - 1} (hmpc fit needs a training "
+                f"and a held-out batch), got {self.historical_patients}"
+            )
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if not (math.isfinite(self.days) and self.days > 0):
+            raise ConfigError(f"--days must be positive, got {self.days}")
+        if not (math.isfinite(self.step_h) and self.step_h > 0):
+            raise ConfigError(f"step_h must be positive, got {self.step_h}")
+        if not self.controllers:
+            raise ConfigError(
+                "--controllers is empty; name at least one of " + ", ".join(CONTROLLERS)
+            )
+
+    @property
+    def historical_seed(self) -> int:
+        return self.seed + HISTORICAL_SEED_OFFSET
+
+    def cohort_spec_path(self) -> Path:
+        return Path(self.cohort) if self.cohort else Path(str(COHORT_DATA / "cohort.toml"))
+
+    def mpc_config_path(self) -> Path:
+        if self.mpc_config:
+            return Path(self.mpc_config)
+        from sim.mpc_controllers import default_config_path
+
+        return default_config_path("tcell")
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest: the arguments plus digests of the files they name."""
+        uses_mpc = any(c not in BASELINES for c in self.controllers)
+        return {
+            "format": MANIFEST_FORMAT,
+            "model": "tcell",
+            "patients": self.patients,
+            "controllers": list(self.controllers),
+            "seed": self.seed,
+            "days": self.days,
+            "step_h": self.step_h,
+            "historical_patients": self.historical_patients
+            if "hybrid-mpc" in self.controllers
+            else None,
+            "historical_seed": self.historical_seed if "hybrid-mpc" in self.controllers else None,
+            "hybrid_residual": HYBRID_RESIDUAL_SOURCE if "hybrid-mpc" in self.controllers else None,
+            "cohort_sha256": _sha256(self.cohort_spec_path()),
+            "mpc_config_sha256": _sha256(self.mpc_config_path()) if uses_mpc else None,
+        }
+
+
+def parse_controllers(text: str) -> tuple[str, ...]:
+    """``"rule,recipe"`` -> ``("recipe", "rule")`` (canonical order); unknown names and
+    duplicates are refused with the allowed names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in CONTROLLERS:
+            close = difflib.get_close_matches(n, CONTROLLERS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"--controllers: unknown controller {n!r}; choose from {', '.join(CONTROLLERS)}."
+                + hint
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--controllers names a controller twice: {text!r}")
+    return tuple(c for c in CONTROLLERS if c in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class CampaignResult:
+    """What a campaign call did.
+
+    Attributes:
+        out: the campaign folder.
+        runs: per-run table (one row per controller x patient).
+        summary: per-controller table (``summary.csv``).
+        executed: runs computed by this call (the others were already complete).
+        skipped: runs found complete and not recomputed.
+        wall_time_s: wall time of this call (training, runs and summary).
+    """
+
+    out: Path
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    executed: int
+    skipped: int
+    wall_time_s: float
+
+
+# ------------------------------------------------------------------------ files
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc}); check the path.") from None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_record(df: pd.DataFrame, folder: Path) -> None:
+    """``assays.csv`` then ``trajectory.csv`` (headers ``name [unit]``, the batch-record
+    format ``hmpc fit`` reads), each atomically."""
+    units: dict[str, str] = df.attrs.get("units", {})
+    header = [f"{c} [{units[c]}]" if c in units else c for c in df.columns]
+    assays = df.attrs.get("assays")
+    if isinstance(assays, pd.DataFrame):
+        _atomic_write(folder / "assays.csv", assays.to_csv(index=False, float_format="%.6g"))
+    _atomic_write(
+        folder / "trajectory.csv", df.to_csv(index=False, header=header, float_format="%.6g")
+    )
+
+
+def check_manifest(out: Path, spec: CampaignSpec) -> None:
+    """Create ``out/campaign.json``, or check that the one there has the same arguments.
+
+    Raises:
+        ConfigError: the folder holds a campaign with other arguments.
+    """
+    wanted = spec.manifest()
+    path = out / MANIFEST
+    if path.exists():
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(
+                f"{path}: unreadable campaign manifest ({exc}); remove the folder or choose "
+                "another --out."
+            ) from None
+        diffs = [
+            f"{k}={found.get(k)!r} there, {wanted.get(k)!r} now"
+            for k in sorted(set(found) | set(wanted))
+            if found.get(k) != wanted.get(k)
+        ]
+        if diffs:
+            raise ConfigError(
+                f"{out} holds a campaign with other arguments ({'; '.join(diffs)}). Re-run with "
+                "the same arguments to resume it, or choose a new --out."
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(wanted, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------ one run
+
+
+def _controller(
+    name: str, plant: VirtualBioreactor, residual_path: Path | None, mpc_config: Path
+) -> Controller:
+    """The controller of a run. ``residual_path``: the hybrid MPC's residual file (trained
+    on the historical cohort)."""
+    if name in BASELINES:
+        return make_baseline(name, "tcell")
+    from sim.mpc_controllers import make_mpc_controller
+
+    if name == "hybrid-mpc":
+        if residual_path is None:
+            raise HmpcError("hybrid-mpc needs the historical residual; train it first")
+        return make_mpc_controller(name, plant, mpc_config, residual=residual_path)
+    return make_mpc_controller(name, plant, mpc_config)
+
+
+def _at_harvest(df: pd.DataFrame, harvest_h: float) -> pd.Series:
+    """The trajectory row at the scheduled harvest (the last row if the batch is shorter)."""
+    sel = df[df["time"] <= harvest_h + 1e-9]
+    return sel.iloc[-1] if len(sel) else df.iloc[0]
+
+
+def run_one(
+    out: str,
+    controller: str,
+    patient: VirtualPatient,
+    index: int,
+    sensor_seed: int,
+    days: float,
+    step_h: float,
+    mpc_config: str,
+    residual: str | None,
+    record_only: bool = False,
+) -> dict[str, Any]:
+    """One batch of one patient under one controller (the body of a Ray task).
+
+    Writes ``out/trajectory.csv`` and ``out/assays.csv``; unless ``record_only``, also
+    ``out/summary.json`` last (the completion marker). Returns the flat summary row.
+    """
+    folder = Path(out)
+    t0 = time.perf_counter()
+    plant = VirtualBioreactor.tcell(patient, seed=sensor_seed)
+    ctl = _controller(controller, plant, Path(residual) if residual else None, Path(mpc_config))
+    df = run_closed_loop(plant, ctl, days=days, step_h=step_h)
+    wall = time.perf_counter() - t0
+    _write_record(df, folder)
+    if record_only:
+        return {"patient": patient.patient_id, "controller": controller}
+    s = summarize(df, plant)
+    proc: Any = plant.process
+    harvest = _at_harvest(df, float(proc.harvest_time))
+    cells_at_harvest = float(harvest["total_viable_cells"])
+    time_to_dose = s.get("time_to_dose_h")
+    row: dict[str, Any] = {
+        "controller": controller,
+        "patient": patient.patient_id,
+        "index": index,
+        "growth_factor": patient.growth_factor,
+        "lag_time_h": patient.lag_time,
+        "exhaustion_factor": patient.exhaustion_factor,
+        "initial_viability": patient.initial_viability,
+        "non_expander": patient.non_expander,
+        "dose_cells": float(proc.dose_cells),
+        "harvest_time_h": float(proc.harvest_time),
+        "cells_at_harvest": cells_at_harvest,
+        "viability_at_harvest": float(harvest["viability"]),
+        "primary_objective": min(1.0, cells_at_harvest / float(proc.dose_cells)),
+        "dose_reached_by_harvest": bool(s["dose_reached_by_harvest"]),
+        "days_to_dose": None if time_to_dose is None else float(time_to_dose) / 24.0,
+        "final_viable_cells": float(s["final_viable_cells"]),
+        "final_viability": float(s["final_viability"]),
+        "fold_expansion": float(s["fold_expansion"]),
+        "peak_lactate": float(s["peak_lactate"]),
+        "min_glucose": float(s["min_glucose"]),
+        "lactate_time_in_spec": float(s["lactate_time_in_spec"]),
+        "glucose_time_in_spec": float(s["glucose_time_in_spec"]),
+        "media_used": float(s["media_used"]),
+        "hard_constraint_violations": int(s["hard_constraint_violations"]),
+        "plant_clamped_inputs": int(s["plant_clamped_inputs"]),
+    }
+    timing: dict[str, Any] = {"wall_time_s": wall}
+    if controller not in BASELINES:
+        from controller.control import EstimatingMPC
+        from sim.mpc_controllers import MPCController, mpc_statistics
+
+        if isinstance(ctl, (MPCController, EstimatingMPC)):
+            stats = mpc_statistics(ctl)
+            row["mpc_steps"] = int(stats["mpc_steps"])
+            row["mpc_failures"] = int(stats["mpc_failures"])
+            timing.update(
+                solve_time_median_s=stats["solve_time_median_s"],
+                solve_time_max_s=stats["solve_time_max_s"],
+            )
+    _atomic_write(
+        folder / "summary.json", json.dumps({"row": row, "timing": timing}, indent=2) + "\n"
+    )
+    return row
+
+
+def _read_run(folder: Path) -> dict[str, Any] | None:
+    """The stored result of a completed run, or None."""
+    path = folder / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        log.warning("%s is unreadable; the run is done again", path)
+        return None
+    if not isinstance(data, dict) or "row" not in data:
+        return None
+    return data
+
+
+# ------------------------------------------------------------------------ Ray
+
+
+class _Pool:
+    """Runs :func:`run_one` calls as Ray tasks (local Ray started by us, or a cluster)."""
+
+    def __init__(self, workers: int | None, address: str | None) -> None:
+        try:
+            import ray
+        except ImportError as exc:
+            raise HmpcError(
+                f"campaigns run on Ray, which is not installed ({exc}); `pip install ray`."
+            ) from None
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(
+                    num_cpus=workers or os.cpu_count() or 1,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
+            self.started = True
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.in_flight = max(1, min(workers, cpus) if workers else cpus)
+        self.remote = ray.remote(num_cpus=1, max_retries=0)(run_one)
+
+    def run(
+        self, jobs: Sequence[tuple[str, dict[str, Any]]], *, desc: str, total: int, done: int
+    ) -> list[tuple[str, BaseException]]:
+        """Run ``(label, kwargs of run_one)`` jobs, at most ``in_flight`` at a time, with a
+        progress bar on stderr. Returns the failures (label, error); the others completed."""
+        from tqdm import tqdm
+
+        ray = self.ray
+        queue = list(jobs)
+        pending: dict[Any, str] = {}
+        failures: list[tuple[str, BaseException]] = []
+        with tqdm(total=total, initial=done, desc=desc, unit="run", file=sys.stderr) as bar:
+            try:
+                while queue or pending:
+                    while queue and len(pending) < self.in_flight:
+                        label, kwargs = queue.pop(0)
+                        pending[self.remote.remote(**kwargs)] = label
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    for ref in ready:
+                        label = pending.pop(ref)
+                        try:
+                            ray.get(ref)
+                        except ray.exceptions.RayError as exc:
+                            log.error("run %s failed: %s", label, exc)
+                            failures.append((label, exc))
+                        bar.update(1)
+            finally:
+                for ref in pending:
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref, force=True)
+        return failures
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+# ------------------------------------------------------------------------ residual
+
+
+def train_historical_residual(spec: CampaignSpec, out: Path, pool: _Pool) -> Path:
+    """The hybrid MPC's residual, trained on the historical cohort (rule controller),
+    by the code of ``hmpc fit``. Resumable: completed records and the residual are kept."""
+    residual = out / "residual.npz"
+    if residual.exists():
+        from plant_models.gp import GPResidual
+
+        try:
+            GPResidual.load(residual)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{residual} was fitted by another version of hmpc and cannot be used ({exc}); "
+                "its hybrid-mpc runs would not be comparable: start the campaign again with a "
+                "new --out."
+            ) from None
+        return residual
+    hist_dir = out / "historical"
+    cohort = PatientCohort(
+        spec.historical_patients, spec.historical_seed, load_cohort_spec(spec.cohort)[0]
+    )
+    jobs = []
+    done = 0
+    for i, patient in enumerate(cohort):
+        folder = hist_dir / patient.patient_id
+        if (folder / "trajectory.csv").exists():
+            done += 1
+            continue
+        jobs.append(
+            (
+                f"historical/{patient.patient_id}",
+                {
+                    "out": str(folder.resolve()),
+                    "controller": "rule",
+                    "patient": patient,
+                    "index": i,
+                    "sensor_seed": spec.historical_seed * COHORT_STRIDE + i,
+                    "days": spec.days,
+                    "step_h": spec.step_h,
+                    "mpc_config": str(spec.mpc_config_path()),
+                    "residual": None,
+                    "record_only": True,
+                },
+            )
+        )
+    failures = pool.run(jobs, desc="historical cohort", total=len(cohort), done=done)
+    if failures:
+        raise HmpcError(
+            f"{len(failures)} historical batch(es) failed ({failures[0][0]}: {failures[0][1]}); "
+            "re-run the same command to retry them."
+        )
+    from controller.cli import build_parser, cmd_fit
+
+    args = build_parser().parse_args(
+        [
+            "fit",
+            "--data",
+            str(hist_dir / "*" / "trajectory.csv"),
+            "--model",
+            "tcell",
+            "--out",
+            str(residual),
+            "--report",
+            str(hist_dir / "fit"),
+            "--seed",
+            str(spec.seed),
+        ]
+    )
+    cmd_fit(args)
+    return residual
+
+
+# ------------------------------------------------------------------------ campaign
+
+
+def run_campaign(
+    spec: CampaignSpec,
+    out: Path,
+    *,
+    workers: int | None = None,
+    address: str | None = None,
+) -> CampaignResult:
+    """Run (or resume) a campaign into ``out`` and write its tables and plots.
+
+    Args:
+        spec: what to run.
+        out: campaign folder (created; a folder with another manifest is refused).
+        workers: Ray CPUs of the local instance (default: all cores), and the most runs in
+            flight at once on a cluster.
+        address: an existing Ray cluster (``ray://host:port`` or ``auto``); default local.
+    Raises:
+        ConfigError: a manifest with other arguments. HmpcError: runs failed (re-run to
+            retry them; the completed ones are kept).
+    """
+    t0 = time.perf_counter()
+    check_manifest(out, spec)
+    cohort = PatientCohort(spec.patients, spec.seed, load_cohort_spec(spec.cohort)[0])
+    mpc_config = str(spec.mpc_config_path().resolve())
+    # patient-major: an interrupted campaign has whole patients across the controllers
+    keys = [(c, i, p) for i, p in enumerate(cohort) for c in spec.controllers]
+    todo = [(c, i, p) for c, i, p in keys if _read_run(out / "runs" / c / p.patient_id) is None]
+    skipped = len(keys) - len(todo)
+    if skipped:
+        log.info("resuming %s: %d of %d runs already complete", out, skipped, len(keys))
+    failures: list[tuple[str, BaseException]] = []
+    if todo:
+        pool = _Pool(workers, address)
+        try:
+            residual: Path | None = None
+            if any(c == "hybrid-mpc" for c, _, _ in todo):
+                residual = train_historical_residual(spec, out, pool)
+            jobs = [
+                (
+                    f"{c}/{p.patient_id}",
+                    {
+                        "out": str(out.resolve() / "runs" / c / p.patient_id),
+                        "controller": c,
+                        "patient": p,
+                        "index": i,
+                        "sensor_seed": spec.seed * COHORT_STRIDE + i,
+                        "days": spec.days,
+                        "step_h": spec.step_h,
+                        "mpc_config": mpc_config,
+                        "residual": str(residual.resolve()) if residual else None,
+                    },
+                )
+                for c, i, p in todo
+            ]
+            failures = pool.run(jobs, desc="campaign", total=len(keys), done=skipped)
+        finally:
+            pool.close()
+    if failures:
+        raise HmpcError(
+            f"{len(failures)} of {len(keys)} runs failed (first: {failures[0][0]}: "
+            f"{failures[0][1]}); the others are saved in {out}/runs. Re-run the same command "
+            "to retry the failed runs."
+        )
+    rows, timing = [], []
+    for c, _, p in keys:
+        data = _read_run(out / "runs" / c / p.patient_id)
+        if data is None:
+            raise HmpcError(f"run {c}/{p.patient_id} has no result; re-run the same command.")
+        rows.append(data["row"])
+        timing.append({"controller": c, "patient": p.patient_id, **data.get("timing", {})})
+    runs = pd.DataFrame(rows)
+    summary = summarize_campaign(runs)
+    write_outputs(out, spec, runs, summary, pd.DataFrame(timing))
+    return CampaignResult(out, runs, summary, len(todo), skipped, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------ summary
+
+#: summary.csv columns: (name, description) in table order.
+SUMMARY_COLUMNS = (
+    ("controller", "controller"),
+    ("patients", "patients"),
+    ("primary_objective", "mean dose score min(1, cells at harvest / dose)"),
+    ("primary_ratio_to_oracle", "primary objective / the oracle's"),
+    ("dose_attainment", "fraction reaching the dose by the scheduled harvest"),
+    ("days_to_dose_median", "median days to dose (patients reaching it)"),
+    ("cells_at_harvest_mean", "mean total viable cells at harvest, 1e9"),
+    ("cells_at_harvest_cv", "CV of total viable cells at harvest across patients"),
+    ("viability_at_harvest_mean", "mean viability at harvest"),
+    ("lactate_time_in_spec", "mean fraction of time with lactate <= soft limit"),
+    ("glucose_time_in_spec", "mean fraction of time with glucose >= soft limit"),
+    ("media_used_mean", "mean media and feed used, L"),
+    ("hard_violation_steps", "steps with a hard limit violated (all patients)"),
+    ("patients_with_hard_violations", "patients with any hard-limit violation"),
+    ("mpc_failures", "MPC steps that fell back (all patients)"),
+)
+
+
+def summarize_campaign(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per controller (in :data:`CONTROLLERS` order) with the domain.md metrics."""
+    rows = []
+    order = [c for c in CONTROLLERS if c in set(runs["controller"])]
+    for c in order:
+        r = runs[runs["controller"] == c]
+        cells = r["cells_at_harvest"].astype(float)
+        reached = r["days_to_dose"].dropna().astype(float)
+        failures = r["mpc_failures"].dropna() if "mpc_failures" in r else pd.Series([], dtype=float)
+        rows.append(
+            {
+                "controller": c,
+                "patients": len(r),
+                "primary_objective": float(r["primary_objective"].mean()),
+                "primary_ratio_to_oracle": math.nan,
+                "dose_attainment": float(r["dose_reached_by_harvest"].astype(bool).mean()),
+                "days_to_dose_median": float(reached.median()) if len(reached) else math.nan,
+                "cells_at_harvest_mean": float(cells.mean()),
+                "cells_at_harvest_cv": float(cells.std(ddof=1) / cells.mean())
+                if len(cells) > 1 and cells.mean() > 0
+                else math.nan,
+                "viability_at_harvest_mean": float(r["viability_at_harvest"].mean()),
+                "lactate_time_in_spec": float(r["lactate_time_in_spec"].mean()),
+                "glucose_time_in_spec": float(r["glucose_time_in_spec"].mean()),
+                "media_used_mean": float(r["media_used"].mean()),
+                "hard_violation_steps": int(r["hard_constraint_violations"].sum()),
+                "patients_with_hard_violations": int((r["hard_constraint_violations"] > 0).sum()),
+                "mpc_failures": int(failures.sum()) if len(failures) else math.nan,
+            }
+        )
+    table = pd.DataFrame(rows, columns=[k for k, _ in SUMMARY_COLUMNS])
+    if "oracle" in order:
+        oracle = float(table.loc[table["controller"] == "oracle", "primary_objective"].iloc[0])
+        if oracle > 0:
+            table["primary_ratio_to_oracle"] = table["primary_objective"] / oracle
+    return table
+
+
+def check_targets(summary: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
+    """The issue's targets for the hybrid MPC: (target, met or None if not assessable, detail)."""
+    by = {row["controller"]: row for _, row in summary.iterrows()}
+    hyb = by.get("hybrid-mpc")
+    out: list[tuple[str, bool | None, str]] = []
+
+    def val(c: str, k: str) -> float:
+        return float(by[c][k]) if c in by else math.nan
+
+    name = "hybrid MPC >= 95 % of the oracle on the primary objective"
+    ratio = val("hybrid-mpc", "primary_ratio_to_oracle")
+    out.append((name, None if math.isnan(ratio) else bool(ratio >= 0.95), f"ratio {ratio:.3f}"))
+    for metric, label, better in (
+        ("dose_attainment", "dose attainment", "higher"),
+        ("cells_at_harvest_cv", "CV of cells at harvest", "lower"),
+    ):
+        for other in ("mechanistic-mpc", "recipe"):
+            h, o = val("hybrid-mpc", metric), val(other, metric)
+            met: bool | None
+            if math.isnan(h) or math.isnan(o):
+                met = None
+            else:
+                met = bool(h > o) if better == "higher" else bool(h < o)
+            out.append(
+                (f"hybrid MPC beats {other} on {label} ({better})", met, f"{h:.3f} vs {o:.3f}")
+            )
+    viol = int(hyb["hard_violation_steps"]) if hyb is not None else -1
+    out.append(
+        (
+            "hybrid MPC: zero hard-constraint violations",
+            None if hyb is None else viol == 0,
+            f"{viol} violating steps" if hyb is not None else "not run",
+        )
+    )
+    return out
+
+
+_COUNT_COLUMNS = (
+    "patients",
+    "hard_violation_steps",
+    "patients_with_hard_violations",
+    "mpc_failures",
+)
+
+
+_PERCENT_COLUMNS = (
+    "dose_attainment",
+    "lactate_time_in_spec",
+    "glucose_time_in_spec",
+    "viability_at_harvest_mean",
+    "cells_at_harvest_cv",
+)
+
+
+def _fmt(value: Any, key: str) -> str:
+    """A table cell: counts as integers, fractions as percentages, '-' for missing."""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return "-"
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        return str(value)
+    number = float(value)
+    if key in _PERCENT_COLUMNS:
+        return f"{100 * number:.1f} %"
+    if key in _COUNT_COLUMNS:
+        return str(round(number))
+    if key in ("primary_objective", "primary_ratio_to_oracle"):
+        return f"{number:.4f}"
+    return f"{number:.3f}" if abs(number) < 10 else f"{number:.2f}"
+
+
+def summary_markdown(spec: CampaignSpec, summary: pd.DataFrame) -> str:
+    """``summary.md``: the command, the table, the metric definitions and the targets."""
+    cmd = (
+        f"hmpc-sim campaign --patients {spec.patients} --controllers "
+        f"{','.join(spec.controllers)} --seed {spec.seed} --days {spec.days:g}"
+        + (f" --historical {spec.historical_patients}" if "hybrid-mpc" in spec.controllers else "")
+        + (f" --mpc-config {spec.mpc_config}" if spec.mpc_config else "")
+        + (f" --cohort {spec.cohort}" if spec.cohort else "")
+        + " --out DIR"
+    )
+    cols = [k for k, _ in SUMMARY_COLUMNS]
+    lines = [
+        f"# Campaign: {spec.patients} patient{'s' if spec.patients != 1 else ''} "
+        f"(cohort seed {spec.seed}), {spec.days:g} days",
+        "",
+        "```",
+        cmd,
+        "```",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for _, row in summary.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[k], k) for k in cols) + " |")
+    lines += ["", "Columns:", ""]
+    lines += [f"- `{k}`: {d}" for k, d in SUMMARY_COLUMNS[1:]]
+    if "hybrid-mpc" in spec.controllers:
+        lines += [
+            "",
+            f"Hybrid MPC residual: {HYBRID_RESIDUAL_SOURCE}; historical cohort of "
+            f"{spec.historical_patients} patients (seed {spec.historical_seed}) in "
+            "`historical/`, fitted by `hmpc fit` into `residual.npz`.",
+            "",
+            "Targets:",
+            "",
+        ]
+        for name, met, detail in check_targets(summary):
+            mark = "not assessable" if met is None else ("met" if met else "NOT met")
+            lines.append(f"- {name}: {mark} ({detail})")
+    return "\n".join(lines) + "\n"
+
+
+def plot_distributions(runs: pd.DataFrame, path: Path) -> None:
+    """Box plots (with the patients as points) of the per-patient metrics per controller."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [c for c in CONTROLLERS if c in set(runs["controller"])]
+    panels = (
+        ("primary_objective", "dose score min(1, cells/dose)"),
+        ("cells_at_harvest", "total viable cells at harvest [1e9]"),
+        ("days_to_dose", "days to dose"),
+        ("viability_at_harvest", "viability at harvest"),
+        ("media_used", "media used [L]"),
+        ("lactate_time_in_spec", "lactate time in spec"),
+    )
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    n = runs["patient"].nunique()
+    fig.suptitle(f"Campaign: {n} patient{'s' if n != 1 else ''} per controller")
+    rng = np.random.default_rng(0)
+    for ax, (key, label) in zip(axes.ravel(), panels, strict=True):
+        data = [runs.loc[runs["controller"] == c, key].dropna().astype(float) for c in order]
+        ax.boxplot(
+            [d.to_numpy() if len(d) else np.array([np.nan]) for d in data],
+            tick_labels=order,
+            showfliers=False,
+        )
+        for j, d in enumerate(data, start=1):
+            ax.plot(j + rng.uniform(-0.15, 0.15, len(d)), d, "o", ms=3, alpha=0.5)
+        if key == "cells_at_harvest" and len(runs):
+            ax.axhline(float(runs["dose_cells"].iloc[0]), ls="--", c="g", label="dose")
+            ax.legend(fontsize=8)
+        ax.set_title(label)
+        ax.tick_params(axis="x", labelrotation=20)
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(
+    out: Path, spec: CampaignSpec, runs: pd.DataFrame, summary: pd.DataFrame, timing: pd.DataFrame
+) -> None:
+    """Per-patient CSVs, summary.csv/.md, distributions.png, timing.csv."""
+    for c in summary["controller"]:
+        _atomic_write(
+            out / "patients" / f"{c}.csv",
+            runs[runs["controller"] == c].to_csv(index=False, float_format="%.6g"),
+        )
+    _atomic_write(out / "summary.csv", summary.to_csv(index=False, float_format="%.6g"))
+    _atomic_write(out / "summary.md", summary_markdown(spec, summary))
+    _atomic_write(out / "timing.csv", timing.to_csv(index=False, float_format="%.4g"))
+    plot_distributions(runs, out / "distributions.png")
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def add_campaign_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``hmpc-sim campaign``."""
+    p = sub.add_parser(
+        "campaign",
+        help="every patient of a seeded cohort under every controller, on Ray (resumable)",
+    )
+    p.add_argument("--patients", type=_positive_int, default=10, help="held-out patients")
+    p.add_argument(
+        "--controllers",
+        default=",".join(CONTROLLERS),
+        help=f"comma-separated, from {','.join(CONTROLLERS)} (default: all)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="cohort seed of the held-out patients")
+    p.add_argument("--out", type=Path, required=True, help="campaign folder (resumable)")
+    p.add_argument(
+        "--workers", type=_positive_int, default=None, help="Ray workers (default: all cores)"
+    )
+    p.add_argument(
+        "--address", default=None, help="existing Ray cluster address (default: local Ray)"
+    )
+    p.add_argument(
+        "--days",
+        type=_positive_float,
+        default=None,
+        help="batch length in days (default: the scheduled harvest)",
+    )
+    p.add_argument(
+        "--historical",
+        type=_positive_int,
+        default=12,
+        help="historical patients the hybrid MPC's residual is trained on",
+    )
+    p.add_argument("--mpc-config", type=Path, default=None, help="MPC tuning file (TOML)")
+    p.add_argument("--cohort", type=Path, default=None, help="patient distribution (TOML)")
+    p.set_defaults(func=cmd_campaign)
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    days = args.days
+    if days is None:
+        days = float(load_tcell_process()[0].harvest_time) / 24.0
+    spec = CampaignSpec(
+        patients=args.patients,
+        controllers=parse_controllers(args.controllers),
+        seed=args.seed,
+        days=float(days),
+        historical_patients=args.historical,
+        mpc_config=str(args.mpc_config) if args.mpc_config else None,
+        cohort=str(args.cohort) if args.cohort else None,
+    )
+    try:
+        result = run_campaign(spec, args.out, workers=args.workers, address=args.address)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; completed runs are kept in {args.out}/runs: re-run the same command "
+            "to resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"campaign {args.out}: {len(result.runs)} runs ({result.executed} run now, "
+        f"{result.skipped} already complete) in {result.wall_time_s:.1f} s"
+    )
+    show = ["controller", "primary_ratio_to_oracle", "dose_attainment", "cells_at_harvest_cv"]
+    print(result.summary[show].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(
+        f"wrote {args.out}/summary.csv, summary.md, distributions.png, "
+        "patients/<controller>.csv, runs/<controller>/<patient>/"
+    )
+    return 0

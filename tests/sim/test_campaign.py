@@ -1,0 +1,257 @@
+"""Campaigns on Ray: reproducible tables, resumption, manifest, summary metrics.
+
+Campaigns here are tiny (2 patients, the baselines, 2 days) and share one local Ray
+instance; the MPC and residual-training tests are marked slow.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from plant_models.errors import ConfigError
+from plant_models.gp import GPResidual
+from sim.campaign import (
+    COHORT_STRIDE,
+    CampaignSpec,
+    _Pool,
+    check_targets,
+    parse_controllers,
+    run_campaign,
+    summarize_campaign,
+    train_historical_residual,
+)
+
+ray = pytest.importorskip("ray")
+
+TINY = CampaignSpec(patients=2, controllers=("recipe", "rule"), seed=3, days=2.0)
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray instance for the module (campaigns reuse an initialised Ray)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _run_cli(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sim.cli",
+            "campaign",
+            "--patients",
+            "2",
+            "--controllers",
+            "rule,recipe",
+            "--seed",
+            "3",
+            "--days",
+            "2",
+            "--workers",
+            "2",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+def test_parse_controllers_canonical_order_and_errors() -> None:
+    assert parse_controllers("oracle, rule,recipe") == ("recipe", "rule", "oracle")
+    with pytest.raises(ConfigError, match="Did you mean 'hybrid-mpc'"):
+        parse_controllers("recipe,hybrid_mpc")
+    with pytest.raises(ConfigError, match="twice"):
+        parse_controllers("rule,rule")
+    with pytest.raises(ConfigError, match="empty"):
+        CampaignSpec(patients=1, controllers=(), seed=0, days=1.0)
+
+
+def _run_row(controller: str, patient: str, cells: float, dose_day: float | None) -> dict:
+    return {
+        "controller": controller,
+        "patient": patient,
+        "cells_at_harvest": cells,
+        "primary_objective": min(1.0, cells / 15.0),
+        "dose_reached_by_harvest": dose_day is not None,
+        "days_to_dose": dose_day,
+        "viability_at_harvest": 0.9,
+        "lactate_time_in_spec": 1.0,
+        "glucose_time_in_spec": 0.5,
+        "media_used": 2.0,
+        "hard_constraint_violations": 0 if controller != "recipe" else 3,
+        "mpc_failures": None if controller == "recipe" else 1,
+    }
+
+
+def test_summary_metrics_and_ratio_to_oracle() -> None:
+    runs = pd.DataFrame(
+        [
+            _run_row("oracle", "A", 18.0, 7.0),
+            _run_row("oracle", "B", 16.0, 7.5),
+            _run_row("recipe", "A", 30.0, 6.0),
+            _run_row("recipe", "B", 6.0, None),
+        ]
+    )
+    table = summarize_campaign(runs).set_index("controller")
+    assert list(table.index) == ["recipe", "oracle"]  # canonical order
+    recipe, oracle = table.loc["recipe"], table.loc["oracle"]
+    assert oracle["primary_objective"] == pytest.approx(1.0)
+    assert recipe["primary_objective"] == pytest.approx((1.0 + 0.4) / 2)
+    assert recipe["primary_ratio_to_oracle"] == pytest.approx(0.7)
+    assert oracle["primary_ratio_to_oracle"] == pytest.approx(1.0)
+    assert recipe["dose_attainment"] == pytest.approx(0.5)
+    assert recipe["days_to_dose_median"] == pytest.approx(6.0)
+    assert oracle["days_to_dose_median"] == pytest.approx(7.25)
+    assert recipe["cells_at_harvest_cv"] == pytest.approx(np.std([30, 6], ddof=1) / 18.0)
+    assert recipe["hard_violation_steps"] == 6 and recipe["patients_with_hard_violations"] == 2
+    assert math.isnan(recipe["mpc_failures"]) and oracle["mpc_failures"] == 2
+
+
+def test_targets_are_judged_from_the_table() -> None:
+    runs = pd.DataFrame(
+        [
+            _run_row("oracle", "A", 18.0, 7.0),
+            _run_row("oracle", "B", 16.0, 7.5),
+            _run_row("hybrid-mpc", "A", 17.0, 7.2),
+            _run_row("hybrid-mpc", "B", 15.5, 7.9),
+            _run_row("recipe", "A", 30.0, 6.0),
+            _run_row("recipe", "B", 6.0, None),
+        ]
+    )
+    verdicts = {name: met for name, met, _ in check_targets(summarize_campaign(runs))}
+    assert verdicts["hybrid MPC >= 95 % of the oracle on the primary objective"] is True
+    assert verdicts["hybrid MPC beats recipe on dose attainment (higher)"] is True
+    assert verdicts["hybrid MPC beats recipe on CV of cells at harvest (lower)"] is True
+    assert verdicts["hybrid MPC beats mechanistic-mpc on dose attainment (higher)"] is None
+    assert verdicts["hybrid MPC: zero hard-constraint violations"] is True
+
+
+# ------------------------------------------------------------------ campaigns on Ray
+
+
+def test_same_seed_gives_the_same_table(tmp_path: Path, local_ray: None) -> None:
+    """The CLI (its own local Ray, 2 workers) and the API (the shared Ray) give identical
+    summaries and per-patient tables for the same seed."""
+    proc = _run_cli(tmp_path / "cli")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 runs (4 run now, 0 already complete)" in proc.stdout
+    result = run_campaign(TINY, tmp_path / "api", workers=2)
+    assert result.executed == 4 and result.skipped == 0
+    for name in ("summary.csv", "patients/recipe.csv", "patients/rule.csv"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()
+    summary = pd.read_csv(tmp_path / "api" / "summary.csv")
+    assert list(summary["controller"]) == ["recipe", "rule"]
+    assert (summary["patients"] == 2).all()
+    assert summary["cells_at_harvest_mean"].gt(0).all()
+    assert summary["viability_at_harvest_mean"].between(0, 1).all()
+    assert (tmp_path / "api" / "distributions.png").stat().st_size > 0
+    assert "| recipe | 2 |" in (tmp_path / "api" / "summary.md").read_text()
+    # every run left a batch record hmpc fit can read
+    for controller in ("recipe", "rule"):
+        for i in range(2):
+            run = tmp_path / "api" / "runs" / controller / f"S3-P{i:03d}"
+            assert {"trajectory.csv", "assays.csv", "summary.json"} <= {
+                p.name for p in run.iterdir()
+            }
+
+
+def test_resume_runs_only_what_is_missing(tmp_path: Path, local_ray: None) -> None:
+    first = run_campaign(TINY, tmp_path, workers=2)
+    before = (tmp_path / "summary.csv").read_bytes()
+    # an interrupted run: no completion marker
+    (tmp_path / "runs" / "rule" / "S3-P001" / "summary.json").unlink()
+    again = run_campaign(TINY, tmp_path, workers=1)
+    assert (again.executed, again.skipped) == (1, 3)
+    assert (tmp_path / "summary.csv").read_bytes() == before
+    pd.testing.assert_frame_equal(first.summary, again.summary)
+    done = run_campaign(TINY, tmp_path, workers=1)
+    assert (done.executed, done.skipped) == (0, 4)
+
+
+def test_manifest_refuses_other_arguments(tmp_path: Path, local_ray: None) -> None:
+    run_campaign(TINY, tmp_path, workers=2)
+    other = CampaignSpec(patients=3, controllers=("recipe", "rule"), seed=3, days=2.0)
+    with pytest.raises(ConfigError, match=r"patients=2 there, 3 now.*new --out"):
+        run_campaign(other, tmp_path, workers=2)
+    # the CLI says the same in one line, without a traceback
+    proc = _run_cli(tmp_path, "--historical", "4")  # same results-relevant arguments: ok
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sim.cli",
+            "campaign",
+            "--patients",
+            "2",
+            "--controllers",
+            "recipe",
+            "--seed",
+            "3",
+            "--days",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "other arguments" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_historical_residual_is_trained_on_disjoint_patients(
+    tmp_path: Path, local_ray: None
+) -> None:
+    spec = CampaignSpec(
+        patients=2, controllers=("hybrid-mpc",), seed=3, days=3.0, historical_patients=3
+    )
+    pool = _Pool(2, None)
+    path = train_historical_residual(spec, tmp_path, pool)
+    gp = GPResidual.load(path)
+    assert gp.is_fitted and gp.n_observations_ > 0
+    records = sorted(p.name for p in (tmp_path / "historical").iterdir() if p.name != "fit")
+    assert records == [f"S{spec.historical_seed}-P{i:03d}" for i in range(3)]
+    held_out = {spec.seed * COHORT_STRIDE + i for i in range(spec.patients)}
+    historical = {spec.historical_seed * COHORT_STRIDE + i for i in range(3)}
+    assert not held_out & historical
+    # resumable: an existing residual is kept, not re-fitted
+    stamp = path.stat().st_mtime_ns
+    assert train_historical_residual(spec, tmp_path, pool) == path
+    assert path.stat().st_mtime_ns == stamp
+    # a residual this hmpc cannot read (another version) is refused, not silently re-fitted
+    path.write_bytes(b"not a residual")
+    with pytest.raises(ConfigError, match="new --out"):
+        train_historical_residual(spec, tmp_path, pool)
+
+
+@pytest.mark.slow
+def test_oracle_ratio_on_a_short_mpc_campaign(tmp_path: Path, local_ray: None) -> None:
+    spec = CampaignSpec(patients=1, controllers=("recipe", "oracle"), seed=5, days=0.5)
+    result = run_campaign(spec, tmp_path, workers=2)
+    table = result.summary.set_index("controller")
+    assert table.loc["oracle", "primary_ratio_to_oracle"] == pytest.approx(1.0)
+    assert table.loc["recipe", "primary_ratio_to_oracle"] > 0
+    assert table.loc["oracle", "hard_violation_steps"] == 0
+    runs = pd.read_csv(tmp_path / "patients" / "oracle.csv")
+    assert runs.loc[0, "mpc_steps"] == 12
