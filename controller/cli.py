@@ -67,6 +67,57 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--window-hours", type=float, default=24.0, help="window of the growth-rate estimate"
     )
+    fit.add_argument(
+        "--every-hours",
+        type=float,
+        default=6.0,
+        help="spacing of the growth-rate observations (training and in-batch)",
+    )
+    fit.add_argument(
+        "--mode",
+        choices=("additive", "multiplicative"),
+        default="multiplicative",
+        help="residual on the growth rate: added (1/h) or as a factor mu*(1+r)",
+    )
+    fit.add_argument(
+        "--min-model-rate",
+        type=float,
+        default=0.01,
+        help="multiplicative: use growth observations only where the model's rate exceeds "
+        "this (1/h); below it the ratio is mostly noise",
+    )
+    fit.add_argument(
+        "--batch-effect",
+        choices=("none", "offset", "drift"),
+        default="drift",
+        help="per-batch random effect, learned during the running batch (docs/gp.md)",
+    )
+    fit.add_argument(
+        "--batch-feature", default="culture_age", help="feature a 'drift' batch effect follows"
+    )
+    fit.add_argument(
+        "--batch-capacity", type=int, default=16, help="running-batch observations kept"
+    )
+    fit.add_argument(
+        "--batch-min-lengthscale",
+        type=float,
+        default=None,
+        help="lower bound of the drift's length scale in batch-feature units (default: the "
+        "window width when the batch feature is culture_age and windows overlap, else none)",
+    )
+    fit.add_argument(
+        "--smoothing-hours",
+        type=float,
+        default=12.0,
+        help="validation: causal fit of ln(viable cells) over this many hours for the start",
+    )
+    fit.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        help="also cross-validate: K folds of batches (in name order), each held out once; "
+        "figures pooled over all batches go to validation.json 'cross_validation'",
+    )
     fit.add_argument("--iterations", type=int, default=150, help="hyperparameter iterations")
     fit.add_argument("--parameters", type=Path, default=None, help="model parameter file")
     fit.add_argument("--process", type=Path, default=None, help="process specification file")
@@ -81,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from controller.training import growth_rate_observations, load_batch_records
+    from controller.training import (
+        estimate_log_noise,
+        growth_rate_observations,
+        load_batch_records,
+    )
 
     base = nominal_model(args.model, args.parameters, args.process)
     features = (
@@ -95,6 +150,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"--features: unknown {unknown}; choose from {sorted(units)}")
     if not 0.0 < args.holdout < 1.0:
         raise ValueError(f"--holdout must lie in (0, 1), got {args.holdout}")
+    batch_feature = args.batch_feature if args.batch_effect == "drift" else None
+    min_lengthscale = args.batch_min_lengthscale
+    if (
+        min_lengthscale is None
+        and batch_feature == "culture_age"
+        and args.every_hours < args.window_hours
+    ):
+        # overlapping windows: their estimation noise is correlated over a window width
+        min_lengthscale = args.window_hours
+    if batch_feature is not None and batch_feature not in features:
+        raise ValueError(
+            f"--batch-feature {batch_feature!r} must be one of the features {list(features)}"
+        )
     records = load_batch_records(args.data, base)
     if len(records) < 2:
         raise ValueError(
@@ -102,48 +170,176 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     n_hold = max(1, math.ceil(args.holdout * len(records)))
     train, held = records[:-n_hold], records[-n_hold:]
-    obs = growth_rate_observations(train, base, features, window_h=args.window_hours)
-    gp = GPResidual(
-        features,
-        [units[f] for f in features],
-        "growth_rate_residual",
-        "1/h",
-        sparse=args.sparse,
-        n_inducing=args.inducing,
-        training_iterations=args.iterations,
-        seed=args.seed,
-    )
-    gp.fit(obs[list(features)].to_numpy(float), obs["residual"].to_numpy(float))
-    hybrid = HybridModel(base, [RateCorrection("growth_rate", gp)])
+    if args.folds == 1 or args.folds < 0 or args.folds > len(records):
+        raise ValueError(f"--folds must be 0 (off) or 2..{len(records)}, got {args.folds}")
+    multiplicative = args.mode == "multiplicative"
+
+    def fit_and_validate(
+        train: Sequence[Any], held: Sequence[Any]
+    ) -> tuple[GPResidual, int, Any, dict[str, Any]]:
+        obs = growth_rate_observations(
+            train,
+            base,
+            features,
+            window_h=args.window_hours,
+            every_h=args.every_hours,
+            min_model_rate=args.min_model_rate,
+        )
+        target = "relative_residual" if multiplicative else "residual"
+        obs = obs[np.isfinite(obs[target].to_numpy(float))]
+        gp = GPResidual(
+            features,
+            [units[f] for f in features],
+            "growth_rate_factor" if multiplicative else "growth_rate_residual",
+            "1" if multiplicative else "1/h",
+            sparse=args.sparse,
+            n_inducing=args.inducing,
+            training_iterations=args.iterations,
+            seed=args.seed,
+            batch_effect=args.batch_effect,
+            batch_feature=batch_feature,
+            batch_capacity=args.batch_capacity,
+            batch_min_lengthscale=min_lengthscale if batch_feature is not None else None,
+        )
+        gp.fit(
+            obs[list(features)].to_numpy(float),
+            obs[target].to_numpy(float),
+            batches=obs["batch"].tolist(),
+        )
+        hybrid = HybridModel(base, [RateCorrection("growth_rate", gp, args.mode)])
+        noise = estimate_log_noise(train)
+        validation = validate_24h(
+            base,
+            hybrid,
+            held,
+            window_h=args.window_hours,
+            observe_every_h=args.every_hours,
+            smoothing_h=args.smoothing_hours,
+            noise=noise,
+            min_model_rate=args.min_model_rate,
+        )
+        return gp, len(obs), noise, validation
+
+    gp, n_obs, noise, validation = fit_and_validate(train, held)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     gp.save(args.out)
     args.report.mkdir(parents=True, exist_ok=True)
-    validation = validate_24h(base, hybrid, held, features=features, window_h=args.window_hours)
+    cross: dict[str, Any] | None = None
+    if args.folds:
+        folds = np.array_split(np.arange(len(records)), args.folds)
+        pooled: list[dict[str, Any]] = []
+        per_fold = []
+        for k, fold in enumerate(folds):
+            inside = set(fold.tolist())
+            fold_train = [r for i, r in enumerate(records) if i not in inside]
+            fold_held = [records[i] for i in fold]
+            fold_result = fit_and_validate(fold_train, fold_held)[3]
+            pooled.extend(fold_result["rows"])
+            per_fold.append(
+                {
+                    "held_out_batches": [r.name for r in fold_held],
+                    "rmse_mechanistic": fold_result["rmse_mechanistic"],
+                    "rmse_hybrid": fold_result["rmse_hybrid"],
+                    "coverage_95": fold_result["coverage_95"],
+                }
+            )
+            log.info("fold %d of %d done", k + 1, args.folds)
+        cross = {"folds": per_fold, **_pooled_figures(pooled)}
+    rmse_m, rmse_h = validation["rmse_mechanistic"], validation["rmse_hybrid"]
     summary = {
         "model": args.model,
         "features": list(features),
+        "mode": args.mode,
+        "batch_effect": args.batch_effect,
+        "batch_feature": batch_feature,
         "training_batches": [r.name for r in train],
         "held_out_batches": [r.name for r in held],
-        "training_points": len(obs),
+        "training_points": n_obs,
         "sparse": bool(args.sparse),
         "horizon_h": 24.0,
-        "rmse_mechanistic": validation["rmse_mechanistic"],
-        "rmse_hybrid": validation["rmse_hybrid"],
-        "rmse_hybrid_online": validation["rmse_hybrid_online"],
+        "rmse_mechanistic": rmse_m,
+        "rmse_hybrid": rmse_h,
+        "rmse_hybrid_population": validation["rmse_hybrid_population"],
+        "rmse_hybrid_online": rmse_h,
+        "rmse_reduction": 1.0 - rmse_h / rmse_m if rmse_m > 0 else math.nan,
         "rmse_unit": "1e6 cells/mL",
+        "coverage_95": validation["coverage_95"],
+        "coverage_95_population": validation["coverage_95_population"],
+        "per_batch": validation["per_batch"],
+        "start_smoothing_h": args.smoothing_hours,
+        "observe_every_h": args.every_hours,
+        "min_model_rate": args.min_model_rate,
+        "log_noise_coefficients": noise.coefficients.tolist(),
+        "hyperparameters": {
+            "lengthscales": dict(
+                zip(features, (gp.lengthscales_ * gp.x_scale_).tolist(), strict=True)
+            ),
+            "outputscale": gp.outputscale_ * gp.y_scale_**2,
+            "noise_variance": gp.noise_variance_,
+            "batch_variance": gp.batch_variance_ * gp.y_scale_**2,
+            "batch_lengthscale": (
+                gp.batch_lengthscale_ * gp.x_scale_[features.index(batch_feature)]
+                if batch_feature is not None
+                else None
+            ),
+            "unit": gp.target_unit,
+        },
         "predictions": len(validation["rows"]),
         "residual_file": str(args.out),
     }
-    (args.report / "validation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cross is not None:
+        summary["cross_validation"] = cross
+    (args.report / "validation.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
     _plot_validation(validation["rows"], args.report / "validation.png")
     print(
-        f"fitted {'sparse' if args.sparse else 'exact'} GP on {len(obs)} points from "
-        f"{len(train)} batches; 24 h-ahead viable-cell RMSE on {len(held)} held-out batches: "
-        f"mechanistic {summary['rmse_mechanistic']:.3f}, hybrid {summary['rmse_hybrid']:.3f}, "
-        f"hybrid updated during the batch {summary['rmse_hybrid_online']:.3f} 1e6 cells/mL"
+        f"fitted {'sparse' if args.sparse else 'exact'} GP ({args.mode}, batch effect "
+        f"{args.batch_effect}) on {n_obs} points from {len(train)} batches; 24 h-ahead "
+        f"viable-cell RMSE on {len(held)} held-out batches: mechanistic {rmse_m:.3f}, "
+        f"hybrid {rmse_h:.3f} ({summary['rmse_reduction']:.0%} lower; without the batch's "
+        f"own data {summary['rmse_hybrid_population']:.3f}) 1e6 cells/mL; 95 % band covers "
+        f"{summary['coverage_95']:.0%} of {len(validation['rows'])} held-out points"
     )
+    if cross is not None:
+        print(
+            f"{args.folds}-fold cross-validation over all {len(records)} batches "
+            f"({cross['predictions']} predictions): mechanistic {cross['rmse_mechanistic']:.3f}, "
+            f"hybrid {cross['rmse_hybrid']:.3f} ({cross['rmse_reduction']:.0%} lower), 95 % "
+            f"band covers {cross['coverage_95']:.0%}"
+        )
     print(f"wrote {args.out}, {args.report}/validation.json, {args.report}/validation.png")
     return 0
+
+
+def _pooled_figures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """RMSEs, reduction and band coverage over prediction rows of :func:`validate_24h`."""
+    meas = np.array([r["measured"] for r in rows])
+
+    def rmse(key: str) -> float:
+        return float(np.sqrt(np.mean((np.array([r[key] for r in rows]) - meas) ** 2)))
+
+    pred = np.maximum(np.array([r["hybrid"] for r in rows]), 1e-9)
+    sd = np.maximum(np.array([r["sd_log"] for r in rows]), 1e-12)
+    z = np.log(np.maximum(meas, 1e-9) / pred) / sd
+    mech, hyb = rmse("mechanistic"), rmse("hybrid")
+    return {
+        "predictions": len(rows),
+        "rmse_mechanistic": mech,
+        "rmse_hybrid": hyb,
+        "rmse_hybrid_population": rmse("hybrid_population"),
+        "rmse_reduction": 1.0 - hyb / mech if mech > 0 else math.nan,
+        "coverage_95": float(np.mean(np.abs(z) <= 1.959964)),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace non-finite floats (not valid JSON) by None, recursively."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def validate_24h(
@@ -151,88 +347,198 @@ def validate_24h(
     hybrid: HybridModel,
     records: Sequence[Any],
     *,
-    features: Sequence[str],
+    features: Sequence[str] | None = None,
     window_h: float = 24.0,
     horizon_h: float = 24.0,
     every_h: float = 12.0,
+    observe_every_h: float = 6.0,
+    smoothing_h: float = 12.0,
+    noise: Any = None,
+    min_model_rate: float = 0.003,
 ) -> dict[str, Any]:
-    """24 h-ahead predictions of viable cells from reconstructed states and recorded inputs.
+    """24 h-ahead predictions of viable cells on held-out batches, with calibrated bands.
 
-    Three predictors: the mechanistic model, the hybrid model as fitted, and the hybrid
-    model whose residual was updated (no re-fit) with the batch's own growth-rate
-    observations available at the prediction time (learning during the batch). The
-    hybrid prediction carries a band from the residual's variance: the standard deviation
-    of ln(viable cells) after the horizon is taken as the sum of the hourly growth-rate
-    standard deviations times the step (fully correlated, conservative).
+    Every ``every_h`` hours (from day 1) each predictor starts from the same state,
+    reconstructed from measurements up to that time (viable cells: a causal straight-line
+    fit of ln X over the last ``smoothing_h`` hours), and runs the recorded inputs for
+    ``horizon_h``. It is compared with the *measured* viable cells at the end. Predictors:
+
+    * ``mechanistic``: the nominal model;
+    * ``hybrid_population``: the hybrid model as fitted, without the batch's own data (a
+      new batch; with a batch effect its band includes the effect's prior variance);
+    * ``hybrid``: the hybrid model learning during the batch: the batch's own growth-rate
+      observations (every ``observe_every_h`` h, each used only once its window has closed)
+      are given to :meth:`HybridModel.observe` (batch effect) or to
+      :meth:`GPResidual.update` (no batch effect) before each prediction.
+
+    Band: the variance of ln X after the horizon is the sum of (1) the start estimate's
+    measurement variance, (2) the residual's *correlated* predictive variance integrated
+    along the predicted path (``w^T S w``, S from :meth:`GPResidual.predict_covariance` at
+    the hourly states, ``w = dt`` for an additive residual and ``dt * mu_model`` for a
+    multiplicative one) and (3) the measurement variance of the compared point, from the
+    ``noise`` model (:class:`controller.training.LogNoiseModel`; estimated from the records
+    when None). ``coverage_95`` is the share of points within ``+-1.96 sd``.
+
+    ``features`` is accepted for backward compatibility and ignored (the residual's own).
     """
     import copy
 
-    from controller.training import growth_rate_observations, reconstruct_states
+    from controller.training import (
+        causal_log_cells,
+        estimate_log_noise,
+        growth_rate_observations,
+        reconstruct_states,
+    )
 
-    rows: list[dict[str, Any]] = []
-    var_f = hybrid.rate_variance()
-    steps: dict[float, tuple[Any, Any]] = {}
+    del features
+    if noise is None:
+        noise = estimate_log_noise(records)
+    correction = hybrid.corrections[0]
+    rate, mode, residual = correction.rate, correction.mode, correction.residual
+    batch_effect = residual.has_batch_effect
+    target = "residual" if mode == "additive" else "relative_residual"
+    names = list(residual.feature_names)
+    population_residual = copy.deepcopy(residual)
+    if batch_effect:
+        population_residual.begin_batch()
+    population = HybridModel(base, [RateCorrection(rate, population_residual, mode)])
     i_cells = base.state_names.index("viable_cells")
-    residual = hybrid.corrections[0].residual
+    steps: dict[float, tuple[Any, Any]] = {}
+    rows: list[dict[str, Any]] = []
     for rec in records:
         x = reconstruct_states(rec, base)
-        own = growth_rate_observations([rec], base, features, window_h=window_h)
         t = rec.steps["time"].to_numpy(float)
         u = rec.steps[list(base.input_names)].to_numpy(float)
+        own = growth_rate_observations(
+            [rec],
+            base,
+            names,
+            window_h=window_h,
+            every_h=observe_every_h,
+            min_model_rate=min_model_rate,
+        )
+        own = own[np.isfinite(own[target].to_numpy(float))].sort_values("available")
+        learner = copy.deepcopy(population_residual)
+        online = population
+        online_steps: dict[float, Any] = {}
+        used = 0
         next_start = t[0] + 24.0
         for i in range(len(t)):
             if t[i] < next_start - 1e-9:
                 continue
-            end = np.searchsorted(t, t[i] + horizon_h - 1e-9)
+            end = int(np.searchsorted(t, t[i] + horizon_h - 1e-9))
             if end >= len(t) or abs(t[end] - t[i] - horizon_h) > 1e-6:
                 break
             next_start = t[i] + every_h
-            # the batch's own observations whose window has closed by t[i]
-            seen = own[own["time"] + window_h / 2.0 <= t[i] + 1e-9]
-            online = hybrid
-            if len(seen):
-                updated = copy.deepcopy(residual).update(
-                    seen[list(features)].to_numpy(float), seen["residual"].to_numpy(float)
-                )
-                online = HybridModel(base, [RateCorrection("growth_rate", updated)])
-            xm, xh, xo, sd_log = x[i].copy(), x[i].copy(), x[i].copy(), 0.0
-            online_steps: dict[float, Any] = {}
+            fresh = own.iloc[used:]
+            fresh = fresh[fresh["available"] <= t[i] + 1e-9]
+            if len(fresh):
+                used += len(fresh)
+                xs, ys = fresh[names].to_numpy(float), fresh[target].to_numpy(float)
+                if batch_effect:
+                    learner.observe(xs, ys)
+                else:
+                    learner.update(xs, ys)
+                online = HybridModel(base, [RateCorrection(rate, learner, mode)])
+                online_steps = {}
+            log_start, leverage = causal_log_cells(rec, i, smoothing_h)
+            x0 = x[i].copy()
+            x0[i_cells] = math.exp(log_start)
+            xm, xp, xo = x0.copy(), x0.copy(), x0.copy()
+            path_p, path_o = [], []
             for k in range(i, end):
                 dt = float(t[k + 1] - t[k])
                 if dt not in steps:
-                    steps[dt] = (discretize(base, dt), hybrid.discretize(dt))
-                fm, fh = steps[dt]
-                sd_log += math.sqrt(max(float(var_f(t[k], xh, u[k])[0]), 0.0)) * dt
-                xm = np.maximum(np.array(fm(t[k], xm, u[k])).ravel(), 0.0)
-                xh = np.maximum(np.array(fh(t[k], xh, u[k])).ravel(), 0.0)
+                    steps[dt] = (discretize(base, dt), discretize(population, dt))
                 if dt not in online_steps:
                     online_steps[dt] = discretize(online, dt)
+                f_mech, f_pop = steps[dt]
+                path_p.append((t[k], xp.copy(), u[k], dt))
+                path_o.append((t[k], xo.copy(), u[k], dt))
+                xm = np.maximum(np.array(f_mech(t[k], xm, u[k])).ravel(), 0.0)
+                xp = np.maximum(np.array(f_pop(t[k], xp, u[k])).ravel(), 0.0)
                 xo = np.maximum(np.array(online_steps[dt](t[k], xo, u[k])).ravel(), 0.0)
+            start_var = leverage * float(noise.variance(x0[i_cells]))
+            sd_p = _band_sd(base, population, rate, mode, population_residual, path_p, start_var)
+            sd_o = _band_sd(base, online, rate, mode, learner, path_o, start_var)
+            end_var_p = float(noise.variance(xp[i_cells]))
+            end_var_o = float(noise.variance(xo[i_cells]))
+            measured = float(x[end, i_cells])
             rows.append(
                 {
                     "batch": rec.name,
-                    "start": t[i],
-                    "time": t[end],
-                    "measured": float(x[end, i_cells]),
+                    "start": float(t[i]),
+                    "time": float(t[end]),
+                    "measured": measured,
                     "mechanistic": float(xm[i_cells]),
-                    "hybrid": float(xh[i_cells]),
+                    "hybrid_population": float(xp[i_cells]),
+                    "hybrid": float(xo[i_cells]),
                     "hybrid_online": float(xo[i_cells]),
-                    "hybrid_sd_log": sd_log,
+                    "sd_log_population": math.sqrt(sd_p**2 + end_var_p),
+                    "sd_log": math.sqrt(sd_o**2 + end_var_o),
+                    "sd_log_model": sd_o,
+                    "batch_observations": used,
                 }
             )
     if not rows:
         raise ValueError("held-out batches are too short for a 24 h-ahead validation")
     meas = np.array([r["measured"] for r in rows])
 
-    def rmse(key: str) -> float:
-        return float(np.sqrt(np.mean((np.array([r[key] for r in rows]) - meas) ** 2)))
+    def rmse(key: str, sel: Any = slice(None)) -> float:
+        pred = np.array([r[key] for r in rows])[sel]
+        return float(np.sqrt(np.mean((pred - meas[sel]) ** 2)))
 
+    def coverage(key: str, sd_key: str, sel: Any = slice(None)) -> float:
+        pred = np.maximum(np.array([r[key] for r in rows])[sel], 1e-9)
+        sd = np.array([r[sd_key] for r in rows])[sel]
+        z = np.log(np.maximum(meas[sel], 1e-9) / pred) / np.maximum(sd, 1e-12)
+        return float(np.mean(np.abs(z) <= 1.959964))
+
+    batches = [r["batch"] for r in rows]
+    per_batch = {}
+    for name in dict.fromkeys(batches):
+        sel = np.array([b == name for b in batches])
+        per_batch[name] = {
+            "rmse_mechanistic": rmse("mechanistic", sel),
+            "rmse_hybrid": rmse("hybrid", sel),
+            "rmse_hybrid_population": rmse("hybrid_population", sel),
+            "coverage_95": coverage("hybrid", "sd_log", sel),
+            "predictions": int(sel.sum()),
+        }
     return {
         "rows": rows,
         "rmse_mechanistic": rmse("mechanistic"),
         "rmse_hybrid": rmse("hybrid"),
-        "rmse_hybrid_online": rmse("hybrid_online"),
+        "rmse_hybrid_online": rmse("hybrid"),
+        "rmse_hybrid_population": rmse("hybrid_population"),
+        "coverage_95": coverage("hybrid", "sd_log"),
+        "coverage_95_population": coverage("hybrid_population", "sd_log_population"),
+        "per_batch": per_batch,
     }
+
+
+def _band_sd(
+    base: MechanisticModel[Any],
+    model: HybridModel,
+    rate: str,
+    mode: str | None,
+    residual: GPResidual,
+    path: Sequence[tuple[float, Any, Any, float]],
+    start_var: float,
+) -> float:
+    """Standard deviation of ln X at the end of ``path`` (rows (t, x, u, dt) of the
+    predicted trajectory): start variance plus the residual's correlated variance
+    integrated along the path (see :func:`validate_24h`)."""
+    tt = np.array([p[0] for p in path])
+    xx = np.array([p[1] for p in path])
+    uu = np.array([p[2] for p in path])
+    weights = np.array([p[3] for p in path])
+    if mode == "multiplicative":
+        weights = weights * np.array(
+            [base.rates_numpy(p[0], p[1], p[2])[rate] for p in path], dtype=float
+        )
+    _, cov = residual.predict_covariance(model.feature_matrix(tt, xx, uu, rate))
+    return math.sqrt(max(start_var + float(weights @ cov @ weights), 0.0))
 
 
 def _plot_validation(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -241,30 +547,52 @@ def _plot_validation(rows: Sequence[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batches = sorted({r["batch"] for r in rows})
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    ncols = min(3, len(batches))
+    nrows = math.ceil(len(batches) / ncols)
     fig, axes = plt.subplots(
-        1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False, constrained_layout=True
+        nrows,
+        ncols,
+        figsize=(5.5 * ncols, 4.2 * nrows),
+        squeeze=False,
+        constrained_layout=True,
     )
-    for ax, name in zip(axes[0], batches, strict=True):
+    for ax in axes.ravel()[len(batches) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.ravel(), batches, strict=False):
         sel = [r for r in rows if r["batch"] == name]
         days = np.array([r["time"] for r in sel]) / 24.0
+        meas = np.array([r["measured"] for r in sel])
         hyb = np.array([r["hybrid"] for r in sel])
-        sd = np.array([r["hybrid_sd_log"] for r in sel])
-        ax.plot(days, [r["measured"] for r in sel], "ko", ms=4, label="measured")
-        ax.plot(days, [r["mechanistic"] for r in sel], "s--", ms=4, label="mechanistic")
-        ax.plot(days, hyb, "^-", ms=4, label="hybrid")
-        ax.plot(
-            days, [r["hybrid_online"] for r in sel], "v-", ms=4, label="hybrid, updated in batch"
-        )
+        sd = np.array([r["sd_log"] for r in sel])
+        inside = np.abs(np.log(np.maximum(meas, 1e-9) / np.maximum(hyb, 1e-9))) <= 1.96 * sd
         ax.fill_between(
-            days, hyb * np.exp(-2 * sd), hyb * np.exp(2 * sd), alpha=0.25, label="hybrid ±2σ (GP)"
+            days,
+            hyb * np.exp(-1.96 * sd),
+            hyb * np.exp(1.96 * sd),
+            alpha=0.25,
+            color="C2",
+            label="hybrid 95 % band",
         )
-        ax.set_title(f"{name}: 24 h-ahead viable cells")
+        ax.plot(days, [r["mechanistic"] for r in sel], "s--", ms=3, color="C0", label="mechanistic")
+        ax.plot(
+            days,
+            [r["hybrid_population"] for r in sel],
+            "^:",
+            ms=3,
+            color="C1",
+            label="hybrid, no batch data",
+        )
+        ax.plot(days, hyb, "v-", ms=4, color="C2", label="hybrid, learning in batch")
+        ax.plot(days, meas, "ko", ms=4, label="measured")
+        if (~inside).any():
+            ax.plot(days[~inside], meas[~inside], "rx", ms=8, label="outside band")
+        ax.set_title(f"{name}: 24 h ahead, band covers {inside.mean():.0%}")
         ax.set_xlabel("culture age at prediction target [d]")
         ax.set_ylabel("viable cells [1e6 cells/mL]")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

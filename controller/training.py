@@ -12,7 +12,9 @@ How the specific growth rate is estimated from noisy, sparse data (docs/gp.md):
    of about ``noise / sqrt(sum (t - t_mean)^2)`` (0.0014 1/h for 5 % noise, hourly).
 2. The specific growth rate is ``mu_obs = g + kd_model + d_feed``: the mechanistic death
    rate and the dilution by the feed volume are added back (perfusion retains the cells).
-3. The residual target is ``mu_obs - mu_model`` (additive) at the reconstructed state.
+3. The residual target is ``mu_obs - mu_model`` (additive, column ``residual``) or
+   ``mu_obs / mu_model - 1`` (multiplicative, column ``relative_residual``; only where
+   ``mu_model`` exceeds ``min_model_rate``, NaN elsewhere) at the reconstructed state.
 Unmeasured states are reconstructed: inhibitor = trapezoidal integral of the measured
 viable cells, IL-2 and viability linearly interpolated between assays (held at the ends).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +37,9 @@ from plant_models.errors import ConfigError, ModelError
 
 __all__ = [
     "BatchRecord",
+    "LogNoiseModel",
+    "causal_log_cells",
+    "estimate_log_noise",
     "growth_rate_observations",
     "load_batch_records",
     "read_batch_record",
@@ -141,12 +147,17 @@ def growth_rate_observations(
     window_h: float = 24.0,
     every_h: float = 6.0,
     min_cells: float = 0.05,
+    min_model_rate: float = 0.003,
 ) -> pd.DataFrame:
     """Observed specific growth rates and the mechanistic model's, with features.
 
-    Returns a DataFrame with columns ``batch``, ``time``, the features, ``growth_rate_observed``,
-    ``growth_rate_model`` and ``residual`` (observed minus model), one row every ``every_h``
-    hours where a full window is available.
+    Returns a DataFrame with columns ``batch``, ``time`` (window centre, h), the features,
+    ``growth_rate_observed``, ``growth_rate_model``, ``residual`` (observed minus model,
+    1/h), ``relative_residual`` (observed / model - 1, NaN where the model's rate is below
+    ``min_model_rate`` 1/h, where the ratio is noise) and ``available`` (the time the
+    window closes, ``time + window_h / 2``: a running batch may use the row from then on),
+    one row every ``every_h`` hours where a full window is available. ``growth_rate_se`` is
+    the standard error of the window's slope (1/h, from the scatter of ln X about the line).
     """
     if window_h <= 0 or every_h <= 0:
         raise ModelError("window_h and every_h must be positive")
@@ -165,7 +176,13 @@ def growth_rate_observations(
             sel = (t >= ti - half) & (t <= ti + half)
             if sel.sum() < 5 or x[i, model.state_names.index("viable_cells")] < min_cells:
                 continue
-            slope = float(np.polyfit(t[sel], logx[sel], 1)[0])
+            coef = np.polyfit(t[sel], logx[sel], 1)
+            slope = float(coef[0])
+            fitted = np.polyval(coef, t[sel])
+            spread = float(np.sum((t[sel] - t[sel].mean()) ** 2))
+            slope_se = math.sqrt(
+                float(np.sum((logx[sel] - fitted) ** 2)) / (int(sel.sum()) - 2) / spread
+            )
             # use the window's mean inputs and the state at the centre
             uc = u[sel].mean(axis=0)
             r = model.rates_numpy(ti, x[i], uc)
@@ -181,11 +198,17 @@ def growth_rate_observations(
                 raise ConfigError(
                     f"unknown feature {exc.args[0]!r}; features are {sorted(feats)}."
                 ) from None
+            mu_model = r["growth_rate"]
             row.update(
                 {
                     "growth_rate_observed": observed,
-                    "growth_rate_model": r["growth_rate"],
-                    "residual": observed - r["growth_rate"],
+                    "growth_rate_model": mu_model,
+                    "residual": observed - mu_model,
+                    "relative_residual": (
+                        observed / mu_model - 1.0 if mu_model > min_model_rate else np.nan
+                    ),
+                    "available": ti + half,
+                    "growth_rate_se": slope_se,
                 }
             )
             rows.append(row)
@@ -202,3 +225,78 @@ def _feed_dilution(model: MechanisticModel[object], x: FloatArray, u: FloatArray
     vol_index = model.state_names.index("volume")
     dx = model.rhs(0.0, x, u)
     return float(dx[vol_index] / max(x[vol_index], 1e-9))
+
+
+class LogNoiseModel:
+    """Measurement noise of ``ln(viable cells)`` as a function of the level ``X``:
+    ``var(X) = c0 + c1 / X + c2 / X^2`` (a relative part, a cross term and an absolute part
+    of the probe noise), coefficients >= 0.
+
+    Estimated from batch records by :func:`estimate_log_noise`; used to put the measurement
+    noise of the compared point (and of the start of a prediction) into the predictive band.
+    """
+
+    def __init__(self, coefficients: Sequence[float]) -> None:
+        c = np.asarray(coefficients, dtype=float)
+        if c.shape != (3,) or not np.all(np.isfinite(c)) or np.any(c < 0):
+            raise ModelError(f"noise coefficients must be 3 finite numbers >= 0, got {c}")
+        self.coefficients = c
+
+    def variance(self, cells: npt.ArrayLike) -> FloatArray:
+        """Variance of ln(measured viable cells) at levels ``cells`` (1e6 cells/mL)."""
+        x = np.maximum(np.asarray(cells, dtype=float), 1e-6)
+        c0, c1, c2 = self.coefficients
+        return np.asarray(c0 + c1 / x + c2 / x**2, dtype=np.float64)
+
+    def __repr__(self) -> str:
+        c0, c1, c2 = self.coefficients
+        return f"LogNoiseModel(var = {c0:.3g} + {c1:.3g}/X + {c2:.3g}/X^2)"
+
+
+def estimate_log_noise(records: Sequence[BatchRecord]) -> LogNoiseModel:
+    """Fit :class:`LogNoiseModel` to the online viable-cell measurements of the records.
+
+    Model-free: for equally spaced samples the second difference of ``l = ln X``,
+    ``l[k+1] - 2 l[k] + l[k-1]``, is noise (variance about 6 var(l)) plus the culture's
+    curvature, which is negligible at hourly sampling. Its square / 6 is regressed on
+    ``[1, 1/X, 1/X^2]`` by non-negative least squares.
+    """
+    import scipy.optimize
+
+    rows, targets = [], []
+    for rec in records:
+        t = rec.steps["time"].to_numpy(float)
+        x = np.maximum(rec.steps["measured_viable_cells"].to_numpy(float), 1e-6)
+        logx = np.log(x)
+        dt = np.diff(t)
+        equal = np.isclose(dt[1:], dt[:-1], rtol=1e-6)
+        second = logx[2:] - 2.0 * logx[1:-1] + logx[:-2]
+        level = x[1:-1][equal]
+        rows.append(np.column_stack([np.ones(level.size), 1.0 / level, 1.0 / level**2]))
+        targets.append(second[equal] ** 2 / 6.0)
+    if not rows or sum(len(r) for r in targets) < 10:
+        raise ConfigError("too few equally spaced viable-cell samples to estimate their noise")
+    design, target = np.vstack(rows), np.concatenate(targets)
+    coef, _ = scipy.optimize.nnls(design, target)
+    return LogNoiseModel(coef)
+
+
+def causal_log_cells(record: BatchRecord, index: int, smoothing_h: float) -> tuple[float, float]:
+    """Causal estimate of ln(viable cells) at step ``index`` from the measurements of the last
+    ``smoothing_h`` hours (a straight-line fit of ln X evaluated at the step; the raw
+    measurement when ``smoothing_h`` is 0 or fewer than 3 points are available).
+
+    Returns:
+        ``(ln X, leverage)``: the estimate and the factor by which it scales the variance of
+        one measurement (1 for the raw value; ``1/n + (t - t_mean)^2 / S_tt`` for the fit).
+    """
+    t = record.steps["time"].to_numpy(float)
+    logx = np.log(np.maximum(record.steps["measured_viable_cells"].to_numpy(float), 1e-6))
+    sel = (t >= t[index] - smoothing_h - 1e-9) & (t <= t[index] + 1e-9)
+    if smoothing_h <= 0 or sel.sum() < 3:
+        return float(logx[index]), 1.0
+    tt, ll = t[sel], logx[sel]
+    slope, intercept = np.polyfit(tt, ll, 1)
+    centred = tt - tt.mean()
+    leverage = 1.0 / tt.size + (t[index] - tt.mean()) ** 2 / float(np.sum(centred**2))
+    return float(intercept + slope * t[index]), float(leverage)

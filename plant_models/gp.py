@@ -28,6 +28,23 @@ Sparse variant (basis Z = M fixed inducing points, Titsias' collapsed bound / VF
 The returned variance is the *latent* function variance (no observation noise) unless
 ``include_noise=True``; in target units ``mean = y_mean + y_scale * mean_s`` and
 ``var = y_scale^2 * var_s``.
+
+Batch effect (exact variant, ``batch_effect="offset"`` or ``"drift"``; docs/gp.md). Each
+observation carries the batch it comes from, and the kernel gets a per-batch term::
+
+    k((a, i), (b, j)) = k(a, b) + [i == j] * sb2 * exp(-0.5 (a_t - b_t)^2 / lb^2)
+
+(``a_t``: the ``batch_feature``, e.g. culture age; ``lb = inf`` for ``"offset"``.) Fitted
+on historical batches, the population posterior is the exact GP above with ``K_ZZ`` holding
+the per-batch blocks. A *new* batch shares only the population part, so its prediction
+has the prior variance ``s2 + sb2``. The running batch's own observations ``(X_o, y_o)``
+(:meth:`GPResidual.observe`, at most ``batch_capacity``) then condition it exactly::
+
+    S(a, b) = k(a, b) - (W1 k_a).(W1 k_b)                 population posterior covariance
+    C = S(X_o, X_o) + Kb(X_o, X_o) + sigma2 I,   L_o = chol(C),   W_o = L_o^-1
+    alpha_o = C^-1 (y_o - mean_s(X_o)),   G = W1 K_Z,Xo     (n x k, "cross")
+    c(x) = k(X_o, x) - G^T W1 k_x + kb(X_o, x)
+    mean_s(x) += c(x)^T alpha_o,   var_s(x) = s2 + sb2 - |W1 k_x|^2 - |W_o c(x)|^2
 """
 
 from __future__ import annotations
@@ -59,7 +76,13 @@ import scipy.linalg
 
 from plant_models.errors import ConfigError, FitError, ModelError
 
-__all__ = ["SUPPORTED_KERNELS", "GPResidual", "exact_gpytorch_settings", "import_gpytorch"]
+__all__ = [
+    "BATCH_EFFECTS",
+    "SUPPORTED_KERNELS",
+    "GPResidual",
+    "exact_gpytorch_settings",
+    "import_gpytorch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +90,14 @@ FloatArray = npt.NDArray[np.float64]
 
 #: Kernels understood by :class:`GPResidual` (``kernel=`` argument).
 SUPPORTED_KERNELS: tuple[str, ...] = ("rbf-ard",)
+#: Per-batch random effects understood by :class:`GPResidual` (``batch_effect=`` argument).
+BATCH_EFFECTS: tuple[str, ...] = ("none", "offset", "drift")
 
 _FORMAT = "hmpc.gp_residual"
 _CASADI_NAME = re.compile(r"[A-Za-z](?:_?[A-Za-z0-9])*")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+#: Older format versions that :meth:`GPResidual.load` still reads (version 1: no batch effect).
+_READABLE_VERSIONS = (1, 2)
 #: Rows of test points evaluated at once in :meth:`GPResidual.predict` (bounds memory).
 _PREDICT_CHUNK = 2048
 #: Diagonal jitter (relative to the kernel's output scale) tried, in order, when the inducing
@@ -111,6 +138,21 @@ class _State:
     update_data_sha256: str
     fit_loss: float
     created: str
+    # Batch effect (zeros / empty without one): see the module docstring.
+    batch_variance: float = 0.0  # sb2, scaled target units
+    batch_inv_lengthscale: float = 0.0  # 1 / lb in scaled units of batch_feature; 0 = offset
+    batch_column: int = -1  # index of batch_feature in the features; -1 = constant offset
+    window_batches: FloatArray = dataclasses.field(default_factory=lambda: np.zeros(0))  # (N,)
+    running_x: FloatArray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))  # (k, d)
+    running_y: FloatArray = dataclasses.field(default_factory=lambda: np.zeros(0))  # (k,)
+    running_alpha: FloatArray = dataclasses.field(default_factory=lambda: np.zeros(0))  # (k,)
+    running_factor: FloatArray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
+    running_cross: FloatArray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))
+
+    @property
+    def n_running(self) -> int:
+        """Number k of running-batch observations conditioning the posterior."""
+        return int(self.running_y.shape[0])
 
 
 class GPResidual:
@@ -138,6 +180,21 @@ class GPResidual:
         max_points: largest number of training points accepted by the exact variant
             (exact fitting is O(N^3) and each MPC evaluation O(N^2)); use ``sparse=True``
             beyond that.
+        batch_effect: per-batch random effect on the residual (exact variant only):
+            ``"none"`` (default; one population function), ``"offset"`` (a constant per
+            batch, variance ``sb2``) or ``"drift"`` (a smooth per-batch deviation over
+            ``batch_feature`` with its own length scale). With a batch effect, :meth:`fit`
+            needs the batch of each row, and :meth:`observe` conditions on the running
+            batch's own observations (learning during the batch).
+        batch_feature: the feature over which a ``"drift"`` varies (for example
+            ``"culture_age"``); required for ``"drift"``, not allowed otherwise.
+        batch_capacity: most recent running-batch observations kept by :meth:`observe`
+            (the oldest drop out); bounds the cost of an update and the size of the export.
+        batch_min_lengthscale: lower bound of a drift's length scale, in units of
+            ``batch_feature`` (default: none). Set it to the width of the windows the
+            observations are estimated on when windows overlap: their estimation noise is
+            correlated over that width, and a shorter drift would model that noise instead
+            of the batch (docs/gp.md).
     """
 
     def __init__(
@@ -155,6 +212,10 @@ class GPResidual:
         learning_rate: float = 0.05,
         seed: int = 0,
         max_points: int = 2000,
+        batch_effect: str = "none",
+        batch_feature: str | None = None,
+        batch_capacity: int = 16,
+        batch_min_lengthscale: float | None = None,
     ) -> None:
         self.feature_names: tuple[str, ...] = tuple(feature_names)
         self.feature_units: tuple[str, ...] = tuple(feature_units)
@@ -168,6 +229,10 @@ class GPResidual:
         self.learning_rate = learning_rate
         self.seed = seed
         self.max_points = max_points
+        self.batch_effect = batch_effect
+        self.batch_feature = batch_feature
+        self.batch_capacity = batch_capacity
+        self.batch_min_lengthscale = batch_min_lengthscale
         self._state: _State | None = None
         self._check_settings()
 
@@ -203,6 +268,53 @@ class GPResidual:
         _check_int("max_points", self.max_points, 1)
         _check_positive("noise_floor", self.noise_floor)
         _check_positive("learning_rate", self.learning_rate)
+        self._check_batch_settings()
+
+    def _check_batch_settings(self) -> None:
+        if self.batch_effect not in BATCH_EFFECTS:
+            close = difflib.get_close_matches(str(self.batch_effect), BATCH_EFFECTS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"batch_effect {self.batch_effect!r} is not supported (allowed: "
+                f"{list(BATCH_EFFECTS)}){hint}"
+            )
+        _check_int("batch_capacity", self.batch_capacity, 1)
+        if self.batch_effect == "drift":
+            if self.batch_feature not in self.feature_names:
+                raise ConfigError(
+                    f"batch_effect 'drift' needs batch_feature, one of the features "
+                    f"{list(self.feature_names)} (for example 'culture_age'); got "
+                    f"{self.batch_feature!r}"
+                )
+            if self.batch_min_lengthscale is not None:
+                _check_positive("batch_min_lengthscale", self.batch_min_lengthscale)
+        elif self.batch_min_lengthscale is not None:
+            raise ConfigError(
+                "batch_min_lengthscale is only used with batch_effect='drift'; drop it"
+            )
+        if self.batch_effect != "drift" and self.batch_feature is not None:
+            raise ConfigError(
+                f"batch_feature={self.batch_feature!r} is only used with batch_effect='drift' "
+                f"(batch_effect is {self.batch_effect!r}); drop it or choose 'drift'"
+            )
+        if self.batch_effect != "none" and self.sparse:
+            raise ConfigError(
+                "a batch effect needs the exact GP (sparse=False); for data sets beyond "
+                "max_points use sparse=True with batch_effect='none'"
+            )
+
+    @property
+    def has_batch_effect(self) -> bool:
+        """True when the model has a per-batch random effect (``batch_effect`` not 'none')."""
+        return self.batch_effect != "none"
+
+    @property
+    def _batch_column(self) -> int:
+        return (
+            self.feature_names.index(self.batch_feature)
+            if self.batch_effect == "drift" and self.batch_feature is not None
+            else -1
+        )
 
     # ------------------------------------------------------------------ fitted attributes
     def _fitted(self) -> _State:
@@ -259,6 +371,26 @@ class GPResidual:
         return self._fitted().noise
 
     @property
+    def batch_variance_(self) -> float:
+        """Prior variance sb2 of the per-batch effect in *scaled* target units (0 without)."""
+        return self._fitted().batch_variance
+
+    @property
+    def batch_lengthscale_(self) -> float:
+        """Length scale of a ``"drift"`` batch effect in *scaled* units of ``batch_feature``
+        (``inf`` for ``"offset"``; ``nan`` without a batch effect)."""
+        state = self._fitted()
+        if not self.has_batch_effect:
+            return math.nan
+        inv = state.batch_inv_lengthscale
+        return math.inf if inv == 0.0 else 1.0 / inv
+
+    @property
+    def n_running_(self) -> int:
+        """Running-batch observations currently conditioning the posterior (<= capacity)."""
+        return self._fitted().n_running
+
+    @property
     def noise_variance_(self) -> float:
         """Observation-noise variance in target units squared."""
         state = self._fitted()
@@ -290,24 +422,31 @@ class GPResidual:
         return self._fitted().fit_loss
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> GPResidual:
+    def fit(
+        self, X: npt.ArrayLike, y: npt.ArrayLike, batches: Sequence[object] | None = None
+    ) -> GPResidual:
         """Learn scaling, hyperparameters and posterior from data.
 
         Args:
             X: features, shape (n, d), columns in the order of ``feature_names``, rows in
                 chronological order (the exact variant's update drops the oldest rows).
             y: observed residuals, shape (n,), target units.
+            batches: label of the batch each row comes from, length n (any hashable values,
+                e.g. batch names). Required with a batch effect; ignored without one.
 
         Returns:
             self.
 
         Raises:
             ModelError: wrong shapes, fewer than 2 points, NaN or inf values.
-            ConfigError: more than ``max_points`` points for the exact variant.
+            ConfigError: more than ``max_points`` points for the exact variant, or no
+                ``batches`` for a model with a batch effect.
             FitError: optimisation or factorisation failed; the model keeps its previous
-                fitted state (or stays unfitted).
+                fitted state (or stays unfitted). A running batch is forgotten only on
+                success.
         """
         x_arr, y_arr = self._check_data(X, y, "fit")
+        batch_ids = self._batch_ids(batches, x_arr.shape[0])
         n = x_arr.shape[0]
         if n < 2:
             raise ModelError(f"fit needs at least 2 observations, got {n}")
@@ -326,8 +465,9 @@ class GPResidual:
             raise FitError("scaled training data are not finite; the model was not changed")
 
         inducing = _kmeans(x_s, self.n_inducing, self.seed) if self.sparse else None
-        lengthscales, outputscale, noise, loss = self._train(x_s, y_s, inducing)
-        data_hash = _sha256(x_arr, y_arr)
+        hyper = self._train(x_s, y_s, inducing, batch_ids, x_scale)
+        lengthscales, outputscale, noise, loss = hyper[:4]
+        data_hash = _sha256(x_arr, y_arr, batch_ids)
         common: dict[str, Any] = {
             "x_mean": x_mean,
             "x_scale": x_scale,
@@ -342,9 +482,13 @@ class GPResidual:
             "update_data_sha256": data_hash,
             "fit_loss": loss,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "batch_variance": hyper[4],
+            "batch_inv_lengthscale": hyper[5],
+            "batch_column": self._batch_column,
         }
         if inducing is None:
-            state = _exact_state(basis=x_s, targets=y_s, **common)
+            ids = batch_ids if batch_ids is not None else np.arange(n, dtype=np.float64)
+            state = _exact_state(basis=x_s, targets=y_s, batches=ids, **common)
         else:
             inducing = _prune_inducing(inducing, lengthscales, outputscale)
             lower, jitter = _inducing_cholesky(inducing, lengthscales, outputscale, None)
@@ -357,7 +501,8 @@ class GPResidual:
         self._state = state
         logger.info(
             "fitted %s GP residual %r on %d points (basis %d) in %.2f s: loss %.4g, "
-            "lengthscales %s, outputscale %.4g, noise %.4g (scaled units)",
+            "lengthscales %s, outputscale %.4g, noise %.4g, batch variance %.4g, batch "
+            "length scale %.4g (scaled units)",
             "sparse" if self.sparse else "exact",
             self.target_name,
             n,
@@ -367,27 +512,71 @@ class GPResidual:
             np.array2string(lengthscales, precision=4),
             outputscale,
             noise,
+            state.batch_variance,
+            1.0 / state.batch_inv_lengthscale if state.batch_inv_lengthscale else math.inf,
         )
         return self
 
+    def _batch_ids(self, batches: Sequence[object] | None, n: int) -> FloatArray | None:
+        """Batch labels -> float ids 0, 1, ... in order of first appearance, shape (n,);
+        None without a batch effect."""
+        if not self.has_batch_effect:
+            return None
+        if batches is None:
+            raise ConfigError(
+                f"GPResidual with batch_effect={self.batch_effect!r} needs the batch of each "
+                "row: fit(X, y, batches=...) (e.g. the batch names of the records)"
+            )
+        labels = list(batches)
+        if len(labels) != n:
+            raise ModelError(f"fit: batches must give one label per row ({n}), got {len(labels)}")
+        index: dict[object, int] = {}
+        try:
+            ids = [index.setdefault(label, len(index)) for label in labels]
+        except TypeError as exc:
+            raise ModelError(f"fit: batch labels must be hashable ({exc})") from exc
+        return np.asarray(ids, dtype=np.float64)
+
     def _train(
-        self, x_s: FloatArray, y_s: FloatArray, inducing: FloatArray | None
-    ) -> tuple[FloatArray, float, float, float]:
+        self,
+        x_s: FloatArray,
+        y_s: FloatArray,
+        inducing: FloatArray | None,
+        batch_ids: FloatArray | None,
+        x_scale: FloatArray,
+    ) -> tuple[FloatArray, float, float, float, float, float]:
         """Maximise the (collapsed) marginal likelihood with GPyTorch; return
-        (lengthscales (d,), outputscale, noise, final loss), all in scaled units."""
+        (lengthscales (d,), outputscale, noise, final loss, batch variance, inverse batch
+        length scale), all in scaled units (the last two 0 without a batch effect)."""
         torch, gpytorch = import_gpytorch()
 
+        d = x_s.shape[1]
         x_t = torch.as_tensor(x_s, dtype=torch.float64)
+        if batch_ids is not None:  # the batch id travels as an extra, last input column
+            x_t = torch.cat([x_t, torch.as_tensor(batch_ids, dtype=torch.float64)[:, None]], 1)
         y_t = torch.as_tensor(y_s, dtype=torch.float64)
         z_t = None if inducing is None else torch.as_tensor(inducing, dtype=torch.float64)
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(self.noise_floor)
         ).double()
-        model = _make_torch_model(x_t, y_t, likelihood, z_t).double()
+        batch = None
+        min_scaled = 0.0
+        if batch_ids is not None:
+            if self.batch_min_lengthscale is not None:
+                min_scaled = self.batch_min_lengthscale / float(x_scale[self._batch_column])
+            batch = make_batch_kernel(
+                d, self._batch_column, self.batch_effect == "drift", min_scaled
+            )
+        model = _make_torch_model(x_t, y_t, likelihood, z_t, batch, d).double()
         # Start from unit length scales and output scale (the data are standardised) and a
-        # moderate noise, clipped to the floor.
-        model.base_kernel.base_kernel.lengthscale = torch.ones(1, x_s.shape[1])
+        # moderate noise, clipped to the floor; a batch effect from half the variance and,
+        # for a drift, half a standard deviation of its feature.
+        model.base_kernel.base_kernel.lengthscale = torch.ones(1, d)
         model.base_kernel.outputscale = torch.tensor(1.0)
+        if batch is not None:
+            batch.variance = torch.tensor(0.5)
+            if self.batch_effect == "drift":
+                batch.lengthscale = torch.tensor(max(0.5, 2.0 * min_scaled))
         likelihood.noise = torch.tensor(max(0.1, 2.0 * self.noise_floor))
         params = [p for p in model.parameters() if p.requires_grad]
         optimiser = torch.optim.Adam(params, lr=self.learning_rate)
@@ -438,14 +627,29 @@ class GPResidual:
             )
             outputscale = float(model.base_kernel.outputscale.detach())
             noise = float(likelihood.noise.detach().reshape(-1)[0])
-        values = np.concatenate([lengthscales, [outputscale, noise, loss_value]])
+            batch_variance = float(batch.variance.detach()) if batch is not None else 0.0
+            batch_inv = (
+                1.0 / float(batch.lengthscale.detach())
+                if batch is not None and self.batch_effect == "drift"
+                else 0.0
+            )
+        values = np.concatenate(
+            [lengthscales, [outputscale, noise, loss_value, batch_variance, batch_inv]]
+        )
         if not np.all(np.isfinite(values)) or outputscale <= 0.0 or np.any(lengthscales <= 0.0):
             raise FitError(
                 f"fitting {self.target_name!r} gave invalid hyperparameters (lengthscales "
                 f"{lengthscales}, outputscale {outputscale}, noise {noise}, loss {loss_value}); "
                 "the model was not changed - lower learning_rate or check the data"
             )
-        return lengthscales.astype(np.float64), outputscale, noise, loss_value
+        return (
+            lengthscales.astype(np.float64),
+            outputscale,
+            noise,
+            loss_value,
+            batch_variance,
+            batch_inv,
+        )
 
     # ------------------------------------------------------------------ update
     def update(self, X_new: npt.ArrayLike, y_new: npt.ArrayLike) -> GPResidual:
@@ -460,6 +664,11 @@ class GPResidual:
         * exact: a sliding window of the N fitted points; the k newest points are appended
           and the k oldest dropped (rows of ``X`` in fit order, then update order), followed
           by an O(N^3) refactorisation.
+
+        With a batch effect, the rows of one call form one new, *finished* batch of the
+        population (for example a batch record added after harvest); the running batch's
+        own observations go to :meth:`observe` instead. Observations held by
+        :meth:`observe` are kept and re-conditioned on the updated population.
 
         Args:
             X_new: new features, shape (k, d).
@@ -484,7 +693,8 @@ class GPResidual:
             name: getattr(state, name)
             for name in (
                 "x_mean x_scale y_mean y_scale lengthscales outputscale noise "
-                "training_data_sha256 fit_loss created"
+                "training_data_sha256 fit_loss created batch_variance batch_inv_lengthscale "
+                "batch_column"
             ).split()
         }
         common["n_observations"] = state.n_observations + x_arr.shape[0]
@@ -509,7 +719,15 @@ class GPResidual:
             capacity = state.basis.shape[0]
             basis = np.concatenate([state.basis, x_s])[-capacity:]
             targets = np.concatenate([state.window_targets, y_s])[-capacity:]
-            new_state = _exact_state(basis=basis, targets=targets, **common)
+            new_id = float(state.window_batches.max()) + 1.0 if state.window_batches.size else 0.0
+            if self.has_batch_effect:  # one new finished batch
+                new_ids = np.full(x_s.shape[0], new_id)
+            else:  # no batch structure: keep the ids distinct
+                new_ids = new_id + np.arange(x_s.shape[0], dtype=np.float64)
+            ids = np.concatenate([state.window_batches, new_ids])[-capacity:]
+            new_state = _exact_state(basis=basis, targets=targets, batches=ids, **common)
+        if state.n_running:
+            new_state = _with_running(new_state, state.running_x, state.running_y)
         self._state = new_state
         logger.debug(
             "updated GP residual %r with %d points (%d observations in total)",
@@ -517,6 +735,62 @@ class GPResidual:
             x_arr.shape[0],
             new_state.n_observations,
         )
+        return self
+
+    # ------------------------------------------------------------------ running batch
+    def observe(self, X_new: npt.ArrayLike, y_new: npt.ArrayLike) -> GPResidual:
+        """Condition the prediction on observations of the *running* batch (learning during
+        the batch; needs a batch effect).
+
+        The observations share the running batch's random effect, so they teach it (the
+        offset, or the drift near their ``batch_feature`` values) on top of the population
+        posterior, which is not changed. The ``batch_capacity`` most recent ones are kept
+        (the oldest drop out). Cost per call O(k^3 + k n d) with k <= ``batch_capacity``
+        and n basis points; the export's size is bounded by the capacity (with
+        ``to_casadi(parametric=True)`` it is fixed). Only pass observations that exist at
+        the time of use (a growth-rate window that has closed).
+
+        Args:
+            X_new: features, shape (k, d), oldest first.
+            y_new: residual observations, shape (k,), target units.
+
+        Returns:
+            self.
+
+        Raises:
+            ConfigError: the model has no batch effect (use :meth:`update`).
+            ModelError: not fitted, wrong shapes, NaN or inf values.
+            FitError: the conditioned posterior could not be factorised; unchanged.
+        """
+        state = self._fitted()
+        if not self.has_batch_effect:
+            raise ConfigError(
+                f"GPResidual {self.target_name!r} has no batch effect, so there is no running "
+                "batch to observe: use update(X, y), or fit with batch_effect='offset' or "
+                "'drift'"
+            )
+        x_arr, y_arr = self._check_data(X_new, y_new, "observe")
+        x_s = (x_arr - state.x_mean) / state.x_scale
+        y_s = (y_arr - state.y_mean) / state.y_scale
+        if not (np.all(np.isfinite(x_s)) and np.all(np.isfinite(y_s))):
+            raise ModelError("observe data overflow after scaling; check their units")
+        cap = self.batch_capacity
+        run_x = np.concatenate([state.running_x.reshape(-1, self.n_features), x_s])[-cap:]
+        run_y = np.concatenate([state.running_y, y_s])[-cap:]
+        self._state = _with_running(state, run_x, run_y)
+        logger.debug(
+            "GP residual %r observed %d running-batch point(s); %d kept",
+            self.target_name,
+            x_arr.shape[0],
+            run_y.shape[0],
+        )
+        return self
+
+    def begin_batch(self) -> GPResidual:
+        """Forget the running batch's observations (a new batch starts): predictions return
+        to the population posterior with the batch effect's prior variance. Returns self."""
+        state = self._fitted()
+        self._state = _with_running(state, np.zeros((0, self.n_features)), np.zeros(0))
         return self
 
     # ------------------------------------------------------------------ predict
@@ -533,7 +807,9 @@ class GPResidual:
         Returns:
             ``(mean, variance)``, each shape (m,), target units and target units squared.
             The variance is the latent function variance unless ``include_noise``; it is
-            clipped at 0 against round-off.
+            clipped at 0 against round-off. With a batch effect the points belong to the
+            running batch: conditioned on its :meth:`observe`d points, and including the
+            batch effect's remaining variance (a new batch: its prior variance ``sb2``).
         """
         state = self._fitted()
         x_arr = self._check_features(X, "predict")
@@ -544,15 +820,50 @@ class GPResidual:
             x_s = (x_arr[rows] - state.x_mean) / state.x_scale
             k = _rbf(x_s, state.basis, state.lengthscales, state.outputscale)  # (m, n)
             mean[rows] = k @ state.alpha
-            var_s = state.outputscale - np.sum((k @ state.w1.T) ** 2, axis=1)
+            wk = k @ state.w1.T
+            var_s = state.outputscale + state.batch_variance - np.sum(wk**2, axis=1)
             if state.w2.size:
                 var_s = var_s + np.sum((k @ state.w2.T) ** 2, axis=1)
+            if state.n_running:
+                c = _running_covariance(state, x_s, wk)  # (m, k)
+                mean[rows] += c @ state.running_alpha
+                var_s = var_s - np.sum((c @ state.running_factor.T) ** 2, axis=1)
             var[rows] = var_s
         mean = state.y_mean + state.y_scale * mean
         var = np.maximum(var, 0.0) * state.y_scale**2
         if include_noise:
             var = var + state.noise * state.y_scale**2
         return mean, var
+
+    def predict_covariance(self, X: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+        """Posterior mean (m,) and joint latent covariance (m, m) at test points, target
+        units (squared); the diagonal equals :meth:`predict`'s variance before clipping.
+
+        Use it to propagate the residual's *correlated* uncertainty along a predicted
+        trajectory (e.g. the variance of an integrated rate). Cost O(m^2 n); meant for
+        validation and planning, not for the MPC's inner loop.
+        """
+        state = self._fitted()
+        x_arr = self._check_features(X, "predict_covariance")
+        x_s = (x_arr - state.x_mean) / state.x_scale
+        k = _rbf(x_s, state.basis, state.lengthscales, state.outputscale)
+        mean = k @ state.alpha
+        wk = k @ state.w1.T
+        cov = (
+            _rbf(x_s, x_s, state.lengthscales, state.outputscale)
+            + _batch_matrix(state, x_s, x_s)
+            - wk @ wk.T
+        )
+        if state.w2.size:
+            w2k = k @ state.w2.T
+            cov = cov + w2k @ w2k.T
+        if state.n_running:
+            c = _running_covariance(state, x_s, wk)
+            mean = mean + c @ state.running_alpha
+            cw = c @ state.running_factor.T
+            cov = cov - cw @ cw.T
+        cov = 0.5 * (cov + cov.T) * state.y_scale**2
+        return state.y_mean + state.y_scale * mean, cov
 
     # ------------------------------------------------------------------ CasADi export
     def to_casadi(
@@ -571,6 +882,10 @@ class GPResidual:
         an MXFunction whose nodes support SX evaluation, so it can be called with numbers,
         SX or MX arguments. Unlike :meth:`predict`, the variance is not clipped at 0 (the
         clip would make the derivative discontinuous); it can go negative by round-off only.
+        With a batch effect the function predicts for the running batch (as :meth:`predict`):
+        the :meth:`observe`d points add O(k n) to the mean and O(k^2) to the variance
+        (k <= ``batch_capacity``; with ``parametric=True`` always K = ``batch_capacity``
+        slots, unused ones switched off by zero weights).
 
         Args:
             name: CasADi function name (letters, digits, single underscores).
@@ -590,7 +905,7 @@ class GPResidual:
                 f"CasADi function name {name!r} is not valid: use a letter followed by letters, "
                 "digits or single underscores (not 'null', 'jac' or 'hess')"
             )
-        consts = _casadi_constants(state)
+        consts = _casadi_constants(state, self.batch_capacity if parametric else None)
         d = self.n_features
         features = ca.MX.sym("features", d, 1)
         inputs: list[ca.MX] = [features]
@@ -603,7 +918,7 @@ class GPResidual:
                 inputs.append(sym)
                 input_names.append(key)
                 values[key] = sym
-            elif key == "variance_factor":  # lower triangular (exact W, sparse W2)
+            elif key in ("variance_factor", "running_factor"):  # lower triangular
                 values[key] = _lower_dm(consts[key])
             else:
                 values[key] = ca.DM(consts[key])
@@ -614,10 +929,28 @@ class GPResidual:
         sqdist = ca.sum1((basis_t - ca.repmat(x_t, 1, n)) ** 2)  # 1 x n
         k = state.outputscale * ca.exp(-0.5 * sqdist).T  # n x 1, scaled kernel units
         mean = state.y_mean + ca.mtimes(values["alpha"].T, k)
+        n_run = int(consts["running_alpha"].shape[0]) if self.has_batch_effect else 0
+        c = None
+        if n_run:
+            # running batch: c(x) = k(X_o, x) - G^T W k_x + kb(X_o, x), constants folded
+            # (running_cross = G / y_scale, variance_factor = y_scale W)
+            run_basis = values["running_basis"]  # d x K, length-scale units
+            sq_o = ca.sum1((run_basis - ca.repmat(x_t, 1, n_run)) ** 2)
+            k_o = state.outputscale * ca.exp(-0.5 * sq_o).T  # K x 1
+            if state.batch_column >= 0 and state.batch_inv_lengthscale > 0.0:
+                j = state.batch_column
+                scale_j = float(state.lengthscales[j] * state.batch_inv_lengthscale)
+                diff = (ca.repmat(x_t[j], 1, n_run) - run_basis[j, :]) * scale_j
+                k_b: ca.MX | ca.DM = state.batch_variance * ca.exp(-0.5 * diff**2).T
+            else:
+                k_b = state.batch_variance * ca.DM.ones(n_run, 1)
+            w_k = ca.mtimes(values["variance_factor"], k)
+            c = k_o - ca.mtimes(values["running_cross"].T, w_k) + k_b
+            mean = mean + ca.mtimes(values["running_alpha"].T, c)
         outputs: list[ca.MX] = [mean]
         output_names = ["mean"]
         if variance:
-            prior = state.outputscale * state.y_scale**2
+            prior = (state.outputscale + state.batch_variance) * state.y_scale**2
             if include_noise:
                 prior += state.noise * state.y_scale**2
             if w_fixed is not None:
@@ -628,6 +961,8 @@ class GPResidual:
                 )
             else:
                 var = prior - ca.sumsqr(ca.mtimes(values["variance_factor"], k))
+            if c is not None:
+                var = var - ca.sumsqr(ca.mtimes(values["running_factor"], c))
             outputs.append(var)
             output_names.append("variance")
         return ca.Function(name, inputs, outputs, input_names, output_names)
@@ -636,16 +971,24 @@ class GPResidual:
         """Current values of the extra inputs of ``to_casadi(parametric=True)``.
 
         Keys and shapes: exact ``basis`` (d x N), ``alpha`` (N x 1), ``variance_factor``
-        (N x N); sparse ``alpha`` (M x 1), ``variance_factor`` (M x M). Shapes never change
-        after fit; call again after :meth:`update` and pass the values as NLP parameters.
+        (N x N); sparse ``alpha`` (M x 1), ``variance_factor`` (M x M). With a batch effect
+        also (K = ``batch_capacity``, unused slots zero) ``running_basis`` (d x K),
+        ``running_cross`` (N x K), ``running_alpha`` (K x 1) and ``running_factor``
+        (K x K), and ``variance_factor`` even when ``variance=False`` (the running batch's
+        mean needs it). Shapes never change after fit; call again after :meth:`update`,
+        :meth:`observe` or :meth:`begin_batch` and pass the values as NLP parameters.
         """
-        consts = _casadi_constants(self._fitted())
+        consts = _casadi_constants(self._fitted(), self.batch_capacity)
         return {key: consts[key].copy() for key in self._parameter_names(variance)}
 
     def _parameter_names(self, variance: bool) -> list[str]:
         names = ["alpha"] if self.sparse else ["basis", "alpha"]
-        if variance:
+        if variance or self.has_batch_effect:
             names.append("variance_factor")
+        if self.has_batch_effect:
+            names += ["running_basis", "running_cross", "running_alpha"]
+            if variance:
+                names.append("running_factor")
         return names
 
     # ------------------------------------------------------------------ persistence
@@ -676,6 +1019,10 @@ class GPResidual:
                 "learning_rate": self.learning_rate,
                 "seed": self.seed,
                 "max_points": self.max_points,
+                "batch_effect": self.batch_effect,
+                "batch_feature": self.batch_feature,
+                "batch_capacity": self.batch_capacity,
+                "batch_min_lengthscale": self.batch_min_lengthscale,
             },
             "training_data_sha256": state.training_data_sha256,
             "update_data_sha256": state.update_data_sha256,
@@ -745,6 +1092,18 @@ class GPResidual:
                 learning_rate=float(settings["learning_rate"]),
                 seed=int(settings["seed"]),
                 max_points=int(settings["max_points"]),
+                batch_effect=str(settings.get("batch_effect", "none")),
+                batch_feature=(
+                    None
+                    if settings.get("batch_feature") is None
+                    else str(settings["batch_feature"])
+                ),
+                batch_capacity=int(settings.get("batch_capacity", 16)),
+                batch_min_lengthscale=(
+                    None
+                    if settings.get("batch_min_lengthscale") is None
+                    else float(settings["batch_min_lengthscale"])
+                ),
             )
             counters: dict[str, Any] = {
                 "n_observations": int(meta["n_observations"]),
@@ -760,6 +1119,18 @@ class GPResidual:
             raise ConfigError(f"{source}: GP residual metadata is incomplete ({exc!r})") from exc
         d = len(names)
         n = arrays["basis"].shape[0] if arrays["basis"].ndim == 2 else -1
+        if meta["format_version"] == 1:  # before batch effects: no batch structure
+            arrays["window_batches"] = np.zeros(0) if model.sparse else np.arange(float(n))
+            arrays["running_x"] = np.zeros((0, d))
+            arrays["running_y"] = np.zeros(0)
+            arrays["batch_variance"] = np.array(0.0)
+            arrays["batch_inv_lengthscale"] = np.array(0.0)
+        k_run = arrays["running_y"].shape[0] if arrays["running_y"].ndim == 1 else -1
+        if k_run > model.batch_capacity or (k_run > 0 and not model.has_batch_effect):
+            raise ConfigError(
+                f"{source}: {k_run} running-batch observations for a model with "
+                f"batch_effect={model.batch_effect!r} and batch_capacity={model.batch_capacity}"
+            )
         expected_shapes: dict[str, tuple[int, ...]] = {
             "x_mean": (d,),
             "x_scale": (d,),
@@ -771,6 +1142,9 @@ class GPResidual:
             "stat_p": (n, n) if model.sparse else (0, 0),
             "stat_b": (n,) if model.sparse else (0,),
             "window_targets": (0,) if model.sparse else (n,),
+            "window_batches": (0,) if model.sparse else (n,),
+            "running_x": (k_run, d),
+            "running_y": (k_run,),
         }
         expected_shapes.update({key: () for key in _SCALAR_FIELDS})
         for key, shape in expected_shapes.items():
@@ -780,7 +1154,19 @@ class GPResidual:
                 )
         scalars: dict[str, Any] = {key: float(arrays[key]) for key in _SCALAR_FIELDS}
         vectors: dict[str, Any] = {key: arrays[key] for key in _ARRAY_FIELDS_NONSCALAR}
-        model._state = _State(**vectors, **scalars, **counters)
+        run_x, run_y = vectors.pop("running_x"), vectors.pop("running_y")
+        state = _State(
+            **vectors,
+            **scalars,
+            **counters,
+            batch_column=model._batch_column,
+            running_x=np.zeros((0, d)),
+            running_cross=np.zeros((n, 0)),
+        )
+        try:
+            model._state = _with_running(state, run_x, run_y)
+        except (FitError, ModelError) as exc:
+            raise ConfigError(f"{source}: running-batch observations are unusable ({exc})") from exc
         logger.info("loaded GP residual %r from %s", model.target_name, source)
         return model
 
@@ -793,6 +1179,9 @@ class GPResidual:
             "target_name": self.target_name,
             "target_unit": self.target_unit,
             "sparse": self.sparse,
+            "batch_effect": self.batch_effect,
+            "batch_feature": self.batch_feature,
+            "n_running": state.n_running,
             "n_basis": int(state.basis.shape[0]),
             "n_observations": state.n_observations,
             "n_updates": state.n_updates,
@@ -803,14 +1192,18 @@ class GPResidual:
     def __deepcopy__(self, memo: dict[int, Any]) -> GPResidual:
         clone = copy.copy(self)
         if self._state is not None:
-            clone._state = dataclasses.replace(
-                self._state,
-                **{key: getattr(self._state, key).copy() for key in _ARRAY_FIELDS_NONSCALAR},
-            )
+            arrays = {
+                field.name: getattr(self._state, field.name).copy()
+                for field in dataclasses.fields(self._state)
+                if isinstance(getattr(self._state, field.name), np.ndarray)
+            }
+            clone._state = dataclasses.replace(self._state, **arrays)
         return clone
 
     def __repr__(self) -> str:
         kind = "sparse" if self.sparse else "exact"
+        if self.has_batch_effect:
+            kind += f", batch effect {self.batch_effect}"
         status = f"fitted, n_basis={self.n_basis_}" if self.is_fitted else "unfitted"
         return (
             f"GPResidual({self.target_name!r} [{self.target_unit}] ~ "
@@ -874,9 +1267,27 @@ _ARRAY_FIELDS_NONSCALAR = (
     "alpha",
     "w1",
     "w2",
+    "window_batches",
+    "running_x",
+    "running_y",
 )
-_SCALAR_FIELDS = ("y_mean", "y_scale", "outputscale", "noise", "jitter")
+_SCALAR_FIELDS = (
+    "y_mean",
+    "y_scale",
+    "outputscale",
+    "noise",
+    "jitter",
+    "batch_variance",
+    "batch_inv_lengthscale",
+)
 _ARRAY_FIELDS = _ARRAY_FIELDS_NONSCALAR + _SCALAR_FIELDS
+#: Entries of a version-1 file (before batch effects).
+_ARRAY_FIELDS_V1 = tuple(
+    key
+    for key in _ARRAY_FIELDS
+    if key
+    not in ("window_batches", "running_x", "running_y", "batch_variance", "batch_inv_lengthscale")
+)
 
 
 def import_gpytorch() -> tuple[Any, Any]:
@@ -921,13 +1332,91 @@ def exact_gpytorch_settings() -> Iterator[None]:
         yield
 
 
-def _make_torch_model(x_t: Any, y_t: Any, likelihood: Any, inducing: Any | None) -> Any:
+def make_batch_kernel(
+    n_features: int, batch_column: int, drift: bool, min_lengthscale: float = 0.0
+) -> Any:
+    """GPyTorch kernel of the per-batch effect on inputs whose last column (index
+    ``n_features``) is the batch id::
+
+        k(a, b) = variance * [a_id == b_id] * exp(-0.5 (a_t - b_t)^2 / lengthscale^2)
+
+    with ``a_t`` the column ``batch_column`` (scaled units) for a drift, and without the
+    exponential factor for a constant offset (``drift=False``). Attributes ``variance`` and
+    (drift) ``lengthscale`` are positive (softplus-constrained) parameters; the length
+    scale is kept above ``min_lengthscale`` (scaled units) when that is positive.
+    """
+    torch, gpytorch = import_gpytorch()
+    kernel_base: Any = gpytorch.kernels.Kernel
+
+    class BatchEffectKernel(kernel_base):
+        is_stationary = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_parameter("raw_variance", torch.nn.Parameter(torch.zeros(1)))
+            self.register_constraint("raw_variance", gpytorch.constraints.Positive())
+            if drift:
+                self.register_parameter("raw_lengthscale", torch.nn.Parameter(torch.zeros(1)))
+                self.register_constraint(
+                    "raw_lengthscale",
+                    gpytorch.constraints.GreaterThan(min_lengthscale)
+                    if min_lengthscale > 0.0
+                    else gpytorch.constraints.Positive(),
+                )
+
+        @property
+        def variance(self) -> Any:
+            return self.raw_variance_constraint.transform(self.raw_variance)[0]
+
+        @variance.setter
+        def variance(self, value: Any) -> None:
+            raw = self.raw_variance_constraint.inverse_transform(torch.as_tensor(value))
+            self.initialize(raw_variance=raw.reshape(1).to(self.raw_variance))
+
+        @property
+        def lengthscale(self) -> Any:
+            return self.raw_lengthscale_constraint.transform(self.raw_lengthscale)[0]
+
+        @lengthscale.setter
+        def lengthscale(self, value: Any) -> None:
+            raw = self.raw_lengthscale_constraint.inverse_transform(torch.as_tensor(value))
+            self.initialize(raw_lengthscale=raw.reshape(1).to(self.raw_lengthscale))
+
+        def forward(self, x1: Any, x2: Any, diag: bool = False, **params: Any) -> Any:
+            id1, id2 = x1[..., n_features], x2[..., n_features]
+            if diag:
+                same = (id1 == id2).to(x1.dtype)
+                if drift:
+                    diff = (x1[..., batch_column] - x2[..., batch_column]) / self.lengthscale
+                    same = same * torch.exp(-0.5 * diff**2)
+                return self.variance * same
+            same = (id1[..., :, None] == id2[..., None, :]).to(x1.dtype)
+            if drift:
+                diff = (
+                    x1[..., :, None, batch_column] - x2[..., None, :, batch_column]
+                ) / self.lengthscale
+                same = same * torch.exp(-0.5 * diff**2)
+            return self.variance * same
+
+    return BatchEffectKernel()
+
+
+def _make_torch_model(
+    x_t: Any,
+    y_t: Any,
+    likelihood: Any,
+    inducing: Any | None,
+    batch: Any | None = None,
+    n_features: int | None = None,
+) -> Any:
     """GPyTorch ExactGP with zero mean and ScaleKernel(RBF ARD), wrapped in an
     InducingPointKernel (SGPR, Titsias' collapsed bound) with fixed inducing points when
-    ``inducing`` is given. ``model.base_kernel`` is the ScaleKernel in both cases."""
+    ``inducing`` is given, plus the ``batch`` kernel (see :func:`make_batch_kernel`; the
+    inputs then carry the batch id as an extra last column and the RBF sees only the first
+    ``n_features``). ``model.base_kernel`` is the ScaleKernel in all cases."""
     _, gpytorch = import_gpytorch()
 
-    d = int(x_t.shape[1])
+    d = int(x_t.shape[1]) if n_features is None else n_features
     exact_gp: Any = gpytorch.models.ExactGP
 
     class _ResidualGP(exact_gp):
@@ -935,9 +1424,14 @@ def _make_torch_model(x_t: Any, y_t: Any, likelihood: Any, inducing: Any | None)
             super().__init__(x_t, y_t, likelihood)
             self.mean_module = gpytorch.means.ZeroMean()
             self.base_kernel = gpytorch.kernels.ScaleKernel(
-                gpytorch.kernels.RBFKernel(ard_num_dims=d)
+                gpytorch.kernels.RBFKernel(
+                    ard_num_dims=d, active_dims=tuple(range(d)) if batch is not None else None
+                )
             )
-            if inducing is None:
+            if batch is not None:
+                self.batch_kernel = batch
+                self.covar_module = self.base_kernel + batch
+            elif inducing is None:
                 self.covar_module = self.base_kernel
             else:
                 self.covar_module = gpytorch.kernels.InducingPointKernel(
@@ -1082,13 +1576,96 @@ def _tri_inverse(lower: FloatArray) -> FloatArray:
     return np.asarray(scipy.linalg.solve_triangular(lower, eye, lower=True), dtype=np.float64)
 
 
-def _exact_state(*, basis: FloatArray, targets: FloatArray, **common: Any) -> _State:
-    """Posterior of the exact GP on the window (basis (N, d), targets (N,))."""
+def _batch_kernel(
+    a: FloatArray,
+    b: FloatArray,
+    variance: float,
+    inv_lengthscale: float,
+    column: int,
+) -> FloatArray:
+    """Batch-effect kernel (without the same-batch indicator) between scaled inputs a (n, d)
+    and b (m, d): ``variance * exp(-0.5 ((a_t - b_t) * inv_lengthscale)^2)``, shape (n, m);
+    constant ``variance`` for an offset (column < 0 or inv_lengthscale 0)."""
+    if variance == 0.0:
+        return np.zeros((a.shape[0], b.shape[0]))
+    if column < 0 or inv_lengthscale == 0.0:
+        return np.full((a.shape[0], b.shape[0]), variance)
+    diff = (a[:, column, None] - b[None, :, column]) * inv_lengthscale
+    return variance * np.exp(-0.5 * diff**2)
+
+
+def _batch_matrix(state: _State, a: FloatArray, b: FloatArray) -> FloatArray:
+    """Batch-effect covariance between points a (n, d) and b (m, d) of the *same* batch."""
+    return _batch_kernel(
+        a, b, state.batch_variance, state.batch_inv_lengthscale, state.batch_column
+    )
+
+
+def _running_covariance(state: _State, x_s: FloatArray, wk: FloatArray) -> FloatArray:
+    """Prior-to-running covariance ``c(x)`` (m, k) of test points x_s (m, d) of the running
+    batch with its observations, given ``wk = k(x, Z) W1^T`` (m, n)."""
+    return (
+        _rbf(x_s, state.running_x, state.lengthscales, state.outputscale)
+        - wk @ state.running_cross
+        + _batch_matrix(state, x_s, state.running_x)
+    )
+
+
+def _with_running(state: _State, run_x: FloatArray, run_y: FloatArray) -> _State:
+    """The state conditioned on running-batch observations run_x (k, d), run_y (k,) (scaled
+    units); k = 0 clears them. See the module docstring for the formulas."""
+    n, d = state.basis.shape
+    if run_y.shape[0] == 0:
+        return dataclasses.replace(
+            state,
+            running_x=np.zeros((0, d)),
+            running_y=np.zeros(0),
+            running_alpha=np.zeros(0),
+            running_factor=np.zeros((0, 0)),
+            running_cross=np.zeros((n, 0)),
+        )
+    if state.w2.size:
+        raise ModelError("running-batch observations need the exact GP (sparse=False)")
+    k_zo = _rbf(state.basis, run_x, state.lengthscales, state.outputscale)  # (n, k)
+    cross = state.w1 @ k_zo
+    cov = _rbf(run_x, run_x, state.lengthscales, state.outputscale) - cross.T @ cross
+    cov = 0.5 * (cov + cov.T) + _batch_matrix(state, run_x, run_x)
+    cov[np.diag_indices_from(cov)] += state.noise
+    chol = _cholesky(cov, "the running-batch covariance S + Kb + sigma2 I")
+    alpha = scipy.linalg.cho_solve((chol, True), run_y - k_zo.T @ state.alpha)
+    return dataclasses.replace(
+        state,
+        running_x=run_x.copy(),
+        running_y=run_y.copy(),
+        running_alpha=np.asarray(alpha, dtype=np.float64),
+        running_factor=_tri_inverse(chol),
+        running_cross=np.asarray(cross, dtype=np.float64),
+    )
+
+
+def _exact_state(
+    *, basis: FloatArray, targets: FloatArray, batches: FloatArray, **common: Any
+) -> _State:
+    """Posterior of the exact GP on the window (basis (N, d), targets (N,), batch ids (N,)):
+    ``K = k(Z, Z) + [same batch] Kb(Z, Z) + sigma2 I``."""
     k = _rbf(basis, basis, common["lengthscales"], common["outputscale"])
+    if common.get("batch_variance", 0.0) > 0.0:
+        same = batches[:, None] == batches[None, :]
+        k += same * _batch_kernel(
+            basis,
+            basis,
+            common["batch_variance"],
+            common["batch_inv_lengthscale"],
+            common["batch_column"],
+        )
     k[np.diag_indices_from(k)] += common["noise"]
     chol = _cholesky(k, "the training kernel matrix K + sigma2 I")
     alpha = scipy.linalg.cho_solve((chol, True), targets)
+    d = basis.shape[1]
     return _State(
+        window_batches=np.asarray(batches, dtype=np.float64).copy(),
+        running_x=np.zeros((0, d)),
+        running_cross=np.zeros((basis.shape[0], 0)),
         basis=basis.copy(),
         window_targets=targets.copy(),
         stat_p=np.zeros((0, 0)),
@@ -1168,6 +1745,8 @@ def _sparse_state(
     w1 = _tri_inverse(lower)
     w2 = np.asarray(scipy.linalg.solve_triangular(chol_b, w1, lower=True), dtype=np.float64)
     return _State(
+        running_x=np.zeros((0, basis.shape[1])),
+        running_cross=np.zeros((basis.shape[0], 0)),
         basis=basis.copy(),
         window_targets=np.zeros(0),
         stat_p=stat_p,
@@ -1180,16 +1759,36 @@ def _sparse_state(
     )
 
 
-def _casadi_constants(state: _State) -> dict[str, FloatArray]:
+def _casadi_constants(state: _State, capacity: int | None = None) -> dict[str, FloatArray]:
     """Arrays of the CasADi graph, target units folded in: ``basis`` (d, n) in
-    length-scale units, ``alpha`` (n, 1), ``variance_factor`` (n, n), ``w1`` (n, n)."""
+    length-scale units, ``alpha`` (n, 1), ``variance_factor`` (n, n), ``w1`` (n, n), and the
+    running batch's ``running_basis`` (d, K) in length-scale units, ``running_cross``
+    (n, K) divided by y_scale, ``running_alpha`` (K, 1), ``running_factor`` (K, K): K = the
+    k running observations, or ``capacity`` with zero-padded unused slots (whose zero
+    weights switch them off)."""
     basis = (state.basis / state.lengthscales).T
     factor = state.w2 if state.w2.size else state.w1
+    k = state.n_running
+    size = k if capacity is None else capacity
+    n, d = state.basis.shape
+    run_basis = np.zeros((d, size))
+    run_cross = np.zeros((n, size))
+    run_alpha = np.zeros((size, 1))
+    run_factor = np.zeros((size, size))
+    if k:
+        run_basis[:, :k] = (state.running_x / state.lengthscales).T
+        run_cross[:, :k] = state.running_cross / state.y_scale
+        run_alpha[:k, 0] = state.y_scale * state.running_alpha
+        run_factor[:k, :k] = state.y_scale * state.running_factor
     return {
         "basis": np.ascontiguousarray(basis),
         "alpha": (state.y_scale * state.alpha)[:, None],
         "variance_factor": state.y_scale * factor,
         "w1": state.y_scale * state.w1,
+        "running_basis": run_basis,
+        "running_cross": run_cross,
+        "running_alpha": run_alpha,
+        "running_factor": run_factor,
     }
 
 
@@ -1199,11 +1798,13 @@ def _lower_dm(matrix: FloatArray) -> ca.DM:
     return ca.DM(ca.Sparsity.lower(n), matrix.T[np.triu_indices(n)])
 
 
-def _sha256(x_arr: FloatArray, y_arr: FloatArray) -> str:
+def _sha256(x_arr: FloatArray, y_arr: FloatArray, batch_ids: FloatArray | None = None) -> str:
     digest = hashlib.sha256()
     digest.update(f"{x_arr.shape}{y_arr.shape}".encode())
     digest.update(np.ascontiguousarray(x_arr, dtype=np.float64).tobytes())
     digest.update(np.ascontiguousarray(y_arr, dtype=np.float64).tobytes())
+    if batch_ids is not None:  # the batch structure is part of the training data
+        digest.update(np.ascontiguousarray(batch_ids, dtype=np.float64).tobytes())
     return digest.hexdigest()
 
 
@@ -1228,21 +1829,25 @@ def _read_residual_file(source: Path) -> tuple[dict[str, Any], dict[str, FloatAr
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ConfigError(f"{source} is not a GP residual file (not an .npz archive)")
     with loaded as npz:
-        missing = sorted({"metadata", *_ARRAY_FIELDS} - set(npz.files))
+        missing = sorted({"metadata", *_ARRAY_FIELDS_V1} - set(npz.files))
         if missing:
             raise ConfigError(f"{source} is not a GP residual file (missing entries {missing})")
         try:
             meta = json.loads(str(npz["metadata"][()]))
-            arrays = {key: np.asarray(npz[key], dtype=np.float64) for key in _ARRAY_FIELDS}
+            present = [key for key in _ARRAY_FIELDS if key in npz.files]
+            arrays = {key: np.asarray(npz[key], dtype=np.float64) for key in present}
         except (OSError, ValueError, TypeError, zipfile.BadZipFile) as exc:
             raise ConfigError(f"{source} is not a readable GP residual file ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise ConfigError(f"{source} is not a GP residual file (format {_FORMAT!r} expected)")
-    if meta.get("format_version") != _FORMAT_VERSION:
+    if meta.get("format_version") not in _READABLE_VERSIONS:
         raise ConfigError(
             f"{source} has GP residual format version {meta.get('format_version')!r}; this "
-            f"hmpc reads version {_FORMAT_VERSION}. Re-fit or convert the residual."
+            f"hmpc reads versions {list(_READABLE_VERSIONS)}. Re-fit or convert the residual."
         )
+    missing = sorted(set(_ARRAY_FIELDS) - set(arrays))
+    if meta["format_version"] >= 2 and missing:
+        raise ConfigError(f"{source} is not a GP residual file (missing entries {missing})")
     return meta, arrays
 
 

@@ -31,11 +31,15 @@ Mode = Literal["additive", "multiplicative"]
 
 @dataclasses.dataclass(frozen=True)
 class RateCorrection:
-    """One corrected rate: its residual and how the residual is applied."""
+    """One corrected rate: its residual and how the residual is applied.
+
+    ``mode=None`` (default) takes it from the residual's target unit: the rate's own unit
+    means additive, ``"1"`` multiplicative (``hmpc fit --mode`` writes either).
+    """
 
     rate: str
     residual: GPResidual
-    mode: Mode = "additive"
+    mode: Mode | None = None
 
 
 def feature_units(model: MechanisticModel[Any]) -> dict[str, str]:
@@ -60,9 +64,18 @@ class HybridModel(MechanisticModel[Any]):
         self.name = f"hybrid_{base.name}"
         self.states, self.inputs, self.rate_specs = base.states, base.inputs, base.rate_specs
         self.process = getattr(base, "process", None)
-        self.corrections = tuple(corrections)
+        self.corrections = tuple(self._resolve_mode(c) for c in corrections)
         self._check()
         self.refresh()
+
+    def _resolve_mode(self, c: RateCorrection) -> RateCorrection:
+        if c.mode is not None:
+            return c
+        rate_units = {s.name: s.unit for s in self.base.rate_specs}
+        unit = getattr(c.residual, "target_unit", None)
+        if c.rate in rate_units and unit == "1" and rate_units[c.rate] != "1":
+            return dataclasses.replace(c, mode="multiplicative")
+        return dataclasses.replace(c, mode="additive")
 
     def _check(self) -> None:
         units = feature_units(self.base)
@@ -99,8 +112,31 @@ class HybridModel(MechanisticModel[Any]):
                     f"{expected!r}, got {c.residual.target_unit!r}."
                 )
 
+    def observe(self, rate: str, X: Any, y: Any) -> None:
+        """Learning during the running batch: condition ``rate``'s residual on the batch's
+        own observations and re-export (:meth:`GPResidual.observe`; the residual needs a
+        batch effect).
+
+        Args:
+            rate: the corrected rate, e.g. ``"growth_rate"``.
+            X: features, shape (k, d), columns in the residual's ``feature_names`` order
+                (:meth:`feature_matrix` builds them from (t, x, u) rows).
+            y: residual observations, shape (k,), in the residual's target unit (additive:
+                observed minus mechanistic rate; multiplicative: their ratio minus 1).
+        """
+        self._correction(rate).residual.observe(X, y)
+        self.refresh()
+
+    def begin_batch(self) -> None:
+        """A new batch starts: forget the running batch's observations in every residual
+        with a batch effect (:meth:`GPResidual.begin_batch`) and re-export."""
+        for c in self.corrections:
+            if c.residual.has_batch_effect:
+                c.residual.begin_batch()
+        self.refresh()
+
     def refresh(self) -> None:
-        """Re-export the residuals (call after :meth:`GPResidual.update`)."""
+        """Re-export the residuals (call after :meth:`GPResidual.update` or ``observe``)."""
         self._gp = [c.residual.to_casadi(name=f"gp_{c.rate}") for c in self.corrections]
         self._gp_mean = [
             c.residual.to_casadi(name=f"gp_{c.rate}_mean", variance=False) for c in self.corrections

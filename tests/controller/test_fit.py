@@ -6,12 +6,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from controller.cli import main, nominal_model
-from controller.training import growth_rate_observations, load_batch_records, reconstruct_states
+from controller.cli import main, nominal_model, validate_24h
+from controller.training import (
+    BatchRecord,
+    causal_log_cells,
+    estimate_log_noise,
+    growth_rate_observations,
+    load_batch_records,
+    reconstruct_states,
+)
 from plant_models.errors import ConfigError
 from plant_models.gp import GPResidual
+from plant_models.hybrid import HybridModel, RateCorrection
 from sim.cli import main as sim_main
 
 
@@ -89,6 +98,112 @@ def test_fit_command_writes_residual_and_validation(records: Path, tmp_path: Pat
     assert (tmp_path / "rep" / "validation.png").stat().st_size > 10_000
     loaded = GPResidual.load(out, expected_features=report["features"])
     assert loaded.feature_names == tuple(report["features"])
+    # defaults: a multiplicative residual with a per-batch drift, learned in the batch
+    assert report["mode"] == "multiplicative" and report["batch_effect"] == "drift"
+    assert loaded.has_batch_effect and loaded.target_unit == "1"
+    assert 0.0 <= report["coverage_95"] <= 1.0
+    assert not set(report["held_out_batches"]) & set(report["training_batches"])
+    assert set(report["per_batch"]) == set(report["held_out_batches"])
+
+
+def test_fit_command_without_batch_effect_is_additive_as_before(
+    records: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "residual.npz"
+    args = ["fit", "--data", str(records / "*" / "trajectory.csv"), "--out", str(out)]
+    args += ["--report", str(tmp_path), "--iterations", "20", "--mode", "additive"]
+    assert main([*args, "--batch-effect", "none", "--folds", "2"]) == 0
+    report = json.loads((tmp_path / "validation.json").read_text())
+    loaded = GPResidual.load(out)
+    assert not loaded.has_batch_effect and loaded.target_unit == "1/h"
+    assert report["rmse_hybrid"] > 0 and report["coverage_95"] >= 0
+    # cross-validation: every batch held out once
+    cross = report["cross_validation"]
+    held = [name for fold in cross["folds"] for name in fold["held_out_batches"]]
+    assert sorted(held) == sorted(report["training_batches"] + report["held_out_batches"])
+    assert cross["predictions"] > report["predictions"] and 0 <= cross["coverage_95"] <= 1
+    assert main([*args, "--folds", "1"]) == 2
+
+
+def _synthetic_record(seed: int, relative: float, absolute: float) -> BatchRecord:
+    """A batch with smooth exponential growth, measured hourly with known probe noise
+    (sd = absolute + relative * X, like the simulator's capacitance probe)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(0.0, 241.0)
+    cells = 0.5 * np.exp(0.018 * t)
+    measured = cells + (absolute + relative * cells) * rng.standard_normal(t.size)
+    steps = pd.DataFrame(
+        {
+            "time": t,
+            "measured_viable_cells": measured,
+            "measured_glucose": 20.0,
+            "measured_lactate": 5.0,
+            "volume": 1.0,
+            "perfusion_rate": 1.0,
+            "glucose_feed": 0.0,
+            "il2_addition": 0.0,
+        }
+    )
+    return BatchRecord(f"synthetic-{seed}", steps, pd.DataFrame(columns=["name", "value"]))
+
+
+def test_log_noise_model_recovers_the_probe_noise() -> None:
+    records = [_synthetic_record(seed, 0.05, 0.02) for seed in range(6)]
+    noise = estimate_log_noise(records)
+    for level in (1.0, 5.0, 40.0):
+        truth = ((0.02 + 0.05 * level) / level) ** 2
+        assert float(noise.variance(level)) == pytest.approx(truth, rel=0.25)
+
+
+def test_causal_start_uses_only_the_past() -> None:
+    rec = _synthetic_record(1, 0.05, 0.02)
+    index = 100
+    value, leverage = causal_log_cells(rec, index, 12.0)
+    t = rec.steps["time"].to_numpy()[88:101]
+    logx = np.log(rec.steps["measured_viable_cells"].to_numpy()[88:101])
+    assert value == pytest.approx(np.polyval(np.polyfit(t, logx, 1), 100.0), rel=1e-12)
+    n = t.size
+    assert leverage == pytest.approx(1 / n + (100.0 - t.mean()) ** 2 / np.sum((t - t.mean()) ** 2))
+    # changing the future does not change the estimate
+    rec.steps.loc[index + 1 :, "measured_viable_cells"] *= 3.0
+    assert causal_log_cells(rec, index, 12.0)[0] == value
+    raw, one = causal_log_cells(rec, index, 0.0)
+    assert one == 1.0 and raw == pytest.approx(np.log(rec.steps["measured_viable_cells"][index]))
+
+
+def test_validation_learns_causally_and_reports_its_coverage(records: Path) -> None:
+    base = nominal_model("tcell")
+    recs = load_batch_records(str(records / "*" / "trajectory.csv"), base)
+    features = ["lactate", "culture_age"]
+    obs = growth_rate_observations(recs[:3], base, features, min_model_rate=0.01)
+    obs = obs[np.isfinite(obs["relative_residual"])]
+    gp = GPResidual(
+        features,
+        ["mM", "h"],
+        "growth_rate_factor",
+        "1",
+        batch_effect="drift",
+        batch_feature="culture_age",
+        batch_min_lengthscale=24.0,
+        training_iterations=30,
+    ).fit(obs[features].to_numpy(), obs["relative_residual"].to_numpy(), obs["batch"].tolist())
+    hybrid = HybridModel(base, [RateCorrection("growth_rate", gp)])
+    result = validate_24h(base, hybrid, recs[3:], min_model_rate=0.01)
+    rows = result["rows"]
+    assert len(rows) > 5
+    # in-batch observations are used only after their window closed (centre + 12 h)
+    own = growth_rate_observations(recs[3:], base, features, min_model_rate=0.01)
+    own = own[np.isfinite(own["relative_residual"])]
+    for row in rows:
+        assert row["batch_observations"] == int((own["available"] <= row["start"] + 1e-9).sum())
+        assert row["sd_log"] > 0.0 and row["time"] == row["start"] + 24.0
+    counts = [row["batch_observations"] for row in rows]
+    assert counts == sorted(counts) and counts[-1] > counts[0]
+    # the coverage is the share of measured points inside the +-1.96 sd band
+    z = [np.log(r["measured"] / r["hybrid"]) / r["sd_log"] for r in rows]
+    assert result["coverage_95"] == pytest.approx(np.mean(np.abs(z) <= 1.959964))
+    # the residual given to validate_24h is not changed by the in-batch learning
+    assert gp.n_running_ == 0
 
 
 def test_fit_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,13 @@ VFE mean with the subset-of-regressors variance ``k*u Sigma ku*``; adding the GP
 kernel terms ``k** - Q**`` gives the Titsias/DTC variance that gp.py uses. (GPyTorch's
 default, with the diagonal correction, is the FITC predictive, which does not match the
 VFE training bound.)
+
+Batch effect reference: the per-batch term is built from GPyTorch primitives, not from
+gp.py's kernel: ``ScaleKernel(RBFKernel)`` on the batch-id column with a length scale of
+1e-3 (ids differ by at least 1, so this is exactly the same-batch indicator in float64)
+times, for a drift, an ``RBFKernel`` on the batch feature. The reference is a plain
+ExactGP conditioned on the historical data *and* the running batch's observations (one
+more batch id) and evaluated at test points of the running batch.
 """
 
 from __future__ import annotations
@@ -30,7 +37,30 @@ FloatArray = npt.NDArray[np.float64]
 Reference = Callable[[Any], tuple[Any, Any]]
 
 
-def gpytorch_reference(model: GPResidual, X: FloatArray, y: FloatArray) -> Reference:
+def _batch_covariance(model: GPResidual) -> Any:
+    """GPyTorch kernel of the batch effect on inputs (features..., batch id), from
+    primitives (see the module docstring)."""
+    d = model.n_features
+    indicator = gpytorch.kernels.RBFKernel(active_dims=(d,)).double()
+    indicator.lengthscale = torch.tensor([[1e-3]], dtype=torch.float64)
+    same = gpytorch.kernels.ScaleKernel(indicator).double()
+    same.outputscale = torch.tensor(model.batch_variance_, dtype=torch.float64)
+    if model.batch_effect == "offset":
+        return same
+    column = model.feature_names.index(str(model.batch_feature))
+    drift = gpytorch.kernels.RBFKernel(active_dims=(column,)).double()
+    drift.lengthscale = torch.tensor([[model.batch_lengthscale_]], dtype=torch.float64)
+    return same * drift
+
+
+def gpytorch_reference(
+    model: GPResidual,
+    X: FloatArray,
+    y: FloatArray,
+    batches: npt.NDArray[np.int64] | None = None,
+    X_run: FloatArray | None = None,
+    y_run: FloatArray | None = None,
+) -> Reference:
     """GPyTorch predictor equal in theory to ``model`` conditioned on (X, y).
 
     Args:
@@ -38,6 +68,9 @@ def gpytorch_reference(model: GPResidual, X: FloatArray, y: FloatArray) -> Refer
             points are used; its posterior arrays are not).
         X: conditioning features, shape (n, d), feature units.
         y: conditioning targets, shape (n,), target units.
+        batches: with a batch effect, integer batch id 0.. of each row of X, shape (n,).
+        X_run, y_run: with a batch effect, the running batch's observations (k, d), (k,)
+            (may be empty); test points belong to the running batch.
 
     Returns:
         ``ref(x)`` mapping a float64 torch tensor (m, d) in feature units to
@@ -48,11 +81,27 @@ def gpytorch_reference(model: GPResidual, X: FloatArray, y: FloatArray) -> Refer
     y_mean, y_scale = model.y_mean_, model.y_scale_
     x_s = (torch.as_tensor(X, dtype=torch.float64) - x_mean) / x_scale
     y_s = (torch.as_tensor(y, dtype=torch.float64) - y_mean) / y_scale
+    run_id = None
+    if model.has_batch_effect:
+        if batches is None:
+            raise ValueError("a batch-effect model needs the batch ids of X")
+        run_id = int(np.max(batches)) + 1
+        ids = torch.as_tensor(np.asarray(batches, dtype=np.float64))[:, None]
+        x_s = torch.cat([x_s, ids], 1)
+        if X_run is not None and y_run is not None and len(y_run):
+            xr = (torch.as_tensor(X_run, dtype=torch.float64) - x_mean) / x_scale
+            xr = torch.cat([xr, torch.full((xr.shape[0], 1), float(run_id))], 1)
+            x_s = torch.cat([x_s, xr], 0)
+            yr = (torch.as_tensor(y_run, dtype=torch.float64) - y_mean) / y_scale
+            y_s = torch.cat([y_s, yr])
     likelihood = gpytorch.likelihoods.GaussianLikelihood(
         noise_constraint=gpytorch.constraints.GreaterThan(model.noise_floor)
     ).double()
+    d = model.n_features
     base = gpytorch.kernels.ScaleKernel(
-        gpytorch.kernels.RBFKernel(ard_num_dims=model.n_features)
+        gpytorch.kernels.RBFKernel(
+            ard_num_dims=d, active_dims=tuple(range(d)) if run_id is not None else None
+        )
     ).double()
     base.base_kernel.lengthscale = torch.as_tensor(model.lengthscales_)[None, :]
     base.outputscale = torch.tensor(model.outputscale_, dtype=torch.float64)
@@ -61,6 +110,8 @@ def gpytorch_reference(model: GPResidual, X: FloatArray, y: FloatArray) -> Refer
         covar = gpytorch.kernels.InducingPointKernel(
             base, inducing_points=torch.as_tensor(model.basis_), likelihood=likelihood
         ).double()
+    elif run_id is not None:
+        covar = base + _batch_covariance(model)
     else:
         covar = base
 
@@ -81,6 +132,8 @@ def gpytorch_reference(model: GPResidual, X: FloatArray, y: FloatArray) -> Refer
 
     def predict(x: Any) -> tuple[Any, Any]:
         xs = (x - x_mean) / x_scale
+        if run_id is not None:
+            xs = torch.cat([xs, torch.full((xs.shape[0], 1), float(run_id))], 1)
         with exact_gpytorch_settings(), gpytorch.settings.sgpr_diagonal_correction(False):
             out = gp(xs)
             # The diagonal of the lazy covariance, not ``out.variance``, which clamps small
@@ -193,16 +246,41 @@ def reference_values(
 
 
 def check_conformance(
-    model: GPResidual, X_cond: FloatArray, y_cond: FloatArray, X_test: FloatArray
+    model: GPResidual,
+    X_cond: FloatArray,
+    y_cond: FloatArray,
+    X_test: FloatArray,
+    batches: npt.NDArray[np.int64] | None = None,
+    X_run: FloatArray | None = None,
+    y_run: FloatArray | None = None,
+    *,
+    parametric: bool = False,
 ) -> Agreement:
     """Compare ``model.to_casadi()`` (values and CasADi Jacobians) and ``model.predict`` with
-    the GPyTorch reference conditioned on (X_cond, y_cond), at X_test (m, d)."""
-    reference = gpytorch_reference(model, X_cond, y_cond)
+    the GPyTorch reference conditioned on (X_cond, y_cond) (and, with a batch effect, on the
+    running batch's (X_run, y_run), ``batches`` giving the ids of X_cond), at X_test (m, d).
+    ``parametric=True`` checks ``to_casadi(parametric=True)`` fed ``casadi_parameters()``."""
+    reference = gpytorch_reference(model, X_cond, y_cond, batches, X_run, y_run)
     r_mean, r_var, r_jm, r_jv = reference_values(reference, X_test)
-    c_mean, c_var, c_jm, c_jv = casadi_values(model.to_casadi(), X_test)
+    if parametric:
+        values = model.casadi_parameters()
+        inner = model.to_casadi("parametric_residual", parametric=True)
+        x = ca.MX.sym("features", model.n_features)
+        out = inner(features=x, **{key: ca.DM(value) for key, value in values.items()})
+        function = ca.Function(
+            "bound_residual",
+            [x],
+            [out["mean"], out["variance"]],
+            ["features"],
+            ["mean", "variance"],
+        )
+    else:
+        function = model.to_casadi()
+    c_mean, c_var, c_jm, c_jv = casadi_values(function, X_test)
     p_mean, p_var = model.predict(X_test)
     mean_atol = ATOL_MEAN * model.y_scale_
-    var_atol = ATOL_VARIANCE * model.y_scale_**2 * model.outputscale_
+    prior = model.outputscale_ + (model.batch_variance_ if model.has_batch_effect else 0.0)
+    var_atol = ATOL_VARIANCE * model.y_scale_**2 * prior
     per_feature = 1.0 / model.x_scale_[None, :]
     return Agreement(
         mean=Comparison.of(c_mean, r_mean, RTOL_VALUE, mean_atol),

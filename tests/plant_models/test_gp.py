@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import casadi as ca
@@ -396,3 +397,225 @@ def test_load_rejects_files_that_are_not_residuals(tmp_path: Path) -> None:
         GPResidual.load(npy)
     with pytest.raises(FileNotFoundError):
         GPResidual.load(tmp_path / "missing.npz")
+
+
+# ---------------------------------------------------------------------- batch effect
+BATCH_FEATURES = ["glucose", "culture_age"]
+BATCH_UNITS = ["mM", "h"]
+
+
+def batch_data(
+    n_batches: int, per_batch: int, seed: int, offset_sd: float = 0.5
+) -> tuple[FloatArray, FloatArray, npt.NDArray[np.int64]]:
+    """Batches sharing sin(glucose) plus a per-batch offset and a slow per-batch drift in
+    culture age; rows in batch order, culture age increasing within a batch."""
+    rng = np.random.default_rng(seed)
+    xs, ys, ids = [], [], []
+    for b in range(n_batches):
+        age = np.sort(rng.uniform(0.0, 120.0, per_batch))
+        glucose = rng.uniform(0.0, 5.0, per_batch)
+        effect = rng.normal(0.0, offset_sd) + rng.normal(0.0, 0.2) * np.sin(age / 25.0)
+        xs.append(np.column_stack([glucose, age]))
+        ys.append(np.sin(glucose) + effect + 0.03 * rng.standard_normal(per_batch))
+        ids.append(np.full(per_batch, b))
+    return np.vstack(xs), np.concatenate(ys), np.concatenate(ids)
+
+
+@pytest.fixture(scope="module", params=["offset", "drift"])
+def batch_fitted(
+    request: pytest.FixtureRequest,
+) -> tuple[GPResidual, FloatArray, FloatArray, npt.NDArray[np.int64]]:
+    X, y, ids = batch_data(8, 12, seed=21)
+    model = GPResidual(
+        BATCH_FEATURES,
+        BATCH_UNITS,
+        "growth_rate_residual",
+        "1/h",
+        batch_effect=request.param,
+        batch_feature="culture_age" if request.param == "drift" else None,
+        batch_capacity=6,
+        training_iterations=150,
+    ).fit(X, y, batches=[f"batch-{i}" for i in ids])
+    return model, X, y, ids
+
+
+def batch_probe_points(seed: int) -> FloatArray:
+    rng = np.random.default_rng(seed)
+    inside = np.column_stack([rng.uniform(0.0, 5.0, 12), rng.uniform(0.0, 120.0, 12)])
+    outside = np.column_stack([rng.uniform(-6.0, 11.0, 6), rng.uniform(-150.0, 300.0, 6)])
+    return np.vstack([inside, outside])
+
+
+def test_batch_hyperparameters_are_learned(batch_fitted) -> None:  # type: ignore[no-untyped-def]
+    model = batch_fitted[0]
+    # offsets of sd 0.5 against a target sd of about 0.8: a clear share of the variance
+    assert 0.05 < model.batch_variance_ < 2.0
+    if model.batch_effect == "offset":
+        assert model.batch_lengthscale_ == math.inf
+    else:
+        assert 0.0 < model.batch_lengthscale_ < math.inf
+
+
+@pytest.mark.parametrize("n_running", [0, 4, 9], ids=["new-batch", "running", "over-capacity"])
+@pytest.mark.parametrize("parametric", [False, True], ids=["constants", "parametric"])
+def test_batch_effect_conformance_with_gpytorch(
+    batch_fitted, n_running: int, parametric: bool
+) -> None:  # type: ignore[no-untyped-def]
+    model, X, y, ids = batch_fitted
+    model = copy.deepcopy(model)
+    X_run, y_run, _ = batch_data(1, 9, seed=22, offset_sd=0.8)
+    for i in range(0, n_running, 3):  # observed in chunks, as windows close
+        model.observe(X_run[i : min(i + 3, n_running)], y_run[i : min(i + 3, n_running)])
+    kept = slice(max(0, n_running - model.batch_capacity), n_running)
+    assert model.n_running_ == min(n_running, model.batch_capacity)
+    agreement = check_conformance(
+        model,
+        X,
+        y,
+        batch_probe_points(23),
+        ids,
+        X_run[kept],
+        y_run[kept],
+        parametric=parametric,
+    )
+    assert agreement.failures() == []
+
+
+def test_running_batch_observations_teach_the_offset(batch_fitted) -> None:  # type: ignore[no-untyped-def]
+    model = copy.deepcopy(batch_fitted[0])
+    rng = np.random.default_rng(24)
+    age = np.linspace(0.0, 110.0, 12)
+    glucose = rng.uniform(0.0, 5.0, 12)
+    X_new = np.column_stack([glucose, age])
+    y_new = np.sin(glucose) + 1.2 + 0.03 * rng.standard_normal(12)  # a strong offset
+    mean0, var0 = model.predict(X_new[6:])
+    # a new batch: the prior variance of the effect is in the band
+    assert np.all(var0 > model.batch_variance_ * model.y_scale_**2 * 0.9)
+    model.observe(X_new[:6], y_new[:6])
+    mean1, var1 = model.predict(X_new[6:])
+    err0 = np.abs(mean0 - y_new[6:]).mean()
+    err1 = np.abs(mean1 - y_new[6:]).mean()
+    assert err1 < 0.35 * err0
+    assert np.all(var1 < var0)
+    # honest: the held-back points lie inside the 95 % band (latent + noise)
+    _, noisy = model.predict(X_new[6:], include_noise=True)
+    assert np.all(np.abs(mean1 - y_new[6:]) < 1.96 * np.sqrt(noisy) + 0.05)
+    model.begin_batch()
+    np.testing.assert_allclose(model.predict(X_new[6:])[0], mean0, rtol=1e-12)
+    assert model.n_running_ == 0
+
+
+def test_observe_keeps_capacity_and_parametric_shapes(batch_fitted) -> None:  # type: ignore[no-untyped-def]
+    model = copy.deepcopy(batch_fitted[0])
+    params = model.casadi_parameters()
+    shapes = {key: value.shape for key, value in params.items()}
+    assert shapes["running_alpha"] == (model.batch_capacity, 1)
+    X_run, y_run, _ = batch_data(1, 20, seed=25)
+    for i in range(20):
+        model.observe(X_run[i : i + 1], y_run[i : i + 1])
+        assert model.n_running_ == min(i + 1, model.batch_capacity)
+        assert {k: v.shape for k, v in model.casadi_parameters().items()} == shapes
+    # the kept observations are the most recent ones
+    ref = copy.deepcopy(batch_fitted[0]).observe(X_run[-model.batch_capacity :], y_run[-6:])
+    points = batch_probe_points(26)
+    np.testing.assert_allclose(model.predict(points)[0], ref.predict(points)[0], rtol=1e-10)
+
+
+def test_predict_covariance_is_consistent(batch_fitted) -> None:  # type: ignore[no-untyped-def]
+    model = copy.deepcopy(batch_fitted[0])
+    X_run, y_run, _ = batch_data(1, 5, seed=27)
+    model.observe(X_run, y_run)
+    points = batch_probe_points(28)
+    mean, var = model.predict(points)
+    mean_c, cov = model.predict_covariance(points)
+    np.testing.assert_allclose(mean_c, mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.diag(cov), var, rtol=1e-9, atol=1e-12 * model.y_scale_**2)
+    assert np.linalg.eigvalsh(cov).min() > -1e-9 * np.abs(cov).max()
+    # points of the same batch close in culture age are correlated through the effect
+    same = model.predict_covariance(np.array([[2.0, 50.0], [4.0, 52.0]]))[1]
+    assert same[0, 1] > 0.0
+
+
+def test_update_with_batch_effect_adds_a_finished_batch(batch_fitted) -> None:  # type: ignore[no-untyped-def]
+    model, X, y, ids = batch_fitted
+    model = copy.deepcopy(model)
+    X_run, y_run, _ = batch_data(1, 4, seed=29)
+    model.observe(X_run, y_run)
+    X_new, y_new, _ = batch_data(1, 7, seed=30)
+    model.update(X_new, y_new)
+    assert model.n_running_ == 4  # the running batch is kept and re-conditioned
+    X_all = np.vstack([X, X_new])[7:]
+    y_all = np.concatenate([y, y_new])[7:]
+    ids_all = np.concatenate([ids, np.full(7, ids.max() + 1)])[7:]
+    agreement = check_conformance(
+        model, X_all, y_all, batch_probe_points(31), ids_all, X_run, y_run
+    )
+    assert agreement.failures() == []
+
+
+def test_batch_effect_save_load_round_trip(batch_fitted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model = copy.deepcopy(batch_fitted[0])
+    X_run, y_run, _ = batch_data(1, 3, seed=32)
+    model.observe(X_run, y_run)
+    path = model.save(tmp_path / "batch.npz")
+    loaded = GPResidual.load(path, expected_features=BATCH_FEATURES, expected_units=BATCH_UNITS)
+    assert loaded.batch_effect == model.batch_effect
+    assert loaded.batch_feature == model.batch_feature
+    assert loaded.batch_capacity == model.batch_capacity
+    assert loaded.batch_variance_ == model.batch_variance_
+    assert loaded.n_running_ == 3
+    points = batch_probe_points(33)
+    for a, b in zip(loaded.predict(points), model.predict(points), strict=True):
+        np.testing.assert_array_equal(a, b)
+    meta = loaded.metadata()
+    assert meta["batch_effect"] == model.batch_effect and meta["n_running"] == 3
+
+
+def test_version_one_files_still_load(fitted: Fitted, tmp_path: Path) -> None:
+    model = fitted[0]
+    path = model.save(tmp_path / "v2.npz")
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    meta = json.loads(str(arrays["metadata"][()]))
+    meta["format_version"] = 1
+    for key in ("batch_effect", "batch_feature", "batch_capacity"):
+        del meta["settings"][key]
+    arrays["metadata"] = np.array(json.dumps(meta))
+    for key in ("window_batches", "running_x", "running_y", "batch_variance"):
+        del arrays[key]
+    del arrays["batch_inv_lengthscale"]
+    old = tmp_path / "v1.npz"
+    np.savez(old, allow_pickle=False, **arrays)
+    loaded = GPResidual.load(old)
+    points = probe_points(34)
+    np.testing.assert_array_equal(loaded.predict(points)[0], model.predict(points)[0])
+    assert not loaded.has_batch_effect
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_effect": "ofset"}, "did you mean 'offset'"),
+        ({"batch_effect": "drift"}, "needs batch_feature"),
+        ({"batch_effect": "drift", "batch_feature": "ph"}, "needs batch_feature"),
+        ({"batch_effect": "offset", "batch_feature": "culture_age"}, "only used with"),
+        ({"batch_effect": "offset", "sparse": True}, "exact GP"),
+        ({"batch_effect": "offset", "batch_capacity": 0}, "batch_capacity"),
+    ],
+)
+def test_bad_batch_settings(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        GPResidual(BATCH_FEATURES, BATCH_UNITS, "r", "1/h", **kwargs)  # type: ignore[arg-type]
+
+
+def test_batch_effect_needs_batches_and_observe_needs_batch_effect(fitted: Fitted) -> None:
+    X, y, _ = batch_data(3, 5, seed=35)
+    model = GPResidual(BATCH_FEATURES, BATCH_UNITS, "r", "1/h", batch_effect="offset")
+    with pytest.raises(ConfigError, match="batches="):
+        model.fit(X, y)
+    with pytest.raises(ModelError, match="one label per row"):
+        model.fit(X, y, batches=["a"] * 3)
+    assert not model.is_fitted
+    plain = copy.deepcopy(fitted[0])
+    with pytest.raises(ConfigError, match="no batch effect"):
+        plain.observe(fitted[1][:2], fitted[2][:2])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from plant_models.errors import ConfigError
+from plant_models.errors import ConfigError, ModelError
 from plant_models.gp import GPResidual
 from plant_models.hybrid import HybridModel, RateCorrection, discretize
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
@@ -107,3 +107,62 @@ def test_mismatched_features_or_units_fail(base) -> None:  # type: ignore[no-unt
         HybridModel(base, [RateCorrection("growth", gp3)])
     with pytest.raises(ConfigError, match="must be in '1'"):
         HybridModel(base, [RateCorrection("growth_rate", gp3, "multiplicative")])
+
+
+@pytest.fixture(scope="module")
+def batch_factor() -> GPResidual:
+    """A multiplicative growth-rate residual with a per-batch drift over culture age:
+    batches whose growth factor differs by a random amount."""
+    rng = np.random.default_rng(5)
+    rows, ys, ids = [], [], []
+    for b in range(6):
+        age = np.linspace(20.0, 200.0, 10)
+        lactate = rng.uniform(0.0, 20.0, 10)
+        rows.append(np.column_stack([lactate, age]))
+        ys.append(-0.01 * lactate + rng.normal(0.0, 0.3) + 0.01 * rng.standard_normal(10))
+        ids += [b] * 10
+    return GPResidual(
+        ["lactate", "culture_age"],
+        ["mM", "h"],
+        "growth_rate_factor",
+        "1",
+        batch_effect="drift",
+        batch_feature="culture_age",
+        batch_capacity=8,
+        training_iterations=80,
+    ).fit(np.vstack(rows), np.concatenate(ys), batches=ids)
+
+
+def test_mode_follows_the_residual_unit(base, residual, batch_factor) -> None:  # type: ignore[no-untyped-def]
+    additive = HybridModel(base, [RateCorrection("growth_rate", residual)])
+    assert additive.corrections[0].mode == "additive"
+    factor = HybridModel(base, [RateCorrection("growth_rate", batch_factor)])
+    assert factor.corrections[0].mode == "multiplicative"
+
+
+def test_observe_learns_the_running_batch_and_begin_batch_forgets(base, batch_factor) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    hybrid = HybridModel(base, [RateCorrection("growth_rate", copy.deepcopy(batch_factor))])
+    x = base.state_vector(base.initial_state())
+    x[3] = 10.0
+    u = np.array([1.0, 0.0, 0.0])
+    mech = base.rates_numpy(100.0, x, u)["growth_rate"]
+    before = hybrid.rates_numpy(100.0, x, u)["growth_rate"]
+    var_before = float(hybrid.rate_variance()(100.0, x, u))
+    # this batch grows 50 % faster than the mechanistic model says
+    features = np.column_stack([np.full(5, 10.0), np.linspace(60.0, 96.0, 5)])
+    hybrid.observe("growth_rate", features, np.full(5, 0.5))
+    after = hybrid.rates_numpy(100.0, x, u)["growth_rate"]
+    assert after == pytest.approx(1.5 * mech, rel=0.05)
+    assert abs(after - 1.5 * mech) < abs(before - 1.5 * mech)
+    assert float(hybrid.rate_variance()(100.0, x, u)) < var_before
+    # the exported dynamics and the numpy rates agree after the update
+    f = hybrid.dynamics()
+    np.testing.assert_allclose(
+        np.array(f(100.0, x, u)[0]).ravel(), hybrid.rhs(100.0, x, u), rtol=1e-10, atol=1e-12
+    )
+    hybrid.begin_batch()
+    assert hybrid.rates_numpy(100.0, x, u)["growth_rate"] == pytest.approx(before, rel=1e-12)
+    with pytest.raises(ModelError, match="no residual"):
+        hybrid.observe("death_rate", features, np.zeros(5))
