@@ -143,11 +143,17 @@ def config_event(
 # ------------------------------------------------------------------------------ back-ends
 
 _TYPES = {
-    "sqlite": {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "ref": "INTEGER", "seq": "INTEGER"},
+    "sqlite": {
+        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "ref": "INTEGER",
+        "seq": "INTEGER",
+        "blob": "BLOB",
+    },
     "postgresql": {
         "id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
         "ref": "BIGINT",
         "seq": "BIGINT",
+        "blob": "BYTEA",
     },
 }
 
@@ -232,7 +238,25 @@ _SCHEMA = [
         id INTEGER PRIMARY KEY CHECK (id = 1),
         seq {seq} NOT NULL,
         hash TEXT NOT NULL)""",
+    # the controller's resumable state after each cycle (controller/runtime/restart.py,
+    # docs/runtime.md "Restart"): append-only, full or delta (base_id), zlib-compressed JSON
+    """CREATE TABLE IF NOT EXISTS controller_state (
+        id {id},
+        batch_id TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        process_time_h DOUBLE PRECISION,
+        wall_time DOUBLE PRECISION,
+        kind TEXT NOT NULL,
+        base_id {ref},
+        encoding TEXT NOT NULL,
+        payload {blob} NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        json_bytes INTEGER NOT NULL,
+        capture_s DOUBLE PRECISION,
+        sha256 TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS steps_batch ON steps (batch_id, unit, step)",
+    "CREATE INDEX IF NOT EXISTS controller_state_batch ON controller_state (batch_id, unit, id)",
     "CREATE INDEX IF NOT EXISTS events_batch ON events (batch_id, kind)",
     "CREATE INDEX IF NOT EXISTS audit_batch ON audit (batch_id)",
 ]

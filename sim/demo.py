@@ -6,7 +6,12 @@
 3. Controller: ``hmpc run`` with the hybrid MPC (estimator-fed, residual from step 1)
    over Basic256Sha256/SignAndEncrypt with a password user, writing the historian.
 4. Operator: ``hmpc-sim operator remote`` grants Remote once the heartbeat is healthy.
-5. At the harvest ``hmpc run`` writes the batch report (``report/BR01/report.html``).
+5. Printer: every cycle the controller forecasts the harvest (dose-reached time, yield);
+   once confident it stores the print job on the simulated bioprinter, updates it as the
+   forecast moves, releases it at the harvest with the harvested cells and follows it to
+   its end (``controller.runtime.printing``, ``[printer]`` of the site file).
+6. At the end ``hmpc run`` writes the batch report (``report/BR01/report.html``, with the
+   printer timeline); the demo prints the key lines of that timeline from the historian.
 
 Everything lands in ``--out``; the passwords are generated for the run and passed through
 the environment, never written into the site file.
@@ -29,7 +34,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["add_demo_command", "cmd_demo"]
+__all__ = ["add_demo_command", "cmd_demo", "printer_timeline"]
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +189,72 @@ def _demo(args: argparse.Namespace) -> int:
     if status != 0:
         print(f"hmpc run exited with status {status}; see {out / 'run.log'}", file=sys.stderr)
         return 1
+    print("== 6. the printer timeline (historian events of kind 'printer')", flush=True)
+    for line in printer_timeline(out / "run" / "historian.sqlite", out / "run" / "report"):
+        print(line)
     print(f"done in {time.perf_counter() - t0:.0f} s:")
     for path in sorted((out / "run").rglob("*")):
         if path.suffix in {".html", ".json", ".sqlite"}:
             print(f"  {path}")
     return 0
+
+
+#: Printer actions shown one line each (the job's updates are counted instead).
+_KEY_ACTIONS = (
+    "forecast",
+    "Store",
+    "StoreAndStart",
+    "Cancel",
+    "harvest",
+    "Start",
+    "job_state",
+    "machine_state",
+    "unreachable",
+    "reconnected",
+)
+
+
+def printer_timeline(historian: Path, reports: Path | None = None) -> list[str]:
+    """The key lines of each batch's printer timeline: forecasts, the job scheduled,
+    revoked, released at the harvest, its states to the end, and every warning and alarm
+    (updates of the job before the harvest are counted). With ``reports`` (the folder of
+    ``report/<unit>/report.html``), a line says whether each report shows the timeline."""
+    from html import escape
+
+    from controller.historian import Historian
+
+    if not historian.exists():
+        return [f"  no historian at {historian}"]
+    lines: list[str] = []
+    with Historian(f"sqlite:///{historian}", create=False) as hist:
+        for batch in hist.batches():
+            events = hist.events(batch, kind="printer")
+            lines.append(f"  batch {batch}: {len(events)} printer events")
+            updates = 0
+            for e in events:
+                action = str(e.data.get("action", ""))
+                if action == "Update" and e.severity == "info" and not updates:
+                    lines.append(f"  {e.process_time_h:7.1f} h  {e.message} (first update)")
+                if action == "Update" and e.severity == "info":
+                    updates += 1
+                    continue
+                if action in _KEY_ACTIONS or e.severity in ("warning", "alarm"):
+                    mark = "ALARM " if e.severity == "alarm" else ""
+                    lines.append(f"  {e.process_time_h:7.1f} h  {mark}{e.message}")
+            if updates:
+                lines.append(f"  (the job was updated {updates} times as the forecast moved)")
+            if reports is not None:
+                for unit in hist.units(batch):
+                    page = reports / unit / "report.html"
+                    if not page.exists():
+                        lines.append(f"  report {page}: not written")
+                        continue
+                    text = page.read_text(encoding="utf-8")
+                    section = text[text.find("id='printer'") :] if "id='printer'" in text else ""
+                    own = [e for e in events if e.unit == unit]
+                    shown = sum(1 for e in own if escape(e.message) in section)
+                    lines.append(
+                        f"  report {page}#printer: printer timeline with {shown} of "
+                        f"{len(own)} events"
+                    )
+    return lines

@@ -28,7 +28,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,6 +44,7 @@ from plant_models.errors import PlantIOError
 __all__ = [
     "ControlLaw",
     "LoopSettings",
+    "PrintingHook",
     "Recorder",
     "UnitLoop",
     "UnitSummary",
@@ -72,6 +73,18 @@ class ControlLaw(Protocol):
     def step(
         self, time_h: float, measurements: Sequence[Measurement], previous: Mapping[str, float]
     ) -> dict[str, float]: ...
+
+
+class PrintingHook(Protocol):
+    """Printer coordination of a unit (``controller.runtime.printing.UnitPrinting``)."""
+
+    async def after_cycle(
+        self, time_h: float, stepped: bool, setpoints: Mapping[str, float], budget_s: float
+    ) -> None: ...
+
+    async def finish(self, ended: str, stop: asyncio.Event) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +186,8 @@ class UnitLoop:
         site_setpoints: Sequence[SetpointTag] = (),
         units: Mapping[str, str] | None = None,
         state_limits: Mapping[str, Mapping[str, float | None]] | None = None,
+        printing: PrintingHook | None = None,
+        checkpoint: Any = None,
     ) -> None:
         if not (settings.period_h > 0 and math.isfinite(settings.period_h)):
             raise ValueError(f"period_h must be positive, got {settings.period_h!r}")
@@ -202,6 +217,11 @@ class UnitLoop:
         self._last_clock = math.nan
         self._last_cycle: tuple[float, bool] = (math.nan, False)
         self._unsaved: list[StepRecord | EventRecord] = []
+        #: printer coordination (default: attached at start when the site has a [printer])
+        self.printing = printing
+        #: crash-safe restart (controller.runtime.restart.Checkpoint): state saved after
+        #: each step, a batch the historian already holds resumed at start
+        self.checkpoint = checkpoint
 
     # -- records ---------------------------------------------------------------------------
     def _save(self, record: StepRecord | EventRecord) -> None:
@@ -224,6 +244,11 @@ class UnitLoop:
                 )
                 self._unsaved = pending[i:]
                 return
+
+    def record_event(self, record: EventRecord) -> None:
+        """Store an event of a collaborator (the printer coordination), never dropped."""
+        self.summary.events += 1
+        self._save(record)
 
     def _event(self, kind: str, severity: str, message: str, time_h: float, **data: Any) -> None:
         level = {"info": logging.INFO, "warning": logging.WARNING}.get(severity, logging.ERROR)
@@ -261,6 +286,10 @@ class UnitLoop:
             # culture age 0 is the inoculation, where the law's prior (the process
             # specification) holds, even when the controller joins the batch later
             start(0.0)
+        if self.printing is None:
+            from controller.runtime.printing import attach_printing
+
+            self.printing = attach_printing(self)
         io.set_alive(True)
         try:
             while not stop.is_set():
@@ -268,6 +297,8 @@ class UnitLoop:
                 if st.connected and st.batch_id != self.summary.batch_id:
                     self.summary.batch_id = st.batch_id
                     self._resume_numbering()
+                    if self.checkpoint is not None:
+                        await self.checkpoint.resume(self, st.clock_h)
                 self._track(st)
                 harvest = self.settings.harvest_time_h
                 if harvest is not None and st.connected and st.clock_h >= harvest - _EPS:
@@ -286,7 +317,11 @@ class UnitLoop:
             if self.settings.hand_back and io.status().remote:
                 result = await io.hand_back()
                 self._event("mode", "info", f"handed back to Local ({result})", io.status().clock_h)
+            if self.printing is not None:  # at a harvest: release the print job, follow it
+                await self._printing("finish", self.printing.finish(self.summary.ended, stop))
         finally:
+            if self.printing is not None:
+                await self._printing("close", self.printing.close())
             io.set_alive(False)
             self._executor.shutdown(wait=False, cancel_futures=True)
             if self._unsaved:
@@ -396,6 +431,7 @@ class UnitLoop:
         setpoints: tuple[SetpointRecord, ...] = ()
         solve_s = 0.0
 
+        stepped = False
         problems = self._gate(st)
         if problems:
             self._hold("; ".join(problems), t)
@@ -419,6 +455,7 @@ class UnitLoop:
                         self._hold_reason = ""
                     solver, estimate, estimate_std, growth, predictions = self._law_details()
                     setpoints = await self._move(proposed, previous, t, notes)
+                    stepped = True
         if not setpoints:
             setpoints = self._held_records()
         self._step += 1
@@ -446,6 +483,23 @@ class UnitLoop:
                 notes=tuple(notes),
             )
         )
+        if self.checkpoint is not None and solve_s > 0 and self._running is None:
+            # the law's state after this step (not after an abandoned one: it still runs)
+            await self.checkpoint.save(self, self._step - 1, t)
+        if self.printing is not None:  # forecast and print job, after the setpoints
+            work = self.printing.after_cycle(
+                t, stepped, dict(self._setpoints or {}), self._budget_s(st)
+            )
+            await self._printing("cycle", work)
+
+    async def _printing(self, what: str, work: Awaitable[None]) -> None:
+        """Await the printer coordination; a failure is logged and never reaches control."""
+        try:
+            await work
+        except Exception:  # the printer must not disturb the bioreactor
+            log.critical(
+                "unit=%s printer coordination (%s) failed", self.io.unit, what, exc_info=True
+            )
 
     # -- the gate --------------------------------------------------------------------------
     def _gate(self, st: PlantStatus) -> list[str]:

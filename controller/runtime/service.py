@@ -4,6 +4,8 @@ One OPC UA session per server endpoint, one control task per bioreactor of the s
 (:class:`controller.runtime.loop.UnitLoop`), every step and event appended to the historian
 (SQLite in the output folder by default). SIGINT/SIGTERM stop it cleanly: each unit hands
 back to Local (the plant holds its setpoints), the sessions close, the summary is written.
+After a crash or ``kill -9`` the same command resumes the running batch from the historian
+(controller state saved after every step: :mod:`controller.runtime.restart`).
 """
 
 from __future__ import annotations
@@ -101,8 +103,10 @@ def build_loops(
     units: Sequence[str] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """Connections (one per endpoint) and unit loops for the chosen units of a site."""
+    from controller.historian import Historian
     from controller.runtime.loop import LoopSettings, UnitLoop
     from controller.runtime.plant_io import OpcUaConnection
+    from controller.runtime.restart import Checkpoint
 
     chosen = [site.unit(n) for n in units] if units else list(site.units)
     connections: dict[str, OpcUaConnection] = {}
@@ -127,6 +131,8 @@ def build_loops(
                 site_setpoints=unit.setpoints,
                 units=canonical_units(unit.model),
                 state_limits=state_limits(unit.model),
+                # crash-safe restart: needs the historian (a test's memory recorder has none)
+                checkpoint=Checkpoint(recorder) if isinstance(recorder, Historian) else None,
             )
         )
     return list(connections.values()), loops

@@ -416,11 +416,26 @@ class UnitConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PrinterConfig:
-    """The co-located printer (used by the printer coordination)."""
+    """The co-located printer (``controller.runtime.printing``; docs/printer.md).
+
+    Attributes:
+        endpoint: the printer's OPC UA server (same ``[security]`` as the plant I/O).
+        object: the printer object (its namespace URI is where the job nodes live).
+        settings: the coordinator's settings (``controller.printer.PrinterConfig``).
+        forecast: harvest-forecast settings (``controller.forecast.ForecastConfig``
+            scalars; noise defaults to the estimator's).
+        patient_id: node of the batch's patient id on the bioreactor server (``{unit}``
+            replaced; None: the batch id is used).
+        finish_within_h: after the harvest, follow the print job for at most this many
+            process hours.
+    """
 
     endpoint: str
     object: NodeRef | None = None
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    forecast: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    patient_id: str | None = None
+    finish_within_h: float = 24.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -620,12 +635,26 @@ def load_site(path: str | Path) -> SiteConfig:
     pr = _table(data, "printer", src)
     if pr:
         w = f"{src} [printer]"
-        check_keys(pr, ["endpoint", "object", "settings"], w, required=["endpoint"])
+        check_keys(
+            pr,
+            ["endpoint", "object", "settings", "forecast", "patient_id", "finish_within_h"],
+            w,
+            required=["endpoint"],
+        )
+        patient = _opt_str(pr, "patient_id", w)
+        if patient is not None:
+            parse_node_ref(patient, f"{w} patient_id", unit="X")
         printer = PrinterConfig(
             endpoint=_endpoint(pr["endpoint"], f"{w} endpoint"),
             object=parse_node_ref(pr["object"], f"{w} object") if "object" in pr else None,
             settings=MappingProxyType(dict(_table(pr, "settings", w))),
+            forecast=MappingProxyType(dict(_table(pr, "forecast", w))),
+            patient_id=patient,
+            finish_within_h=_req_num(pr, "finish_within_h", w, 24.0, 0.0, 1e4, "h", low_open=True),
         )
+        from controller.runtime.printing import check_printer_settings
+
+        check_printer_settings(printer, w)  # the tables' keys and values, at load time
     return SiteConfig(
         path=p,
         name=name,

@@ -1,0 +1,641 @@
+"""Printer coordination in ``hmpc run``: the harvest forecast of each MPC unit drives the
+print job on the site's co-located printer (``[printer]`` of the site file).
+
+Per unit whose control law estimates the state (``EstimatingMPC``: ``last_estimate``,
+``last_result``, ``estimator``), :class:`UnitPrinting` is attached to its loop:
+
+- every cycle, after the setpoints are written, :meth:`UnitPrinting.after_cycle`:
+  forecast from the cycle's estimate with the MPC's predicted inputs
+  (:meth:`~controller.forecast.InputPlan.from_mpc`; the applied setpoints held when the
+  solve failed) in a worker thread (``asyncio.to_thread``: numerics never run on the event
+  loop), ``coordinator.on_forecast(...)``, ``await coordinator.poll(t)``. The work gets the
+  cycle's time budget; work that outlasts it goes on in the background and the next
+  cycles skip theirs until it ends, so the printer never delays the bioreactor;
+- at the harvest, :meth:`UnitPrinting.finish`: ``on_harvest(t, harvested cells)`` (the
+  last online viable-cell density times the estimated volume) and polling until the job
+  has ended or aborted, at most ``finish_within_h`` process hours (an alarm otherwise).
+
+The printer session is :class:`PrinterLink`: the plant I/O's supervised OPC UA connection
+(:class:`~controller.runtime.plant_io.OpcUaConnection`: the site's security policy, mode,
+certificate, trust folder and user; loss detection and reconnection with back-off) on the
+printer's endpoint, without units or subscriptions. While it is down the coordinator's
+calls fail at once (no waiting on the network) and the coordinator records one
+``unreachable`` alarm per outage. Every event (the coordinator's and this module's: the
+daily forecast, forecast failures, a print that does not finish) is an
+:class:`~controller.records.EventRecord` of kind ``printer`` handed to the loop's recorder
+(the historian), which keeps and retries what it cannot store. Nothing here raises into the
+control loop: a fault is logged and recorded, and control goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, cast
+
+from asyncua import Client
+
+from controller.forecast import (
+    ForecastConfig,
+    HarvestForecast,
+    HarvestForecaster,
+    InputPlan,
+    forecast_config_from_dict,
+)
+from controller.printer import FINAL_STATES, PrinterCoordinator
+from controller.printer import PrinterConfig as CoordinatorConfig
+from controller.records import EventRecord
+from controller.runtime.plant_io import OpcUaConnection
+from controller.runtime.site import PrinterConfig, SiteConfig, parse_node_ref
+from plant_models.config import check_keys
+from plant_models.errors import ConfigError, ModelError, PlantIOError
+
+__all__ = [
+    "PrinterLink",
+    "UnitPrinting",
+    "attach_printing",
+    "check_printer_settings",
+    "coordinator_config",
+    "forecast_overrides",
+]
+
+log = logging.getLogger(__name__)
+
+#: Process hours between two ``forecast`` events in the historian (each cycle forecasts).
+FORECAST_EVENT_EVERY_H = 24.0
+
+_COORDINATOR_FIELDS = {f.name for f in dataclasses.fields(CoordinatorConfig)}
+
+
+# -- settings ------------------------------------------------------------------------------------
+def coordinator_config(printer: PrinterConfig, where: str) -> CoordinatorConfig:
+    """The coordinator's settings from ``[printer.settings]`` (the namespace of the job
+    nodes defaults to the ``object``'s).
+
+    Raises:
+        ConfigError: unknown key (with close matches), wrong type, value out of range.
+    """
+    settings = dict(printer.settings)
+    check_keys(settings, sorted(_COORDINATOR_FIELDS), f"{where} settings")
+    values: dict[str, Any] = {}
+    for key, value in settings.items():
+        at = f"{where} settings {key}"
+        if key in ("job_prefix", "namespace_uri"):
+            if not isinstance(value, str):
+                raise ConfigError(f"{at}: expected a string, got {value!r}.")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{at}: expected a number, got {value!r}.")
+        else:
+            value = float(value)
+        values[key] = value
+    if "namespace_uri" not in values and printer.object is not None and printer.object.uri:
+        values["namespace_uri"] = printer.object.uri
+    try:
+        return CoordinatorConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} settings: {exc}") from None
+
+
+def forecast_overrides(printer: PrinterConfig, where: str) -> dict[str, Any]:
+    """The ``[printer.forecast]`` settings, checked (keys, types, ranges); the others
+    (random walk and process noise) come from the unit's estimator."""
+    table = dict(printer.forecast)
+    parsed = forecast_config_from_dict({"forecast": table}, where)
+    return {key: getattr(parsed, key) for key in table}
+
+
+def check_printer_settings(printer: PrinterConfig, where: str) -> None:
+    """Validate the ``[printer]`` sub-tables at site-file load time."""
+    coordinator_config(printer, where)
+    forecast_overrides(printer, where)
+
+
+# -- the printer session -------------------------------------------------------------------------
+class PrinterLink(OpcUaConnection):
+    """The supervised, secure client session to the printer.
+
+    The plant I/O's :class:`OpcUaConnection` on the ``[printer]`` endpoint: the same
+    security settings, trust folder and user, and the same supervision (a lost session is
+    dropped and a new one connects with back-off; namespaces are resolved again). It has
+    no units, reads nothing at connect and subscribes to nothing: the coordinator polls.
+    ``async with PrinterLink(site):`` starts the supervisor and always disconnects.
+    """
+
+    def __init__(self, site: SiteConfig) -> None:
+        if site.printer is None:
+            raise ConfigError(f"{site.path}: the site file has no [printer] table.")
+        endpoints = MappingProxyType({"printer": site.printer.endpoint})
+        super().__init__(dataclasses.replace(site, endpoints=endpoints), "printer")
+
+    async def _read_static(self) -> None:
+        """Nothing to read at connect (the coordinator reads the job nodes itself)."""
+
+    async def _subscribe(self) -> None:
+        """No subscription: the coordinator polls the job and machine states."""
+
+    def session(self) -> Client:
+        """The connected session now (raises PlantIOError, a ConnectionError, when down)."""
+        if not self.connected:
+            raise PlantIOError(
+                f"{self.endpoint}: printer not connected ({self.last_error or 'connecting'})"
+            )
+        return self._client()
+
+
+class _SessionProxy:
+    """The client the coordinator holds: each call goes to the link's current session (a
+    reconnect brings a new one), and fails at once while the link is down (the coordinator
+    records that as the printer being unreachable)."""
+
+    def __init__(self, link: PrinterLink) -> None:
+        self.link = link
+
+    async def get_namespace_index(self, uri: str) -> int:
+        return int(await self.link.session().get_namespace_index(uri))
+
+    def get_node(self, nodeid: Any) -> Any:
+        return self.link.session().get_node(nodeid)
+
+
+class _Recorder:
+    """The coordinator's recorder: the loop's (which keeps and retries what fails)."""
+
+    def __init__(self, record: Any) -> None:
+        self.record = record
+
+    def append_event(self, event: EventRecord) -> None:
+        self.record(event)
+
+
+# -- per unit ------------------------------------------------------------------------------------
+def attach_printing(loop: Any) -> UnitPrinting | None:
+    """The printer coordination of a unit's loop, or None: the plant I/O is not OPC UA with
+    a site file, the site has no ``[printer]``, or the control law has no state estimate
+    (recipe and rule controllers: no forecast, no print job)."""
+    site = getattr(getattr(loop.io, "connection", None), "site", None)
+    if not isinstance(site, SiteConfig) or site.printer is None:
+        return None
+    law = loop.law
+    if getattr(law, "estimator", None) is None or not hasattr(law, "last_estimate"):
+        log.info(
+            "unit=%s: %s has no state estimate: no harvest forecast and no print job",
+            loop.io.unit,
+            getattr(law, "name", type(law).__name__),
+        )
+        return None
+    try:
+        return UnitPrinting(loop, site)
+    except Exception:  # the printer must never keep the bioreactor from being controlled
+        log.critical(
+            "unit=%s printer coordination not started; the unit runs without it",
+            loop.io.unit,
+            exc_info=True,
+        )
+        return None
+
+
+class UnitPrinting:
+    """Harvest forecast and print job of one unit (see the module docstring).
+
+    Args:
+        loop: the unit's :class:`~controller.runtime.loop.UnitLoop` (its ``io``, ``law``,
+            ``settings``, ``summary`` and ``record_event``).
+        site: the site file (its ``[printer]`` table and security).
+    """
+
+    def __init__(self, loop: Any, site: SiteConfig) -> None:
+        if site.printer is None:
+            raise ConfigError(f"{site.path}: the site file has no [printer] table.")
+        self.loop = loop
+        self.site = site
+        self.printer = site.printer
+        self.where = f"{site.path} [printer]"
+        self.config = coordinator_config(self.printer, self.where)
+        self.overrides = forecast_overrides(self.printer, self.where)
+        self.harvest_time_h: float | None = loop.settings.harvest_time_h
+        self.link = PrinterLink(site)
+        self.coordinator: PrinterCoordinator | None = None
+        self.forecaster: HarvestForecaster | None = None
+        self.last_forecast: HarvestForecast | None = None
+        self.forecasts = 0
+        self._forecast_s = 0.0
+        self.skipped = 0
+        self._task: asyncio.Task[None] | None = None
+        self._opened = False
+        self._opened_at = math.nan
+        self._generation = 0
+        self._problems: dict[str, str] = {}
+        self._next_report_h = -math.inf
+        self._supervisor_reported = False
+
+    @property
+    def unit(self) -> str:
+        return str(self.loop.io.unit)
+
+    # -- records ---------------------------------------------------------------------------
+    def _event(self, severity: str, message: str, time_h: float, **data: Any) -> None:
+        level = {"info": logging.INFO, "warning": logging.WARNING}.get(severity, logging.ERROR)
+        log.log(level, "unit=%s printer: %s", self.unit, message)
+        self.loop.record_event(
+            EventRecord(
+                batch_id=self.loop.summary.batch_id,
+                unit=self.unit,
+                process_time_h=time_h,
+                wall_time=time.time(),
+                kind="printer",
+                severity=severity,
+                message=message,
+                data=data,
+            )
+        )
+
+    def _problem(self, key: str, message: str, time_h: float, severity: str = "warning") -> None:
+        """Record a problem once while it lasts (``_cleared`` reports its end)."""
+        if self._problems.get(key) == message:
+            log.debug("unit=%s printer: %s (again)", self.unit, message)
+            return
+        self._problems[key] = message
+        self._event(severity, message, time_h, action=f"{key}_failed")
+
+    def _cleared(self, key: str, message: str, time_h: float) -> None:
+        if self._problems.pop(key, None) is not None:
+            self._event("info", message, time_h, action=f"{key}_recovered")
+
+    # -- per cycle -------------------------------------------------------------------------
+    async def after_cycle(
+        self, time_h: float, stepped: bool, setpoints: Mapping[str, float], budget_s: float
+    ) -> None:
+        """The cycle's printer work (forecast if the law stepped, then poll), awaited for at
+        most ``budget_s`` wall seconds; beyond that it continues in the background and the
+        following cycles skip theirs until it ends."""
+        if self._task is not None and not self._task.done():
+            self.skipped += 1
+            log.debug("unit=%s printer work of an earlier cycle still runs: skipped", self.unit)
+            return
+        snapshot = None
+        if stepped:
+            estimate = getattr(self.loop.law, "last_estimate", None)
+            if estimate is not None:
+                snapshot = (estimate, getattr(self.loop.law, "last_result", None), dict(setpoints))
+        self._task = asyncio.create_task(
+            self._work(time_h, snapshot), name=f"printer-{self.unit}-{time_h:g}"
+        )
+        self._task.add_done_callback(self._work_done)
+        await asyncio.wait({self._task}, timeout=max(budget_s, 0.01))
+
+    def _work_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("unit=%s printer work failed", self.unit, exc_info=task.exception())
+
+    async def _work(
+        self, time_h: float, snapshot: tuple[Any, Any, dict[str, float]] | None
+    ) -> None:
+        try:
+            coordinator = await self._coordinator(time_h)
+            if coordinator is None:
+                return
+            if snapshot is not None:
+                forecast = await self._forecast(time_h, *snapshot)
+                if forecast is not None:
+                    try:
+                        coordinator.on_forecast(forecast, time_h)
+                    except ModelError as exc:
+                        self._problem("forecast", f"forecast not usable: {exc}", time_h)
+            await self._poll(time_h)
+            self._cleared("coordination", "printer coordination working again", time_h)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never into the control loop: record and go on
+            log.exception("unit=%s printer coordination failed", self.unit)
+            self._problem(
+                "coordination",
+                f"printer coordination failed ({type(exc).__name__}: {exc}); control goes on, "
+                "the job is retried at the next cycle",
+                time_h,
+                "alarm",
+            )
+
+    async def _coordinator(self, time_h: float) -> PrinterCoordinator | None:
+        """The coordinator, created once the batch is known (the link started with it)."""
+        if not self._opened:
+            self._opened = True
+            self._opened_at = time.monotonic()
+            await self.link.__aenter__()
+        supervisor = self.link.supervisor
+        if supervisor is not None and supervisor.done() and not self._supervisor_reported:
+            self._supervisor_reported = True
+            error = None if supervisor.cancelled() else supervisor.exception()
+            self._event(
+                "alarm",
+                f"printer connection stopped for good ({error!r}); no print job is handled: "
+                f"fix {self.where} and restart the controller",
+                time_h,
+                action="link_failed",
+            )
+        if self.coordinator is not None:
+            return self.coordinator
+        batch = str(self.loop.summary.batch_id or "")
+        if not batch:
+            return None
+        clock = getattr(getattr(self.loop.io, "connection", None), "clock", None)
+        self.coordinator = PrinterCoordinator(
+            self.config,
+            cast(Any, _SessionProxy(self.link)),
+            _Recorder(self.loop.record_event),
+            batch_id=batch,
+            patient_id=await self._patient_id(batch, time_h),
+            unit=self.unit,
+            batch_start=getattr(clock, "batch_start", None),
+        )
+        return self.coordinator
+
+    async def _patient_id(self, batch: str, time_h: float) -> str:
+        template = self.printer.patient_id
+        if template is None:
+            return batch
+        try:
+            ref = parse_node_ref(template, f"{self.where} patient_id", unit=self.unit)
+            value = await asyncio.wait_for(
+                self.loop.io.connection.read(ref), self.site.timing.request_timeout_s
+            )
+        except (PlantIOError, ConfigError, OSError, TimeoutError) as exc:
+            value, problem = None, f"{exc}"
+        else:
+            problem = f"{value!r} is not a patient id"
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        self._event(
+            "warning",
+            f"patient id not read from the bioreactor ({problem}); the print job carries the "
+            f"batch id {batch} as patient id",
+            time_h,
+            action="patient_id",
+        )
+        return batch
+
+    # -- the forecast ----------------------------------------------------------------------
+    def _build_forecaster(self) -> HarvestForecaster:
+        estimator = self.loop.law.estimator
+        config = dataclasses.replace(
+            ForecastConfig.from_estimator(estimator.config), **self.overrides
+        )
+        return HarvestForecaster(
+            estimator.model, config, factor_names=tuple(estimator.factor_names)
+        )
+
+    async def _forecast(
+        self, time_h: float, estimate: Any, result: Any, setpoints: dict[str, float]
+    ) -> HarvestForecast | None:
+        try:
+            if self.forecaster is None:
+                self.forecaster = await asyncio.to_thread(self._build_forecaster)
+            try:
+                plan = InputPlan.from_mpc(result) if result is not None else None
+            except ModelError:
+                plan = None  # a failed solve has no plan: hold what was applied
+            if plan is None:
+                plan = InputPlan.hold(setpoints, time_h)
+            forecast = await asyncio.to_thread(
+                self.forecaster.forecast, estimate, plan=plan, harvest_time_h=self.harvest_time_h
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # ModelError, ConfigError, numerical failures
+            self._problem(
+                "forecast",
+                f"harvest forecast failed ({type(exc).__name__}: {exc}); the job is kept as "
+                "it is and still released at the harvest",
+                time_h,
+            )
+            return None
+        self.forecasts += 1
+        self._forecast_s += forecast.elapsed_s
+        self.last_forecast = forecast
+        self._cleared("forecast", "harvest forecast available again", time_h)
+        if time_h >= self._next_report_h:
+            self._next_report_h = time_h + FORECAST_EVENT_EVERY_H
+            self._event(
+                "info",
+                describe(forecast),
+                time_h,
+                action="forecast",
+                forecast=forecast.summary(),
+                elapsed_s=forecast.elapsed_s,
+            )
+        return forecast
+
+    # -- the printer -----------------------------------------------------------------------
+    async def _poll(self, time_h: float) -> None:
+        coordinator = self.coordinator
+        if coordinator is None:
+            return
+        link = self.link
+        if link.generation == 0 and not link.connected:
+            # the first connection is still being made: no unreachable alarm before it had
+            # a fair chance (three request time-outs)
+            grace = 3.0 * self.site.timing.request_timeout_s
+            if time.monotonic() - self._opened_at < grace:
+                return
+        if link.generation != self._generation:
+            self._generation = link.generation
+            # a new session may number the namespaces differently: resolve again
+            coordinator._ns = None
+        connected = link.connected
+        before = len(coordinator.events)
+        await coordinator.poll(time_h)
+        failed = any(e.data.get("action") == "unreachable" for e in coordinator.events[before:])
+        if connected and failed:
+            link.lost("a printer request failed")  # the supervisor reconnects
+
+    async def finish(self, ended: str, stop: asyncio.Event) -> None:
+        """At the end of the unit's loop: at a harvest, release the job with the harvested
+        cells and follow it until it ends (bounded); otherwise leave the printer as it is."""
+        try:
+            await self._settle()
+            st = self.loop.io.status()
+            t = _process_time(st)
+            coordinator = self.coordinator
+            if ended != "harvest":
+                if coordinator is not None and coordinator.job is not None:
+                    self._event(
+                        "warning",
+                        f"controller {ended} before the harvest: job {coordinator.job.job_id} "
+                        f"stays on the printer as {coordinator.job_state or 'stored'}",
+                        t,
+                        action="left",
+                    )
+                return
+            coordinator = coordinator or await self._coordinator(t)
+            if coordinator is None:
+                return
+            cells, source = self._harvested_cells()
+            if cells is None:
+                self._event(
+                    "alarm",
+                    f"no viable-cell figure at the harvest ({source}): the print job is not "
+                    "released; release it on the printer with the counted cells",
+                    t,
+                    action="harvest_failed",
+                )
+                return
+            coordinator.on_harvest(t, cells)
+            await self._follow(coordinator, t, stop, source)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never into the control loop
+            log.exception("unit=%s printer hand-off failed", self.unit)
+            self._event(
+                "alarm",
+                f"printer hand-off at the end of the batch failed ({type(exc).__name__}: "
+                f"{exc}): check the job on the printer",
+                _process_time(self.loop.io.status()),
+                action="harvest_failed",
+            )
+        finally:
+            await self.close()
+
+    async def _settle(self) -> None:
+        """Let the last cycle's printer work end (it may be in a network call)."""
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=2.0 * self.site.timing.request_timeout_s)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def _harvested_cells(self) -> tuple[float | None, str]:
+        """Total viable cells at the harvest, 1e9 cells: the last online viable-cell density
+        (1e6 cells/mL = 1e9 cells/L) times the estimated volume (L); the estimate's own
+        viable cells when no good reading is there."""
+        estimate = getattr(self.loop.law, "last_estimate", None)
+        if estimate is None:
+            return None, "the law made no estimate"
+        volume = float(estimate.state.get("volume", math.nan))
+        readings = [
+            s
+            for s in self.loop.io.inputs().values()
+            if s.variable == "viable_cells" and s.source == "online" and s.quality == "good"
+        ]
+        if readings and math.isfinite(volume) and volume > 0:
+            latest = max(readings, key=lambda s: s.sample_time_h)
+            if math.isfinite(latest.value) and latest.value > 0:
+                return latest.value * volume, (
+                    f"viable-cell density {latest.value:.3g}e6/mL at {latest.sample_time_h:.1f} h "
+                    f"x estimated volume {volume:.3g} L"
+                )
+        cells = float(estimate.state.get("viable_cells", math.nan)) * volume
+        if math.isfinite(cells) and cells > 0:
+            return cells, f"estimate at {estimate.time_h:.1f} h"
+        return None, "no finite viable cells and volume"
+
+    async def _follow(
+        self, coordinator: PrinterCoordinator, harvest_h: float, stop: asyncio.Event, source: str
+    ) -> None:
+        """Poll until the job ended or aborted, ``finish_within_h`` process hours at most
+        (and as many wall seconds as that takes at the clock's speed, plus a minute)."""
+        within = self.printer.finish_within_h
+        st = self.loop.io.status()
+        speed = st.speed if st.speed > 0 else 1.0
+        wall_end = time.monotonic() + within * 3600.0 / speed + 60.0
+        interval = min(max(0.25 * self.loop.settings.period_h * 3600.0 / speed, 0.2), 10.0)
+        log.info(
+            "unit=%s harvest at %.2f h (%s): following the print job for up to %g h",
+            self.unit,
+            harvest_h,
+            source,
+            within,
+        )
+        t = harvest_h
+        while True:
+            t = max(t, _process_time(self.loop.io.status()))
+            await self._poll(t)
+            if coordinator.finished:
+                return
+            if stop.is_set():
+                self._event(
+                    "warning",
+                    "controller stopping while the print job is "
+                    f"{coordinator.job_state or 'not stored'}: follow it on the printer",
+                    t,
+                    action="left",
+                )
+                return
+            if t > harvest_h + within or time.monotonic() > wall_end:
+                job = coordinator.job
+                self._event(
+                    "alarm",
+                    f"print job {job.job_id if job else '(none)'} not finished {within:g} h after "
+                    f"the harvest (state {coordinator.job_state or 'unknown'}): follow it on the "
+                    "printer",
+                    t,
+                    action="timeout",
+                )
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    async def close(self) -> None:
+        """Stop the printer work and disconnect (idempotent)."""
+        if self._opened:
+            log.info(
+                "unit=%s printer: %d forecasts (%.3g s each on average), %d cycles skipped "
+                "(earlier printer work still running), job %s",
+                self.unit,
+                self.forecasts,
+                self._forecast_s / max(self.forecasts, 1),
+                self.skipped,
+                self.job_state or "none",
+            )
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._opened:
+            self._opened = False
+            await self.link.close()
+
+    @property
+    def job_state(self) -> str:
+        return self.coordinator.job_state if self.coordinator is not None else ""
+
+    @property
+    def finished(self) -> bool:
+        return self.coordinator is not None and self.coordinator.job_state in FINAL_STATES
+
+
+def _process_time(st: Any) -> float:
+    """Process time now: the plant's clock, extrapolated while it is not published."""
+    if st.connected and math.isfinite(st.clock_h):
+        return float(st.clock_h)
+    return float(st.now_h) if math.isfinite(st.now_h) else math.nan
+
+
+def describe(forecast: HarvestForecast) -> str:
+    """One line for the timeline: when the dose is reached and what a harvest yields."""
+    pct = round(100 * forecast.level)
+    if math.isfinite(forecast.dose_time_h):
+        high = (
+            f"{forecast.dose_time_high_h:.0f} h"
+            if math.isfinite(forecast.dose_time_high_h)
+            else "beyond the horizon"
+        )
+        dose = (
+            f"dose {forecast.dose_cells:.3g}e9 cells at {forecast.dose_time_h:.0f} h "
+            f"({pct} % interval {forecast.dose_time_low_h:.0f} h - {high})"
+        )
+    else:
+        dose = f"dose {forecast.dose_cells:.3g}e9 cells not reached within the horizon (median)"
+    return (
+        f"harvest forecast: {dose}; P(dose by the {forecast.harvest_time_h:g} h harvest) "
+        f"{forecast.probability_dose_by_harvest:.2f}; {forecast.harvest_cells:.3g}e9 viable "
+        f"cells at the harvest ({forecast.harvest_cells_low:.3g}-"
+        f"{forecast.harvest_cells_high:.3g})"
+    )
