@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="MPC tuning file (default configs/mpc_<model>.toml)",
     )
     sim.add_argument(
+        "--residual",
+        type=Path,
+        default=None,
+        help="fitted residual of hybrid-mpc (`hmpc fit` output, .npz); default: a benchmark "
+        "residual fitted on simulated batches of other patients (T cell only)",
+    )
+    sim.add_argument(
         "--faults",
         default=None,
         help="inject sensor faults: comma-separated kinds or 'all' "
@@ -205,10 +212,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             plant.model = cho_truth_model(patient, cproc, ctruth)
         days = args.days if args.days is not None else cproc.harvest_time / 24.0
     controller: Any
+    if args.residual is not None and args.controller != "hybrid-mpc":
+        raise ValueError(f"--residual is for --controller hybrid-mpc, not {args.controller}")
     if args.controller in MPC_NAMES:
         from sim.mpc_controllers import make_mpc_controller
 
-        controller = make_mpc_controller(args.controller, plant, args.mpc_config)
+        controller = make_mpc_controller(
+            args.controller, plant, args.mpc_config, residual=args.residual
+        )
     else:
         controller = make_baseline(args.controller, args.model)
     faults = None

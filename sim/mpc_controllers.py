@@ -254,14 +254,15 @@ def make_mpc_controller(
 
     Args:
         name: ``mechanistic-mpc`` (estimator + MPC on the nominal model, as deployed:
-            :func:`controller.control.build_controller`), ``hybrid-mpc`` (T cell: the
-            same on the hybrid model nominal + GP growth-rate residual) or ``oracle`` (the
+            :func:`controller.control.build_controller`), ``hybrid-mpc`` (the
+            same on the hybrid model: nominal + GP growth-rate residual) or ``oracle`` (the
             plant's truth model and true state).
         plant: the virtual bioreactor (the oracle reads its model and state).
         config_path: MPC tuning file (default ``configs/mpc_<kind>.toml``).
-        residual: fitted residual file for ``hybrid-mpc`` (``hmpc fit`` output). Without
-            one, a benchmark residual is fitted on ``gp_points`` rate samples of earlier
-            simulated batches of other patients (:func:`fit_growth_residual_gp`).
+        residual: fitted residual file for ``hybrid-mpc`` (``hmpc fit`` output; required
+            for CHO). Without one (T cell), a benchmark residual is fitted on ``gp_points``
+            rate samples of earlier simulated batches of other patients
+            (:func:`fit_growth_residual_gp`).
         learner: in-batch learning hook of the hybrid residual
             (:data:`controller.control.ResidualLearner`).
     Raises:
@@ -282,8 +283,12 @@ def make_mpc_controller(
         raise ValueError(
             f"unknown MPC controller {name!r}; expected one of {', '.join(MPC_CONTROLLERS)}"
         )
-    if name == "hybrid-mpc" and plant.kind != "tcell":
-        raise ValueError("hybrid-mpc exists for the T-cell model only (GP on its growth rate)")
+    if name == "hybrid-mpc" and plant.kind != "tcell" and residual is None:
+        raise ValueError(
+            f"hybrid-mpc on the {plant.kind} model needs a fitted residual (--residual FILE, "
+            f"from `hmpc fit --model {plant.kind}`); the built-in benchmark residual is "
+            "for the T-cell model"
+        )
     path = Path(config_path) if config_path is not None else None
     if name == "hybrid-mpc" and residual is None:
         with tempfile.TemporaryDirectory(prefix="hmpc-residual-") as tmp:

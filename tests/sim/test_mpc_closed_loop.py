@@ -15,6 +15,7 @@ import pytest
 
 from controller.mpc import NonlinearMPC
 from controller.mpc_config import load_mpc_config, with_process_limits
+from plant_models.errors import ConfigError
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 from sim.bench_mpc import (
     CONFIG_DIR,
@@ -84,10 +85,43 @@ def test_hybrid_mpc_runs_with_a_learned_residual() -> None:
     assert last.predicted_state_std[-1, list(last.state_names).index("viable_cells")] > 0
 
 
-def test_hybrid_mpc_needs_the_tcell_model() -> None:
+def test_hybrid_mpc_on_cho_needs_a_fitted_residual() -> None:
     plant = VirtualBioreactor.cho(VirtualPatient.nominal())
-    with pytest.raises(ValueError, match="T-cell"):
+    with pytest.raises(ValueError, match="--residual"):
         make_mpc_controller("hybrid-mpc", plant)
+
+
+def test_hybrid_mpc_on_cho_from_cohort_records(tmp_path: Path) -> None:
+    """CHO end to end through the CLIs: rule cohort -> hmpc fit -> simulate hybrid-mpc."""
+    from controller.cli import main as hmpc_main
+    from sim.cli import main as sim_main
+
+    cohort = tmp_path / "cohort"
+    assert sim_main(["cohort", "--model", "cho", "--patients", "4", "--seed", "3",
+                     "--controller", "rule", "--out", str(cohort)]) == 0  # fmt: skip
+    residual = tmp_path / "residual.npz"
+    assert hmpc_main(["fit", "--data", str(cohort / "*" / "trajectory.csv"), "--model", "cho",
+                      "--batch-effect", "none", "--out", str(residual),
+                      "--report", str(tmp_path / "fit")]) == 0  # fmt: skip
+    out = tmp_path / "run"
+    assert sim_main(["simulate", "--model", "cho", "--controller", "hybrid-mpc",
+                     "--residual", str(residual), "--patient-seed", "5", "--days", "0.5",
+                     "--out", str(out)]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["controller"] == "hybrid-mpc" and summary["model"] == "cho"
+    assert summary["mpc_steps"] == 12 and summary["hard_constraint_violations"] == 0
+    # the residual names the model it was trained for: a T-cell run refuses it
+    with pytest.raises(ConfigError, match="'ammonia' is not a model variable"):
+        plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+        make_mpc_controller("hybrid-mpc", plant, residual=residual)
+
+
+def test_residual_flag_is_for_hybrid_mpc_only(tmp_path: Path) -> None:
+    from sim.cli import main as sim_main
+
+    status = sim_main(["simulate", "--controller", "mechanistic-mpc", "--residual",
+                       str(tmp_path / "r.npz"), "--out", str(tmp_path / "o")])  # fmt: skip
+    assert status == 2 and not (tmp_path / "o").exists()
 
 
 def test_unknown_controller_name() -> None:
