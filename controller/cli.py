@@ -241,6 +241,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                     "rmse_mechanistic": fold_result["rmse_mechanistic"],
                     "rmse_hybrid": fold_result["rmse_hybrid"],
                     "coverage_95": fold_result["coverage_95"],
+                    **{k: v for k, v in fold_result.items() if k.endswith("_true")},
                 }
             )
             log.info("fold %d of %d done", k + 1, args.folds)
@@ -265,6 +266,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "rmse_unit": "1e6 cells/mL",
         "coverage_95": validation["coverage_95"],
         "coverage_95_population": validation["coverage_95_population"],
+        **{k: v for k, v in validation.items() if k.endswith("_true")},
         "per_batch": validation["per_batch"],
         "start_smoothing_h": args.smoothing_hours,
         "observe_every_h": args.every_hours,
@@ -299,12 +301,26 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"own data {summary['rmse_hybrid_population']:.3f}) 1e6 cells/mL; 95 % band covers "
         f"{summary['coverage_95']:.0%} of {len(validation['rows'])} held-out points"
     )
+    if "rmse_mechanistic_true" in summary:
+        print(
+            "against the simulated true viable cells (no probe noise on the compared value): "
+            f"mechanistic {summary['rmse_mechanistic_true']:.3f}, hybrid "
+            f"{summary['rmse_hybrid_true']:.3f} ({summary['rmse_reduction_true']:.0%} lower); "
+            f"the model's 95 % band covers {summary['coverage_95_true']:.0%}"
+        )
     if cross is not None:
         print(
             f"{args.folds}-fold cross-validation over all {len(records)} batches "
             f"({cross['predictions']} predictions): mechanistic {cross['rmse_mechanistic']:.3f}, "
             f"hybrid {cross['rmse_hybrid']:.3f} ({cross['rmse_reduction']:.0%} lower), 95 % "
             f"band covers {cross['coverage_95']:.0%}"
+            + (
+                f"; against the true cells: mechanistic {cross['rmse_mechanistic_true']:.3f}, "
+                f"hybrid {cross['rmse_hybrid_true']:.3f} ({cross['rmse_reduction_true']:.0%} "
+                f"lower), band covers {cross['coverage_95_true']:.0%}"
+                if "rmse_mechanistic_true" in cross
+                else ""
+            )
         )
     print(f"wrote {args.out}, {args.report}/validation.json, {args.report}/validation.png")
     return 0
@@ -322,12 +338,37 @@ def _pooled_figures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     z = np.log(np.maximum(meas, 1e-9) / pred) / sd
     mech, hyb = rmse("mechanistic"), rmse("hybrid")
     return {
+        **_true_state_figures(rows),
         "predictions": len(rows),
         "rmse_mechanistic": mech,
         "rmse_hybrid": hyb,
         "rmse_hybrid_population": rmse("hybrid_population"),
         "rmse_reduction": 1.0 - hyb / mech if mech > 0 else math.nan,
         "coverage_95": float(np.mean(np.abs(z) <= 1.959964)),
+    }
+
+
+def _true_state_figures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The same figures against the simulated true viable cells (``*_true`` keys), when every
+    compared batch carries them; empty for real site records. The band is then the model's
+    alone (start estimate + residual), without the compared reading's probe noise."""
+    true = np.array([r.get("true", math.nan) for r in rows], dtype=float)
+    if not rows or not np.all(np.isfinite(true)):
+        return {}
+
+    def rmse(key: str) -> float:
+        return float(np.sqrt(np.mean((np.array([r[key] for r in rows]) - true) ** 2)))
+
+    pred = np.maximum(np.array([r["hybrid"] for r in rows]), 1e-9)
+    sd = np.maximum(np.array([r["sd_log_model"] for r in rows]), 1e-12)
+    z = np.log(np.maximum(true, 1e-9) / pred) / sd
+    mech, hyb = rmse("mechanistic"), rmse("hybrid")
+    return {
+        "rmse_mechanistic_true": mech,
+        "rmse_hybrid_true": hyb,
+        "rmse_hybrid_population_true": rmse("hybrid_population"),
+        "rmse_reduction_true": 1.0 - hyb / mech if mech > 0 else math.nan,
+        "coverage_95_true": float(np.mean(np.abs(z) <= 1.959964)),
     }
 
 
@@ -384,6 +425,7 @@ def validate_24h(
     import copy
 
     from controller.training import (
+        TRUE_CELLS_KEY,
         causal_log_cells,
         estimate_log_noise,
         growth_rate_observations,
@@ -464,12 +506,18 @@ def validate_24h(
             end_var_p = float(noise.variance(xp[i_cells]))
             end_var_o = float(noise.variance(xo[i_cells]))
             measured = float(x[end, i_cells])
+            true_end = (
+                float(rec.steps[TRUE_CELLS_KEY].iloc[end])
+                if TRUE_CELLS_KEY in rec.steps
+                else math.nan
+            )
             rows.append(
                 {
                     "batch": rec.name,
                     "start": float(t[i]),
                     "time": float(t[end]),
                     "measured": measured,
+                    "true": true_end,
                     "mechanistic": float(xm[i_cells]),
                     "hybrid_population": float(xp[i_cells]),
                     "hybrid": float(xo[i_cells]),
@@ -507,6 +555,7 @@ def validate_24h(
         }
     return {
         "rows": rows,
+        **_true_state_figures(rows),
         "rmse_mechanistic": rmse("mechanistic"),
         "rmse_hybrid": rmse("hybrid"),
         "rmse_hybrid_online": rmse("hybrid"),

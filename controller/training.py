@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 
+#: The true viable-cell density column of simulated records (``hmpc-sim`` writes the plant's
+#: state next to its measurements); real site records do not have it. When present, the
+#: validation also scores the predictions against it (no probe noise on the compared value).
+TRUE_CELLS = "viable_cells"
+TRUE_CELLS_KEY = "true_viable_cells"
+
 REQUIRED = ("time", "measured_viable_cells", "measured_glucose", "measured_lactate", "volume")
 _HEADER = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(\[.*\])?\s*$")
 
@@ -82,6 +88,8 @@ def read_batch_record(path: str | Path, model: MechanisticModel[object]) -> Batc
     if len(raw) < 3:
         raise ConfigError(f"{p}: batch record has {len(raw)} rows; at least 3 are needed.")
     steps = raw[needed].astype(float)
+    if TRUE_CELLS in raw.columns:  # simulator records carry the true state as well
+        steps[TRUE_CELLS_KEY] = raw[TRUE_CELLS].astype(float)
     if not np.all(np.diff(steps["time"].to_numpy()) > 0):
         raise ConfigError(f"{p}: time must increase strictly from row to row.")
     assay_path = p.with_name("assays.csv")

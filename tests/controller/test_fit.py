@@ -243,3 +243,35 @@ def test_fit_errors_are_messages(tmp_path: Path, capsys: pytest.CaptureFixture[s
         == 2
     )
     assert "unknown ['lactic']" in capsys.readouterr().err
+
+
+def test_validation_scores_against_the_true_cells_of_simulated_records(records: Path) -> None:
+    """Simulator records carry the true viable cells: the validation scores the same
+    predictions against them too (``*_true``); site records without them get no such keys."""
+    model = nominal_model("tcell")
+    recs = load_batch_records(str(records / "*" / "trajectory.csv"), model)
+    gp = GPResidual(
+        ("lactate", "culture_age"), ("mM", "h"), "growth_rate_residual", "1/h",
+        training_iterations=20,
+    )  # fmt: skip
+    obs = growth_rate_observations(recs[:3], model, ["lactate", "culture_age"])
+    gp.fit(obs[["lactate", "culture_age"]].to_numpy(float), obs["residual"].to_numpy(float))
+    hybrid = HybridModel(model, [RateCorrection("growth_rate", gp, "additive")])
+    result = validate_24h(model, hybrid, recs[3:])
+    truth = pd.read_csv(records / recs[3].name / "trajectory.csv")
+    rows = result["rows"]
+    true = np.interp(
+        [r["time"] for r in rows], truth["time [h]"], truth["viable_cells [1e6 cells/mL]"]
+    )
+    np.testing.assert_allclose([r["true"] for r in rows], true, rtol=1e-12)
+    mech = np.sqrt(np.mean((np.array([r["mechanistic"] for r in rows]) - true) ** 2))
+    assert result["rmse_mechanistic_true"] == pytest.approx(mech, rel=1e-12)
+    assert 0.0 <= result["coverage_95_true"] <= 1.0
+    # the measured value is the true one plus probe noise: they differ
+    assert result["rmse_mechanistic_true"] != pytest.approx(result["rmse_mechanistic"])
+    site = BatchRecord(
+        recs[3].name, recs[3].steps.drop(columns="true_viable_cells"), recs[3].assays
+    )
+    plain = validate_24h(model, hybrid, [site])
+    assert not [k for k in plain if k.endswith("_true")]
+    assert plain["rmse_mechanistic"] == pytest.approx(result["rmse_mechanistic"], rel=1e-12)
