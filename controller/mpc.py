@@ -378,7 +378,8 @@ class NonlinearMPC:
         p_tight = sym.sym("tightening", nx, n)
         p_q = sym.sym("residual_linearisation", nq, n)
         p_model = sym.sym("model_parameters", npar)
-        params = [p_x0, p_u, p_t0, p_mask, p_term, p_dose, p_ref, p_tight, p_q, p_model]
+        p_over = sym.sym("overshoot_active")
+        params = [p_x0, p_u, p_t0, p_mask, p_term, p_dose, p_ref, p_tight, p_q, p_model, p_over]
 
         g: list[Any] = []
         lbg: list[FloatArray] = []
@@ -431,6 +432,9 @@ class NonlinearMPC:
             cells_end = ca.sum2(p_term * xp[ic, 1:] * xp[iv, 1:])
             add(1.0 - cells_end / p_dose - sd, -np.inf, 0.0, staged=False)
             cost += c.dose.weight * sd**2 + c.dose.weight_linear * sd
+            if c.dose.overshoot_weight > 0:
+                excess = ca.fmax(cells_end / p_dose - 1.0 - c.dose.overshoot_band, 0.0)
+                cost += p_over * c.dose.overshoot_weight * excess**2
             if c.dose.viability_weight > 0:
                 viability = self._viability_expr(xp)
                 if viability is not None:
@@ -756,11 +760,13 @@ class NonlinearMPC:
         mask[:active] = 1.0
         term = np.zeros(n)
         term[active - 1] = 1.0
-        dose_target = 1.0
+        dose_target, overshoot_active = 1.0, 0.0
         if c.objective == "dose-by-date":
             base = float(c.dose.dose_cells or 0.0) * (1.0 + c.dose.margin)
             to_go = max(float(harvest or 0.0) - times[active], 0.0)
             dose_target = base * math.exp(-c.dose.reference_growth_rate * to_go)
+            # the overshoot penalty holds at the harvest only, not on the discounted target
+            overshoot_active = 1.0 if to_go <= 1e-9 else 0.0
         refs = self._references(references)
         guess_states, guess_inputs, lam = self._initial_guess(x, t, up)
         rate_std, state_std = self._uncertainty(guess_states, guess_inputs, times)
@@ -777,6 +783,7 @@ class NonlinearMPC:
             tight,
             lin,
             self._pvals,
+            np.array([overshoot_active]),
         ]
         p = np.concatenate([np.asarray(v, dtype=float).reshape(-1, order="F") for v in params])
         w0 = self._pack(guess_states, guess_inputs, x, dose_target, term)

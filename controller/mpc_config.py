@@ -113,6 +113,11 @@ class DoseObjective:
         weight: quadratic penalty on the relative dose shortfall at harvest.
         weight_linear: linear (exact) penalty on the relative dose shortfall.
         viability_weight: penalty on ``1 - viability`` at the end of the horizon.
+        overshoot_weight: quadratic penalty on the relative excess of the cells at the
+            harvest above ``target * (1 + overshoot_band)`` (on-target, reproducible
+            doses: fast growers are held back instead of tripling the dose). Applied only
+            once the harvest lies within the horizon. 0 turns it off.
+        overshoot_band: relative band above the target that costs nothing.
         reference_growth_rate: 1/h; while the harvest lies beyond the horizon, the end of
             the horizon must hold ``target * exp(-rate * time still to harvest)``.
         cells_state, volume_state: state names whose product is the total viable cells.
@@ -124,6 +129,8 @@ class DoseObjective:
     weight: float = 100.0
     weight_linear: float = 20.0
     viability_weight: float = 1.0
+    overshoot_weight: float = 0.0
+    overshoot_band: float = 0.5
     reference_growth_rate: float = 0.02
     cells_state: str = "viable_cells"
     volume_state: str = "volume"
@@ -431,6 +438,12 @@ def config_from_dict(data: Mapping[str, Any], source: str) -> MPCConfig:
         weight_linear=_number(dose_t, "weight_linear", w, 20.0, _meta("1", 0.0, 1e8, "weight")),
         viability_weight=_number(
             dose_t, "viability_weight", w, 1.0, _meta("1", 0.0, 1e8, "weight")
+        ),
+        overshoot_weight=_number(
+            dose_t, "overshoot_weight", w, 0.0, _meta("1", 0.0, 1e8, "weight")
+        ),
+        overshoot_band=_number(
+            dose_t, "overshoot_band", w, 0.5, _meta("1", 0.0, 100.0, "overshoot band")
         ),
         reference_growth_rate=_number(
             dose_t, "reference_growth_rate", w, 0.02, _meta("1/h", 0.0, 1.0, "growth rate")

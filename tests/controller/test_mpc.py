@@ -164,7 +164,13 @@ glucose = { reference = 8.0, weight = 1.0 }
 
 
 def test_shipped_configs_load() -> None:
-    for name in ("mpc_tcell.toml", "mpc_cho.toml", "mpc_tcell_hourly.toml", "mpc_dompc_batch.toml"):
+    for name in (
+        "mpc_tcell.toml",
+        "mpc_cho.toml",
+        "mpc_tcell_hourly.toml",
+        "mpc_tcell_ontarget.toml",
+        "mpc_dompc_batch.toml",
+    ):
         cfg = load_mpc_config(REPO / "configs" / name)
         assert cfg.horizon >= 1 and cfg.source.endswith(name)
 
@@ -326,6 +332,46 @@ def test_dose_by_date_plans_to_reach_the_dose(tcell: TCellExpansionModel) -> Non
     target = cfg.dose.dose_cells * (1 + cfg.dose.margin)
     assert cells >= target * (1 - 1e-4)
     assert res.slacks["dose_shortfall"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_overshoot_penalty_holds_a_fast_grower_back_at_the_harvest(
+    tcell: TCellExpansionModel,
+) -> None:
+    """A patient far ahead of the dose: without the penalty the plan ends well above 1.5x
+    the target; with it the plan ends lower, by using less of what drives growth."""
+    x = state_at(tcell, viable_cells=18.0, lactate=8.0, glucose=14.0, inhibitor=250.0)
+    u0 = {"perfusion_rate": 2.0, "glucose_feed": 0.0, "il2_addition": 0.0}
+    plain_cfg = small_tcell_config(tcell)
+    dose = dataclasses.replace(plain_cfg.dose, overshoot_weight=2000.0, overshoot_band=0.5)
+    results = {}
+    for name, cfg in (
+        ("plain", plain_cfg),
+        ("on_target", dataclasses.replace(plain_cfg, dose=dose)),
+    ):
+        res = NonlinearMPC(tcell, cfg).step(x, 150.0, u0)
+        assert res.success
+        end = res.predicted_states[res.horizon_steps]
+        names = list(res.state_names)
+        results[name] = (end[names.index("viable_cells")] * end[names.index("volume")], res)
+    target = plain_cfg.dose.dose_cells * (1 + plain_cfg.dose.margin)
+    assert results["plain"][0] > 1.5 * target
+    assert results["on_target"][0] < results["plain"][0] - 0.05 * target
+    assert results["on_target"][0] >= target  # never below the dose target for it
+    used = {k: r.predicted_inputs[: r.horizon_steps, 0].sum() for k, (_, r) in results.items()}
+    assert used["on_target"] < used["plain"]  # less perfusion
+
+
+def test_overshoot_penalty_is_off_while_the_harvest_is_beyond_the_horizon(
+    tcell: TCellExpansionModel,
+) -> None:
+    cfg = small_tcell_config(tcell)  # 12 steps of 4 h: the 192 h harvest is beyond at t=20 h
+    on = dataclasses.replace(cfg, dose=dataclasses.replace(cfg.dose, overshoot_weight=2000.0))
+    x = state_at(tcell, viable_cells=3.0)
+    u0 = {"perfusion_rate": 1.0, "glucose_feed": 0.0, "il2_addition": 0.0}
+    a = NonlinearMPC(tcell, cfg).step(x, 20.0, u0)
+    b = NonlinearMPC(tcell, on).step(x, 20.0, u0)
+    assert a.success and b.success
+    np.testing.assert_allclose(b.predicted_inputs, a.predicted_inputs, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- failures
