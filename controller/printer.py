@@ -149,6 +149,27 @@ class PrinterConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(PrinterConfig)}
 
 
+def typed_settings(section: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The values of a printer settings table with their types checked: ``job_prefix`` and
+    ``namespace_uri`` strings, every other key a number (as float).
+
+    Raises:
+        ConfigError: a value of the wrong type (the message names ``where`` and the key).
+    """
+    values: dict[str, Any] = {}
+    for key, value in section.items():
+        at = f"{where} {key}"
+        if key in ("job_prefix", "namespace_uri"):
+            if not isinstance(value, str):
+                raise ConfigError(f"{at}: expected a string, got {value!r}.")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{at}: expected a number, got {value!r}.")
+        else:
+            value = float(value)
+        values[key] = value
+    return values
+
+
 def load_printer_config(path: str | Path) -> PrinterConfig:
     """Load the ``[printer]`` table of a TOML file (other tables are left to their owners).
 
@@ -162,17 +183,7 @@ def load_printer_config(path: str | Path) -> PrinterConfig:
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where}: a [printer] table is needed.")
     check_keys(section, sorted(_FIELDS), f"{where} [printer]")
-    values: dict[str, Any] = {}
-    for key, value in section.items():
-        at = f"{where} [printer] {key}"
-        if key in ("job_prefix", "namespace_uri"):
-            if not isinstance(value, str):
-                raise ConfigError(f"{at}: expected a string, got {value!r}.")
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{at}: expected a number, got {value!r}.")
-        else:
-            value = float(value)
-        values[key] = value
+    values = typed_settings(section, f"{where} [printer]")
     try:
         return PrinterConfig(**values)
     except ConfigError as exc:

@@ -48,7 +48,7 @@ from controller.forecast import (
     InputPlan,
     forecast_config_from_dict,
 )
-from controller.printer import FINAL_STATES, PrinterCoordinator
+from controller.printer import FINAL_STATES, PrinterCoordinator, typed_settings
 from controller.printer import PrinterConfig as CoordinatorConfig
 from controller.records import EventRecord
 from controller.runtime.plant_io import OpcUaConnection
@@ -83,17 +83,7 @@ def coordinator_config(printer: PrinterConfig, where: str) -> CoordinatorConfig:
     """
     settings = dict(printer.settings)
     check_keys(settings, sorted(_COORDINATOR_FIELDS), f"{where} settings")
-    values: dict[str, Any] = {}
-    for key, value in settings.items():
-        at = f"{where} settings {key}"
-        if key in ("job_prefix", "namespace_uri"):
-            if not isinstance(value, str):
-                raise ConfigError(f"{at}: expected a string, got {value!r}.")
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{at}: expected a number, got {value!r}.")
-        else:
-            value = float(value)
-        values[key] = value
+    values = typed_settings(settings, f"{where} settings")
     if "namespace_uri" not in values and printer.object is not None and printer.object.uri:
         values["namespace_uri"] = printer.object.uri
     try:

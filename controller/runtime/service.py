@@ -164,8 +164,15 @@ async def serve(
     installed: list[signal.Signals] = []
     if signals:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
+            try:
                 loop.add_signal_handler(sig, _stopper(stop_event, sig))
+            except (NotImplementedError, RuntimeError) as exc:  # no signals off the main thread
+                log.warning(
+                    "cannot handle %s here (%s); stop the service by its stop event",
+                    sig.name,
+                    exc,
+                )
+            else:
                 installed.append(sig)
     try:
         async with contextlib.AsyncExitStack() as stack:

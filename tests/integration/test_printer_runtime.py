@@ -198,22 +198,27 @@ def _printer_events(historian: Historian, batch: str) -> list[EventRecord]:
     return historian.events(batch, kind="printer")
 
 
-def test_forecast_schedules_the_job_released_at_harvest_and_printed(
-    tmp_path: Path, pki: Path
-) -> None:
-    harvest = 48.0
+def _start_plant(pki: Path, patient_seed: int) -> PlantThread:
+    """A paused one-unit simulator with its printer on free loopback ports."""
     port, printer_port = free_ports(2)
     config = SimulatorConfig(
         port=port,
         printer_port=printer_port,
         units=1,
         speed=SPEED,
-        patient_seed=7,
+        patient_seed=patient_seed,
         pki=pki,
         heartbeat_timeout_s=5.0,
         plant_step_h=1.0,
     )
-    plant = PlantThread(config, paused=True).start()
+    return PlantThread(config, paused=True).start()
+
+
+def test_forecast_schedules_the_job_released_at_harvest_and_printed(
+    tmp_path: Path, pki: Path
+) -> None:
+    harvest = 48.0
+    plant = _start_plant(pki, patient_seed=7)
     try:
         site = _site(tmp_path, plant, pki, harvest)
         law = _law(_process_file(tmp_path, dose=1.0, harvest=harvest), harvest)
@@ -276,18 +281,7 @@ def test_printer_outage_does_not_stop_the_control_writes(tmp_path: Path, pki: Pa
     setpoint bundles every hour as before (all Good, in Remote), the outage is one alarm,
     the return an info, and the job is still released and printed at the harvest."""
     harvest = 24.0
-    port, printer_port = free_ports(2)
-    config = SimulatorConfig(
-        port=port,
-        printer_port=printer_port,
-        units=1,
-        speed=SPEED,
-        patient_seed=3,
-        pki=pki,
-        heartbeat_timeout_s=5.0,
-        plant_step_h=1.0,
-    )
-    plant = PlantThread(config, paused=True).start()
+    plant = _start_plant(pki, patient_seed=3)
     server = plant.s.printer_server
     assert server is not None
 
