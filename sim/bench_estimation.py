@@ -23,7 +23,12 @@ score it. Scenarios:
   ``fault_drift_gain_checked``, ``fault_all_gain_checked``: with the calibration check;
   ``fault_drift_no_probe_gain``: a drifting probe and no probe-gain state;
   ``fault_drift_online_only``: a drifting probe and no assays;
-- ``fault_all``: every fault kind at once.
+- ``fault_all``: every fault kind at once;
+- ``online_only_miscalibrated``, ``with_assays_miscalibrated``,
+  ``with_assays_gain_checked_miscalibrated``: the same patients with a second recorded
+  stream whose online viable-cell probe is off by a constant per-batch calibration factor
+  (``ln(gain)`` normal with sd ``probe_calibration_sd``, 10 % by default: the probe's
+  cells-per-signal factor is fitted on other batches and depends on cell size [check]).
 
 Score: root-mean-square error of the present estimate of viable cells over every step of
 every patient (1e6 cells/mL), plus viability and IL-2 (which only the assays measure).
@@ -53,6 +58,7 @@ from sim.closed_loop import default_limiter
 from sim.faults import FAULT_KINDS, FaultInjector, default_fault
 from sim.patients import PatientCohort, VirtualPatient
 from sim.plant import VirtualBioreactor
+from sim.sensors import SensorSpec, default_sensor_spec
 from sim.truth import load_tcell_truth_parameters
 
 __all__ = [
@@ -90,10 +96,16 @@ class RecordedStep:
 
 
 def record_batch(
-    patient: VirtualPatient, *, seed: int, days: float = 8.0, step_h: float = 1.0
+    patient: VirtualPatient,
+    *,
+    seed: int,
+    days: float = 8.0,
+    step_h: float = 1.0,
+    sensors: SensorSpec | None = None,
 ) -> list[RecordedStep]:
-    """Run one T-cell batch under the recipe baseline and record the measurement stream."""
-    plant = VirtualBioreactor.tcell(patient, seed=seed)
+    """Run one T-cell batch under the recipe baseline and record the measurement stream
+    (``sensors``: the plant's sensor specification; default: exactly calibrated probes)."""
+    plant = VirtualBioreactor.tcell(patient, seed=seed, sensors=sensors)
     controller = make_baseline("recipe", "tcell")
     limiter = default_limiter(plant)
     inputs = {n: plant.bounds[n][0] for n in plant.model.input_names}
@@ -227,6 +239,8 @@ class _Scenario:
     timing: str = "late"
     # default, gain_checked, no_probe_gain, growth_noise (on no_probe_gain without assays)
     config: str = "default"
+    # the recorded stream: exactly calibrated probe, or a per-batch calibration error
+    miscalibrated: bool = False
 
 
 def _scenarios(fault_kinds: Sequence[str]) -> list[_Scenario]:
@@ -257,6 +271,18 @@ def _scenarios(fault_kinds: Sequence[str]) -> list[_Scenario]:
             )
         )
     out.append(_Scenario("fault_all", faults=tuple(fault_kinds)))
+    out += [
+        _Scenario(
+            "online_only_miscalibrated",
+            use_assays=False,
+            config="no_probe_gain",
+            miscalibrated=True,
+        ),
+        _Scenario("with_assays_miscalibrated", miscalibrated=True),
+        _Scenario(
+            "with_assays_gain_checked_miscalibrated", config="gain_checked", miscalibrated=True
+        ),
+    ]
     out.append(
         _Scenario("fault_all_gain_checked", faults=tuple(fault_kinds), config="gain_checked")
     )
@@ -271,10 +297,16 @@ def run_estimation_benchmark(
     step_h: float = 1.0,
     fault_kinds: Sequence[str] = FAULT_KINDS,
     config: EstimatorConfig | None = None,
+    probe_calibration_sd: float = 0.10,
 ) -> dict[str, Any]:
     """The estimation figures on a seeded cohort (see the module docstring); ``config``
-    replaces the default estimator configuration (variants are derived from it)."""
+    replaces the default estimator configuration (variants are derived from it);
+    ``probe_calibration_sd``: sd of ln(gain) of the viable-cell probe in the
+    ``*_miscalibrated`` scenarios."""
     t0 = time.perf_counter()
+    miscalibrated_sensors = dataclasses.replace(
+        default_sensor_spec("tcell"), online_calibration_sd={"viable_cells": probe_calibration_sd}
+    )
     model = TCellExpansionModel(load_tcell_parameters()[0], load_tcell_process()[0])
     default = config if config is not None else EstimatorConfig.for_model(model)
     no_gain = dataclasses.replace(default, online_gains=())
@@ -302,11 +334,23 @@ def run_estimation_benchmark(
         "with_assays": [],
         "with_assays_gain_checked": [],
         "with_assays_no_probe_gain": [],
+        "online_only_miscalibrated": [],
+        "with_assays_miscalibrated": [],
     }
     for i, patient in enumerate(cohort):
-        steps = record_batch(patient, seed=seed * 100003 + i, days=days, step_h=step_h)
-        raw.append(_raw_online_error(steps))
+        streams = {
+            False: record_batch(patient, seed=seed * 100003 + i, days=days, step_h=step_h),
+            True: record_batch(
+                patient,
+                seed=seed * 100003 + i,
+                days=days,
+                step_h=step_h,
+                sensors=miscalibrated_sensors,
+            ),
+        }
+        raw.append(_raw_online_error(streams[False]))
         for sc in scenarios:
+            steps = streams[sc.miscalibrated]
             injector = None
             if sc.faults:
                 specs = [default_fault(k) for k in sc.faults]
@@ -362,6 +406,20 @@ def run_estimation_benchmark(
         )
         for name in ("with_assays", "with_assays_gain_checked", "with_assays_no_probe_gain")
     }
+    figures["rmse_reduction_from_assays_miscalibrated_probe"] = _reduction(
+        figures["rmse_viable_cells_with_assays_miscalibrated"],
+        figures["rmse_viable_cells_online_only_miscalibrated"],
+    )
+    figures["patients_improved_by_assays_miscalibrated_probe"] = int(
+        sum(
+            a < o
+            for a, o in zip(
+                per_patient["with_assays_miscalibrated"],
+                per_patient["online_only_miscalibrated"],
+                strict=True,
+            )
+        )
+    )
     if "drift" in fault_kinds:
         figures["rmse_reduction_from_assays_under_probe_drift"] = _reduction(
             figures["rmse_viable_cells_fault_drift"],
@@ -399,6 +457,10 @@ def run_estimation_benchmark(
         "patients_improved_by_assays": (
             "per scenario: patients whose viable-cell RMSE is below online_only's"
         ),
+        "rmse_reduction_from_assays_miscalibrated_probe": (
+            "1 - with_assays_miscalibrated / online_only_miscalibrated (probe off by a "
+            "constant per-batch factor, ln-sd probe_calibration_sd)"
+        ),
         "rmse_reduction_from_assays_under_probe_drift": (
             "1 - fault_drift / fault_drift_online_only (probe gain drifting +4 %/day)"
         ),
@@ -415,6 +477,7 @@ def run_estimation_benchmark(
         "controller": "recipe",
         "model": "tcell (nominal parameters; the truth plant is mismatched)",
         "fault_kinds": list(fault_kinds),
+        "probe_calibration_sd": probe_calibration_sd,
         "wall_time_s": round(time.perf_counter() - t0, 2),
     }
     return figures
@@ -454,6 +517,12 @@ def add_bench_estimation(bench_subparsers: argparse._SubParsersAction[Any]) -> N
     p.add_argument("--seed", type=int, default=0, help="cohort seed")
     p.add_argument("--days", type=float, default=8.0, help="batch length, days")
     p.add_argument("--step-hours", type=float, default=1.0, help="sample period, h")
+    p.add_argument(
+        "--probe-calibration-sd",
+        type=float,
+        default=0.10,
+        help="sd of ln(gain) of the viable-cell probe in the *_miscalibrated scenarios",
+    )
     p.add_argument("--json", type=Path, required=True, help="write the figures here")
     p.set_defaults(func=cmd_bench_estimation)
 
@@ -476,6 +545,10 @@ def cmd_bench_estimation(args: argparse.Namespace) -> int:
         raise ConfigError(f"--patients must be at least 1, got {args.patients}")
     if not (args.days > 0 and args.step_hours > 0):
         raise ConfigError("--days and --step-hours must be positive")
+    if not (math.isfinite(args.probe_calibration_sd) and args.probe_calibration_sd >= 0):
+        raise ConfigError(
+            f"--probe-calibration-sd must be a number >= 0, got {args.probe_calibration_sd}"
+        )
     # every injected fault is rejected with a warning; thousands of them would bury the
     # figures, so they are shown only with --verbose
     quiet = [logging.getLogger(n) for n in ("controller.validation", "controller.estimator")]
@@ -485,7 +558,11 @@ def cmd_bench_estimation(args: argparse.Namespace) -> int:
             q.setLevel(logging.ERROR)
     try:
         figures = run_estimation_benchmark(
-            args.patients, seed=args.seed, days=args.days, step_h=args.step_hours
+            args.patients,
+            seed=args.seed,
+            days=args.days,
+            step_h=args.step_hours,
+            probe_calibration_sd=args.probe_calibration_sd,
         )
     finally:
         for q, level in zip(quiet, levels, strict=True):
@@ -504,6 +581,12 @@ def cmd_bench_estimation(args: argparse.Namespace) -> int:
         f"({better['with_assays_gain_checked']}/{args.patients}), "
         f"{figures['rmse_reduction_from_assays_same_config']:.1%} without the probe-gain state "
         f"({better['with_assays_no_probe_gain']}/{args.patients})"
+    )
+    print(
+        "RMSE reduction from assays when the probe is off by a per-batch calibration "
+        f"factor: {figures['rmse_reduction_from_assays_miscalibrated_probe']:.1%} "
+        f"({figures['patients_improved_by_assays_miscalibrated_probe']}/{args.patients} "
+        "patients better)"
     )
     if "rmse_reduction_from_assays_under_probe_drift" in figures:
         drift = figures["rmse_reduction_from_assays_under_probe_drift"]

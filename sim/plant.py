@@ -58,6 +58,12 @@ class VirtualBioreactor:
         self.sensors = sensors
         self.kind = kind
         self.rng = np.random.default_rng(np.random.SeedSequence([7919, int(seed)]))
+        # probe calibration errors: their own stream, so the noise streams do not move
+        cal_rng = np.random.default_rng(np.random.SeedSequence([7927, int(seed)]))
+        self.probe_gains: dict[str, float] = {
+            name: float(math.exp(cal_rng.normal(0.0, sd)))
+            for name, sd in sensors.online_calibration_sd.items()
+        }
         self.time_h = 0.0
         init = model.initial_state(viability=patient.initial_viability)  # type: ignore[attr-defined]
         self.state: FloatArray = model.state_vector(init)
@@ -192,7 +198,12 @@ class VirtualBioreactor:
         return [
             Measurement(
                 name,
-                noisy(truth[name], spec, self.rng, upper=1.0 if name == "viability" else math.inf),
+                noisy(
+                    self.probe_gains.get(name, 1.0) * truth[name],
+                    spec,
+                    self.rng,
+                    upper=1.0 if name == "viability" else math.inf,
+                ),
                 spec.unit,
                 t,
                 t,

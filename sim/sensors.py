@@ -25,13 +25,34 @@ class NoiseSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SensorSpec:
-    """Which variables are measured online and by assay, with their noise and timing."""
+    """Which variables are measured online and by assay, with their noise and timing.
+
+    ``online_calibration_sd`` gives online probes a calibration error that is constant
+    over a batch: the probe reads ``gain * value`` (then noise), with ``ln(gain)`` drawn
+    once per plant from a normal distribution of this standard deviation. A capacitance
+    probe's cells-per-signal factor depends on cell size and is fitted on other batches,
+    so each batch's cells sit some percent off it. Empty (the default): probes are exactly
+    calibrated.
+    """
 
     online: Mapping[str, NoiseSpec]
     assays: Mapping[str, NoiseSpec]
     assay_interval: float = 24.0
     assay_delay: float = 4.0
     assay_first: float = 0.0
+    online_calibration_sd: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, sd in self.online_calibration_sd.items():
+            if name not in self.online:
+                raise ValueError(
+                    f"online_calibration_sd: {name!r} is not an online probe "
+                    f"(online: {sorted(self.online)})"
+                )
+            if not (math.isfinite(sd) and sd >= 0.0):
+                raise ValueError(
+                    f"online_calibration_sd[{name!r}] must be a finite number >= 0, got {sd!r}"
+                )
 
 
 def default_sensor_spec(model: str) -> SensorSpec:

@@ -232,6 +232,10 @@ def test_bench_estimation_command_writes_the_figures(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     keys = ["rmse_viable_cells_online_only", "rmse_viable_cells_with_assays"]
     keys += [f"rmse_viable_cells_fault_{k}" for k in FAULT_KINDS]
+    keys += [
+        "rmse_viable_cells_online_only_miscalibrated",
+        "rmse_viable_cells_with_assays_miscalibrated",
+    ]
     for key in keys:
         assert math.isfinite(figures[key]) and figures[key] > 0, key
     assert figures["setup"]["patients"] == 1
@@ -250,7 +254,10 @@ def test_benchmark_figures_on_twenty_patients() -> None:
     # an unbiased hourly probe leaves little for the assays to add to viable cells ...
     assert figures["rmse_viable_cells_with_assays_no_probe_gain"] <= 1.02 * online
     assert assays < 1.1 * online
-    # ... but they alone see viability, and they alone catch a drifting probe
+    # ... but they alone see viability, they correct a probe whose calibration is off for
+    # this batch (the common case), and they alone catch a drifting probe
+    assert figures["rmse_reduction_from_assays_miscalibrated_probe"] > 0.5
+    assert figures["patients_improved_by_assays_miscalibrated_probe"] >= 15
     assert figures["rmse_viability_with_assays"] < 0.5 * figures["rmse_viability_online_only"]
     assert (
         figures["rmse_viable_cells_fault_drift"]

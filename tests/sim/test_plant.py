@@ -160,3 +160,40 @@ def test_truth_differs_from_the_controller_model() -> None:
     truth, nominal = plant.model.rates_numpy(60.0, x, u), model.rates_numpy(60.0, x, u)
     assert truth["growth_rate"] < 0.8 * nominal["growth_rate"]
     assert truth["lactate_production"] < nominal["lactate_production"]
+
+
+def test_probe_calibration_error_is_constant_per_batch_and_leaves_noise_streams() -> None:
+    """A per-batch calibration factor scales every online reading of its probe alone; the
+    noise stream (and so every other reading and assay) is the calibrated plant's."""
+    import dataclasses
+
+    from sim.sensors import default_sensor_spec
+
+    patient = PatientCohort(1, seed=4).patients[0]
+    spec = dataclasses.replace(
+        default_sensor_spec("tcell"), online_calibration_sd={"viable_cells": 0.1}
+    )
+    exact = VirtualBioreactor.tcell(patient, seed=9)
+    off = VirtualBioreactor.tcell(patient, seed=9, sensors=spec)
+    gain = off.probe_gains["viable_cells"]
+    assert gain != 1.0 and 0.6 < gain < 1.6 and exact.probe_gains == {}
+    inputs = {n: exact.bounds[n][0] for n in exact.model.input_names}
+    ratios = []
+    for _ in range(30):
+        a, b = exact.step(inputs, 1.0), off.step(inputs, 1.0)
+        for ma, mb in zip(a, b, strict=True):
+            assert (ma.name, ma.source, ma.sample_time) == (mb.name, mb.source, mb.sample_time)
+            if ma.name == "viable_cells" and ma.source == "online":
+                ratios.append(mb.value / ma.value)
+            else:
+                assert mb.value == ma.value
+    # same noise draw: sd scales with the value, so each reading is the exact one x gain
+    # up to the absolute part of the noise
+    assert np.allclose(ratios, gain, rtol=0.02)
+    # the draw is seeded by the plant's seed
+    again = VirtualBioreactor.tcell(patient, seed=9, sensors=spec)
+    assert again.probe_gains == off.probe_gains
+    with pytest.raises(ValueError, match="not an online probe"):
+        dataclasses.replace(spec, online_calibration_sd={"viability": 0.1})
+    with pytest.raises(ValueError, match=">= 0"):
+        dataclasses.replace(spec, online_calibration_sd={"viable_cells": float("nan")})
