@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -15,6 +16,13 @@ import numpy as np
 
 from controller.audit import add_audit_parser
 from controller.report import add_report_parser
+from plant_models.adaptation import (
+    AdaptedParameter,
+    PatientAdaptation,
+    default_adapted_parameters,
+    default_simulated_states,
+    with_parameters,
+)
 from plant_models.base import MechanisticModel
 from plant_models.cho import CHOFedBatchModel, load_cho_parameters, load_cho_process
 from plant_models.errors import HmpcError
@@ -87,10 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
         "this (1/h); below it the ratio is mostly noise",
     )
     fit.add_argument(
+        "--adapt",
+        default="none",
+        help="patient parameters fitted during each batch (docs/hybrid.md): 'none' (default: "
+        "the residual's batch effect learns the batch, as the hybrid MPC does), 'auto' (the "
+        "model's: T cell mu_max,exhaustion_threshold,lag_time; CHO none) or a "
+        "comma-separated subset",
+    )
+    fit.add_argument(
+        "--adapt-window-hours",
+        type=float,
+        default=240.0,
+        help="the patient-parameter fit uses the batch's last this many hours",
+    )
+    fit.add_argument(
         "--batch-effect",
-        choices=("none", "offset", "drift"),
-        default="drift",
-        help="per-batch random effect, learned during the running batch (docs/gp.md)",
+        choices=("auto", "none", "offset", "drift"),
+        default="auto",
+        help="per-batch random effect of the residual, learned during the running batch "
+        "(docs/gp.md); 'auto': none with patient parameters (--adapt), else drift",
     )
     fit.add_argument(
         "--batch-feature", default="culture_age", help="feature a 'drift' batch effect follows"
@@ -134,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_fit(args: argparse.Namespace) -> int:
     from controller.training import (
         estimate_log_noise,
-        growth_rate_observations,
         load_batch_records,
     )
 
@@ -150,6 +172,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"--features: unknown {unknown}; choose from {sorted(units)}")
     if not 0.0 < args.holdout < 1.0:
         raise ValueError(f"--holdout must lie in (0, 1), got {args.holdout}")
+    adapt = _adapted_parameters(args.model, args.adapt)
+    if not args.adapt_window_hours > 0:
+        raise ValueError(f"--adapt-window-hours must be positive, got {args.adapt_window_hours}")
+    if args.batch_effect == "auto":
+        args.batch_effect = "none" if adapt else "drift"
+    elif adapt and args.batch_effect != "none":
+        raise ValueError(
+            f"--batch-effect {args.batch_effect} and patient parameters (--adapt) both learn "
+            "the running batch; use one (--adapt none for the batch effect)"
+        )
+    simulated = default_simulated_states(args.model)
     batch_feature = args.batch_feature if args.batch_effect == "drift" else None
     min_lengthscale = args.batch_min_lengthscale
     if (
@@ -177,10 +210,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     def fit_and_validate(
         train: Sequence[Any], held: Sequence[Any]
     ) -> tuple[GPResidual, int, Any, dict[str, Any]]:
-        obs = growth_rate_observations(
+        obs = _training_observations(
             train,
             base,
             features,
+            adapt,
+            simulated,
             window_h=args.window_hours,
             every_h=args.every_hours,
             min_model_rate=args.min_model_rate,
@@ -217,6 +252,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
             smoothing_h=args.smoothing_hours,
             noise=noise,
             min_model_rate=args.min_model_rate,
+            adapt=adapt,
+            adapt_simulated=simulated,
+            adapt_window_h=args.adapt_window_hours,
         )
         return gp, len(obs), noise, validation
 
@@ -253,6 +291,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "mode": args.mode,
         "batch_effect": args.batch_effect,
         "batch_feature": batch_feature,
+        "adapted_parameters": [dataclasses.asdict(p) for p in adapt],
+        "adapt_window_h": args.adapt_window_hours if adapt else None,
         "training_batches": [r.name for r in train],
         "held_out_batches": [r.name for r in held],
         "training_points": n_obs,
@@ -326,6 +366,62 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapted_parameters(model: str, spec: str) -> tuple[AdaptedParameter, ...]:
+    """``--adapt``: 'auto' (the model's defaults), 'none', or a subset of the defaults."""
+    defaults = default_adapted_parameters(model)
+    if spec == "auto":
+        return defaults
+    if spec == "none":
+        return ()
+    by_name = {p.name: p for p in defaults}
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        raise ValueError(
+            f"--adapt: unknown parameter(s) {unknown or spec!r} for {model}; choose 'auto', "
+            f"'none' or from {sorted(by_name) or '(none for this model)'}"
+        )
+    return tuple(by_name[n] for n in names)
+
+
+def _training_observations(
+    records: Sequence[Any],
+    base: MechanisticModel[Any],
+    features: Sequence[str],
+    adapt: Sequence[AdaptedParameter],
+    simulated: Sequence[str],
+    **kwargs: Any,
+) -> Any:
+    """Growth-rate observations of the training batches; with patient parameters each batch's
+    are fitted on its whole record first and its residuals taken against that adapted model,
+    so the residual learns what the patient parameters do not explain."""
+    import pandas as pd
+
+    from controller.training import (
+        estimate_log_noise,
+        growth_rate_observations,
+        reconstruct_states,
+    )
+
+    if not adapt:
+        return growth_rate_observations(records, base, features, **kwargs)
+    i_cells = base.state_names.index(simulated[0])
+    longest = max(float(r.steps["time"].iloc[-1] - r.steps["time"].iloc[0]) for r in records)
+    fitter = PatientAdaptation(base, adapt, simulated=simulated, window_h=longest)
+    noise = estimate_log_noise(records)
+    frames = []
+    for rec in records:
+        x = reconstruct_states(rec, base)
+        t = rec.steps["time"].to_numpy(float)
+        u = rec.steps[list(base.input_names)].to_numpy(float)
+        cells = np.maximum(x[:, i_cells], 1e-9)
+        fit = fitter.fit(t, x, u, np.log(cells), np.sqrt(noise.variance(cells)), len(t) - 1)
+        frames.append(
+            growth_rate_observations([rec], with_parameters(base, fit.values), features, **kwargs)
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
 def _pooled_figures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """RMSEs, reduction and band coverage over prediction rows of :func:`validate_24h`."""
     meas = np.array([r["measured"] for r in rows])
@@ -396,6 +492,9 @@ def validate_24h(
     smoothing_h: float = 12.0,
     noise: Any = None,
     min_model_rate: float = 0.003,
+    adapt: Sequence[Any] = (),
+    adapt_simulated: Sequence[str] = ("viable_cells",),
+    adapt_window_h: float = 240.0,
 ) -> dict[str, Any]:
     """24 h-ahead predictions of viable cells on held-out batches, with calibrated bands.
 
@@ -410,7 +509,12 @@ def validate_24h(
     * ``hybrid``: the hybrid model learning during the batch: the batch's own growth-rate
       observations (every ``observe_every_h`` h, each used only once its window has closed)
       are given to :meth:`HybridModel.observe` (batch effect) or to
-      :meth:`GPResidual.update` (no batch effect) before each prediction.
+      :meth:`GPResidual.update` (no batch effect) before each prediction; with ``adapt``
+      (:class:`plant_models.adaptation.AdaptedParameter` list) instead the batch's patient
+      parameters are fitted to its measured viable cells up to the start
+      (:class:`plant_models.adaptation.PatientAdaptation` on the population hybrid model)
+      and the hybrid model predicts with them; its band adds the parameters' posterior
+      variance.
 
     Band: the variance of ln X after the horizon is the sum of (1) the start estimate's
     measurement variance, (2) the residual's *correlated* predictive variance integrated
@@ -445,6 +549,12 @@ def validate_24h(
         population_residual.begin_batch()
     population = HybridModel(base, [RateCorrection(rate, population_residual, mode)])
     i_cells = base.state_names.index("viable_cells")
+    adaptation = (
+        PatientAdaptation(population, adapt, simulated=adapt_simulated, window_h=adapt_window_h)
+        if adapt
+        else None
+    )
+    predictors: dict[int, Any] = {}
     steps: dict[float, tuple[Any, Any]] = {}
     rows: list[dict[str, Any]] = []
     for rec in records:
@@ -465,6 +575,9 @@ def validate_24h(
         online_steps: dict[float, Any] = {}
         used = 0
         next_start = t[0] + 24.0
+        adapt_theta = None
+        meas_cells = np.maximum(x[:, i_cells], 1e-9)
+        log_meas, log_sd = np.log(meas_cells), np.sqrt(noise.variance(meas_cells))
         for i in range(len(t)):
             if t[i] < next_start - 1e-9:
                 continue
@@ -474,7 +587,7 @@ def validate_24h(
             next_start = t[i] + every_h
             fresh = own.iloc[used:]
             fresh = fresh[fresh["available"] <= t[i] + 1e-9]
-            if len(fresh):
+            if len(fresh) and adaptation is None:
                 used += len(fresh)
                 xs, ys = fresh[names].to_numpy(float), fresh[target].to_numpy(float)
                 if batch_effect:
@@ -502,7 +615,33 @@ def validate_24h(
                 xo = np.maximum(np.array(online_steps[dt](t[k], xo, u[k])).ravel(), 0.0)
             start_var = leverage * float(noise.variance(x0[i_cells]))
             sd_p = _band_sd(base, population, rate, mode, population_residual, path_p, start_var)
-            sd_o = _band_sd(base, online, rate, mode, learner, path_o, start_var)
+            adapted_values: dict[str, float] = {}
+            if adaptation is not None:
+                fit = adaptation.fit(t, x, u, log_meas, log_sd, i, start_theta=adapt_theta)
+                adapt_theta, adapted_values = fit.theta, fit.values
+                horizon = end - i
+                if horizon not in predictors:
+                    predictors[horizon] = adaptation.predictor(horizon)
+                path, grad = predictors[horizon](x0, t[i:end][None, :], u[i:end].T, fit.theta)
+                path = np.array(path, dtype=float)
+                xo = path[:, -1]
+                before = np.column_stack([x0, path[:, :-1]])
+                path_o = [
+                    (t[k], before[:, k - i], u[k], float(t[k + 1] - t[k])) for k in range(i, end)
+                ]
+                sd_o = _band_sd(
+                    with_parameters(base, fit.values),
+                    with_parameters(population, fit.values),
+                    rate,
+                    mode,
+                    population_residual,
+                    path_o,
+                    start_var,
+                )
+                g = np.array(grad, dtype=float).ravel()
+                sd_o = math.sqrt(sd_o**2 + max(float(g @ fit.covariance @ g), 0.0))
+            else:
+                sd_o = _band_sd(base, online, rate, mode, learner, path_o, start_var)
             end_var_p = float(noise.variance(xp[i_cells]))
             end_var_o = float(noise.variance(xo[i_cells]))
             measured = float(x[end, i_cells])
@@ -526,6 +665,7 @@ def validate_24h(
                     "sd_log": math.sqrt(sd_o**2 + end_var_o),
                     "sd_log_model": sd_o,
                     "batch_observations": used,
+                    "adapted": adapted_values,
                 }
             )
     if not rows:

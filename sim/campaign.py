@@ -76,7 +76,9 @@ COHORT_STRIDE = 100003
 CAMPAIGN_MPC_CONFIG = "mpc_tcell_hourly.toml"
 
 #: How the hybrid MPC gets its residual (recorded in the manifest: a campaign never mixes two).
-HYBRID_RESIDUAL_SOURCE = "historical cohort, hmpc fit defaults, residual=residual.npz"
+HYBRID_RESIDUAL_SOURCE = (
+    "historical cohort, hmpc fit --adapt none (batch drift), residual=residual.npz"
+)
 MANIFEST = "campaign.json"
 MANIFEST_FORMAT = 1
 
@@ -519,6 +521,10 @@ def train_historical_residual(spec: CampaignSpec, out: Path, pool: _Pool) -> Pat
             str(hist_dir / "fit"),
             "--seed",
             str(spec.seed),
+            # the hybrid MPC learns the running batch through the residual's batch effect
+            # (controller/control.py); it does not fit patient parameters (docs/hybrid.md)
+            "--adapt",
+            "none",
         ]
     )
     cmd_fit(args)
