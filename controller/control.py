@@ -42,7 +42,7 @@ from controller.measurements import Measurement
 from controller.mpc import MPCResult, NonlinearMPC
 from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
 from plant_models.base import MechanisticModel
-from plant_models.errors import ConfigError, ModelError
+from plant_models.errors import ConfigError, HmpcError, ModelError
 from plant_models.hybrid import HybridModel
 
 __all__ = [
@@ -51,8 +51,10 @@ __all__ = [
     "ControllerSpec",
     "EstimatingMPC",
     "HybridPredictionModel",
+    "PatientParameterLearner",
     "ResidualLearner",
     "RunningBatchLearner",
+    "RunningRecord",
     "build_controller",
     "build_model",
     "default_mpc_config",
@@ -166,6 +168,61 @@ ResidualLearner = Callable[
 ]
 
 
+class RunningRecord:
+    """The running batch kept as a batch record is (controller/training.py): per step the
+    latest accepted online readings, the estimated volume and the inputs applied over the
+    step; the accepted assays with their sample times."""
+
+    def __init__(self, input_names: Sequence[str]) -> None:
+        self.input_names = tuple(input_names)
+        self.rows: list[dict[str, float]] = []
+        self.assays: list[dict[str, Any]] = []
+        self._latest: dict[str, float] = {}
+
+    def add(
+        self,
+        time_h: float,
+        measurements: Sequence[Measurement],
+        estimate: EstimatorResult,
+        previous: Mapping[str, float],
+    ) -> bool:
+        """Add one step; False while the online cells, glucose or lactate are still unseen."""
+        accepted = {id(d.measurement) for d in estimate.accepted}
+        for m in measurements:
+            if id(m) not in accepted:
+                continue
+            if m.source == "assay":
+                self.assays.append({"name": m.name, "value": m.value, "sample_time": m.sample_time})
+            else:
+                self._latest[m.name] = m.value
+        if self.rows:  # the inputs held over the interval that ends now
+            self.rows[-1].update({n: float(previous.get(n, 0.0)) for n in self.input_names})
+        if not all(n in self._latest for n in ("viable_cells", "glucose", "lactate")):
+            return False
+        row = {
+            "time": float(time_h),
+            "measured_viable_cells": self._latest["viable_cells"],
+            "measured_glucose": self._latest["glucose"],
+            "measured_lactate": self._latest["lactate"],
+            "volume": float(estimate.state.get("volume", 1.0)),
+        }
+        row.update({n: float(previous.get(n, 0.0)) for n in self.input_names})
+        self.rows.append(row)
+        return True
+
+    def batch_record(self) -> Any:
+        """The record so far as a :class:`controller.training.BatchRecord`."""
+        import pandas as pd
+
+        from controller.training import BatchRecord
+
+        return BatchRecord(
+            "running",
+            pd.DataFrame(self.rows),
+            pd.DataFrame(self.assays, columns=["name", "value", "sample_time"]),
+        )
+
+
 class RunningBatchLearner:
     """Learning during the running batch (docs/hybrid.md): the batch's own growth-rate
     observations condition the residual's batch effect (:meth:`HybridModel.observe`).
@@ -195,9 +252,7 @@ class RunningBatchLearner:
         correction = next(c for c in hybrid.corrections if c.rate == rate)
         self.residual = correction.residual
         self.column = "relative_residual" if correction.mode == "multiplicative" else "residual"
-        self._rows: list[dict[str, float]] = []
-        self._assays: list[dict[str, Any]] = []
-        self._latest: dict[str, float] = {}
+        self.record = RunningRecord(self.base.input_names)
         self._seen_until = -math.inf
         self._next_h = -math.inf
         self.observations = 0
@@ -211,44 +266,19 @@ class RunningBatchLearner:
         estimate: EstimatorResult,
         previous: Mapping[str, float],
     ) -> bool:
-        accepted = {id(d.measurement) for d in estimate.accepted}
-        for m in measurements:
-            if id(m) not in accepted:
-                continue
-            if m.source == "assay":
-                self._assays.append(
-                    {"name": m.name, "value": m.value, "sample_time": m.sample_time}
-                )
-            else:
-                self._latest[m.name] = m.value
-        if self._rows:  # the inputs held over the interval that ends now
-            self._rows[-1].update({n: float(previous.get(n, 0.0)) for n in self.base.input_names})
-        if not all(f"{n}" in self._latest for n in ("viable_cells", "glucose", "lactate")):
+        if not self.record.add(time_h, measurements, estimate, previous):
             return False
-        row = {
-            "time": float(time_h),
-            "measured_viable_cells": self._latest["viable_cells"],
-            "measured_glucose": self._latest["glucose"],
-            "measured_lactate": self._latest["lactate"],
-            "volume": float(estimate.state.get("volume", 1.0)),
-        }
-        row.update({n: float(previous.get(n, 0.0)) for n in self.base.input_names})
-        self._rows.append(row)
         if time_h < self._next_h or not getattr(self.residual, "has_batch_effect", False):
             return False
         self._next_h = time_h + self.every_h
         return self._learn(time_h)
 
     def _learn(self, time_h: float) -> bool:
-        import pandas as pd
+        from controller.training import growth_rate_observations
 
-        from controller.training import BatchRecord, growth_rate_observations
-
-        steps = pd.DataFrame(self._rows)
-        assays = pd.DataFrame(self._assays, columns=["name", "value", "sample_time"])
         try:
             obs = growth_rate_observations(
-                [BatchRecord("running", steps, assays)],
+                [self.record.batch_record()],
                 self.base,
                 self.residual.feature_names,
                 window_h=self.window_h,
@@ -277,6 +307,100 @@ class RunningBatchLearner:
         return True
 
 
+class PatientParameterLearner:
+    """The running batch's patient parameters (growth rate, exhaustion threshold, lag; see
+    :mod:`plant_models.adaptation` and docs/hybrid.md), fitted every ``every_h`` hours to
+    the batch's accepted viable-cell readings; the MPC predicts with them.
+
+    Called after each estimate like a :data:`ResidualLearner`, it returns the current
+    values (empty until the first fit, ``min_hours`` into the batch). A failed fit (a
+    record not sampled evenly, too few readings for the noise estimate, a singular
+    problem) is logged and the previous values are kept.
+    """
+
+    def __init__(
+        self,
+        model: MechanisticModel[Any],
+        parameters: Sequence[Any],
+        *,
+        simulated: Sequence[str] = ("viable_cells",),
+        every_h: float = 6.0,
+        window_h: float = 240.0,
+        min_hours: float = 24.0,
+    ) -> None:
+        from plant_models.adaptation import PatientAdaptation
+
+        self.model = model
+        self.parameters = tuple(parameters)
+        self.simulated = tuple(simulated)
+        self.every_h, self.window_h, self.min_hours = every_h, window_h, min_hours
+        self.record = RunningRecord(model.input_names)
+        self.values: dict[str, float] = {}
+        self.fits = 0
+        self.failures = 0
+        self._theta: Any = None
+        self._next_h = -math.inf
+        self._adaptations: dict[float, PatientAdaptation] = {}
+        self._factory = PatientAdaptation
+
+    def __call__(
+        self,
+        time_h: float,
+        measurements: Sequence[Measurement],
+        estimate: EstimatorResult,
+        previous: Mapping[str, float],
+    ) -> dict[str, float]:
+        if not self.record.add(time_h, measurements, estimate, previous):
+            return self.values
+        rows = self.record.rows
+        if time_h < self._next_h or rows[-1]["time"] - rows[0]["time"] < self.min_hours:
+            return self.values
+        self._next_h = time_h + self.every_h
+        try:
+            self._fit()
+        except (HmpcError, ValueError, np.linalg.LinAlgError) as exc:
+            self.failures += 1
+            log.warning("patient parameters at %.1f h: fit skipped (%s)", time_h, exc)
+        return self.values
+
+    def _fit(self) -> None:
+        from controller.training import estimate_log_noise, reconstruct_states
+
+        rec = self.record.batch_record()
+        t = rec.steps["time"].to_numpy(float)
+        step = float(np.median(np.diff(t)))
+        adaptation = self._adaptations.get(step)
+        if adaptation is None:
+            adaptation = self._factory(
+                self.model,
+                self.parameters,
+                simulated=self.simulated,
+                window_h=self.window_h,
+                step_h=step,
+            )
+            self._adaptations[step] = adaptation
+        x = reconstruct_states(rec, self.model)
+        u = rec.steps[list(self.model.input_names)].to_numpy(float)
+        cells = np.maximum(x[:, self.model.state_names.index(self.simulated[0])], 1e-9)
+        noise = estimate_log_noise([rec])
+        fit = adaptation.fit(
+            t,
+            x,
+            u,
+            np.log(cells),
+            np.sqrt(noise.variance(cells)),
+            len(t) - 1,
+            start_theta=self._theta,
+        )
+        self._theta, self.values = fit.theta, dict(fit.values)
+        self.fits += 1
+        log.info(
+            "patient parameters at %.1f h: %s",
+            t[-1],
+            ", ".join(f"{k} {v:.4g}" for k, v in self.values.items()),
+        )
+
+
 @dataclasses.dataclass
 class EstimatingMPC:
     """Estimator + MPC behind the controller protocol.
@@ -288,6 +412,8 @@ class EstimatingMPC:
         mpc: the optimiser; its ``model_parameters`` receive the estimated factors.
         learner: optional in-batch learning of the residual: called after each estimate,
             returns True when the model changed (the MPC then refreshes its residual).
+        adapter: optional :class:`PatientParameterLearner`: its fitted patient parameters
+            replace the estimator's factors (and the nominal values) in the MPC's model.
         harvest_time: culture age of the scheduled harvest, h (None: the tuning's).
         results: every step's :class:`MPCResult`.
         estimates: every step's :class:`EstimatorResult`.
@@ -297,6 +423,7 @@ class EstimatingMPC:
     estimator: Estimator
     mpc: NonlinearMPC
     learner: ResidualLearner | None = None
+    adapter: PatientParameterLearner | None = None
     harvest_time: float | None = None
     keep_history: bool = True
     results: list[MPCResult] = dataclasses.field(default_factory=list)
@@ -336,6 +463,8 @@ class EstimatingMPC:
             for name, value in estimate.factors.items()
             if name in self.mpc.parameter_names
         }
+        if self.adapter is not None:
+            factors.update(self.adapter(time_h, measurements, estimate, previous))
         x = estimate.state_vector(self.mpc.state_names)
         result = self.mpc.step(
             x, time_h, previous, harvest_time=self.harvest_time, model_parameters=factors
@@ -373,6 +502,9 @@ class ControllerSpec:
             the packaged nominal ones).
         harvest_time: culture age of the scheduled harvest, h (default: the process's).
         learn_in_batch: update the residual from the running batch (hybrid-mpc).
+        patient_parameters: model parameters fitted to the running batch's readings and
+            used by the MPC (:class:`PatientParameterLearner`; a subset of
+            :func:`plant_models.adaptation.default_adapted_parameters`); empty: none.
     """
 
     kind: str
@@ -384,6 +516,7 @@ class ControllerSpec:
     process: Path | None = None
     harvest_time: float | None = None
     learn_in_batch: bool = True
+    patient_parameters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in CONTROLLER_KINDS:
@@ -393,6 +526,16 @@ class ControllerSpec:
             )
         if self.model not in ("tcell", "cho"):
             raise ConfigError(f"model {self.model!r} is unknown; choose 'tcell' or 'cho'.")
+        if self.patient_parameters:
+            from plant_models.adaptation import default_adapted_parameters
+
+            known = [p.name for p in default_adapted_parameters(self.model)]
+            unknown = [n for n in self.patient_parameters if n not in known]
+            if unknown or self.kind not in ("mechanistic-mpc", "hybrid-mpc"):
+                raise ConfigError(
+                    f"patient_parameters {list(self.patient_parameters)}: only an MPC fits "
+                    f"them, and only {known or '(none for this model)'} (unknown: {unknown})"
+                )
         if self.kind == "hybrid-mpc" and self.residual is None:
             raise ConfigError(
                 "hybrid-mpc needs a fitted residual file (residual = 'residual.npz'); train "
@@ -478,6 +621,17 @@ def build_controller(spec: ControllerSpec, *, learner: ResidualLearner | None = 
     if spec.kind != "hybrid-mpc" or not spec.learn_in_batch:
         learner = None
     factors = tuple(f for f in est_config.parameter_factors if _finite_parameter(base, f))
+    adapter = None
+    if spec.patient_parameters:
+        from plant_models.adaptation import default_adapted_parameters, default_simulated_states
+
+        chosen = [
+            p for p in default_adapted_parameters(spec.model) if p.name in spec.patient_parameters
+        ]
+        adapter = PatientParameterLearner(
+            est_model, chosen, simulated=default_simulated_states(spec.model)
+        )
+        factors = tuple(dict.fromkeys([*factors, *(p.name for p in chosen)]))
     # The MPC applies the estimator's growth factor and, with in-batch learning, the
     # residual's batch effect as well: on the five-patient check of docs/mpc.md both
     # together reached the dose on 5 of 5 (the batch effect alone: 3 of 5), with less media
@@ -489,6 +643,7 @@ def build_controller(spec: ControllerSpec, *, learner: ResidualLearner | None = 
         estimator,
         mpc,
         learner=learner,
+        adapter=adapter,
         harvest_time=spec.harvest_time,
     )
 

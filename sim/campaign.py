@@ -76,9 +76,7 @@ COHORT_STRIDE = 100003
 CAMPAIGN_MPC_CONFIG = "mpc_tcell_hourly.toml"
 
 #: How the hybrid MPC gets its residual (recorded in the manifest: a campaign never mixes two).
-HYBRID_RESIDUAL_SOURCE = (
-    "historical cohort, hmpc fit --adapt none (batch drift), residual=residual.npz"
-)
+HYBRID_RESIDUAL_SOURCE = "historical cohort, hmpc fit defaults, residual=residual.npz"
 MANIFEST = "campaign.json"
 MANIFEST_FORMAT = 1
 

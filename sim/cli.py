@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         "residual fitted on simulated batches of other patients (T cell only)",
     )
     sim.add_argument(
+        "--adapt",
+        default="none",
+        help="mechanistic-mpc/hybrid-mpc: patient parameters fitted to the running batch's "
+        "readings: 'none' (default), 'auto' (T cell: mu_max,exhaustion_threshold,lag_time) "
+        "or a comma-separated subset (docs/hybrid.md)",
+    )
+    sim.add_argument(
         "--faults",
         default=None,
         help="inject sensor faults: comma-separated kinds or 'all' "
@@ -218,9 +225,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from sim.mpc_controllers import make_mpc_controller
 
         controller = make_mpc_controller(
-            args.controller, plant, args.mpc_config, residual=args.residual
+            args.controller,
+            plant,
+            args.mpc_config,
+            residual=args.residual,
+            patient_parameters=_patient_parameters(args.model, args.adapt),
         )
     else:
+        if args.adapt != "none":
+            raise ValueError(f"--adapt is for the MPC controllers, not {args.controller}")
         controller = make_baseline(args.controller, args.model)
     faults = None
     if args.faults:
@@ -302,3 +315,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _patient_parameters(model: str, spec: str) -> tuple[str, ...]:
+    """``--adapt``: 'none', 'auto' (the model's patient parameters) or a comma list."""
+    from plant_models.adaptation import default_adapted_parameters
+
+    if spec == "none":
+        return ()
+    known = [p.name for p in default_adapted_parameters(model)]
+    if spec == "auto":
+        return tuple(known)
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(
+            f"--adapt: unknown parameter(s) {unknown or spec!r} for {model}; choose 'none', "
+            f"'auto' or from {known or '(none for this model)'}"
+        )
+    return names

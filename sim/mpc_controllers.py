@@ -249,6 +249,7 @@ def make_mpc_controller(
     gp_points: int = 300,
     gp_seed: int = 0,
     learner: Any = None,
+    patient_parameters: Sequence[str] = (),
 ) -> MPCController | EstimatingMPC:
     """An MPC controller by name for a plant (``tcell`` or ``cho``).
 
@@ -265,10 +266,14 @@ def make_mpc_controller(
             (:func:`fit_growth_residual_gp`).
         learner: in-batch learning hook of the hybrid residual
             (:data:`controller.control.ResidualLearner`).
+        patient_parameters: parameters the MPC fits to the running batch's readings
+            (:class:`controller.control.PatientParameterLearner`; not for the oracle).
     Raises:
         ValueError: unknown name. ConfigError: invalid tuning file.
     """
     if name == "oracle":
+        if patient_parameters:
+            raise ValueError("the oracle knows the patient: patient_parameters are for MPCs")
         config = load_plant_config(plant, config_path)
         model: PredictionModel = plant.model
         mpc = NonlinearMPC(model, config, recipe=_recipe(plant.kind))
@@ -294,13 +299,21 @@ def make_mpc_controller(
         with tempfile.TemporaryDirectory(prefix="hmpc-residual-") as tmp:
             fitted = Path(tmp) / "residual.npz"
             fit_growth_residual_gp(gp_points, seed=gp_seed).save(fitted)
-            return make_mpc_controller(name, plant, config_path, residual=fitted, learner=learner)
+            return make_mpc_controller(
+                name,
+                plant,
+                config_path,
+                residual=fitted,
+                learner=learner,
+                patient_parameters=patient_parameters,
+            )
     spec = ControllerSpec(
         name,
         plant.kind,
         mpc_config=path,
         residual=Path(residual) if residual is not None else None,
         harvest_time=float(plant.process.harvest_time),
+        patient_parameters=tuple(patient_parameters),
     )
     built = build_controller(spec, learner=learner)
     if not isinstance(built, EstimatingMPC):  # narrowing: MPC kinds build EstimatingMPC

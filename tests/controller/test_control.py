@@ -71,3 +71,53 @@ def test_hybrid_mpc_needs_a_residual_file() -> None:
         ControllerSpec("hybrid-mpc")
     with pytest.raises(ConfigError, match="unknown"):
         ControllerSpec("fuzzy-mpc")
+
+
+def test_mpc_fits_the_patient_parameters_of_the_running_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With ``patient_parameters`` the MPC predicts with the running batch's fitted growth
+    rate, exhaustion threshold and lag (plant_models.adaptation) instead of the nominal
+    ones; a slow grower's fitted growth rate ends below the nominal one."""
+    from controller.control import PatientParameterLearner
+
+    names = ("mu_max", "exhaustion_threshold", "lag_time")
+    spec = ControllerSpec(
+        "mechanistic-mpc", mpc_config=HOURLY, harvest_time=192.0, patient_parameters=names
+    )
+    controller = build_controller(spec)
+    adapter = controller.adapter
+    assert isinstance(adapter, PatientParameterLearner)
+    assert set(names) <= set(controller.mpc.parameter_names)
+    nominal = controller.mpc.model.parameters
+    patient = VirtualPatient.draw(1, load_cohort_spec()[0])  # slow grower
+    assert patient.growth_factor < 0.8
+    plant = VirtualBioreactor.tcell(patient)
+    df = run_closed_loop(plant, controller, days=3.0)
+    # fits every 6 h from 24 h of record on
+    assert adapter.fits >= 6 and adapter.failures == 0
+    assert set(adapter.values) == set(names)
+    assert adapter.values["mu_max"] < nominal.mu_max
+    # the MPC got them: its parameter vector holds the fitted values
+    sent = dict(zip(controller.mpc.parameter_names, controller.mpc._pvals, strict=True))
+    for name in names:
+        assert sent[name] == pytest.approx(adapter.values[name])
+    assert all(r.success for r in controller.results) and df["hard_violation"].sum() == 0
+    # a record that is not sampled evenly: the fit is skipped with a warning, values kept
+    kept = dict(adapter.values)
+    adapter.record.rows[-1]["time"] += 0.4
+    adapter._next_h = -1.0
+    with caplog.at_level("WARNING", logger="controller.control"):
+        last = controller.last_estimate
+        assert last is not None
+        assert adapter(adapter.record.rows[-1]["time"] + 1.0, [], last, {}) == kept
+    assert adapter.failures == 1 and "fit skipped" in caplog.text
+
+
+def test_patient_parameters_are_for_mpcs_and_named_ones() -> None:
+    with pytest.raises(ConfigError, match="only an MPC"):
+        ControllerSpec("recipe", patient_parameters=("mu_max",))
+    with pytest.raises(ConfigError, match="unknown"):
+        ControllerSpec("mechanistic-mpc", patient_parameters=("k_lys",))
+    with pytest.raises(ConfigError, match="none for this model"):
+        ControllerSpec("mechanistic-mpc", model="cho", patient_parameters=("mu_max",))

@@ -89,3 +89,19 @@ def test_console_script_rejects_bad_option(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 2 and "must be positive" in proc.stderr
+
+
+def test_simulate_adapt_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--adapt`` gives an MPC the running batch's patient parameters; the baselines and
+    unknown names are refused with a message."""
+    out = tmp_path / "adapt"
+    args = ["simulate", "--controller", "mechanistic-mpc", "--days", "1.5", "--out", str(out)]
+    args += ["--mpc-config", str(Path(__file__).parents[2] / "configs" / "mpc_tcell_hourly.toml")]
+    assert main([*args, "--adapt", "mu_max,lag_time"]) == 0
+    assert (out / "trajectory.csv").exists()
+    capsys.readouterr()
+    assert main([*args, "--adapt", "k_lys"]) == 2
+    assert "unknown parameter(s) ['k_lys']" in capsys.readouterr().err
+    recipe = ["simulate", "--adapt", "auto", "--out", str(tmp_path / "r")]
+    assert main(recipe) == 2
+    assert "--adapt is for the MPC controllers" in capsys.readouterr().err
