@@ -384,6 +384,14 @@ def _adapted_parameters(model: str, spec: str) -> tuple[AdaptedParameter, ...]:
     return tuple(by_name[n] for n in names)
 
 
+def _sample_period(records: Sequence[Any]) -> float:
+    """The records' sample period (h): the median step of the first record."""
+    t = records[0].steps["time"].to_numpy(float)
+    if t.size < 2:
+        raise ValueError(f"batch record {records[0].name!r} has fewer than 2 samples")
+    return float(np.median(np.diff(t)))
+
+
 def _training_observations(
     records: Sequence[Any],
     base: MechanisticModel[Any],
@@ -407,7 +415,9 @@ def _training_observations(
         return growth_rate_observations(records, base, features, **kwargs)
     i_cells = base.state_names.index(simulated[0])
     longest = max(float(r.steps["time"].iloc[-1] - r.steps["time"].iloc[0]) for r in records)
-    fitter = PatientAdaptation(base, adapt, simulated=simulated, window_h=longest)
+    fitter = PatientAdaptation(
+        base, adapt, simulated=simulated, window_h=longest, step_h=_sample_period(records)
+    )
     noise = estimate_log_noise(records)
     frames = []
     for rec in records:
@@ -550,7 +560,13 @@ def validate_24h(
     population = HybridModel(base, [RateCorrection(rate, population_residual, mode)])
     i_cells = base.state_names.index("viable_cells")
     adaptation = (
-        PatientAdaptation(population, adapt, simulated=adapt_simulated, window_h=adapt_window_h)
+        PatientAdaptation(
+            population,
+            adapt,
+            simulated=adapt_simulated,
+            window_h=adapt_window_h,
+            step_h=_sample_period(records),
+        )
         if adapt
         else None
     )
