@@ -77,6 +77,10 @@ CAMPAIGN_MPC_CONFIG = "mpc_tcell_hourly.toml"
 
 #: How the hybrid MPC gets its residual (recorded in the manifest: a campaign never mixes two).
 HYBRID_RESIDUAL_SOURCE = "historical cohort, hmpc fit defaults, residual=residual.npz"
+#: ... with ``--hybrid-adapt``: the residual trained against adapted models, and the MPC
+#: fits the running batch's patient parameters (docs/hybrid.md, docs/mpc.md).
+HYBRID_ADAPT_RESIDUAL_SOURCE = "historical cohort, hmpc fit --adapt auto, residual=residual.npz"
+HYBRID_PATIENT_PARAMETERS = ("mu_max", "exhaustion_threshold", "lag_time")
 MANIFEST = "campaign.json"
 MANIFEST_FORMAT = 1
 
@@ -94,6 +98,8 @@ class CampaignSpec:
         step_h: control period, h.
         mpc_config: MPC tuning file (None: ``configs/mpc_tcell_hourly.toml``).
         cohort: virtual-patient distribution file (None: the packaged default).
+        hybrid_adapt: the hybrid MPC fits the running batch's patient parameters, with a
+            residual trained against adapted models (``hmpc fit --adapt auto``).
     """
 
     patients: int
@@ -104,6 +110,7 @@ class CampaignSpec:
     step_h: float = 1.0
     mpc_config: str | None = None
     cohort: str | None = None
+    hybrid_adapt: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.patients < COHORT_STRIDE:
@@ -156,7 +163,17 @@ class CampaignSpec:
             if "hybrid-mpc" in self.controllers
             else None,
             "historical_seed": self.historical_seed if "hybrid-mpc" in self.controllers else None,
-            "hybrid_residual": HYBRID_RESIDUAL_SOURCE if "hybrid-mpc" in self.controllers else None,
+            "hybrid_residual": (
+                (HYBRID_ADAPT_RESIDUAL_SOURCE if self.hybrid_adapt else HYBRID_RESIDUAL_SOURCE)
+                if "hybrid-mpc" in self.controllers
+                else None
+            ),
+            # absent (None) in manifests written before the option existed
+            "hybrid_patient_parameters": (
+                list(HYBRID_PATIENT_PARAMETERS)
+                if self.hybrid_adapt and "hybrid-mpc" in self.controllers
+                else None
+            ),
             "cohort_sha256": _sha256(self.cohort_spec_path()),
             "mpc_config_sha256": _sha256(self.mpc_config_path()) if uses_mpc else None,
         }
@@ -272,10 +289,14 @@ def check_manifest(out: Path, spec: CampaignSpec) -> None:
 
 
 def _controller(
-    name: str, plant: VirtualBioreactor, residual_path: Path | None, mpc_config: Path
+    name: str,
+    plant: VirtualBioreactor,
+    residual_path: Path | None,
+    mpc_config: Path,
+    patient_parameters: Sequence[str] = (),
 ) -> Controller:
     """The controller of a run. ``residual_path``: the hybrid MPC's residual file (trained
-    on the historical cohort)."""
+    on the historical cohort); ``patient_parameters``: fitted by the hybrid MPC."""
     if name in BASELINES:
         return make_baseline(name, "tcell")
     from sim.mpc_controllers import make_mpc_controller
@@ -283,7 +304,13 @@ def _controller(
     if name == "hybrid-mpc":
         if residual_path is None:
             raise HmpcError("hybrid-mpc needs the historical residual; train it first")
-        return make_mpc_controller(name, plant, mpc_config, residual=residual_path)
+        return make_mpc_controller(
+            name,
+            plant,
+            mpc_config,
+            residual=residual_path,
+            patient_parameters=patient_parameters,
+        )
     return make_mpc_controller(name, plant, mpc_config)
 
 
@@ -304,6 +331,7 @@ def run_one(
     mpc_config: str,
     residual: str | None,
     record_only: bool = False,
+    patient_parameters: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One batch of one patient under one controller (the body of a Ray task).
 
@@ -313,7 +341,13 @@ def run_one(
     folder = Path(out)
     t0 = time.perf_counter()
     plant = VirtualBioreactor.tcell(patient, seed=sensor_seed)
-    ctl = _controller(controller, plant, Path(residual) if residual else None, Path(mpc_config))
+    ctl = _controller(
+        controller,
+        plant,
+        Path(residual) if residual else None,
+        Path(mpc_config),
+        patient_parameters,
+    )
     df = run_closed_loop(plant, ctl, days=days, step_h=step_h)
     wall = time.perf_counter() - t0
     _write_record(df, folder)
@@ -520,9 +554,10 @@ def train_historical_residual(spec: CampaignSpec, out: Path, pool: _Pool) -> Pat
             "--seed",
             str(spec.seed),
             # the hybrid MPC learns the running batch through the residual's batch effect
-            # (controller/control.py); it does not fit patient parameters (docs/hybrid.md)
+            # (controller/control.py), or, with --hybrid-adapt, fits the patient parameters
+            # with a residual trained against adapted models (docs/hybrid.md)
             "--adapt",
-            "none",
+            "auto" if spec.hybrid_adapt else "none",
         ]
     )
     cmd_fit(args)
@@ -581,6 +616,11 @@ def run_campaign(
                         "step_h": spec.step_h,
                         "mpc_config": mpc_config,
                         "residual": str(residual.resolve()) if residual else None,
+                        "patient_parameters": (
+                            HYBRID_PATIENT_PARAMETERS
+                            if spec.hybrid_adapt and c == "hybrid-mpc"
+                            else ()
+                        ),
                     },
                 )
                 for c, i, p in todo
@@ -747,6 +787,7 @@ def summary_markdown(spec: CampaignSpec, summary: pd.DataFrame) -> str:
         + (f" --historical {spec.historical_patients}" if "hybrid-mpc" in spec.controllers else "")
         + (f" --mpc-config {spec.mpc_config}" if spec.mpc_config else "")
         + (f" --cohort {spec.cohort}" if spec.cohort else "")
+        + (" --hybrid-adapt" if spec.hybrid_adapt else "")
         + " --out DIR"
     )
     cols = [k for k, _ in SUMMARY_COLUMNS]
@@ -897,6 +938,12 @@ def add_campaign_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
         help="MPC tuning file (TOML; default configs/mpc_tcell_hourly.toml)",
     )
     p.add_argument("--cohort", type=Path, default=None, help="patient distribution (TOML)")
+    p.add_argument(
+        "--hybrid-adapt",
+        action="store_true",
+        help="the hybrid MPC fits the running batch's patient parameters (growth rate, "
+        "exhaustion threshold, lag), residual from hmpc fit --adapt auto",
+    )
     p.set_defaults(func=cmd_campaign)
 
 
@@ -912,6 +959,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         historical_patients=args.historical,
         mpc_config=str(args.mpc_config) if args.mpc_config else None,
         cohort=str(args.cohort) if args.cohort else None,
+        hybrid_adapt=bool(args.hybrid_adapt),
     )
     try:
         result = run_campaign(spec, args.out, workers=args.workers, address=args.address)

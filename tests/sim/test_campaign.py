@@ -255,3 +255,38 @@ def test_oracle_ratio_on_a_short_mpc_campaign(tmp_path: Path, local_ray: None) -
     assert table.loc["oracle", "hard_violation_steps"] == 0
     runs = pd.read_csv(tmp_path / "patients" / "oracle.csv")
     assert runs.loc[0, "mpc_steps"] == 12
+
+
+@pytest.mark.slow
+def test_hybrid_adapt_campaign_fits_patient_parameters(tmp_path: Path, local_ray: None) -> None:
+    """``--hybrid-adapt``: the residual comes from ``hmpc fit --adapt auto`` (no batch
+    effect) and the hybrid MPC fits the running batch's patient parameters; the manifest
+    records it, so a campaign folder never mixes the two."""
+    import json
+
+    spec = CampaignSpec(
+        patients=1,
+        controllers=("hybrid-mpc",),
+        seed=3,
+        days=2.0,
+        historical_patients=3,
+        hybrid_adapt=True,
+    )
+    result = run_campaign(spec, tmp_path, workers=2)
+    assert len(result.runs) == 1
+    manifest = json.loads((tmp_path / "campaign.json").read_text())
+    assert manifest["hybrid_patient_parameters"] == [
+        "mu_max",
+        "exhaustion_threshold",
+        "lag_time",
+    ]
+    assert "--adapt auto" in manifest["hybrid_residual"]
+    assert not GPResidual.load(tmp_path / "residual.npz").has_batch_effect
+    fit = json.loads((tmp_path / "historical" / "fit" / "validation.json").read_text())
+    assert [p["name"] for p in fit["adapted_parameters"]] == manifest["hybrid_patient_parameters"]
+    assert "--hybrid-adapt" in (tmp_path / "summary.md").read_text()
+    plain = CampaignSpec(
+        patients=1, controllers=("hybrid-mpc",), seed=3, days=2.0, historical_patients=3
+    )
+    with pytest.raises(ConfigError, match="hybrid_patient_parameters"):
+        run_campaign(plain, tmp_path, workers=2)
