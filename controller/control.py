@@ -41,6 +41,11 @@ from controller.estimator import Estimator, EstimatorConfig, EstimatorResult, lo
 from controller.measurements import Measurement
 from controller.mpc import MPCResult, NonlinearMPC
 from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
+from plant_models.adaptation import (
+    PatientAdaptation,
+    default_adapted_parameters,
+    default_simulated_states,
+)
 from plant_models.base import MechanisticModel
 from plant_models.errors import ConfigError, HmpcError, ModelError
 from plant_models.hybrid import HybridModel
@@ -328,8 +333,6 @@ class PatientParameterLearner:
         window_h: float = 240.0,
         min_hours: float = 24.0,
     ) -> None:
-        from plant_models.adaptation import PatientAdaptation
-
         self.model = model
         self.parameters = tuple(parameters)
         self.simulated = tuple(simulated)
@@ -341,7 +344,6 @@ class PatientParameterLearner:
         self._theta: Any = None
         self._next_h = -math.inf
         self._adaptations: dict[float, PatientAdaptation] = {}
-        self._factory = PatientAdaptation
 
     def __call__(
         self,
@@ -371,7 +373,7 @@ class PatientParameterLearner:
         step = float(np.median(np.diff(t)))
         adaptation = self._adaptations.get(step)
         if adaptation is None:
-            adaptation = self._factory(
+            adaptation = PatientAdaptation(
                 self.model,
                 self.parameters,
                 simulated=self.simulated,
@@ -527,8 +529,6 @@ class ControllerSpec:
         if self.model not in ("tcell", "cho"):
             raise ConfigError(f"model {self.model!r} is unknown; choose 'tcell' or 'cho'.")
         if self.patient_parameters:
-            from plant_models.adaptation import default_adapted_parameters
-
             known = [p.name for p in default_adapted_parameters(self.model)]
             unknown = [n for n in self.patient_parameters if n not in known]
             if unknown or self.kind not in ("mechanistic-mpc", "hybrid-mpc"):
@@ -623,8 +623,6 @@ def build_controller(spec: ControllerSpec, *, learner: ResidualLearner | None = 
     factors = tuple(f for f in est_config.parameter_factors if _finite_parameter(base, f))
     adapter = None
     if spec.patient_parameters:
-        from plant_models.adaptation import default_adapted_parameters, default_simulated_states
-
         chosen = [
             p for p in default_adapted_parameters(spec.model) if p.name in spec.patient_parameters
         ]
