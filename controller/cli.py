@@ -538,6 +538,8 @@ def validate_24h(
     """
     import copy
 
+    import pandas as pd
+
     from controller.training import (
         TRUE_CELLS_KEY,
         causal_log_cells,
@@ -577,13 +579,19 @@ def validate_24h(
         x = reconstruct_states(rec, base)
         t = rec.steps["time"].to_numpy(float)
         u = rec.steps[list(base.input_names)].to_numpy(float)
-        own = growth_rate_observations(
-            [rec],
-            base,
-            names,
-            window_h=window_h,
-            every_h=observe_every_h,
-            min_model_rate=min_model_rate,
+        # the batch's own growth-rate observations feed the residual, unless the patient
+        # parameters learn the batch instead
+        own = (
+            growth_rate_observations(
+                [rec],
+                base,
+                names,
+                window_h=window_h,
+                every_h=observe_every_h,
+                min_model_rate=min_model_rate,
+            )
+            if adaptation is None
+            else pd.DataFrame(columns=[*names, target, "available"])
         )
         own = own[np.isfinite(own[target].to_numpy(float))].sort_values("available")
         learner = copy.deepcopy(population_residual)
@@ -603,7 +611,7 @@ def validate_24h(
             next_start = t[i] + every_h
             fresh = own.iloc[used:]
             fresh = fresh[fresh["available"] <= t[i] + 1e-9]
-            if len(fresh) and adaptation is None:
+            if len(fresh):
                 used += len(fresh)
                 xs, ys = fresh[names].to_numpy(float), fresh[target].to_numpy(float)
                 if batch_effect:

@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from plant_models.base import MechanisticModel
 from plant_models.errors import ConfigError, ModelError
+from plant_models.hybrid import rk4
 
 __all__ = [
     "AdaptationResult",
@@ -219,16 +220,7 @@ class PatientAdaptation:
             xdot = f(tk, ca.vertcat(*parts), u, p)[0]
             return ca.vertcat(xdot[idx[0]] / cells, *[xdot[i] for i in idx[1:]])
 
-        substeps = 4
-        h = self.step_h / substeps
-        zk, tk = z, t
-        for _ in range(substeps):
-            k1 = zdot(tk, zk)
-            k2 = zdot(tk + h / 2, zk + h / 2 * k1)
-            k3 = zdot(tk + h / 2, zk + h / 2 * k2)
-            k4 = zdot(tk + h, zk + h * k3)
-            zk = zk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            tk = tk + h
+        zk = rk4(zdot, t, z, self.step_h)
         step = ca.Function("adapt_step", [z, t, u, xe, p], [zk])
         sim = step.mapaccum("adapt_sim", self.steps)
         theta = ca.MX.sym("theta", npar + 1)  # [ln X_start, parameter thetas]
@@ -373,16 +365,7 @@ class PatientAdaptation:
         t = ca.MX.sym("t")
         u = ca.MX.sym("u", model.nu)
         p = ca.MX.sym("p", len(self.parameters))
-        substeps = 4
-        h = self.step_h / substeps
-        xk, tk = x, t
-        for _ in range(substeps):
-            k1 = f(tk, xk, u, p)[0]
-            k2 = f(tk + h / 2, xk + h / 2 * k1, u, p)[0]
-            k3 = f(tk + h / 2, xk + h / 2 * k2, u, p)[0]
-            k4 = f(tk + h, xk + h * k3, u, p)[0]
-            xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            tk = tk + h
+        xk = rk4(lambda tk, xk: f(tk, xk, u, p)[0], t, x, self.step_h)
         step = ca.Function("adapt_predict_step", [x, t, u, p], [ca.fmax(xk, 0.0)])
         sim = step.mapaccum("adapt_predict", horizon_steps)
         x0 = ca.MX.sym("x0", model.nx)
