@@ -57,6 +57,7 @@ from controller.validation import (
     ValidationSettings,
     log_rejection,
 )
+from plant_models.base import rk4
 from plant_models.config import check_keys, load_toml
 from plant_models.errors import ConfigError, IntegrationError, ModelError
 
@@ -579,17 +580,7 @@ class Estimator:
             args = [tt, xx, u] if p is None else [tt, xx, u, p]
             return dyn(*args)[0]
 
-        m = self.config.substeps_per_call
-        dt = h / m
-        x = z[: self.nx]
-        tk = t
-        for _ in range(m):
-            k1 = f(tk, x)
-            k2 = f(tk + dt / 2, x + dt / 2 * k1)
-            k3 = f(tk + dt / 2, x + dt / 2 * k2)
-            k4 = f(tk + dt, x + dt * k3)
-            x = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            tk = tk + dt
+        x = rk4(f, t, z[: self.nx], h, self.config.substeps_per_call)
         z_next = ca.vertcat(x, z[self.nx :])
         jac = ca.jacobian(z_next, z)
         return ca.Function(

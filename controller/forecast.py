@@ -39,7 +39,7 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
-from plant_models.base import CASADI_OPS
+from plant_models.base import CASADI_OPS, rk4
 from plant_models.config import check_keys, load_toml
 from plant_models.errors import ConfigError, ModelError
 
@@ -449,15 +449,7 @@ class HarvestForecaster:
 
         cfg = self.config
         m = max(1, math.ceil(cfg.step_h / cfg.max_substep_h - 1e-9))
-        h = cfg.step_h / m
-        xk, tk = x, t
-        for _ in range(m):
-            k1 = f(tk, xk)
-            k2 = f(tk + h / 2, xk + h / 2 * k1)
-            k3 = f(tk + h / 2, xk + h / 2 * k2)
-            k4 = f(tk + h, xk + h * k3)
-            xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            tk = tk + h
+        xk = rk4(f, t, x, cfg.step_h, m)
         return ca.Function(
             "forecast_step", [t, x, u, logf, corr], [xk], ["t", "x", "u", "logf", "r"], ["x_next"]
         )

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.mpc_config import MPCConfig
-from plant_models.base import CASADI_OPS
+from plant_models.base import CASADI_OPS, rk4
 from plant_models.config import suggest
 from plant_models.errors import ConfigError, ModelError, SolverFailedError
 
@@ -530,17 +530,7 @@ class NonlinearMPC:
 
     def _rk4(self, rhs: Callable[[Any, Any], Any], t: Any, x: Any) -> Any:
         """State after one ``step_h`` of RK4 (``integrator_substeps`` sub-steps) of ``rhs``."""
-        m = self.config.integrator_substeps
-        dt = self.config.step_h / m
-        xk, tk = x, t
-        for _ in range(m):
-            k1 = rhs(tk, xk)
-            k2 = rhs(tk + dt / 2, xk + dt / 2 * k1)
-            k3 = rhs(tk + dt / 2, xk + dt / 2 * k2)
-            k4 = rhs(tk + dt, xk + dt * k3)
-            xk = xk + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            tk = tk + dt
-        return xk
+        return rk4(rhs, t, x, self.config.step_h, self.config.integrator_substeps)
 
     def _viability_expr(self, xp: Any) -> Any:
         names = self.state_names

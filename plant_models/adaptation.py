@@ -32,9 +32,8 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
-from plant_models.base import MechanisticModel
+from plant_models.base import MechanisticModel, rk4
 from plant_models.errors import ConfigError, ModelError
-from plant_models.hybrid import rk4
 
 __all__ = [
     "AdaptationResult",

@@ -61,6 +61,21 @@ CASADI_OPS = SimpleNamespace(
 )
 
 
+def rk4(rhs: Any, t: Any, x: Any, step_h: Any, substeps: int = 4) -> Any:
+    """``substeps`` classical Runge-Kutta steps of ``dx/dt = rhs(t, x)`` over ``step_h``
+    (symbolic or numeric ``t``, ``x``); the state after the step."""
+    h = step_h / substeps
+    xk, tk = x, t
+    for _ in range(substeps):
+        k1 = rhs(tk, xk)
+        k2 = rhs(tk + h / 2, xk + h / 2 * k1)
+        k3 = rhs(tk + h / 2, xk + h / 2 * k2)
+        k4 = rhs(tk + h, xk + h * k3)
+        xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        tk = tk + h
+    return xk
+
+
 @dataclasses.dataclass(frozen=True)
 class VariableSpec:
     """A state, input or rate: full-word name, canonical unit and physical range."""

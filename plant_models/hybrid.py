@@ -20,7 +20,7 @@ from typing import Any, Literal
 import casadi as ca
 import numpy as np
 
-from plant_models.base import CASADI_OPS, MechanisticModel
+from plant_models.base import CASADI_OPS, MechanisticModel, rk4
 from plant_models.errors import ConfigError, ModelError
 from plant_models.gp import GPResidual
 
@@ -222,18 +222,3 @@ def discretize(model: MechanisticModel[Any], step_h: float, substeps: int = 4) -
     u = ca.MX.sym("u", model.nu)
     xk = rk4(lambda tk, xk: f(tk, xk, u)[0], t, x, step_h, substeps)
     return ca.Function(f"{model.name}_step", [t, x, u], [xk], ["t", "x", "u"], ["x_next"])
-
-
-def rk4(rhs: Any, t: Any, x: Any, step_h: float, substeps: int = 4) -> Any:
-    """``substeps`` classical Runge-Kutta steps of ``dx/dt = rhs(t, x)`` over ``step_h``
-    (symbolic or numeric ``t``, ``x``); the state after the step."""
-    h = step_h / substeps
-    xk, tk = x, t
-    for _ in range(substeps):
-        k1 = rhs(tk, xk)
-        k2 = rhs(tk + h / 2, xk + h / 2 * k1)
-        k3 = rhs(tk + h / 2, xk + h / 2 * k2)
-        k4 = rhs(tk + h, xk + h * k3)
-        xk = xk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        tk = tk + h
-    return xk
