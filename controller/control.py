@@ -37,6 +37,7 @@ from controller.baselines import (
     RecipeController,
     make_baseline,
 )
+from controller.config_files import config_file
 from controller.estimator import Estimator, EstimatorConfig, EstimatorResult, load_estimator_config
 from controller.measurements import Measurement
 from controller.mpc import MPCResult, NonlinearMPC
@@ -72,8 +73,6 @@ FloatArray = npt.NDArray[np.float64]
 
 #: Control laws :func:`build_controller` makes.
 CONTROLLER_KINDS = ("recipe", "rule", "mechanistic-mpc", "hybrid-mpc")
-
-_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 #: Absolute floors of the prior standard deviation at inoculation (canonical units).
 _PRIOR_FLOOR = {
@@ -545,7 +544,7 @@ class ControllerSpec:
 
 def default_mpc_config(model: str) -> Path:
     """The packaged MPC tuning of a model kind."""
-    return _CONFIG_DIR / f"mpc_{model}.toml"
+    return config_file(f"mpc_{model}.toml")
 
 
 def build_model(

@@ -15,7 +15,12 @@ the printer with it in :meth:`PrinterCoordinator.poll`:
 - harvest (:meth:`on_harvest` with the harvested cells): ``Update`` to the real cell count
   and ``Start`` (AllowedToStart: the printer runs it from its scheduled start);
 - every poll reads the job's state and the machine's; Aborted, a rejected job, a
-  refused call and a machine fault raise an alarm; Ended reports the cells printed.
+  refused call and a machine fault raise an alarm; Ended reports the cells printed;
+- first poll of a coordinator (a restarted controller): the printer's job list is read and
+  the newest job this batch stored (id ``<job_prefix>-<batch>-<n>``) is *adopted* with its
+  parameters and state: it is kept (not stored twice) until a forecast or the harvest
+  moves it, and new job ids continue after ``n``. A job of this batch id for another
+  patient is never adopted (alarm).
 
 Every action, decision and state change becomes an :class:`~controller.records.EventRecord`
 of kind ``printer`` given to the recorder; an event the recorder fails to take is kept and
@@ -285,6 +290,7 @@ class PrinterCoordinator:
         self.machine_state = ""
         self.fault = ""
         self._unreachable = False
+        self._adoption_checked = False
         self._outbox: list[EventRecord] = []
         #: Every event emitted, oldest first (also those the recorder has taken).
         self.events: list[EventRecord] = []
@@ -335,11 +341,7 @@ class PrinterCoordinator:
                 "reason": f"P(dose by harvest) {p:.2f} < {self.config.revoke_probability}",
             }
             return
-        moved_cells = (
-            abs(cells - desired.cell_count) > self.config.cell_tolerance * desired.cell_count
-        )
-        moved_start = abs(start - desired.scheduled_start_h) > self.config.start_tolerance_h
-        if moved_cells or moved_start:
+        if self._moved(desired, cells, start):
             self._desired = dataclasses.replace(desired, cell_count=cells, scheduled_start_h=start)
             self._why = {
                 **why,
@@ -347,6 +349,13 @@ class PrinterCoordinator:
                 f"(printed cells {desired.cell_count:.3g} -> {cells:.3g} 1e9, start "
                 f"{desired.scheduled_start_h:.1f} -> {start:.1f} h)",
             }
+
+    def _moved(self, job: JobSpec, cells: float, start_h: float) -> bool:
+        """Printed cells or the start differ from ``job``'s beyond the tolerances."""
+        return (
+            abs(cells - job.cell_count) > self.config.cell_tolerance * job.cell_count
+            or abs(start_h - job.scheduled_start_h) > self.config.start_tolerance_h
+        )
 
     def on_harvest(self, process_time_h: float, harvested_cells: float) -> None:
         """The cells were harvested: the job gets the real cell count and may start
@@ -429,6 +438,92 @@ class PrinterCoordinator:
                     "pass batch_start."
                 )
             self.batch_start = value if value.tzinfo else value.replace(tzinfo=UTC)
+        if not self._adoption_checked:
+            await self._adopt()
+            self._adoption_checked = True
+
+    async def _adopt(self) -> None:
+        """Take over the newest job an earlier process stored for this batch."""
+        pattern = re.compile(
+            rf"{re.escape(self.config.job_prefix)}-{re.escape(self.batch_id)}-(\d+)"
+        )
+        found: list[tuple[int, str]] = []
+        for child in await self._node("Printer.JobManagement.JobOrderList").get_children():
+            ident = child.nodeid.Identifier
+            if not isinstance(ident, str):
+                continue
+            try:
+                job_id = str(await self._node(f"{ident}.JobOrderId").read_value())
+            except ua.UaStatusCodeError as exc:
+                if exc.code != ua.StatusCodes.BadNodeIdUnknown:
+                    raise
+                continue  # not a job order
+            match = pattern.fullmatch(job_id)
+            if match is not None:
+                found.append((int(match.group(1)), ident))
+        if not found:
+            return
+        revision, ident = max(found)
+        desired = self._desired  # decided before this first poll (ids numbered from 1)
+        values = {
+            key: await self._node(f"{ident}.{key}").read_value()
+            for key in (
+                "JobOrderId",
+                "PatientId",
+                "BatchId",
+                "CellCount",
+                "BioinkCellDensity",
+                "ScheduledStart",
+                "State",
+            )
+        }
+        job_id, state = str(values["JobOrderId"]), str(values["State"])
+        if str(values["PatientId"]) != self.patient_id or str(values["BatchId"]) != self.batch_id:
+            self._revision = revision
+            if desired is not None:  # a new id after the printer's newest
+                self._revision += 1
+                self._desired = dataclasses.replace(
+                    desired, job_id=f"{self.config.job_prefix}-{self.batch_id}-{self._revision}"
+                )
+            self._emit(
+                "alarm",
+                f"printer holds job {job_id} for patient {values['PatientId']!r}, batch "
+                f"{values['BatchId']!r}, not {self.patient_id!r} / {self.batch_id!r}: it is not "
+                "taken over (new jobs get new ids); check the job on the printer",
+                {"action": "adopt_refused", "job_id": job_id, "state": state},
+            )
+            return
+        when = values["ScheduledStart"]
+        if not isinstance(when, datetime) or self.batch_start is None:
+            raise ConfigError(f"printer coordinator: job {job_id} has no ScheduledStart time.")
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        job = JobSpec(
+            job_id=job_id,
+            patient_id=self.patient_id,
+            batch_id=self.batch_id,
+            cell_count=float(values["CellCount"]),
+            bioink_density=float(values["BioinkCellDensity"]),
+            scheduled_start_h=(when - self.batch_start).total_seconds() / 3600.0,
+            start=state != "NotAllowedToStart",
+        )
+        self._stored = job
+        self.job_state = state
+        # A decision taken before this first poll applies to the adopted job (within the
+        # tolerances the job is kept as the printer holds it).
+        if desired is None or (
+            desired.start == job.start
+            and not self._moved(job, desired.cell_count, desired.scheduled_start_h)
+        ):
+            self._desired = job
+        else:
+            self._desired = dataclasses.replace(desired, job_id=job_id)
+        self._revision = revision
+        self._emit(
+            "info",
+            f"print job {job_id} taken over from an earlier controller process ({state}: "
+            f"{job.cell_count:.3g}e9 cells from {job.scheduled_start_h:.1f} h)",
+            {"action": "adopt", "job": job.parameters(), "state": state},
+        )
 
     async def _call(self, method: str, *args: ua.Variant) -> int:
         control = self._node("Printer.JobManagement.JobOrderControl")

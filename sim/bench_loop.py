@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from controller.config_files import config_file
 from controller.records import EventRecord, StepRecord
 from controller.runtime.site import SecurityConfig, SiteConfig, load_site
 from plant_models.errors import ConfigError, PlantIOError
@@ -48,7 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SITE_TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "site_sim.toml"
 PASSWORD_ENV = "HMPC_APC_PASSWORD"  # noqa: S105 - the variable's name, not a password
 
 
@@ -111,7 +111,7 @@ def write_sim_site(
 ) -> SiteConfig:
     """A site file for simulators at ``endpoint`` with PKI folder ``pki``: the tag map,
     clock and APC nodes of ``configs/site_sim.toml``, one unit per name."""
-    with SITE_TEMPLATE.open("rb") as fh:
+    with config_file("site_sim.toml").open("rb") as fh:
         data = tomllib.load(fh)
     data["site"] = {"name": f"simulators at {endpoint}", "output_dir": str(path.parent / "out")}
     data["endpoints"] = {"bioreactor": endpoint}

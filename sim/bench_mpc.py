@@ -34,6 +34,7 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
+from controller.config_files import config_file
 from controller.mpc import NonlinearMPC
 from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
 from plant_models.errors import ConfigError, HmpcError, SolverFailedError
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 #: The peer's closed loop as documented in performance.md (first five inputs, final state).
 DOMPC_FINGERPRINT = {
@@ -198,7 +198,7 @@ def _dompc_peer(model: DompcBatchModel) -> tuple[Any, Any]:
 def bench_dompc_batch(steps: int = 150, *, with_peer: bool = True) -> dict[str, Any]:
     """Closed loops of problem A with our MPC and do-mpc, interleaved step by step."""
     model = DompcBatchModel()
-    config = load_mpc_config(CONFIG_DIR / "mpc_dompc_batch.toml")
+    config = load_mpc_config(config_file("mpc_dompc_batch.toml"))
     ours = NonlinearMPC(model, config)
     plant = _cvodes_plant(model)
     peer = _dompc_peer(model) if with_peer else None
@@ -301,7 +301,7 @@ def bench_hybrid_atmp(
     """
     proc = load_tcell_process()[0]
     base = TCellExpansionModel(load_tcell_parameters()[0], proc)
-    path = config_path or CONFIG_DIR / "mpc_tcell_hourly.toml"
+    path = config_path or config_file("mpc_tcell_hourly.toml")
     config: MPCConfig = with_process_limits(load_mpc_config(path), proc, base.operating_bounds())
     if not variance:
         config = dataclasses.replace(config, kappa=0.0)

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from controller.config_files import config_file
 from plant_models.errors import ConfigError, HmpcError
 from plant_models.tcell import load_tcell_process
 from sim.baselines import Controller, make_baseline
@@ -141,12 +142,10 @@ class CampaignSpec:
     def mpc_config_path(self) -> Path:
         if self.mpc_config:
             return Path(self.mpc_config)
-        from sim.mpc_controllers import default_config_path
-
         # Campaigns run the hourly tuning (hourly steps, 48 h horizon): on 2 cores an 8-day
         # hybrid batch takes 5-10 s with it against 60-150 s with the 4 h / whole-batch
         # tuning, so 50 patients x 5 controllers fit in well under an hour.
-        return default_config_path("tcell").with_name(CAMPAIGN_MPC_CONFIG)
+        return config_file(CAMPAIGN_MPC_CONFIG)
 
     def manifest(self) -> dict[str, Any]:
         """The manifest: the arguments plus digests of the files they name."""

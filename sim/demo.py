@@ -34,11 +34,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from controller.config_files import config_file
+
 __all__ = ["add_demo_command", "cmd_demo", "printer_timeline"]
 
 log = logging.getLogger(__name__)
-
-_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -129,7 +129,7 @@ def site_file(template: str, *, port: int, controller: str, residual: Path | Non
     text = text.replace("127.0.0.1:4841/", f"127.0.0.1:{port + 1}/")
     text = text.replace(
         'mpc_config = "mpc_tcell_hourly.toml"',
-        f'mpc_config = "{_CONFIGS / "mpc_tcell_hourly.toml"}"',
+        f'mpc_config = "{config_file("mpc_tcell_hourly.toml")}"',
     )
     # one unit: drop BR02 (everything from its table to the next table)
     text = re.sub(r"\n\[units\.BR02\][^\[]*", "\n", text)
@@ -170,7 +170,7 @@ def _demo(args: argparse.Namespace) -> int:
              env={**env, "HMPC_OPCUA_PASSWORD": pw})  # fmt: skip
     port = _free_port()
     site = out / "site.toml"
-    template = (_CONFIGS / "site_sim.toml").read_text()
+    template = config_file("site_sim.toml").read_text()
     site.write_text(site_file(template, port=port, controller=args.controller, residual=residual))
     serve = [sim, "serve", "--port", str(port), "--units", "1", "--speed", str(args.speed),
              "--plant-step", "1", "--patient-seed", str(args.patient_seed),

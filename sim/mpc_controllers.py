@@ -23,6 +23,7 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
+from controller.config_files import config_file
 from controller.control import ControllerSpec, EstimatingMPC, build_controller
 from controller.mpc import MPCResult, NonlinearMPC, PredictionModel
 from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
@@ -55,12 +56,10 @@ FloatArray = npt.NDArray[np.float64]
 #: Controller names this module builds.
 MPC_CONTROLLERS = ("mechanistic-mpc", "hybrid-mpc", "oracle")
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
 
 def default_config_path(kind: str) -> Path:
     """The MPC tuning file of a model kind (``configs/mpc_<kind>.toml``)."""
-    return CONFIG_DIR / f"mpc_{kind}.toml"
+    return config_file(f"mpc_{kind}.toml")
 
 
 @dataclasses.dataclass

@@ -307,6 +307,79 @@ def test_revoke_when_confidence_is_lost_and_schedule_again(
     assert "0.30 < 0.5" in revoke.data["reason"]
 
 
+# -- a restarted controller --------------------------------------------------------------------
+def test_restarted_coordinator_takes_over_its_batch_job(printer: SteppedPrinter, pki: Pki) -> None:
+    t0 = printer.now()
+    harvest = t0 + 30.0
+    before, after = Recorder(), Recorder()
+
+    async def go() -> PrinterCoordinator:
+        async with session(printer.endpoint, pki, "apc") as client:
+            first = coordinator(client, before, "B7")
+            first.on_forecast(forecast(0.95, 20.0, harvest, t0), t0)
+            await first.poll()
+        # the controller process restarts: a new coordinator, a new session
+        async with session(printer.endpoint, pki, "apc") as client:
+            c = coordinator(client, after, "B7")
+            c.on_forecast(forecast(0.95, 20.5, harvest, t0 + 1), t0 + 1)  # within tolerance
+            await c.poll()
+            assert actions(after) == ["adopt"]
+            job = c.job
+            assert job is not None and job.job_id == "PRINT-B7-1" and not job.start
+            assert job.cell_count == pytest.approx(0.4)
+            assert job.scheduled_start_h == pytest.approx(harvest + 2.0, abs=1e-3)
+            assert c.job_state == "NotAllowedToStart"
+            assert [j for j in printer.jobs() if "B7" in j] == ["PRINT-B7-1"]
+            # the adopted job follows the forecast like one stored by this process
+            c.on_forecast(forecast(0.97, 26.0, harvest + 4.0, t0 + 2), t0 + 2)
+            await c.poll()
+            assert printer.jobs()["PRINT-B7-1"].cell_count == pytest.approx(0.52)
+            c.on_forecast(forecast(0.2, 10.0, harvest, t0 + 3), t0 + 3)
+            await c.poll()
+            assert "PRINT-B7-1" not in printer.jobs()
+            c.on_forecast(forecast(0.95, 20.0, harvest, t0 + 4), t0 + 4)
+            await c.poll()
+            assert "PRINT-B7-2" in printer.jobs()  # ids continue after the adopted one
+            c.on_forecast(forecast(0.1, 10.0, harvest, t0 + 5), t0 + 5)
+            await c.poll()
+            return c
+
+    asyncio.run(go())
+    assert actions(before) == ["Store"]
+    assert actions(after) == ["adopt", "Update", "Cancel", "Store", "Cancel"]
+    adopt = after.events[0]
+    assert adopt.severity == "info" and adopt.data["state"] == "NotAllowedToStart"
+    assert not [e for e in after.events if e.severity == "alarm"]
+
+
+def test_job_of_another_patient_is_never_taken_over(printer: SteppedPrinter, pki: Pki) -> None:
+    t0 = printer.now()
+    harvest = t0 + 30.0
+    rec = Recorder()
+
+    async def go() -> None:
+        async with session(printer.endpoint, pki, "apc") as client:
+            first = coordinator(client, Recorder(), "B8")
+            first.on_forecast(forecast(0.95, 20.0, harvest, t0), t0)
+            await first.poll()
+            other = PrinterCoordinator(
+                PrinterConfig(), client, rec, batch_id="B8", patient_id="P-SOMEONE-ELSE"
+            )
+            other.on_forecast(forecast(0.95, 20.0, harvest, t0 + 1), t0 + 1)
+            await other.poll()
+            jobs = printer.jobs()
+            assert jobs["PRINT-B8-1"].patient_id == "P-B8"  # untouched
+            assert jobs["PRINT-B8-2"].patient_id == "P-SOMEONE-ELSE"
+            for c in (first, other):
+                c.on_forecast(forecast(0.1, 10.0, harvest, t0 + 2), t0 + 2)
+                await c.poll()
+            assert not [j for j in printer.jobs() if "B8" in j]
+
+    asyncio.run(go())
+    assert actions(rec) == ["adopt_refused", "Store", "Cancel"]
+    assert rec.events[0].severity == "alarm" and "P-B8" in rec.events[0].message
+
+
 # -- a rejected job -------------------------------------------------------------------------
 def test_rejected_job_raises_one_alarm_and_is_not_resent(printer: SteppedPrinter, pki: Pki) -> None:
     t0 = printer.now()

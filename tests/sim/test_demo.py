@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from controller.config_files import config_file
 from controller.runtime.site import load_site
-from sim.demo import _CONFIGS, site_file
+from sim.demo import site_file
 
 
 def test_demo_site_file_loads_with_one_hybrid_unit(tmp_path: Path) -> None:
     residual = tmp_path / "residual.npz"
     residual.write_bytes(b"")  # the loader checks that it exists; content is not read here
     text = site_file(
-        (_CONFIGS / "site_sim.toml").read_text(),
+        config_file("site_sim.toml").read_text(),
         port=45123,
         controller="hybrid-mpc",
         residual=residual,

@@ -13,12 +13,12 @@ import casadi as ca
 import numpy as np
 import pytest
 
+from controller.config_files import config_file
 from controller.mpc import NonlinearMPC
 from controller.mpc_config import load_mpc_config, with_process_limits
 from plant_models.errors import ConfigError
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 from sim.bench_mpc import (
-    CONFIG_DIR,
     DOMPC_FINGERPRINT,
     add_bench_mpc,
     bench_dompc_batch,
@@ -248,7 +248,7 @@ def hybrid_mpc(residual: str, kappa: float) -> tuple[NonlinearMPC, np.ndarray]:
     base = TCellExpansionModel(load_tcell_parameters()[0], proc)
     model = GPCorrectedTCellModel(base, AnalyticResidual(), GP_FEATURES)
     cfg = with_process_limits(
-        load_mpc_config(CONFIG_DIR / "mpc_tcell_hourly.toml"), proc, base.operating_bounds()
+        load_mpc_config(config_file("mpc_tcell_hourly.toml")), proc, base.operating_bounds()
     )
     cfg = dataclasses.replace(cfg, residual=residual, kappa=kappa, horizon=16, step_h=3.0)
     values = base.initial_state()
