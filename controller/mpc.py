@@ -238,6 +238,15 @@ class NonlinearMPC:
             for n in (d.cells_state, d.volume_state):
                 if n not in states:
                     raise self._name_error(n, "dose", states, "state")
+            known = getattr(self.model, "parameters", None)
+            name = d.reference_growth_parameter
+            if name and dataclasses.is_dataclass(known):
+                fields = [f.name for f in dataclasses.fields(known)]
+                if name not in fields:
+                    raise ConfigError(
+                        f"{c.source} [dose] reference_growth_parameter = {name!r}: not a "
+                        f"parameter of the model.{suggest(name, fields)}"
+                    )
             if d.dose_cells is None or d.harvest_time is None:
                 raise ConfigError(
                     f"{c.source} [dose]: dose-by-date needs dose_cells and harvest_time; give "
@@ -754,7 +763,8 @@ class NonlinearMPC:
         if c.objective == "dose-by-date":
             base = float(c.dose.dose_cells or 0.0) * (1.0 + c.dose.margin)
             to_go = max(float(harvest or 0.0) - times[active], 0.0)
-            dose_target = base * math.exp(-c.dose.reference_growth_rate * to_go)
+            rate = c.dose.reference_growth_rate * self._growth_scale()
+            dose_target = base * math.exp(-rate * to_go)
             # the overshoot penalty holds at the harvest only, not on the discounted target
             overshoot_active = 1.0 if to_go <= 1e-9 else 0.0
         refs = self._references(references)
@@ -852,6 +862,18 @@ class NonlinearMPC:
         )
 
     # ------------------------------------------------------------------ helpers
+    def _growth_scale(self) -> float:
+        """This step's value of ``[dose] reference_growth_parameter`` over its nominal one
+        (1 without one), within [0.25, 4]."""
+        name = self.config.dose.reference_growth_parameter
+        if not name or name not in self.parameter_names:
+            return 1.0
+        i = self.parameter_names.index(name)
+        nominal = float(self._nominal_parameters[i])
+        if not (nominal > 0 and math.isfinite(nominal)):
+            return 1.0
+        return min(max(float(self._pvals[i]) / nominal, 0.25), 4.0)
+
     def _parameter_vector(self, values: Mapping[str, float] | None) -> FloatArray:
         out = self._nominal_parameters.copy()
         for name, value in (values or {}).items():

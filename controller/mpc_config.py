@@ -120,6 +120,11 @@ class DoseObjective:
         overshoot_band: relative band above the target that costs nothing.
         reference_growth_rate: 1/h; while the harvest lies beyond the horizon, the end of
             the horizon must hold ``target * exp(-rate * time still to harvest)``.
+        reference_growth_parameter: a model parameter (one of the MPC's
+            ``model_parameters``, e.g. ``mu_max``) whose value this step, relative to its
+            nominal value, scales ``reference_growth_rate``: a slow grower must be nearer
+            the target at the end of the horizon, a fast one less near. Empty: the rate as
+            given (also for an MPC without that model parameter, such as the oracle).
         cells_state, volume_state: state names whose product is the total viable cells.
     """
 
@@ -132,6 +137,7 @@ class DoseObjective:
     overshoot_weight: float = 0.0
     overshoot_band: float = 0.5
     reference_growth_rate: float = 0.02
+    reference_growth_parameter: str = ""
     cells_state: str = "viable_cells"
     volume_state: str = "volume"
 
@@ -307,6 +313,13 @@ def _boolean(table: Mapping[str, Any], key: str, where: str, default: bool) -> b
     return value
 
 
+def _text(table: Mapping[str, Any], key: str, where: str) -> str:
+    value = table.get(key, "")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} {key}: must be a string (a name), got {value!r}.")
+    return value.strip()
+
+
 def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
     value = data.get(key, {})
     if not isinstance(value, dict):
@@ -448,6 +461,7 @@ def config_from_dict(data: Mapping[str, Any], source: str) -> MPCConfig:
         reference_growth_rate=_number(
             dose_t, "reference_growth_rate", w, 0.02, _meta("1/h", 0.0, 1.0, "growth rate")
         ),
+        reference_growth_parameter=_text(dose_t, "reference_growth_parameter", w),
         cells_state=str(dose_t.get("cells_state", "viable_cells")),
         volume_state=str(dose_t.get("volume_state", "volume")),
     )

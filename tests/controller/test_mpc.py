@@ -169,6 +169,8 @@ def test_shipped_configs_load() -> None:
         "mpc_cho.toml",
         "mpc_tcell_hourly.toml",
         "mpc_tcell_ontarget.toml",
+        "mpc_tcell_margin.toml",
+        "mpc_tcell_growth.toml",
         "mpc_dompc_batch.toml",
     ):
         cfg = load_mpc_config(REPO / "configs" / name)
@@ -372,6 +374,52 @@ def test_overshoot_penalty_is_off_while_the_harvest_is_beyond_the_horizon(
     b = NonlinearMPC(tcell, on).step(x, 20.0, u0)
     assert a.success and b.success
     np.testing.assert_allclose(b.predicted_inputs, a.predicted_inputs, atol=1e-8)
+
+
+def test_reference_growth_follows_the_batch_growth_rate(tcell: TCellExpansionModel) -> None:
+    """With ``reference_growth_parameter = "mu_max"`` a slow grower (mu_max 0.6x nominal)
+    must end the horizon nearer the dose than the population's growth rate asks; at the
+    nominal value the plan is the plain tuning's."""
+    cfg = small_tcell_config(tcell)  # the 192 h harvest lies beyond the horizon at t = 20 h
+    scaled = dataclasses.replace(
+        cfg, dose=dataclasses.replace(cfg.dose, reference_growth_parameter="mu_max")
+    )
+    x = state_at(tcell, viable_cells=0.5)
+    u0 = {"perfusion_rate": 1.0, "glucose_feed": 0.0, "il2_addition": 0.0}
+    nominal = tcell.parameters.mu_max
+    ends = {}
+    for name, c, mu in (
+        ("plain", cfg, 0.6 * nominal),
+        ("scaled", scaled, 0.6 * nominal),
+        ("scaled_nominal", scaled, nominal),
+        ("plain_nominal", cfg, nominal),
+    ):
+        res = NonlinearMPC(tcell, c, model_parameters=("mu_max",)).step(
+            x, 20.0, u0, model_parameters={"mu_max": mu}
+        )
+        assert res.success
+        names = list(res.state_names)
+        end = res.predicted_states[res.horizon_steps]
+        ends[name] = (end[names.index("viable_cells")] * end[names.index("volume")], res)
+    assert ends["scaled"][0] > 1.02 * ends["plain"][0]
+    used = {k: r.predicted_inputs[:, 0].sum() for k, (_, r) in ends.items()}
+    assert used["scaled"] > used["plain"]  # it perfuses more to grow faster
+    np.testing.assert_allclose(
+        ends["scaled_nominal"][1].predicted_inputs,
+        ends["plain_nominal"][1].predicted_inputs,
+        atol=1e-8,
+    )
+
+
+def test_reference_growth_parameter_must_be_a_model_parameter(
+    tcell: TCellExpansionModel,
+) -> None:
+    cfg = small_tcell_config(tcell)
+    bad = dataclasses.replace(
+        cfg, dose=dataclasses.replace(cfg.dose, reference_growth_parameter="mu_mx")
+    )
+    with pytest.raises(ConfigError, match=r"reference_growth_parameter = 'mu_mx'.*mu_max"):
+        NonlinearMPC(tcell, bad)
 
 
 # ----------------------------------------------------------------------------- failures
