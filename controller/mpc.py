@@ -180,6 +180,13 @@ class NonlinearMPC:
         self.parameter_names: tuple[str, ...] = tuple(model_parameters)
         self._nominal_parameters = self._parameter_defaults()
         self._pvals = self._nominal_parameters.copy()
+        # index of [dose] reference_growth_parameter among model_parameters (None: unscaled)
+        name = config.dose.reference_growth_parameter
+        self._growth_index: int | None = None
+        if name in self.parameter_names:
+            i = self.parameter_names.index(name)
+            nominal = float(self._nominal_parameters[i])
+            self._growth_index = i if nominal > 0 and math.isfinite(nominal) else None
         self.state_names: tuple[str, ...] = tuple(model.state_names)
         self.input_names: tuple[str, ...] = tuple(model.input_names)
         self.nx, self.nu, self.horizon = (
@@ -865,14 +872,10 @@ class NonlinearMPC:
     def _growth_scale(self) -> float:
         """This step's value of ``[dose] reference_growth_parameter`` over its nominal one
         (1 without one), within [0.25, 4]."""
-        name = self.config.dose.reference_growth_parameter
-        if not name or name not in self.parameter_names:
+        i = self._growth_index
+        if i is None:
             return 1.0
-        i = self.parameter_names.index(name)
-        nominal = float(self._nominal_parameters[i])
-        if not (nominal > 0 and math.isfinite(nominal)):
-            return 1.0
-        return min(max(float(self._pvals[i]) / nominal, 0.25), 4.0)
+        return min(max(float(self._pvals[i]) / float(self._nominal_parameters[i]), 0.25), 4.0)
 
     def _parameter_vector(self, values: Mapping[str, float] | None) -> FloatArray:
         out = self._nominal_parameters.copy()

@@ -23,8 +23,12 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
-from controller.config_files import config_file
-from controller.control import ControllerSpec, EstimatingMPC, build_controller
+from controller.control import (
+    ControllerSpec,
+    EstimatingMPC,
+    build_controller,
+    default_mpc_config,
+)
 from controller.mpc import MPCResult, NonlinearMPC, PredictionModel
 from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
 from plant_models.base import CASADI_OPS
@@ -42,7 +46,6 @@ __all__ = [
     "MPC_CONTROLLERS",
     "GPCorrectedTCellModel",
     "MPCController",
-    "default_config_path",
     "fit_growth_residual_gp",
     "growth_residual_data",
     "make_mpc_controller",
@@ -55,11 +58,6 @@ FloatArray = npt.NDArray[np.float64]
 
 #: Controller names this module builds.
 MPC_CONTROLLERS = ("mechanistic-mpc", "hybrid-mpc", "oracle")
-
-
-def default_config_path(kind: str) -> Path:
-    """The MPC tuning file of a model kind (``configs/mpc_<kind>.toml``)."""
-    return config_file(f"mpc_{kind}.toml")
 
 
 @dataclasses.dataclass
@@ -235,7 +233,7 @@ def _nominal_model(plant: VirtualBioreactor) -> PredictionModel:
 def load_plant_config(plant: VirtualBioreactor, config_path: str | Path | None) -> MPCConfig:
     """The tuning file (default ``configs/mpc_<kind>.toml``), completed with the plant's
     process limits."""
-    path = Path(config_path) if config_path is not None else default_config_path(plant.kind)
+    path = Path(config_path) if config_path is not None else default_mpc_config(plant.kind)
     return with_process_limits(load_mpc_config(path), plant.process, plant.bounds)
 
 
