@@ -30,7 +30,7 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
-from controller.mpc_config import MPCConfig
+from controller.mpc_config import MPCConfig, StateBound
 from plant_models.base import CASADI_OPS, rk4
 from plant_models.config import suggest
 from plant_models.errors import ConfigError, ModelError, SolverFailedError
@@ -216,6 +216,7 @@ class NonlinearMPC:
             ("weights stage_state", c.stage_state_weights),
             ("weights terminal_state", c.terminal_state_weights),
             ("bounds", c.hard_bounds),
+            ("back_off", c.back_off),
             ("soft_bounds", c.soft_bounds),
             ("scaling states", c.state_scaling),
         )
@@ -235,6 +236,15 @@ class NonlinearMPC:
             for n in names:
                 if n not in inputs:
                     raise self._name_error(n, table, inputs, "input")
+        for n, b in c.back_off.items():
+            hb = c.hard_bounds.get(n)
+            for side in ("low", "high"):
+                if getattr(b, side) is not None and (hb is None or getattr(hb, side) is None):
+                    raise ConfigError(
+                        f"{c.source} [back_off] {n}: {side} = {getattr(b, side)!r} but {n!r} "
+                        f"has no hard {side} limit to back off from (give it under [bounds] "
+                        "or in the process specification)."
+                    )
         if c.on_failure == "recipe" and self.recipe is None:
             raise ConfigError(
                 f"{c.source} [mpc] on_failure = 'recipe' but no recipe was given to the MPC; "
@@ -364,17 +374,21 @@ class NonlinearMPC:
                 softs.append(_Soft(i, 1.0, b.high, b.weight, b.weight_linear, f"{name}_high"))
             if b.low is not None:
                 softs.append(_Soft(i, -1.0, b.low, b.weight, b.weight_linear, f"{name}_low"))
-        # The kappa*sigma margin of a hard bound is itself soft (heavily penalised): the
-        # bound stays hard, but a wide GP band far from the data cannot make the problem
+        # The margin from a hard bound (the [back_off] distance plus kappa*sigma) is itself
+        # soft (heavily penalised): the bound stays hard, but a wide GP band far from the
+        # data, or a state already inside the back-off, cannot make the problem
         # infeasible; the margin is kept wherever it can be.
-        if self._std_fn is not None and c.kappa > 0:
-            w = _MARGIN_WEIGHT
-            for name, hb in c.hard_bounds.items():
-                i = self.state_names.index(name)
-                if hb.high is not None:
-                    softs.append(_Soft(i, 1.0, hb.high, w, w, f"{name}_high_margin"))
-                if hb.low is not None:
-                    softs.append(_Soft(i, -1.0, hb.low, w, w, f"{name}_low_margin"))
+        tightened = self._std_fn is not None and c.kappa > 0
+        w = _MARGIN_WEIGHT
+        for name, hb in c.hard_bounds.items():
+            i = self.state_names.index(name)
+            bo = c.back_off.get(name, StateBound())
+            if hb.high is not None and (tightened or bo.high):
+                high = hb.high - (bo.high or 0.0)
+                softs.append(_Soft(i, 1.0, high, w, w, f"{name}_high_margin"))
+            if hb.low is not None and (tightened or bo.low):
+                low = hb.low + (bo.low or 0.0)
+                softs.append(_Soft(i, -1.0, low, w, w, f"{name}_low_margin"))
         self._softs = softs
         ns = len(softs)
         ss = sym.sym("S", ns, n)

@@ -10,6 +10,9 @@ A tuning file (``configs/mpc_*.toml``) looks like::
     kappa = 2.0               # constraint tightening, multiples of the predicted std
     on_failure = "shift"      # hold | shift | recipe | raise
 
+    [back_off]                # plan this far inside a hard limit (state units; soft,
+    glucose = { low = 1.0 }   # heavily weighted, so the problem stays feasible)
+
     [solver]
     name = "ipopt"
     max_iter = 200
@@ -178,6 +181,9 @@ class MPCConfig:
 
     Weights act on scaled quantities (a state divided by its scale, an input by its
     scale) unless stated otherwise; ``input_usage`` is in cost per input unit and hour.
+    ``back_off`` holds distances (state units, >= 0) that the plan keeps inside the hard
+    limits of ``hard_bounds``, on top of the ``kappa`` tightening: a reserve for model
+    error, kept as a heavily weighted soft constraint (the hard limit itself stays hard).
     """
 
     step_h: float = 1.0
@@ -198,6 +204,7 @@ class MPCConfig:
     stage_state_weights: Mapping[str, float] = dataclasses.field(default_factory=_empty)
     terminal_state_weights: Mapping[str, float] = dataclasses.field(default_factory=_empty)
     hard_bounds: Mapping[str, StateBound] = dataclasses.field(default_factory=_empty)
+    back_off: Mapping[str, StateBound] = dataclasses.field(default_factory=_empty)
     soft_bounds: Mapping[str, SoftBound] = dataclasses.field(default_factory=_empty)
     input_bounds: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=_empty)
     rate_limits: Mapping[str, float] = dataclasses.field(default_factory=_empty)
@@ -239,6 +246,13 @@ class MPCConfig:
         for name, b in list(self.hard_bounds.items()) + list(self.soft_bounds.items()):
             if b.low is not None and b.high is not None and b.low > b.high:
                 raise ConfigError(f"{where}: bounds of {name!r} have low {b.low} > high {b.high}.")
+        for name, b in self.back_off.items():
+            for side, v in (("low", b.low), ("high", b.high)):
+                if v is not None and not (v >= 0 and math.isfinite(v)):
+                    raise ConfigError(
+                        f"{where} [back_off] {name}: {side} = {v!r} must be a distance >= 0 "
+                        "(state units inside the hard limit)."
+                    )
         for name, (low, high) in self.input_bounds.items():
             if low > high:
                 raise ConfigError(
@@ -361,6 +375,7 @@ def config_from_dict(data: Mapping[str, Any], source: str) -> MPCConfig:
         "weights",
         "bounds",
         "soft_bounds",
+        "back_off",
         "inputs",
         "scaling",
     ]
@@ -505,6 +520,18 @@ def config_from_dict(data: Mapping[str, Any], source: str) -> MPCConfig:
         check_keys(entry, ["low", "high"], w)
         hard[name] = StateBound(_bound_side(entry, "low", w), _bound_side(entry, "high", w))
 
+    back_off: dict[str, StateBound] = {}
+    for name, entry in _table(data, "back_off", source).items():
+        w = f"{source} [back_off] {name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{w}: expected {{ low = ..., high = ... }} (distances, >= 0).")
+        check_keys(entry, ["low", "high"], w)
+        m = _meta("state unit", 0.0, 1e9, "back-off from the hard limit")
+        back_off[name] = StateBound(
+            _number(entry, "low", w, 0.0, m) if "low" in entry else None,
+            _number(entry, "high", w, 0.0, m) if "high" in entry else None,
+        )
+
     soft: dict[str, SoftBound] = {}
     for name, entry in _table(data, "soft_bounds", source).items():
         w = f"{source} [soft_bounds] {name}"
@@ -571,6 +598,7 @@ def config_from_dict(data: Mapping[str, Any], source: str) -> MPCConfig:
         stage_state_weights=_frozen(parsed["stage_state"]),
         terminal_state_weights=_frozen(parsed["terminal_state"]),
         hard_bounds=_frozen(hard),
+        back_off=_frozen(back_off),
         soft_bounds=_frozen(soft),
         input_bounds=_frozen(in_bounds),
         rate_limits=_frozen(rates),

@@ -357,6 +357,53 @@ def test_overshoot_penalty_holds_a_fast_grower_back_at_the_harvest(
     assert used["on_target"] < used["plain"]  # less perfusion
 
 
+@pytest.mark.parametrize("glucose", [4.0, 0.6])
+def test_back_off_keeps_the_plan_inside_the_hard_glucose_limit(
+    tcell: TCellExpansionModel, glucose: float
+) -> None:
+    """The overshoot penalty holds a fast grower back by starving it down to the hard
+    glucose limit; a [back_off] of 1 mM keeps the plan 1 mM inside that limit (model error
+    then has room before the plant crosses it). Started from 0.6 mM, inside the back-off,
+    the problem stays feasible and the plan climbs back out."""
+    x = state_at(tcell, viable_cells=18.0, lactate=8.0, glucose=glucose, inhibitor=250.0)
+    u0 = {"perfusion_rate": 2.0, "glucose_feed": 0.0, "il2_addition": 0.0}
+    plain = small_tcell_config(tcell)
+    cfg = dataclasses.replace(
+        plain, dose=dataclasses.replace(plain.dose, overshoot_weight=2000.0, overshoot_band=0.5)
+    )
+    low = cfg.hard_bounds["glucose"].low
+    assert low is not None
+    mins = {}
+    for name, c in (
+        ("at_limit", cfg),
+        ("back_off", dataclasses.replace(cfg, back_off={"glucose": StateBound(1.0, None)})),
+    ):
+        res = NonlinearMPC(tcell, c).step(x, 150.0, u0)
+        assert res.success, res.status
+        col = res.predicted_states[
+            1 : res.horizon_steps + 1, list(res.state_names).index("glucose")
+        ]
+        assert np.all(col >= low - 1e-6)  # the hard limit either way
+        mins[name] = col.min()
+    assert mins["at_limit"] < low + 0.05  # without it the plan rides the hard limit
+    assert mins["back_off"] >= low + 1.0 - 1e-4
+
+
+def test_back_off_needs_a_hard_limit_on_that_side(
+    tcell: TCellExpansionModel, tmp_path: Path
+) -> None:
+    text = MINIMAL + "[back_off]\nglucose = { low = 1.0 }\nlactate = { low = 2.0 }\n"
+    cfg = load_mpc_config(write(tmp_path, text))
+    assert cfg.back_off["glucose"] == StateBound(1.0, None)
+    cfg = with_process_limits(cfg, tcell.process, tcell.operating_bounds())
+    with pytest.raises(ConfigError, match=r"\[back_off\] lactate: low = 2.0.*no hard low limit"):
+        NonlinearMPC(tcell, cfg)
+    with pytest.raises(ConfigError, match=r"\[back_off\] glucose low = -1.0 .* is outside"):
+        load_mpc_config(write(tmp_path, MINIMAL + "[back_off]\nglucose = { low = -1.0 }\n"))
+    with pytest.raises(ConfigError, match=r"'lw'.*Did you mean 'low'"):
+        load_mpc_config(write(tmp_path, MINIMAL + "[back_off]\nglucose = { lw = 1.0 }\n"))
+
+
 def test_overshoot_penalty_is_off_while_the_harvest_is_beyond_the_horizon(
     tcell: TCellExpansionModel,
 ) -> None:
