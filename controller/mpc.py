@@ -245,6 +245,14 @@ class NonlinearMPC:
                         f"has no hard {side} limit to back off from (give it under [bounds] "
                         "or in the process specification)."
                     )
+            if hb is not None and hb.low is not None and hb.high is not None:
+                inner_low, inner_high = hb.low + (b.low or 0.0), hb.high - (b.high or 0.0)
+                if inner_low > inner_high:
+                    raise ConfigError(
+                        f"{c.source} [back_off] {n}: the back-offs leave no room between the "
+                        f"hard limits {hb.low:g} and {hb.high:g} (plan band {inner_low:g} > "
+                        f"{inner_high:g}); make them smaller."
+                    )
         if c.on_failure == "recipe" and self.recipe is None:
             raise ConfigError(
                 f"{c.source} [mpc] on_failure = 'recipe' but no recipe was given to the MPC; "

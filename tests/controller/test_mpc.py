@@ -400,6 +400,9 @@ def test_back_off_needs_a_hard_limit_on_that_side(
         NonlinearMPC(tcell, cfg)
     with pytest.raises(ConfigError, match=r"\[back_off\] glucose low = -1.0 .* is outside"):
         load_mpc_config(write(tmp_path, MINIMAL + "[back_off]\nglucose = { low = -1.0 }\n"))
+    crossed = dataclasses.replace(cfg, back_off={"glucose": StateBound(30.0, 30.0)})
+    with pytest.raises(ConfigError, match=r"\[back_off\] glucose: the back-offs leave no room"):
+        NonlinearMPC(tcell, crossed)
     with pytest.raises(ConfigError, match=r"'lw'.*Did you mean 'low'"):
         load_mpc_config(write(tmp_path, MINIMAL + "[back_off]\nglucose = { lw = 1.0 }\n"))
 
