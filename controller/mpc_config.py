@@ -347,10 +347,30 @@ def _weights(table: Mapping[str, Any], where: str, *, signed: bool) -> dict[str,
     return {key: _number(table, key, where, 0.0, meta) for key in table}
 
 
-def _bound_side(entry: Mapping[str, Any], key: str, where: str) -> float | None:
+_LIMIT = _meta("state unit", -1e9, 1e9, "state limit")
+_BACK_OFF = _meta("state unit", 0.0, 1e9, "back-off from the hard limit")
+
+
+def _bound_side(entry: Mapping[str, Any], key: str, where: str, meta: Any = _LIMIT) -> float | None:
     if key not in entry:
         return None
-    return _number(entry, key, where, 0.0, _meta("state unit", -1e9, 1e9, "state limit"))
+    return _number(entry, key, where, 0.0, meta)
+
+
+def _state_bounds(
+    data: Mapping[str, Any], table: str, source: str, meta: Any, hint: str = ""
+) -> dict[str, StateBound]:
+    """A table of ``state = { low = ..., high = ... }`` entries (either side optional)."""
+    out: dict[str, StateBound] = {}
+    for name, entry in _table(data, table, source).items():
+        w = f"{source} [{table}] {name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{w}: expected {{ low = ..., high = ... }}{hint}.")
+        check_keys(entry, ["low", "high"], w)
+        out[name] = StateBound(
+            _bound_side(entry, "low", w, meta), _bound_side(entry, "high", w, meta)
+        )
+    return out
 
 
 def load_mpc_config(path: str | Path) -> MPCConfig:
@@ -512,25 +532,8 @@ def config_from_dict(data: Mapping[str, Any], source: str) -> MPCConfig:
             sub, f"{w} {key}", signed=key in ("input_usage", "stage_state", "terminal_state")
         )
 
-    hard: dict[str, StateBound] = {}
-    for name, entry in _table(data, "bounds", source).items():
-        w = f"{source} [bounds] {name}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{w}: expected {{ low = ..., high = ... }}.")
-        check_keys(entry, ["low", "high"], w)
-        hard[name] = StateBound(_bound_side(entry, "low", w), _bound_side(entry, "high", w))
-
-    back_off: dict[str, StateBound] = {}
-    for name, entry in _table(data, "back_off", source).items():
-        w = f"{source} [back_off] {name}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{w}: expected {{ low = ..., high = ... }} (distances, >= 0).")
-        check_keys(entry, ["low", "high"], w)
-        m = _meta("state unit", 0.0, 1e9, "back-off from the hard limit")
-        back_off[name] = StateBound(
-            _number(entry, "low", w, 0.0, m) if "low" in entry else None,
-            _number(entry, "high", w, 0.0, m) if "high" in entry else None,
-        )
+    hard = _state_bounds(data, "bounds", source, _LIMIT)
+    back_off = _state_bounds(data, "back_off", source, _BACK_OFF, " (distances, >= 0)")
 
     soft: dict[str, SoftBound] = {}
     for name, entry in _table(data, "soft_bounds", source).items():
