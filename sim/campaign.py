@@ -59,6 +59,7 @@ __all__ = [
     "CampaignSpec",
     "add_campaign_command",
     "check_targets",
+    "paired_comparisons",
     "run_campaign",
     "summarize_campaign",
 ]
@@ -706,9 +707,19 @@ def summarize_campaign(runs: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def check_targets(summary: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
-    """The issue's targets for the hybrid MPC: (target, met or None if not assessable, detail)."""
+def check_targets(
+    summary: pd.DataFrame, comparisons: pd.DataFrame | None = None
+) -> list[tuple[str, bool | None, str]]:
+    """The issue's targets for the hybrid MPC: (target, met or None if not assessable, detail).
+
+    With ``comparisons`` (:func:`paired_comparisons`) the detail of each "beats" target also
+    says whether the cohort tells the two controllers apart (sign test, bootstrap interval)."""
     by = {row["controller"]: row for _, row in summary.iterrows()}
+    paired = (
+        {row["controller"]: row for _, row in comparisons.iterrows()}
+        if comparisons is not None
+        else {}
+    )
     hyb = by.get("hybrid-mpc")
     out: list[tuple[str, bool | None, str]] = []
 
@@ -729,9 +740,10 @@ def check_targets(summary: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
                 met = None
             else:
                 met = bool(h > o) if better == "higher" else bool(h < o)
-            out.append(
-                (f"hybrid MPC beats {other} on {label} ({better})", met, f"{h:.3f} vs {o:.3f}")
-            )
+            detail = f"{h:.3f} vs {o:.3f}"
+            if other in paired:
+                detail += "; " + _paired_detail(paired[other], metric)
+            out.append((f"hybrid MPC beats {other} on {label} ({better})", met, detail))
     viol = int(hyb["hard_violation_steps"]) if hyb is not None else -1
     out.append(
         (
@@ -743,11 +755,134 @@ def check_targets(summary: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
     return out
 
 
+#: comparisons.csv columns: (name, description) in table order.
+COMPARISON_COLUMNS = (
+    ("controller", "the controller the hybrid MPC is compared with, patient by patient"),
+    ("patients", "patients run under both"),
+    ("dose_only_hybrid", "patients reaching the dose under the hybrid MPC only"),
+    ("dose_only_other", "patients reaching the dose under the other controller only"),
+    (
+        "dose_sign_test_p",
+        "exact two-sided sign test (McNemar) on those discordant patients: how often a "
+        "split at least this uneven comes from two equally good controllers",
+    ),
+    (
+        "cv_difference",
+        "CV of cells at harvest, hybrid minus other, in points (negative: hybrid lower)",
+    ),
+    ("cv_difference_low", "95 % paired-bootstrap interval of the CV difference, low end"),
+    ("cv_difference_high", "95 % paired-bootstrap interval of the CV difference, high end"),
+    ("primary_difference", "mean dose score, hybrid minus other"),
+    ("primary_difference_low", "95 % paired-bootstrap interval of that difference, low end"),
+    ("primary_difference_high", "95 % paired-bootstrap interval of that difference, high end"),
+)
+
+#: Paired-bootstrap resamples of :func:`paired_comparisons` and their fixed seed (the same
+#: runs give the same table).
+BOOTSTRAP_RESAMPLES = 4000
+BOOTSTRAP_SEED = 20261123
+
+
+def _cv(cells: np.ndarray) -> np.ndarray:
+    """CV along the last axis (ddof 1); NaN where the mean is not positive."""
+    mean = cells.mean(axis=-1)
+    std = cells.std(axis=-1, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(mean > 0, std / mean, np.nan)
+
+
+def paired_comparisons(runs: pd.DataFrame, reference: str = "hybrid-mpc") -> pd.DataFrame:
+    """The reference controller against every other one on the same patients.
+
+    The targets compare cohort figures (one or two patients apart on 50); this says whether
+    such a difference is more than the luck of the cohort: for dose attainment, the exact
+    sign test on the patients where exactly one of the two reaches the dose; for the CV of
+    cells at harvest and the mean dose score, a 95 % percentile interval from resampling the
+    patients (both controllers on the same resample, :data:`BOOTSTRAP_RESAMPLES`, fixed
+    seed). An interval that contains 0 means the cohort cannot tell the two apart.
+    Empty when the reference controller did not run."""
+    from scipy.stats import binomtest
+
+    cols = [k for k, _ in COMPARISON_COLUMNS]
+    if reference not in set(runs["controller"]):
+        return pd.DataFrame(columns=cols)
+    by = {
+        c: runs[runs["controller"] == c].set_index("patient")
+        for c in CONTROLLERS
+        if c in set(runs["controller"])
+    }
+    ref = by[reference]
+    rows = []
+    for c, other in by.items():
+        if c == reference:
+            continue
+        patients = sorted(set(ref.index) & set(other.index))
+        n = len(patients)
+        a, b = ref.loc[patients], other.loc[patients]
+        reach_a = a["dose_reached_by_harvest"].astype(bool).to_numpy()
+        reach_b = b["dose_reached_by_harvest"].astype(bool).to_numpy()
+        only_a, only_b = int((reach_a & ~reach_b).sum()), int((reach_b & ~reach_a).sum())
+        p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+        row: dict[str, Any] = {
+            "controller": c,
+            "patients": n,
+            "dose_only_hybrid": only_a,
+            "dose_only_other": only_b,
+            "dose_sign_test_p": float(p),
+        }
+        cells = np.stack(
+            [a["cells_at_harvest"].to_numpy(float), b["cells_at_harvest"].to_numpy(float)]
+        )
+        score = np.stack(
+            [a["primary_objective"].to_numpy(float), b["primary_objective"].to_numpy(float)]
+        )
+        if n > 1:
+            rng = np.random.default_rng(BOOTSTRAP_SEED)
+            idx = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+            cv = _cv(cells)
+            cv_boot = _cv(cells[:, idx])  # (2, resamples)
+            d_cv = cv_boot[0] - cv_boot[1]
+            d_score = score[0, idx].mean(axis=1) - score[1, idx].mean(axis=1)
+            row |= {
+                "cv_difference": float(cv[0] - cv[1]),
+                "cv_difference_low": float(np.nanpercentile(d_cv, 2.5)),
+                "cv_difference_high": float(np.nanpercentile(d_cv, 97.5)),
+                "primary_difference": float(score[0].mean() - score[1].mean()),
+                "primary_difference_low": float(np.percentile(d_score, 2.5)),
+                "primary_difference_high": float(np.percentile(d_score, 97.5)),
+            }
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _paired_detail(row: pd.Series, metric: str) -> str:
+    """How far the cohort separates the two controllers on ``metric`` (a target's detail)."""
+    if metric == "dose_attainment":
+        p = float(row["dose_sign_test_p"])
+        return (
+            f"patients reaching the dose under one of the two only: hybrid "
+            f"{int(row['dose_only_hybrid'])}, other {int(row['dose_only_other'])}; "
+            f"sign test p = {p:.2f}"
+            + (" (a difference)" if p < 0.05 else " (not distinguishable from a tie)")
+        )
+    low, high = float(row["cv_difference_low"]), float(row["cv_difference_high"])
+    if math.isnan(low) or math.isnan(high):
+        return "too few patients for an interval"
+    apart = high < 0 or low > 0
+    return (
+        f"difference {100 * float(row['cv_difference']):+.1f} points, 95 % interval "
+        f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+        + (" (a difference)" if apart else " (not distinguishable from a tie)")
+    )
+
+
 _COUNT_COLUMNS = (
     "patients",
     "hard_violation_steps",
     "patients_with_hard_violations",
     "mpc_failures",
+    "dose_only_hybrid",
+    "dose_only_other",
 )
 
 
@@ -757,6 +892,9 @@ _PERCENT_COLUMNS = (
     "glucose_time_in_spec",
     "viability_at_harvest_mean",
     "cells_at_harvest_cv",
+    "cv_difference",
+    "cv_difference_low",
+    "cv_difference_high",
 )
 
 
@@ -773,13 +911,18 @@ def _fmt(value: Any, key: str) -> str:
         return f"{100 * number:.1f} %"
     if key in _COUNT_COLUMNS:
         return str(round(number))
-    if key in ("primary_objective", "primary_ratio_to_oracle"):
+    if key.endswith("_p"):
+        return f"{number:.2g}"
+    if key.startswith("primary_"):
         return f"{number:.4f}"
     return f"{number:.3f}" if abs(number) < 10 else f"{number:.2f}"
 
 
-def summary_markdown(spec: CampaignSpec, summary: pd.DataFrame) -> str:
-    """``summary.md``: the command, the table, the metric definitions and the targets."""
+def summary_markdown(
+    spec: CampaignSpec, summary: pd.DataFrame, comparisons: pd.DataFrame | None = None
+) -> str:
+    """``summary.md``: the command, the table, the metric definitions, the hybrid MPC against
+    each controller patient by patient (``comparisons``), and the targets."""
     cmd = (
         f"hmpc-sim campaign --patients {spec.patients} --controllers "
         f"{','.join(spec.controllers)} --seed {spec.seed} --days {spec.days:g}"
@@ -805,17 +948,31 @@ def summary_markdown(spec: CampaignSpec, summary: pd.DataFrame) -> str:
         lines.append("| " + " | ".join(_fmt(row[k], k) for k in cols) + " |")
     lines += ["", "Columns:", ""]
     lines += [f"- `{k}`: {d}" for k, d in SUMMARY_COLUMNS[1:]]
-    if "hybrid-mpc" in spec.controllers:
+    if comparisons is not None and len(comparisons):
+        ccols = [k for k, _ in COMPARISON_COLUMNS]
         lines += [
             "",
-            f"Hybrid MPC residual: {HYBRID_RESIDUAL_SOURCE}; historical cohort of "
+            "Hybrid MPC against each controller, patient by patient (`comparisons.csv`):",
+            "",
+            "| " + " | ".join(ccols) + " |",
+            "|" + "---|" * len(ccols),
+        ]
+        for _, row in comparisons.iterrows():
+            lines.append("| " + " | ".join(_fmt(row[k], k) for k in ccols) + " |")
+        lines += ["", "Columns:", ""]
+        lines += [f"- `{k}`: {d}" for k, d in COMPARISON_COLUMNS[1:]]
+    if "hybrid-mpc" in spec.controllers:
+        source = HYBRID_ADAPT_RESIDUAL_SOURCE if spec.hybrid_adapt else HYBRID_RESIDUAL_SOURCE
+        lines += [
+            "",
+            f"Hybrid MPC residual: {source}; historical cohort of "
             f"{spec.historical_patients} patients (seed {spec.historical_seed}) in "
             "`historical/`, fitted by `hmpc fit` into `residual.npz`.",
             "",
             "Targets:",
             "",
         ]
-        for name, met, detail in check_targets(summary):
+        for name, met, detail in check_targets(summary, comparisons):
             mark = "not assessable" if met is None else ("met" if met else "NOT met")
             lines.append(f"- {name}: {mark} ({detail})")
     return "\n".join(lines) + "\n"
@@ -863,14 +1020,18 @@ def plot_distributions(runs: pd.DataFrame, path: Path) -> None:
 def write_outputs(
     out: Path, spec: CampaignSpec, runs: pd.DataFrame, summary: pd.DataFrame, timing: pd.DataFrame
 ) -> None:
-    """Per-patient CSVs, summary.csv/.md, distributions.png, timing.csv."""
+    """Per-patient CSVs, summary.csv/.md, comparisons.csv (with the hybrid MPC),
+    distributions.png, timing.csv."""
     for c in summary["controller"]:
         _atomic_write(
             out / "patients" / f"{c}.csv",
             runs[runs["controller"] == c].to_csv(index=False, float_format="%.6g"),
         )
     _atomic_write(out / "summary.csv", summary.to_csv(index=False, float_format="%.6g"))
-    _atomic_write(out / "summary.md", summary_markdown(spec, summary))
+    comparisons = paired_comparisons(runs)
+    if len(comparisons):
+        _atomic_write(out / "comparisons.csv", comparisons.to_csv(index=False, float_format="%.6g"))
+    _atomic_write(out / "summary.md", summary_markdown(spec, summary, comparisons))
     _atomic_write(out / "timing.csv", timing.to_csv(index=False, float_format="%.4g"))
     plot_distributions(runs, out / "distributions.png")
 

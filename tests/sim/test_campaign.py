@@ -20,9 +20,11 @@ from plant_models.errors import ConfigError
 from plant_models.gp import GPResidual
 from sim.campaign import (
     COHORT_STRIDE,
+    HYBRID_ADAPT_RESIDUAL_SOURCE,
     CampaignSpec,
     _Pool,
     check_targets,
+    paired_comparisons,
     parse_controllers,
     run_campaign,
     summarize_campaign,
@@ -142,6 +144,62 @@ def test_targets_are_judged_from_the_table() -> None:
     assert verdicts["hybrid MPC beats recipe on CV of cells at harvest (lower)"] is True
     assert verdicts["hybrid MPC beats mechanistic-mpc on dose attainment (higher)"] is None
     assert verdicts["hybrid MPC: zero hard-constraint violations"] is True
+
+
+def _paired_runs(hybrid: list[float], other: list[float]) -> pd.DataFrame:
+    rows = []
+    for c, cells in (("hybrid-mpc", hybrid), ("mechanistic-mpc", other)):
+        for i, x in enumerate(cells):
+            rows.append(_run_row(c, f"P{i:03d}", x, 7.0 if x >= 15.0 else None))
+    return pd.DataFrame(rows)
+
+
+def test_paired_comparison_tells_a_difference_from_the_luck_of_the_cohort() -> None:
+    # twelve patients: the hybrid MPC reaches the dose on all, the other on none, and the
+    # hybrid's cells are tight where the other's spread: both a difference
+    hybrid = [16.0 + 0.1 * (i % 3) for i in range(12)]
+    other = [6.0 + 1.5 * i for i in range(12)]
+    other = [min(x, 14.9) for x in other]
+    comp = paired_comparisons(_paired_runs(hybrid, other))
+    row = comp.set_index("controller").loc["mechanistic-mpc"]
+    assert row["patients"] == 12
+    assert (row["dose_only_hybrid"], row["dose_only_other"]) == (12, 0)
+    assert row["dose_sign_test_p"] == pytest.approx(2 * 0.5**12)
+    cv_h = np.std(hybrid, ddof=1) / np.mean(hybrid)
+    cv_o = np.std(other, ddof=1) / np.mean(other)
+    assert row["cv_difference"] == pytest.approx(cv_h - cv_o)
+    assert row["cv_difference_low"] <= row["cv_difference"] <= row["cv_difference_high"] < 0
+    assert 0 < row["primary_difference_low"] <= row["primary_difference"]
+    verdicts = {
+        n: d for n, _, d in check_targets(summarize_campaign(_paired_runs(hybrid, other)), comp)
+    }
+    assert (
+        "(a difference)" in verdicts["hybrid MPC beats mechanistic-mpc on dose attainment (higher)"]
+    )
+    # the same runs give the same table (fixed bootstrap seed)
+    pd.testing.assert_frame_equal(comp, paired_comparisons(_paired_runs(hybrid, other)))
+
+
+def test_paired_comparison_one_patient_apart_is_a_tie() -> None:
+    # 50 patients, one apart on the dose and the cells otherwise the same: the cohort cannot
+    # tell them apart, though the table's "beats" would say so
+    base = [12.0 + 0.25 * i for i in range(50)]
+    hybrid = list(base)
+    other = list(base)
+    i = next(k for k, x in enumerate(base) if x >= 15.0)
+    other[i] = 14.9
+    runs = _paired_runs(hybrid, other)
+    row = paired_comparisons(runs).set_index("controller").loc["mechanistic-mpc"]
+    assert (row["dose_only_hybrid"], row["dose_only_other"]) == (1, 0)
+    assert row["dose_sign_test_p"] == pytest.approx(1.0)
+    assert row["cv_difference_low"] <= 0 <= row["cv_difference_high"]
+    targets = {
+        n: (m, d) for n, m, d in check_targets(summarize_campaign(runs), paired_comparisons(runs))
+    }
+    met, detail = targets["hybrid MPC beats mechanistic-mpc on dose attainment (higher)"]
+    assert met is True and "not distinguishable from a tie" in detail
+    # without the hybrid MPC there is nothing to compare
+    assert paired_comparisons(runs[runs["controller"] != "hybrid-mpc"]).empty
 
 
 # ------------------------------------------------------------------ campaigns on Ray
@@ -284,7 +342,9 @@ def test_hybrid_adapt_campaign_fits_patient_parameters(tmp_path: Path, local_ray
     assert not GPResidual.load(tmp_path / "residual.npz").has_batch_effect
     fit = json.loads((tmp_path / "historical" / "fit" / "validation.json").read_text())
     assert [p["name"] for p in fit["adapted_parameters"]] == manifest["hybrid_patient_parameters"]
-    assert "--hybrid-adapt" in (tmp_path / "summary.md").read_text()
+    summary_md = (tmp_path / "summary.md").read_text()
+    assert "--hybrid-adapt" in summary_md
+    assert HYBRID_ADAPT_RESIDUAL_SOURCE in summary_md
     plain = CampaignSpec(
         patients=1, controllers=("hybrid-mpc",), seed=3, days=2.0, historical_patients=3
     )
