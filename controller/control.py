@@ -614,9 +614,20 @@ def build_controller(spec: ControllerSpec, *, learner: ResidualLearner | None = 
         if spec.estimator_config is not None
         else EstimatorConfig.for_model(est_model)
     )
-    if spec.kind == "hybrid-mpc" and spec.learn_in_batch and learner is None:
-        if getattr(hybrid.corrections[0].residual, "has_batch_effect", False):
-            learner = RunningBatchLearner(hybrid)
+    batch_effect = spec.kind == "hybrid-mpc" and any(
+        getattr(c.residual, "has_batch_effect", False) for c in hybrid.corrections
+    )
+    if batch_effect and spec.learn_in_batch and spec.patient_parameters:
+        # the same rule as `hmpc fit --adapt` (docs/hybrid.md): the patient-parameter fit and
+        # the residual's batch effect would both learn the running batch from the same cells
+        raise ConfigError(
+            f"patient_parameters {list(spec.patient_parameters)} and the residual "
+            f"{spec.residual}, which has a batch effect, both learn the running batch; use a "
+            "residual fitted against the patient parameters (`hmpc fit --adapt auto`, no batch "
+            "effect) or drop patient_parameters."
+        )
+    if batch_effect and spec.learn_in_batch and learner is None:
+        learner = RunningBatchLearner(hybrid)
     if spec.kind != "hybrid-mpc" or not spec.learn_in_batch:
         learner = None
     factors = tuple(f for f in est_config.parameter_factors if _finite_parameter(base, f))

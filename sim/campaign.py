@@ -496,13 +496,26 @@ def train_historical_residual(spec: CampaignSpec, out: Path, pool: _Pool) -> Pat
         from plant_models.gp import GPResidual
 
         try:
-            GPResidual.load(residual)
+            gp = GPResidual.load(residual)
         except ConfigError as exc:
             raise ConfigError(
                 f"{residual} was fitted by another version of hmpc and cannot be used ({exc}); "
                 "its hybrid-mpc runs would not be comparable: start the campaign again with a "
                 "new --out."
             ) from None
+        # a residual copied in from another campaign must be the kind this one fits: with
+        # --hybrid-adapt, against adapted models and without a batch effect; else with one
+        if gp.has_batch_effect == spec.hybrid_adapt:
+            fitted, wanted = (
+                ("with a batch effect (hmpc fit --adapt none)", "--adapt auto")
+                if spec.hybrid_adapt
+                else ("without a batch effect (hmpc fit --adapt auto)", "--adapt none")
+            )
+            raise ConfigError(
+                f"{residual} was fitted {fitted}, but this campaign's hybrid MPC needs one "
+                f"from hmpc fit {wanted} (campaign.json: hybrid_residual); remove it and "
+                f"{out / 'historical' / 'fit'} to have it fitted again, or use another --out."
+            )
         return residual
     hist_dir = out / "historical"
     cohort = PatientCohort(

@@ -66,6 +66,22 @@ def test_hybrid_mpc_learns_from_the_running_batch(tmp_path: Path) -> None:
             assert low <= r.u[name] <= high
 
 
+def test_patient_parameters_and_a_batch_effect_do_not_learn_the_same_batch(
+    tmp_path: Path,
+) -> None:
+    """Both would fit the running batch's growth from the same cells (the rule of
+    ``hmpc fit --adapt``): refused with the way out; without in-batch learning the residual's
+    batch effect stays idle and the patient-parameter fit alone learns the batch."""
+    residual = _batch_effect_residual(tmp_path / "residual.npz")
+    args = {"residual": residual, "mpc_config": HOURLY, "harvest_time": 192.0}
+    with pytest.raises(ConfigError, match=r"both learn the running batch.*--adapt auto"):
+        build_controller(ControllerSpec("hybrid-mpc", patient_parameters=("mu_max",), **args))
+    idle = build_controller(
+        ControllerSpec("hybrid-mpc", patient_parameters=("mu_max",), learn_in_batch=False, **args)
+    )
+    assert idle.learner is None and idle.adapter is not None
+
+
 def test_hybrid_mpc_needs_a_residual_file() -> None:
     with pytest.raises(ConfigError, match="residual"):
         ControllerSpec("hybrid-mpc")

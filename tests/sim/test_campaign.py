@@ -6,6 +6,7 @@ instance; the MPC and residual-training tests are marked slow.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -297,6 +298,11 @@ def test_historical_residual_is_trained_on_disjoint_patients(
     stamp = path.stat().st_mtime_ns
     assert train_historical_residual(spec, tmp_path, pool) == path
     assert path.stat().st_mtime_ns == stamp
+    # a residual of the other kind (copied in from a campaign without --hybrid-adapt) is
+    # refused: the adapted hybrid MPC needs one fitted against adapted models
+    adapt = dataclasses.replace(spec, hybrid_adapt=True)
+    with pytest.raises(ConfigError, match="with a batch effect.*--adapt auto"):
+        train_historical_residual(adapt, tmp_path, pool)
     # a residual this hmpc cannot read (another version) is refused, not silently re-fitted
     path.write_bytes(b"not a residual")
     with pytest.raises(ConfigError, match="new --out"):
