@@ -804,8 +804,8 @@ def _cv(cells: np.ndarray) -> np.ndarray:
         return np.where(mean > 0, std / mean, np.nan)
 
 
-def paired_comparisons(runs: pd.DataFrame, reference: str = "hybrid-mpc") -> pd.DataFrame:
-    """The reference controller against every other one on the same patients.
+def paired_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
+    """The hybrid MPC against every other controller on the same patients.
 
     The targets compare cohort figures (one or two patients apart on 50); this says whether
     such a difference is more than the luck of the cohort: for dose attainment, the exact
@@ -813,9 +813,10 @@ def paired_comparisons(runs: pd.DataFrame, reference: str = "hybrid-mpc") -> pd.
     cells at harvest and the mean dose score, a 95 % percentile interval from resampling the
     patients (both controllers on the same resample, :data:`BOOTSTRAP_RESAMPLES`, fixed
     seed). An interval that contains 0 means the cohort cannot tell the two apart.
-    Empty when the reference controller did not run."""
+    Empty when the hybrid MPC did not run."""
     from scipy.stats import binomtest
 
+    reference = "hybrid-mpc"
     cols = [k for k, _ in COMPARISON_COLUMNS]
     if reference not in set(runs["controller"]):
         return pd.DataFrame(columns=cols)
