@@ -932,6 +932,17 @@ def _fmt(value: Any, key: str) -> str:
     return f"{number:.3f}" if abs(number) < 10 else f"{number:.2f}"
 
 
+def _markdown_table(frame: pd.DataFrame, columns: Sequence[tuple[str, str]]) -> list[str]:
+    """A markdown table of ``frame`` (cells by :func:`_fmt`) and the list of its columns'
+    meanings (``columns``: (name, description), the first one the row label)."""
+    keys = [k for k, _ in columns]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += [
+        "| " + " | ".join(_fmt(row[k], k) for k in keys) + " |" for _, row in frame.iterrows()
+    ]
+    return [*lines, "", "Columns:", "", *(f"- `{k}`: {d}" for k, d in columns[1:])]
+
+
 def summary_markdown(
     spec: CampaignSpec, summary: pd.DataFrame, comparisons: pd.DataFrame | None = None
 ) -> str:
@@ -946,7 +957,6 @@ def summary_markdown(
         + (" --hybrid-adapt" if spec.hybrid_adapt else "")
         + " --out DIR"
     )
-    cols = [k for k, _ in SUMMARY_COLUMNS]
     lines = [
         f"# Campaign: {spec.patients} patient{'s' if spec.patients != 1 else ''} "
         f"(cohort seed {spec.seed}), {spec.days:g} days",
@@ -955,26 +965,15 @@ def summary_markdown(
         cmd,
         "```",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
+        *_markdown_table(summary, SUMMARY_COLUMNS),
     ]
-    for _, row in summary.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[k], k) for k in cols) + " |")
-    lines += ["", "Columns:", ""]
-    lines += [f"- `{k}`: {d}" for k, d in SUMMARY_COLUMNS[1:]]
     if comparisons is not None and len(comparisons):
-        ccols = [k for k, _ in COMPARISON_COLUMNS]
         lines += [
             "",
             "Hybrid MPC against each controller, patient by patient (`comparisons.csv`):",
             "",
-            "| " + " | ".join(ccols) + " |",
-            "|" + "---|" * len(ccols),
+            *_markdown_table(comparisons, COMPARISON_COLUMNS),
         ]
-        for _, row in comparisons.iterrows():
-            lines.append("| " + " | ".join(_fmt(row[k], k) for k in ccols) + " |")
-        lines += ["", "Columns:", ""]
-        lines += [f"- `{k}`: {d}" for k, d in COMPARISON_COLUMNS[1:]]
     if "hybrid-mpc" in spec.controllers:
         source = HYBRID_ADAPT_RESIDUAL_SOURCE if spec.hybrid_adapt else HYBRID_RESIDUAL_SOURCE
         lines += [
