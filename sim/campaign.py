@@ -52,6 +52,7 @@ from sim.closed_loop import run_closed_loop, summarize
 from sim.patients import DATA as COHORT_DATA
 from sim.patients import PatientCohort, VirtualPatient, load_cohort_spec
 from sim.plant import VirtualBioreactor
+from sim.truth import load_tcell_truth_parameters
 
 __all__ = [
     "CONTROLLERS",
@@ -100,6 +101,8 @@ class CampaignSpec:
         step_h: control period, h.
         mpc_config: MPC tuning file (None: ``configs/mpc_tcell_hourly.toml``).
         cohort: virtual-patient distribution file (None: the packaged default).
+        truth: truth-plant kinetics file (None: the packaged ``sim/data/tcell_truth.toml``),
+            e.g. a plant with stronger mismatch for a sensitivity study.
         hybrid_adapt: the hybrid MPC fits the running batch's patient parameters, with a
             residual trained against adapted models (``hmpc fit --adapt auto``).
     """
@@ -113,6 +116,7 @@ class CampaignSpec:
     mpc_config: str | None = None
     cohort: str | None = None
     hybrid_adapt: bool = False
+    truth: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.patients < COHORT_STRIDE:
@@ -175,6 +179,9 @@ class CampaignSpec:
                 else None
             ),
             "cohort_sha256": _sha256(self.cohort_spec_path()),
+            # absent (None) with the packaged truth plant, as in manifests written before
+            # the option existed
+            "truth_sha256": _sha256(Path(self.truth)) if self.truth else None,
             "mpc_config_sha256": _sha256(self.mpc_config_path()) if uses_mpc else None,
         }
 
@@ -332,6 +339,7 @@ def run_one(
     residual: str | None,
     record_only: bool = False,
     patient_parameters: Sequence[str] = (),
+    truth: str | None = None,
 ) -> dict[str, Any]:
     """One batch of one patient under one controller (the body of a Ray task).
 
@@ -340,7 +348,11 @@ def run_one(
     """
     folder = Path(out)
     t0 = time.perf_counter()
-    plant = VirtualBioreactor.tcell(patient, seed=sensor_seed)
+    plant = VirtualBioreactor.tcell(
+        patient,
+        seed=sensor_seed,
+        truth=load_tcell_truth_parameters(truth)[0] if truth else None,
+    )
     ctl = _controller(
         controller,
         plant,
@@ -488,9 +500,12 @@ class _Pool:
 # ------------------------------------------------------------------------ residual
 
 
-def train_historical_residual(spec: CampaignSpec, out: Path, pool: _Pool) -> Path:
-    """The hybrid MPC's residual, trained on the historical cohort (rule controller),
-    by the code of ``hmpc fit``. Resumable: completed records and the residual are kept."""
+def train_historical_residual(
+    spec: CampaignSpec, out: Path, pool: _Pool, truth: str | None = None
+) -> Path:
+    """The hybrid MPC's residual, trained on the historical cohort (rule controller) run on
+    the campaign's truth plant (``truth``: its kinetics file, absolute; None: the packaged
+    one), by the code of ``hmpc fit``. Resumable: completed records and the residual are kept."""
     residual = out / "residual.npz"
     if residual.exists():
         from plant_models.gp import GPResidual
@@ -542,6 +557,7 @@ def train_historical_residual(spec: CampaignSpec, out: Path, pool: _Pool) -> Pat
                     "mpc_config": str(spec.mpc_config_path()),
                     "residual": None,
                     "record_only": True,
+                    "truth": truth,
                 },
             )
         )
@@ -600,6 +616,10 @@ def run_campaign(
             retry them; the completed ones are kept).
     """
     t0 = time.perf_counter()
+    truth: str | None = None
+    if spec.truth:
+        load_tcell_truth_parameters(spec.truth)  # a bad file is refused before any run
+        truth = str(Path(spec.truth).resolve())  # Ray workers may run in another folder
     check_manifest(out, spec)
     cohort = PatientCohort(spec.patients, spec.seed, load_cohort_spec(spec.cohort)[0])
     mpc_config = str(spec.mpc_config_path().resolve())
@@ -615,7 +635,7 @@ def run_campaign(
         try:
             residual: Path | None = None
             if any(c == "hybrid-mpc" for c, _, _ in todo):
-                residual = train_historical_residual(spec, out, pool)
+                residual = train_historical_residual(spec, out, pool, truth)
             jobs = [
                 (
                     f"{c}/{p.patient_id}",
@@ -634,6 +654,7 @@ def run_campaign(
                             if spec.hybrid_adapt and c == "hybrid-mpc"
                             else ()
                         ),
+                        "truth": truth,
                     },
                 )
                 for c, i, p in todo
@@ -954,6 +975,7 @@ def summary_markdown(
         + (f" --historical {spec.historical_patients}" if "hybrid-mpc" in spec.controllers else "")
         + (f" --mpc-config {spec.mpc_config}" if spec.mpc_config else "")
         + (f" --cohort {spec.cohort}" if spec.cohort else "")
+        + (f" --truth {spec.truth}" if spec.truth else "")
         + (" --hybrid-adapt" if spec.hybrid_adapt else "")
         + " --out DIR"
     )
@@ -1112,6 +1134,12 @@ def add_campaign_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
     )
     p.add_argument("--cohort", type=Path, default=None, help="patient distribution (TOML)")
     p.add_argument(
+        "--truth",
+        type=Path,
+        default=None,
+        help="truth-plant kinetics (TOML; default: the packaged sim/data/tcell_truth.toml)",
+    )
+    p.add_argument(
         "--hybrid-adapt",
         action="store_true",
         help="the hybrid MPC fits the running batch's patient parameters (growth rate, "
@@ -1133,6 +1161,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         mpc_config=str(args.mpc_config) if args.mpc_config else None,
         cohort=str(args.cohort) if args.cohort else None,
         hybrid_adapt=bool(args.hybrid_adapt),
+        truth=str(args.truth) if args.truth else None,
     )
     try:
         result = run_campaign(spec, args.out, workers=args.workers, address=args.address)

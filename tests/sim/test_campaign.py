@@ -278,6 +278,32 @@ def test_manifest_refuses_other_arguments(tmp_path: Path, local_ray: None) -> No
     assert "other arguments" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_truth_file_sets_the_plant_and_is_part_of_the_manifest(
+    tmp_path: Path, local_ray: None
+) -> None:
+    """``--truth``: every run is simulated on that plant. Under the fixed recipe (open loop,
+    the same inputs on both plants) stronger lactate inhibition can only slow growth, so no
+    patient ends with more cells; a folder of one plant refuses to resume with the other,
+    and a bad file is refused before anything is written."""
+    strong = Path(__file__).parents[2] / "sim" / "data" / "tcell_truth_lactate20.toml"
+    base = CampaignSpec(patients=3, controllers=("recipe",), seed=3, days=8.0)
+    default = run_campaign(base, tmp_path / "default", workers=2)
+    stronger = run_campaign(
+        dataclasses.replace(base, truth=str(strong)), tmp_path / "strong", workers=2
+    )
+    a = default.runs.set_index("patient")["cells_at_harvest"]
+    b = stronger.runs.set_index("patient")["cells_at_harvest"]
+    assert (b <= a * (1 + 1e-9)).all() and (b < 0.99 * a).any(), (a, b)
+    assert "--truth " in (tmp_path / "strong" / "summary.md").read_text()
+    with pytest.raises(ConfigError, match=r"truth_sha256=None there"):
+        run_campaign(dataclasses.replace(base, truth=str(strong)), tmp_path / "default")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(strong.read_text().replace("lactate_inhibition_hill", "lactate_hill"))
+    with pytest.raises(ConfigError, match="lactate_hill"):
+        run_campaign(dataclasses.replace(base, truth=str(bad)), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_historical_residual_is_trained_on_disjoint_patients(
     tmp_path: Path, local_ray: None
