@@ -809,6 +809,16 @@ COMPARISON_COLUMNS = (
     ("primary_difference", "mean dose score, hybrid minus other"),
     ("primary_difference_low", "95 % paired-bootstrap interval of that difference, low end"),
     ("primary_difference_high", "95 % paired-bootstrap interval of that difference, high end"),
+    (
+        "days_to_dose_difference",
+        "mean days to dose, hybrid minus other, over the patients reaching it under both "
+        "(negative: hybrid sooner)",
+    ),
+    ("days_to_dose_difference_low", "95 % paired-bootstrap interval, low end"),
+    ("days_to_dose_difference_high", "95 % paired-bootstrap interval, high end"),
+    ("media_difference", "mean media used, hybrid minus other, L (negative: hybrid less)"),
+    ("media_difference_low", "95 % paired-bootstrap interval, low end"),
+    ("media_difference_high", "95 % paired-bootstrap interval, high end"),
 )
 
 #: Paired-bootstrap resamples of :func:`paired_comparisons` and their fixed seed (the same
@@ -831,8 +841,9 @@ def paired_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     The targets compare cohort figures (one or two patients apart on 50); this says whether
     such a difference is more than the luck of the cohort: for dose attainment, the exact
     sign test on the patients where exactly one of the two reaches the dose; for the CV of
-    cells at harvest and the mean dose score, a 95 % percentile interval from resampling the
-    patients (both controllers on the same resample, :data:`BOOTSTRAP_RESAMPLES`, fixed
+    cells at harvest, the mean dose score, the mean media used and the mean days to dose
+    (over the patients reaching it under both), a 95 % percentile interval from resampling
+    the patients (both controllers on the same resample, :data:`BOOTSTRAP_RESAMPLES`, fixed
     seed). An interval that contains 0 means the cohort cannot tell the two apart.
     Empty when the hybrid MPC did not run."""
     from scipy.stats import binomtest
@@ -865,29 +876,46 @@ def paired_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
             "dose_only_other": only_b,
             "dose_sign_test_p": float(p),
         }
-        cells = np.stack(
-            [a["cells_at_harvest"].to_numpy(float), b["cells_at_harvest"].to_numpy(float)]
-        )
-        score = np.stack(
-            [a["primary_objective"].to_numpy(float), b["primary_objective"].to_numpy(float)]
-        )
+
         if n > 1:
             rng = np.random.default_rng(BOOTSTRAP_SEED)
             idx = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+            cells = _paired(a, b, "cells_at_harvest")
             cv = _cv(cells)
             cv_boot = _cv(cells[:, idx])  # (2, resamples)
             d_cv = cv_boot[0] - cv_boot[1]
-            d_score = score[0, idx].mean(axis=1) - score[1, idx].mean(axis=1)
             row |= {
                 "cv_difference": float(cv[0] - cv[1]),
                 "cv_difference_low": float(np.nanpercentile(d_cv, 2.5)),
                 "cv_difference_high": float(np.nanpercentile(d_cv, 97.5)),
-                "primary_difference": float(score[0].mean() - score[1].mean()),
-                "primary_difference_low": float(np.percentile(d_score, 2.5)),
-                "primary_difference_high": float(np.percentile(d_score, 97.5)),
             }
+            row |= _mean_difference("primary_difference", _paired(a, b, "primary_objective"), idx)
+            row |= _mean_difference("media_difference", _paired(a, b, "media_used"), idx)
+            days = _paired(a, b, "days_to_dose")
+            both = ~np.isnan(days).any(axis=0)
+            if both.sum() > 1:
+                # drawn after the other resamples, so adding it left their intervals as they were
+                m = int(both.sum())
+                idx_both = rng.integers(0, m, size=(BOOTSTRAP_RESAMPLES, m))
+                row |= _mean_difference("days_to_dose_difference", days[:, both], idx_both)
         rows.append(row)
     return pd.DataFrame(rows, columns=cols)
+
+
+def _paired(a: pd.DataFrame, b: pd.DataFrame, column: str) -> np.ndarray:
+    """``column`` of two controllers' runs on the same patients, as a (2, patients) array."""
+    return np.stack([a[column].to_numpy(float), b[column].to_numpy(float)])
+
+
+def _mean_difference(name: str, values: np.ndarray, idx: np.ndarray) -> dict[str, float]:
+    """``values`` (2, patients): the mean of row 0 minus row 1, and its 95 % percentile
+    interval over the resamples ``idx`` (resamples, patients) of the columns."""
+    boot = values[0, idx].mean(axis=1) - values[1, idx].mean(axis=1)
+    return {
+        name: float(values[0].mean() - values[1].mean()),
+        f"{name}_low": float(np.percentile(boot, 2.5)),
+        f"{name}_high": float(np.percentile(boot, 97.5)),
+    }
 
 
 def _paired_detail(row: pd.Series, metric: str) -> str:

@@ -181,6 +181,32 @@ def test_paired_comparison_tells_a_difference_from_the_luck_of_the_cohort() -> N
     pd.testing.assert_frame_equal(comp, paired_comparisons(_paired_runs(hybrid, other)))
 
 
+def test_paired_comparison_of_days_to_dose_and_media() -> None:
+    # ten patients; the hybrid MPC reaches the dose about half a day sooner on the nine that
+    # reach it under both, and on a tenth the other never does (left out of days to dose);
+    # it uses about a litre less media on every patient
+    rows = []
+    sooner, less = [], []
+    for i in range(10):
+        jitter = 0.05 if i % 2 else -0.05
+        other_day = 6.5 + 0.1 * i if i < 9 else None
+        hybrid_day = 6.0 + 0.1 * i + jitter if i < 9 else 7.9
+        h = _run_row("hybrid-mpc", f"P{i:03d}", 16.0, hybrid_day) | {"media_used": 4.0 + jitter}
+        o = _run_row("mechanistic-mpc", f"P{i:03d}", 16.0 if i < 9 else 14.0, other_day)
+        o["media_used"] = 5.0 + 0.1 * i
+        rows += [h, o]
+        less.append(h["media_used"] - o["media_used"])
+        if i < 9:
+            sooner.append(hybrid_day - other_day)
+    row = paired_comparisons(pd.DataFrame(rows)).set_index("controller").loc["mechanistic-mpc"]
+    assert row["days_to_dose_difference"] == pytest.approx(np.mean(sooner))
+    assert row["days_to_dose_difference_low"] <= row["days_to_dose_difference"]
+    assert row["days_to_dose_difference"] <= row["days_to_dose_difference_high"] < 0
+    assert row["media_difference"] == pytest.approx(np.mean(less))
+    assert row["media_difference_low"] <= row["media_difference"]
+    assert row["media_difference"] <= row["media_difference_high"] < 0
+
+
 def test_paired_comparison_one_patient_apart_is_a_tie() -> None:
     # 50 patients, one apart on the dose and the cells otherwise the same: the cohort cannot
     # tell them apart, though the table's "beats" would say so
