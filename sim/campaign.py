@@ -876,7 +876,6 @@ def paired_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
             "dose_only_other": only_b,
             "dose_sign_test_p": float(p),
         }
-
         if n > 1:
             rng = np.random.default_rng(BOOTSTRAP_SEED)
             idx = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
