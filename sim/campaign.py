@@ -52,7 +52,7 @@ from sim.closed_loop import run_closed_loop, summarize
 from sim.patients import DATA as COHORT_DATA
 from sim.patients import PatientCohort, VirtualPatient, load_cohort_spec
 from sim.plant import VirtualBioreactor
-from sim.truth import load_tcell_truth_parameters
+from sim.truth import TCellTruthParameters, load_tcell_truth_parameters
 
 __all__ = [
     "CONTROLLERS",
@@ -339,7 +339,7 @@ def run_one(
     residual: str | None,
     record_only: bool = False,
     patient_parameters: Sequence[str] = (),
-    truth: str | None = None,
+    truth: TCellTruthParameters | None = None,
 ) -> dict[str, Any]:
     """One batch of one patient under one controller (the body of a Ray task).
 
@@ -348,11 +348,7 @@ def run_one(
     """
     folder = Path(out)
     t0 = time.perf_counter()
-    plant = VirtualBioreactor.tcell(
-        patient,
-        seed=sensor_seed,
-        truth=load_tcell_truth_parameters(truth)[0] if truth else None,
-    )
+    plant = VirtualBioreactor.tcell(patient, seed=sensor_seed, truth=truth)
     ctl = _controller(
         controller,
         plant,
@@ -501,11 +497,12 @@ class _Pool:
 
 
 def train_historical_residual(
-    spec: CampaignSpec, out: Path, pool: _Pool, truth: str | None = None
+    spec: CampaignSpec, out: Path, pool: _Pool, truth: TCellTruthParameters | None = None
 ) -> Path:
     """The hybrid MPC's residual, trained on the historical cohort (rule controller) run on
-    the campaign's truth plant (``truth``: its kinetics file, absolute; None: the packaged
-    one), by the code of ``hmpc fit``. Resumable: completed records and the residual are kept."""
+    the campaign's truth plant (``truth``: its kinetics, loaded from ``spec.truth``; None:
+    the packaged one), by the code of ``hmpc fit``. Resumable: completed records and the
+    residual are kept."""
     residual = out / "residual.npz"
     if residual.exists():
         from plant_models.gp import GPResidual
@@ -616,10 +613,8 @@ def run_campaign(
             retry them; the completed ones are kept).
     """
     t0 = time.perf_counter()
-    truth: str | None = None
-    if spec.truth:
-        load_tcell_truth_parameters(spec.truth)  # a bad file is refused before any run
-        truth = str(Path(spec.truth).resolve())  # Ray workers may run in another folder
+    # loaded once, here: a bad file is refused before any run, and the tasks get the values
+    truth = load_tcell_truth_parameters(spec.truth)[0] if spec.truth else None
     check_manifest(out, spec)
     cohort = PatientCohort(spec.patients, spec.seed, load_cohort_spec(spec.cohort)[0])
     mpc_config = str(spec.mpc_config_path().resolve())
