@@ -31,8 +31,6 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.baselines import (
-    CHO_RECIPE,
-    TCELL_RECIPE,
     Controller,
     RecipeController,
     make_baseline,
@@ -42,14 +40,11 @@ from controller.estimator import Estimator, EstimatorConfig, EstimatorResult, lo
 from controller.measurements import Measurement
 from controller.mpc import MPCResult, NonlinearMPC
 from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
-from plant_models.adaptation import (
-    PatientAdaptation,
-    default_adapted_parameters,
-    default_simulated_states,
-)
+from plant_models.adaptation import PatientAdaptation
 from plant_models.base import MechanisticModel
 from plant_models.errors import ConfigError, HmpcError, ModelError
 from plant_models.hybrid import HybridModel
+from plant_models.process import DEFAULT_PROCESS, get_process
 
 __all__ = [
     "CONTROLLER_KINDS",
@@ -495,8 +490,9 @@ class ControllerSpec:
 
     Attributes:
         kind: one of :data:`CONTROLLER_KINDS`.
-        model: ``tcell`` or ``cho``.
-        mpc_config: MPC tuning file (default ``configs/mpc_<model>.toml``).
+        model: the process plug-in's name (plant_models.process; ``hmpc-sim processes``
+            lists them).
+        mpc_config: MPC tuning file (default: the plug-in's packaged tuning).
         residual: fitted residual (``hmpc fit`` output, .npz); required for hybrid-mpc.
         estimator_config: estimator tuning file (default: the model's defaults).
         parameters, process: model parameter / process specification files (defaults:
@@ -505,11 +501,11 @@ class ControllerSpec:
         learn_in_batch: update the residual from the running batch (hybrid-mpc).
         patient_parameters: model parameters fitted to the running batch's readings and
             used by the MPC (:class:`PatientParameterLearner`; a subset of
-            :func:`plant_models.adaptation.default_adapted_parameters`); empty: none.
+            :meth:`plant_models.process.ProcessPlugin.adapted_parameters`); empty: none.
     """
 
     kind: str
-    model: str = "tcell"
+    model: str = DEFAULT_PROCESS
     mpc_config: Path | None = None
     residual: Path | None = None
     estimator_config: Path | None = None
@@ -525,10 +521,9 @@ class ControllerSpec:
                 f"controller kind {self.kind!r} is unknown; choose one of "
                 f"{', '.join(CONTROLLER_KINDS)}."
             )
-        if self.model not in ("tcell", "cho"):
-            raise ConfigError(f"model {self.model!r} is unknown; choose 'tcell' or 'cho'.")
+        plugin = get_process(self.model)
         if self.patient_parameters:
-            known = [p.name for p in default_adapted_parameters(self.model)]
+            known = [p.name for p in plugin.adapted_parameters()]
             unknown = [n for n in self.patient_parameters if n not in known]
             if unknown or self.kind not in ("mechanistic-mpc", "hybrid-mpc"):
                 raise ConfigError(
@@ -543,29 +538,16 @@ class ControllerSpec:
 
 
 def default_mpc_config(model: str) -> Path:
-    """The packaged MPC tuning of a model kind."""
-    return config_file(f"mpc_{model}.toml")
+    """The packaged MPC tuning of a process (a plug-in may name an absolute path)."""
+    name = get_process(model).default_mpc_config
+    return Path(name) if Path(name).is_absolute() else config_file(name)
 
 
 def build_model(
     model: str, parameters: Path | None = None, process: Path | None = None
 ) -> MechanisticModel[Any]:
-    """The controller's nominal mechanistic model of a kind (``tcell`` or ``cho``)."""
-    if model == "tcell":
-        from plant_models.tcell import (
-            TCellExpansionModel,
-            load_tcell_parameters,
-            load_tcell_process,
-        )
-
-        return TCellExpansionModel(
-            load_tcell_parameters(parameters)[0], load_tcell_process(process)[0]
-        )
-    if model == "cho":
-        from plant_models.cho import CHOFedBatchModel, load_cho_parameters, load_cho_process
-
-        return CHOFedBatchModel(load_cho_parameters(parameters)[0], load_cho_process(process)[0])
-    raise ConfigError(f"model {model!r} is unknown; choose 'tcell' or 'cho'.")
+    """The controller's nominal mechanistic model of a process plug-in."""
+    return get_process(model).build_model(parameters, process)
 
 
 def _hybrid(base: MechanisticModel[Any], residual: Path) -> HybridModel:
@@ -576,8 +558,8 @@ def _hybrid(base: MechanisticModel[Any], residual: Path) -> HybridModel:
     return HybridModel(base, [RateCorrection("growth_rate", gp)])
 
 
-def _recipe(model: str) -> Callable[[float], Mapping[str, float]]:
-    rc = RecipeController(TCELL_RECIPE if model == "tcell" else CHO_RECIPE)
+def _recipe(model: str, process: Path | None = None) -> Callable[[float], Mapping[str, float]]:
+    rc = RecipeController(get_process(model).recipe(process))
     return lambda t: rc.step(t, [], {})
 
 
@@ -598,7 +580,7 @@ def build_controller(spec: ControllerSpec, *, learner: ResidualLearner | None = 
         ConfigError: bad files or names (messages name the file and the key).
     """
     if spec.kind in ("recipe", "rule"):
-        return make_baseline(spec.kind, spec.model)
+        return make_baseline(spec.kind, spec.model, spec.process)
     base = build_model(spec.model, spec.parameters, spec.process)
     config = mpc_tuning(spec, base)
     if spec.kind == "hybrid-mpc":
@@ -634,17 +616,21 @@ def build_controller(spec: ControllerSpec, *, learner: ResidualLearner | None = 
     adapter = None
     if spec.patient_parameters:
         chosen = [
-            p for p in default_adapted_parameters(spec.model) if p.name in spec.patient_parameters
+            p
+            for p in get_process(spec.model).adapted_parameters()
+            if p.name in spec.patient_parameters
         ]
         adapter = PatientParameterLearner(
-            est_model, chosen, simulated=default_simulated_states(spec.model)
+            est_model, chosen, simulated=get_process(spec.model).simulated_states
         )
         factors = tuple(dict.fromkeys([*factors, *(p.name for p in chosen)]))
     # The MPC applies the estimator's growth factor and, with in-batch learning, the
     # residual's batch effect as well: on the five-patient check of docs/mpc.md both
     # together reached the dose on 5 of 5 (the batch effect alone: 3 of 5), with less media
     # for the slow grower than the factor alone.
-    mpc = NonlinearMPC(model, config, recipe=_recipe(spec.model), model_parameters=factors)
+    mpc = NonlinearMPC(
+        model, config, recipe=_recipe(spec.model, spec.process), model_parameters=factors
+    )
     estimator = Estimator(est_model, est_config)
     return EstimatingMPC(
         spec.kind,

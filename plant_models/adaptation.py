@@ -84,24 +84,18 @@ class AdaptedParameter:
 
 
 def default_adapted_parameters(model_name: str) -> tuple[AdaptedParameter, ...]:
-    """The patient parameters of a model, with the cohort spreads of docs (domain.md):
-    T cell: growth rate (CV 25 %), exhaustion threshold (CV 40 %), activation lag (0-48 h:
-    sd 16 h around the nominal 18 h, kept >= 0); CHO: none (its mismatch is not per batch).
-    """
-    if model_name == "tcell":
-        return (
-            AdaptedParameter("mu_max", "factor", 0.25),
-            AdaptedParameter("exhaustion_threshold", "factor", 0.4),
-            AdaptedParameter("lag_time", "shift", 16.0, low=0.0, high=120.0),
-        )
-    if model_name == "cho":
-        return ()
-    raise ConfigError(f"unknown model {model_name!r}; expected 'tcell' or 'cho'")
+    """The patient parameters of a process, with their cohort spreads: the process
+    plug-in's :meth:`~plant_models.process.ProcessPlugin.adapted_parameters`."""
+    from plant_models.process import get_process  # the plug-ins import this module
+
+    return get_process(model_name).adapted_parameters()
 
 
 def default_simulated_states(model_name: str) -> tuple[str, ...]:
-    """States a model's adaptation simulates: the cells and what integrates them."""
-    return ("viable_cells", "inhibitor") if model_name == "tcell" else ("viable_cells",)
+    """States a process's adaptation simulates: the cells and what integrates them."""
+    from plant_models.process import get_process
+
+    return get_process(model_name).simulated_states
 
 
 def with_parameters(model: MechanisticModel[Any], values: Mapping[str, float]) -> Any:

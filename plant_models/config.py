@@ -133,7 +133,10 @@ def load_parameters(cls: type[T], path: str | Path, *, model: str) -> tuple[T, P
     """
     p = Path(path)
     data = load_toml(p)
-    check_keys(data, ["meta", "sources", "parameters"], str(p), required=["meta", "parameters"])
+    # a process file's [recipe] is read by plant_models.process.load_recipe
+    check_keys(
+        data, ["meta", "sources", "parameters", "recipe"], str(p), required=["meta", "parameters"]
+    )
     meta = data["meta"]
     check_keys(
         meta,

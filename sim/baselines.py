@@ -2,8 +2,6 @@
 re-exported here for the simulator's callers."""
 
 from controller.baselines import (
-    CHO_RECIPE,
-    TCELL_RECIPE,
     Controller,
     LatestValues,
     RecipeController,
@@ -12,8 +10,6 @@ from controller.baselines import (
 )
 
 __all__ = [
-    "CHO_RECIPE",
-    "TCELL_RECIPE",
     "Controller",
     "LatestValues",
     "RecipeController",

@@ -52,6 +52,7 @@ import numpy.typing as npt
 from controller.estimator import Estimator, EstimatorConfig
 from controller.measurements import Measurement
 from plant_models.errors import ConfigError
+from plant_models.process import DEFAULT_PROCESS, get_process
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 from sim.baselines import make_baseline
 from sim.closed_loop import default_limiter
@@ -59,7 +60,6 @@ from sim.faults import FAULT_KINDS, FaultInjector, default_fault
 from sim.patients import PatientCohort, VirtualPatient
 from sim.plant import VirtualBioreactor
 from sim.sensors import SensorSpec, default_sensor_spec
-from sim.truth import load_tcell_truth_parameters
 
 __all__ = [
     "GAIN_CHECK",
@@ -105,8 +105,8 @@ def record_batch(
 ) -> list[RecordedStep]:
     """Run one T-cell batch under the recipe baseline and record the measurement stream
     (``sensors``: the plant's sensor specification; default: exactly calibrated probes)."""
-    plant = VirtualBioreactor.tcell(patient, seed=seed, sensors=sensors)
-    controller = make_baseline("recipe", "tcell")
+    plant = VirtualBioreactor.for_process(DEFAULT_PROCESS, patient, seed=seed, sensors=sensors)
+    controller = make_baseline("recipe", DEFAULT_PROCESS)
     limiter = default_limiter(plant)
     inputs = {n: plant.bounds[n][0] for n in plant.model.input_names}
     measurements = plant.initial_measurements()
@@ -305,7 +305,8 @@ def run_estimation_benchmark(
     ``*_miscalibrated`` scenarios."""
     t0 = time.perf_counter()
     miscalibrated_sensors = dataclasses.replace(
-        default_sensor_spec("tcell"), online_calibration_sd={"viable_cells": probe_calibration_sd}
+        default_sensor_spec(DEFAULT_PROCESS),
+        online_calibration_sd={"viable_cells": probe_calibration_sd},
     )
     model = TCellExpansionModel(load_tcell_parameters()[0], load_tcell_process()[0])
     default = config if config is not None else EstimatorConfig.for_model(model)
@@ -492,7 +493,7 @@ def _reduction(new: float, old: float) -> float:
 
 
 def _truth_mu_max_ratio(model: TCellExpansionModel) -> float:
-    return load_tcell_truth_parameters()[0].mu_max / model.parameters.mu_max
+    return get_process(DEFAULT_PROCESS).load_truth_parameters()[0].mu_max / model.parameters.mu_max
 
 
 def _raw_online_error(steps: Sequence[RecordedStep]) -> FloatArray:

@@ -32,6 +32,7 @@ from controller.estimator import Estimator, EstimatorConfig
 from controller.forecast import ForecastConfig, HarvestForecaster, InputPlan, InputPolicy
 from controller.measurements import Measurement
 from plant_models.errors import ConfigError
+from plant_models.process import DEFAULT_PROCESS
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 from sim.baselines import RecipeController, RuleController, make_baseline
 from sim.bench_estimation import initial_estimate
@@ -81,7 +82,10 @@ def rule_policy(
     high = np.array([bounds[n][1] for n in model.input_names])
     order = [model.input_names.index(n) for n in ("perfusion_rate", "glucose_feed", "il2_addition")]
 
+    rule_settings = rule.settings  # the T-cell rule's (plant_models.processes.tcell.TCellRule)
+
     def policy(time_h: float, states: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        rule = rule_settings
         perfusion = np.maximum(rule.minimum_perfusion, rule.cell_specific_perfusion * states[:, iv])
         lactate = states[:, il]
         perfusion = perfusion + np.where(
@@ -136,9 +140,9 @@ def forecast_patient(
     input_plan: str = "controller",
 ) -> PatientForecast:
     """Run one batch, the estimator on its measurements and the forecast ``lead_h`` ahead."""
-    plant = VirtualBioreactor.tcell(patient, seed=sensor_seed)
+    plant = VirtualBioreactor.for_process(DEFAULT_PROCESS, patient, seed=sensor_seed)
     process = plant.process
-    dose, harvest = float(process.dose_cells), float(process.harvest_time)  # type: ignore[union-attr]
+    dose, harvest = float(process.dose_cells), float(process.harvest_time)
     delivered: list[tuple[float, list[Measurement]]] = []
 
     def record(time_h: float, ms: list[Any]) -> list[Any]:
@@ -151,7 +155,7 @@ def forecast_patient(
 
         controller = make_mpc_controller("mechanistic-mpc", plant)
     else:
-        controller = make_baseline(controller_name, "tcell")
+        controller = make_baseline(controller_name, DEFAULT_PROCESS)
     df = run_closed_loop(plant, controller, days=days, measurement_filter=record)
     actual = _true_dose_time(df, dose)
     truth_harvest = float(np.interp(harvest, df["time"], df["total_viable_cells"]))

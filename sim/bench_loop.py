@@ -37,6 +37,7 @@ from controller.config_files import config_file
 from controller.records import EventRecord, StepRecord
 from controller.runtime.site import SecurityConfig, SiteConfig, load_site
 from plant_models.errors import ConfigError, PlantIOError
+from plant_models.process import DEFAULT_PROCESS
 
 __all__ = [
     "MemoryRecorder",
@@ -122,7 +123,7 @@ def write_sim_site(
     sec["trusted_servers"] = str(pki / "own")
     sec["password_env"] = PASSWORD_ENV
     data["timing"].update(dict(timing or {}))
-    unit_table: dict[str, Any] = {"model": "tcell", "controller": controller}
+    unit_table: dict[str, Any] = {"model": DEFAULT_PROCESS, "controller": controller}
     if harvest_time_h is not None:
         unit_table["harvest_time_h"] = float(harvest_time_h)
     if mpc_config is not None:
@@ -349,7 +350,9 @@ async def _bench(
     from controller.control import ControllerSpec, build_controller
     from controller.runtime.service import serve
 
-    laws = {n: build_controller(ControllerSpec(kind=controller, model="tcell")) for n in names}
+    laws = {
+        n: build_controller(ControllerSpec(kind=controller, model=DEFAULT_PROCESS)) for n in names
+    }
     stop = asyncio.Event()
     task = asyncio.create_task(serve(site, laws, recorder, stop=stop))
     try:

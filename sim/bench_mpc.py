@@ -38,6 +38,7 @@ from controller.config_files import config_file
 from controller.mpc import NonlinearMPC
 from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
 from plant_models.errors import ConfigError, HmpcError, SolverFailedError
+from plant_models.process import DEFAULT_PROCESS
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 from sim.baselines import make_baseline
 from sim.closed_loop import default_limiter
@@ -315,10 +316,10 @@ def bench_hybrid_atmp(
     mpc_gp = NonlinearMPC(hybrid, config)
     build_s = time.perf_counter() - t_build
     mpc_mech = NonlinearMPC(base, config)
-    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    plant = VirtualBioreactor.for_process(DEFAULT_PROCESS, VirtualPatient.nominal())
     limiter = default_limiter(plant)
     # the recipe brings the culture to the growth phase, where the inputs matter
-    recipe = make_baseline("recipe", "tcell")
+    recipe = make_baseline("recipe", DEFAULT_PROCESS)
     u_gp = {n: plant.bounds[n][0] for n in plant.model.input_names}
     while plant.time_h < start_h - 1e-9:
         u_gp = limiter.apply(recipe.step(plant.time_h, [], u_gp), u_gp, 1.0)

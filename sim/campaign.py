@@ -46,13 +46,14 @@ import pandas as pd
 
 from controller.config_files import config_file
 from plant_models.errors import ConfigError, HmpcError
+from plant_models.process import DEFAULT_PROCESS, get_process
+from plant_models.processes.tcell import TCellTruthParameters
 from plant_models.tcell import load_tcell_process
 from sim.baselines import Controller, make_baseline
 from sim.closed_loop import run_closed_loop, summarize
 from sim.patients import DATA as COHORT_DATA
 from sim.patients import PatientCohort, VirtualPatient, load_cohort_spec
 from sim.plant import VirtualBioreactor
-from sim.truth import TCellTruthParameters, load_tcell_truth_parameters
 
 __all__ = [
     "CONTROLLERS",
@@ -101,7 +102,7 @@ class CampaignSpec:
         step_h: control period, h.
         mpc_config: MPC tuning file (None: ``configs/mpc_tcell_hourly.toml``).
         cohort: virtual-patient distribution file (None: the packaged default).
-        truth: truth-plant kinetics file (None: the packaged ``sim/data/tcell_truth.toml``),
+        truth: truth-plant kinetics file (None: the packaged ``plant_models/data/tcell_truth.toml``),
             e.g. a plant with stronger mismatch for a sensitivity study.
         hybrid_adapt: the hybrid MPC fits the running batch's patient parameters, with a
             residual trained against adapted models (``hmpc fit --adapt auto``).
@@ -157,7 +158,7 @@ class CampaignSpec:
         uses_mpc = any(c not in BASELINES for c in self.controllers)
         return {
             "format": MANIFEST_FORMAT,
-            "model": "tcell",
+            "model": DEFAULT_PROCESS,
             "patients": self.patients,
             "controllers": list(self.controllers),
             "seed": self.seed,
@@ -305,7 +306,7 @@ def _controller(
     """The controller of a run. ``residual_path``: the hybrid MPC's residual file (trained
     on the historical cohort); ``patient_parameters``: fitted by the hybrid MPC."""
     if name in BASELINES:
-        return make_baseline(name, "tcell")
+        return make_baseline(name, DEFAULT_PROCESS)
     from sim.mpc_controllers import make_mpc_controller
 
     if name == "hybrid-mpc":
@@ -348,7 +349,7 @@ def run_one(
     """
     folder = Path(out)
     t0 = time.perf_counter()
-    plant = VirtualBioreactor.tcell(patient, seed=sensor_seed, truth=truth)
+    plant = VirtualBioreactor.for_process(DEFAULT_PROCESS, patient, seed=sensor_seed, truth=truth)
     ctl = _controller(
         controller,
         plant,
@@ -614,7 +615,9 @@ def run_campaign(
     """
     t0 = time.perf_counter()
     # loaded once, here: a bad file is refused before any run, and the tasks get the values
-    truth = load_tcell_truth_parameters(spec.truth)[0] if spec.truth else None
+    truth = (
+        get_process(DEFAULT_PROCESS).load_truth_parameters(spec.truth)[0] if spec.truth else None
+    )
     check_manifest(out, spec)
     cohort = PatientCohort(spec.patients, spec.seed, load_cohort_spec(spec.cohort)[0])
     mpc_config = str(spec.mpc_config_path().resolve())
@@ -1159,7 +1162,7 @@ def add_campaign_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "--truth",
         type=Path,
         default=None,
-        help="truth-plant kinetics (TOML; default: the packaged sim/data/tcell_truth.toml)",
+        help="truth-plant kinetics (TOML; default: the packaged plant_models/data/tcell_truth.toml)",
     )
     p.add_argument(
         "--hybrid-adapt",

@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from controller.cli import run_cli
-from plant_models.cho import load_cho_process
-from plant_models.tcell import load_tcell_process
+from plant_models.process import DEFAULT_PROCESS, available_processes, get_process
 from sim.baselines import make_baseline
 from sim.closed_loop import run_closed_loop, summarize
 from sim.patients import VirtualPatient, load_cohort_spec
 from sim.plant import VirtualBioreactor
 from sim.report import write_batch
-from sim.truth import load_cho_truth_parameters, load_tcell_truth_parameters
 
 __all__ = ["main"]
 
@@ -47,13 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sim = sub.add_parser("simulate", help="run one closed-loop batch and write its report")
-    sim.add_argument("--model", choices=("tcell", "cho"), default="tcell")
+    sim.add_argument(
+        "--model",
+        choices=available_processes(),
+        default=DEFAULT_PROCESS,
+        help="the process plug-in (default %(default)s)",
+    )
     sim.add_argument("--controller", choices=BASELINES + MPC_NAMES, default="recipe")
     sim.add_argument(
         "--mpc-config",
         type=Path,
         default=None,
-        help="MPC tuning file (default configs/mpc_<model>.toml)",
+        help="MPC tuning file (default: the process plug-in's, e.g. configs/mpc_tcell.toml)",
     )
     sim.add_argument(
         "--residual",
@@ -115,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     coh = sub.add_parser("cohort", help="simulate a seeded cohort of virtual patients")
-    coh.add_argument("--model", choices=("tcell", "cho"), default="tcell")
+    coh.add_argument(
+        "--model",
+        choices=available_processes(),
+        default=DEFAULT_PROCESS,
+        help="the process plug-in (default %(default)s)",
+    )
     coh.add_argument("--controller", choices=BASELINES, default="recipe")
     coh.add_argument("--patients", type=int, default=10, help="number of patients")
     coh.add_argument("--seed", type=int, default=1, help="cohort seed")
@@ -204,20 +212,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         patient = VirtualPatient.nominal()
     else:
         patient = VirtualPatient.draw(args.patient_seed, spec)
-    if args.model == "tcell":
-        tproc = load_tcell_process(args.process)[0]
-        truth = load_tcell_truth_parameters(args.parameters)[0] if args.parameters else None
-        plant = VirtualBioreactor.tcell(patient, process=tproc, truth=truth, seed=args.sensor_seed)
-        days = args.days if args.days is not None else tproc.harvest_time / 24.0
-    else:
-        cproc = load_cho_process(args.process)[0]
-        ctruth = load_cho_truth_parameters(args.parameters)[0] if args.parameters else None
-        plant = VirtualBioreactor.cho(patient, process=cproc, seed=args.sensor_seed)
-        if ctruth is not None:
-            from sim.truth import cho_truth_model
-
-            plant.model = cho_truth_model(patient, cproc, ctruth)
-        days = args.days if args.days is not None else cproc.harvest_time / 24.0
+    plugin = get_process(args.model)
+    proc = plugin.load_process(args.process)[0]
+    truth = plugin.load_truth_parameters(args.parameters)[0] if args.parameters else None
+    plant = VirtualBioreactor.for_process(
+        plugin, patient, process=proc, truth=truth, seed=args.sensor_seed
+    )
+    days = args.days if args.days is not None else proc.harvest_time / 24.0
     controller: Any
     if args.residual is not None and args.controller != "hybrid-mpc":
         raise ValueError(f"--residual is for --controller hybrid-mpc, not {args.controller}")
@@ -234,7 +235,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         if args.adapt != "none":
             raise ValueError(f"--adapt is for the MPC controllers, not {args.controller}")
-        controller = make_baseline(args.controller, args.model)
+        controller = make_baseline(args.controller, plugin, args.process)
     faults = None
     if args.faults:
         from sim.faults import FaultInjector, parse_fault_kinds
@@ -278,10 +279,7 @@ def cmd_cohort(args: argparse.Namespace) -> int:
     cohort = PatientCohort(args.patients, args.seed, load_cohort_spec(args.cohort)[0])
     rows = []
     for i, patient in enumerate(cohort):
-        if args.model == "tcell":
-            plant = VirtualBioreactor.tcell(patient, seed=args.seed * 1000 + i)
-        else:
-            plant = VirtualBioreactor.cho(patient, seed=args.seed * 1000 + i)
+        plant = VirtualBioreactor.for_process(args.model, patient, seed=args.seed * 1000 + i)
         days = args.days if args.days is not None else plant.process.harvest_time / 24.0
         df = run_closed_loop(plant, make_baseline(args.controller, args.model), days=days)
         summary = summarize(df, plant)
@@ -319,11 +317,9 @@ if __name__ == "__main__":
 
 def _patient_parameters(model: str, spec: str) -> tuple[str, ...]:
     """``--adapt``: 'none', 'auto' (the model's patient parameters) or a comma list."""
-    from plant_models.adaptation import default_adapted_parameters
-
     if spec == "none":
         return ()
-    known = [p.name for p in default_adapted_parameters(model)]
+    known = [p.name for p in get_process(model).adapted_parameters()]
     if spec == "auto":
         return tuple(known)
     names = tuple(n.strip() for n in spec.split(",") if n.strip())

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 
 from controller.limits import OutputLimiter
+from plant_models.process import ProcessPlugin
 from sim.baselines import Controller
-from sim.plant import VirtualBioreactor
 from sim.sensors import Measurement
 
 __all__ = ["UNITS", "default_limiter", "run_closed_loop", "summarize"]
@@ -28,36 +28,63 @@ UNITS: dict[str, str] = {
 }
 
 
-def default_limiter(plant: VirtualBioreactor) -> OutputLimiter:
+class Plant(Protocol):
+    """What the closed loop needs of a plant: the virtual bioreactor
+    (:class:`sim.plant.VirtualBioreactor`), an FMU (:class:`sim.fmu.FMUPlant`), or any
+    other. It applies inputs for a step and delivers the measurements that arrived; the
+    true state, where the plant knows it, is for scoring only (never for the controller).
+
+    Attributes:
+        plugin: the process plug-in (variables, limits, media).
+        process: the process specification (limits, harvest time, dose).
+        time_h: culture age, h.
+        bounds: input -> (low, high) in canonical units.
+        input_names: the inputs in the model's order.
+        plant_id: the patient or batch the plant stands for.
+        clamped_inputs: inputs the plant clamped to its bounds so far.
+    """
+
+    plugin: ProcessPlugin
+    process: Any
+    time_h: float
+    bounds: dict[str, tuple[float, float]]
+    clamped_inputs: int
+
+    @property
+    def input_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def plant_id(self) -> str: ...
+
+    def initial_measurements(self) -> list[Measurement]: ...
+
+    def step(self, inputs: Mapping[str, float], dt_h: float) -> list[Measurement]: ...
+
+    def true_values(self) -> dict[str, float]:
+        """The true state with viability and total viable cells (for scoring)."""
+        ...
+
+    def true_rates(self, inputs: Mapping[str, float]) -> dict[str, float]:
+        """The true kinetic rates now, where the plant knows them (else empty)."""
+        ...
+
+    def variable_units(self) -> dict[str, str]:
+        """Canonical unit of every state, input and rate the plant reports."""
+        ...
+
+
+def default_limiter(plant: Plant) -> OutputLimiter:
     """Bounds and rate limits of the plant's process specification."""
-    proc: Any = plant.process
-    rates = {}
-    if plant.kind == "tcell":
-        rates = {"perfusion_rate": proc.perfusion_rate_limit}
-    elif plant.kind == "cho":
-        rates = {"feed_rate": proc.feed_rate_limit}
-    return OutputLimiter(bounds=plant.bounds, rate_limits=rates)
+    return OutputLimiter(bounds=plant.bounds, rate_limits=plant.plugin.rate_limits(plant.process))
 
 
-def hard_violations(plant: VirtualBioreactor, values: Mapping[str, float]) -> list[str]:
+def hard_violations(plant: Plant, values: Mapping[str, float]) -> list[str]:
     """Names of the hard process limits the true state violates now."""
-    p: Any = plant.process
-    out = []
-    if values["glucose"] < p.glucose_low_hard:
-        out.append("glucose_low")
-    if values["lactate"] > p.lactate_high_hard:
-        out.append("lactate_high")
-    if values["volume"] > p.volume_max:
-        out.append("volume_high")
-    if plant.kind == "tcell" and values["glucose"] > p.glucose_high_hard:
-        out.append("glucose_high")
-    if plant.kind == "cho" and values["ammonia"] > p.ammonia_high_hard:
-        out.append("ammonia_high")
-    return out
+    return plant.plugin.violations(plant.process, values)
 
 
 def run_closed_loop(
-    plant: VirtualBioreactor,
+    plant: Plant,
     controller: Controller,
     *,
     days: float,
@@ -77,7 +104,7 @@ def run_closed_loop(
         raise ValueError(f"days and step_h must be positive, got {days!r}, {step_h!r}")
     lim = limiter if limiter is not None else default_limiter(plant)
     n_steps = round(days * 24.0 / step_h)
-    names = plant.model.input_names
+    names = plant.input_names
     inputs = {n: plant.bounds[n][0] for n in names}
 
     def deliver(ms: list[Measurement]) -> list[Measurement]:
@@ -113,6 +140,7 @@ def run_closed_loop(
         measurements = deliver(plant.step(inputs, step_h))
     df = pd.DataFrame(rows)
     df.attrs["units"] = _units(plant)
+    df.attrs["inputs"] = tuple(names)
     df.attrs["assays"] = pd.DataFrame(
         [
             {
@@ -129,30 +157,27 @@ def run_closed_loop(
     return df
 
 
-def _media_litres(plant: VirtualBioreactor, inputs: Mapping[str, float], step_h: float) -> float:
+def _media_litres(plant: Plant, inputs: Mapping[str, float], step_h: float) -> float:
     """Fresh media and feed used over one step, L."""
-    volume = plant.true_values()["volume"]
-    if plant.kind == "tcell":
-        return (inputs["perfusion_rate"] / 24.0 * volume + inputs["glucose_feed"] / 1000.0) * step_h
-    return inputs["feed_rate"] * step_h
+    return plant.plugin.media_litres(inputs, plant.true_values(), step_h)
 
 
-def _units(plant: VirtualBioreactor) -> dict[str, str]:
+def _units(plant: Plant) -> dict[str, str]:
     units = dict(UNITS)
-    for spec in plant.model.states + plant.model.inputs + plant.model.rate_specs:
-        units[spec.name] = spec.unit
-        units[f"measured_{spec.name}"] = spec.unit
+    for name, unit in plant.variable_units().items():
+        units[name] = unit
+        units[f"measured_{name}"] = unit
     return units
 
 
-def summarize(df: pd.DataFrame, plant: VirtualBioreactor) -> dict[str, Any]:
+def summarize(df: pd.DataFrame, plant: Plant) -> dict[str, Any]:
     """Batch metrics (domain.md): expansion, final cells, viability, lactate, media,
     hard-constraint violations (steps with any hard limit violated), time to dose."""
     first, last = df.iloc[0], df.iloc[-1]
     proc: Any = plant.process
     summary: dict[str, Any] = {
-        "patient": plant.patient.patient_id,
-        "model": plant.kind,
+        "patient": plant.plant_id,
+        "model": plant.plugin.name,
         "fold_expansion": float(last["total_viable_cells"] / first["total_viable_cells"]),
         "final_viable_cells": float(last["total_viable_cells"]),
         "final_viable_cells_unit": "1e9 cells",
@@ -165,24 +190,20 @@ def summarize(df: pd.DataFrame, plant: VirtualBioreactor) -> dict[str, Any]:
         "plant_clamped_inputs": int(plant.clamped_inputs),
         "duration_h": float(last["time"]),
     }
-    summary["limits"] = {
-        k: float(getattr(proc, k))
-        for k in (
-            "glucose_low_hard",
-            "glucose_low_soft",
-            "lactate_high_soft",
-            "lactate_high_hard",
-            "ammonia_high_hard",
-        )
-        if hasattr(proc, k)
-    }
-    if plant.kind == "tcell":
-        reached = df.loc[df["total_viable_cells"] >= proc.dose_cells, "time"]
-        summary["dose_cells"] = float(proc.dose_cells)
+    plugin = plant.plugin
+    summary["limits"] = plugin.limit_values(proc)
+    dose = plugin.dose_cells(proc)
+    if dose is not None:
+        reached = df.loc[df["total_viable_cells"] >= dose, "time"]
+        summary["dose_cells"] = dose
         summary["time_to_dose_h"] = float(reached.iloc[0]) if len(reached) else None
         summary["dose_reached_by_harvest"] = bool(
             len(reached) and float(reached.iloc[0]) <= proc.harvest_time
         )
-        summary["lactate_time_in_spec"] = float((df["lactate"] <= proc.lactate_high_soft).mean())
-        summary["glucose_time_in_spec"] = float((df["glucose"] >= proc.glucose_low_soft).mean())
+        # time within each soft limit
+        for name, field in plugin.soft_limits.items():
+            variable, side = name.rsplit("_", 1)
+            limit = float(getattr(proc, field))
+            inside = df[variable] <= limit if side == "high" else df[variable] >= limit
+            summary[f"{variable}_time_in_spec"] = float(inside.mean())
     return summary

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from controller.config_files import config_file
+from plant_models.process import DEFAULT_PROCESS
 
 __all__ = ["add_demo_command", "cmd_demo", "printer_timeline"]
 
@@ -159,7 +160,8 @@ def _demo(args: argparse.Namespace) -> int:
         _run([sim, "cohort", "--patients", str(args.history), "--seed", "101",
               "--controller", "rule", "--days", "10", "--out", str(history)])  # fmt: skip
         residual = out / "residual.npz"
-        _run([hmpc, "fit", "--data", str(history / "*" / "trajectory.csv"), "--model", "tcell",
+        _run([hmpc, "fit", "--data", str(history / "*" / "trajectory.csv"),
+              "--model", DEFAULT_PROCESS,
               "--out", str(residual), "--report", str(out / "fit")])  # fmt: skip
     pki = out / "pki"
     env = dict(os.environ)

@@ -31,11 +31,10 @@ from controller.control import (
 )
 from controller.mpc import MPCResult, NonlinearMPC, PredictionModel
 from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
-from plant_models.base import CASADI_OPS
-from plant_models.cho import CHOFedBatchModel, load_cho_parameters
+from plant_models.base import CASADI_OPS, MechanisticModel
 from plant_models.errors import ConfigError
-from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
-from sim.baselines import CHO_RECIPE, TCELL_RECIPE, RecipeController, RuleController
+from plant_models.process import DEFAULT_PROCESS, get_process
+from sim.baselines import RecipeController, RuleController
 from sim.closed_loop import default_limiter
 from sim.patients import VirtualPatient, load_cohort_spec
 from sim.plant import VirtualBioreactor
@@ -100,7 +99,7 @@ class GPCorrectedTCellModel:
 
     residual_names = ("growth_rate",)
 
-    def __init__(self, base: TCellExpansionModel, gp: Any, features: Sequence[str]) -> None:
+    def __init__(self, base: MechanisticModel[Any], gp: Any, features: Sequence[str]) -> None:
         self.base = base
         self.name = f"{base.name}_hybrid"
         self.gp = gp
@@ -168,16 +167,22 @@ def growth_residual_data(n_points: int, seed: int = 0) -> tuple[FloatArray, Floa
 
     Returns X (n, 3) of GP_FEATURES and y (n,) in 1/h.
     """
-    proc = load_tcell_process()[0]
-    nominal = TCellExpansionModel(load_tcell_parameters()[0], proc)
+    plugin = get_process(DEFAULT_PROCESS)
+    proc = plugin.load_process()[0]
+    nominal = plugin.model(plugin.load_parameters()[0], proc)
     spec = load_cohort_spec()[0]
     rng = np.random.default_rng(seed)
     xs: list[FloatArray] = []
     ys: list[float] = []
     batch = 0
     while len(ys) < 2 * n_points:
-        plant = VirtualBioreactor.tcell(VirtualPatient.draw(1000 + batch, spec), seed=batch)
-        rule = RuleController("tcell", cell_specific_perfusion=float(rng.uniform(0.03, 0.15)))
+        plant = VirtualBioreactor.for_process(
+            plugin, VirtualPatient.draw(1000 + batch, spec), seed=batch
+        )
+        settings = dataclasses.replace(
+            plugin.rule_settings(), cell_specific_perfusion=float(rng.uniform(0.03, 0.15))
+        )
+        rule = RuleController(plugin, settings)
         limiter = default_limiter(plant)
         inputs = {n: plant.bounds[n][0] for n in plant.model.input_names}
         measurements = plant.initial_measurements()
@@ -219,15 +224,8 @@ def fit_growth_residual_gp(n_points: int, *, sparse: bool = True, seed: int = 0)
 
 
 def _recipe(kind: str) -> Callable[[float], Mapping[str, float]]:
-    rc = RecipeController(TCELL_RECIPE if kind == "tcell" else CHO_RECIPE)
+    rc = RecipeController(get_process(kind).recipe())
     return lambda t: rc.step(t, [], {})
-
-
-def _nominal_model(plant: VirtualBioreactor) -> PredictionModel:
-    proc: Any = plant.process
-    if plant.kind == "tcell":
-        return TCellExpansionModel(load_tcell_parameters()[0], proc)
-    return CHOFedBatchModel(load_cho_parameters()[0], proc)
 
 
 def load_plant_config(plant: VirtualBioreactor, config_path: str | Path | None) -> MPCConfig:
@@ -285,11 +283,11 @@ def make_mpc_controller(
         raise ValueError(
             f"unknown MPC controller {name!r}; expected one of {', '.join(MPC_CONTROLLERS)}"
         )
-    if name == "hybrid-mpc" and plant.kind != "tcell" and residual is None:
+    if name == "hybrid-mpc" and plant.kind != DEFAULT_PROCESS and residual is None:
         raise ValueError(
             f"hybrid-mpc on the {plant.kind} model needs a fitted residual (--residual FILE, "
             f"from `hmpc fit --model {plant.kind}`); the built-in benchmark residual is "
-            "for the T-cell model"
+            f"for the {DEFAULT_PROCESS} model"
         )
     path = Path(config_path) if config_path is not None else None
     if name == "hybrid-mpc" and residual is None:

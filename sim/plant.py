@@ -12,16 +12,10 @@ import numpy.typing as npt
 from scipy.integrate import solve_ivp
 
 from plant_models.base import MechanisticModel
-from plant_models.cho import CHOProcess, load_cho_process
 from plant_models.errors import IntegrationError, ModelError
-from plant_models.tcell import TCellProcess, load_tcell_process
+from plant_models.process import ProcessPlugin, get_process
 from sim.patients import VirtualPatient
 from sim.sensors import Measurement, SensorSpec, default_sensor_spec, noisy
-from sim.truth import (
-    TCellTruthParameters,
-    cho_truth_model,
-    tcell_truth_model,
-)
 
 __all__ = ["VirtualBioreactor"]
 
@@ -37,7 +31,7 @@ _METHODS = ("LSODA", "BDF", "Radau")
 class VirtualBioreactor:
     """Truth plant of one patient's batch, with online probes and delayed offline assays.
 
-    Use :meth:`tcell` or :meth:`cho` to build one. :meth:`step` applies inputs (clamped to
+    Use :meth:`for_process` to build one. :meth:`step` applies inputs (clamped to
     the process bounds, as the plant's own controllers would) for ``dt_h`` hours and returns
     the measurements that became available during that interval.
     """
@@ -45,18 +39,19 @@ class VirtualBioreactor:
     def __init__(
         self,
         model: MechanisticModel[Any],
-        process: TCellProcess | CHOProcess,
+        process: Any,
         patient: VirtualPatient,
         sensors: SensorSpec,
         *,
-        kind: str,
+        plugin: ProcessPlugin,
         seed: int = 0,
     ) -> None:
         self.model = model
         self.process = process
         self.patient = patient
         self.sensors = sensors
-        self.kind = kind
+        self.plugin = plugin
+        self.kind = plugin.name
         self.rng = np.random.default_rng(np.random.SeedSequence([7919, int(seed)]))
         # probe calibration errors: their own stream, so the noise streams do not move
         cal_rng = np.random.default_rng(np.random.SeedSequence([7927, int(seed)]))
@@ -75,41 +70,32 @@ class VirtualBioreactor:
 
     # -- constructors ------------------------------------------------------------------
     @classmethod
-    def tcell(
+    def for_process(
         cls,
+        name: str | ProcessPlugin,
         patient: VirtualPatient,
         *,
-        process: TCellProcess | None = None,
-        truth: TCellTruthParameters | None = None,
+        process: Any = None,
+        truth: Any = None,
         sensors: SensorSpec | None = None,
         seed: int = 0,
     ) -> VirtualBioreactor:
-        proc = process if process is not None else load_tcell_process()[0]
-        return cls(
-            tcell_truth_model(patient, proc, truth),
-            proc,
-            patient,
-            sensors or default_sensor_spec("tcell"),
-            kind="tcell",
-            seed=seed,
-        )
+        """The truth plant of a process plug-in for one patient.
 
-    @classmethod
-    def cho(
-        cls,
-        patient: VirtualPatient,
-        *,
-        process: CHOProcess | None = None,
-        sensors: SensorSpec | None = None,
-        seed: int = 0,
-    ) -> VirtualBioreactor:
-        proc = process if process is not None else load_cho_process()[0]
+        Args:
+            name: the process plug-in (or its registered name).
+            process: the process specification (default: the plug-in's packaged file).
+            truth: truth kinetics (default: the plug-in's packaged truth variant).
+            sensors: probes and assays (default: the plug-in's).
+        """
+        plugin = get_process(name)
+        proc = process if process is not None else plugin.load_process()[0]
         return cls(
-            cho_truth_model(patient, proc),
+            plugin.truth_model(patient, proc, truth),
             proc,
             patient,
-            sensors or default_sensor_spec("cho"),
-            kind="cho",
+            sensors or default_sensor_spec(plugin),
+            plugin=plugin,
             seed=seed,
         )
 
@@ -117,12 +103,22 @@ class VirtualBioreactor:
     def true_values(self) -> dict[str, float]:
         """The true states plus derived quantities (viability, total viable cells)."""
         values = dict(zip(self.model.state_names, (float(v) for v in self.state), strict=True))
-        viable = values["viable_cells"]
-        total = values["total_cells"] if self.kind == "cho" else viable + values["dead_cells"]
-        values["viability"] = viable / total if total > 0 else 0.0
-        # 1e6 cells/mL x L = 1e9 cells (and 1e9 cells/L x L = 1e9 cells)
-        values["total_viable_cells"] = viable * values["volume"]
+        values.update(self.plugin.derived_values(values))
         return values
+
+    @property
+    def plant_id(self) -> str:
+        """The patient (or batch) the plant stands for."""
+        return self.patient.patient_id
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.model.input_names
+
+    def variable_units(self) -> dict[str, str]:
+        """Canonical unit of every state, input and rate of the plant's model."""
+        m = self.model
+        return {v.name: v.unit for v in m.states + m.inputs + m.rate_specs}
 
     def true_rates(self, inputs: Mapping[str, float]) -> dict[str, float]:
         u = self.model.input_vector(self._clamp(inputs, count=False))

@@ -35,7 +35,6 @@ def write_batch(df: pd.DataFrame, summary: dict[str, Any], out: Path, *, title: 
 def plot_trajectory(df: pd.DataFrame, summary: dict[str, Any], path: Path, *, title: str) -> None:
     """Six panels a process engineer reads at a glance: cells, viability, metabolites,
     the kinetic rates, and the manipulated inputs, with limits as dashed lines."""
-    kind = summary.get("model", "tcell")
     days = df["time"] / 24.0
     assays = df.attrs.get("assays")
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
@@ -90,8 +89,9 @@ def plot_trajectory(df: pd.DataFrame, summary: dict[str, Any], path: Path, *, ti
         "ammonia_high_hard": ("tab:brown", "--"),
     }
     for key, value in summary.get("limits", {}).items():
-        color, style = styles.get(key, ("grey", "--"))
-        ax.axhline(value, color=color, ls=style, lw=1)
+        if key in styles:  # the metabolite limits (not volume, not the upper glucose one)
+            color, style = styles[key]
+            ax.axhline(value, color=color, ls=style, lw=1)
     ax.set_ylabel("concentration [mM]")
     ax.set_title("Metabolites (dashed: hard, dotted: soft limits)")
     ax.legend(fontsize=8)
@@ -104,12 +104,9 @@ def plot_trajectory(df: pd.DataFrame, summary: dict[str, Any], path: Path, *, ti
     ax.legend(fontsize=8)
 
     ax = axes[1, 1]
-    if kind == "tcell":
-        ax.step(days, df["perfusion_rate"], where="post", label="perfusion [VVD]")
-        ax.step(days, df["glucose_feed"], where="post", label="glucose feed [mL/h]")
-        ax.step(days, df["il2_addition"], where="post", label="IL-2 addition [kIU/h]")
-    else:
-        ax.step(days, df["feed_rate"] * 1000.0, where="post", label="feed [mL/h]")
+    units = df.attrs.get("units", {})
+    for name in df.attrs.get("inputs", ()):
+        ax.step(days, df[name], where="post", label=f"{name} [{units.get(name, '')}]")
     ax.set_title("Manipulated inputs")
     ax.legend(fontsize=8)
 

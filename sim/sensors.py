@@ -10,17 +10,14 @@ from collections.abc import Mapping
 import numpy as np
 
 from controller.measurements import Measurement
+from plant_models.process import ProcessPlugin, SensorNoise, get_process
 
 __all__ = ["Measurement", "NoiseSpec", "SensorSpec", "default_sensor_spec"]
 
 
-@dataclasses.dataclass(frozen=True)
-class NoiseSpec:
-    """Gaussian noise: standard deviation ``absolute + relative * |value|``."""
-
-    unit: str
-    absolute: float = 0.0
-    relative: float = 0.0
+#: Gaussian noise: standard deviation ``absolute + relative * |value|`` (the process
+#: plug-ins declare their probes with it).
+NoiseSpec = SensorNoise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,40 +52,16 @@ class SensorSpec:
                 )
 
 
-def default_sensor_spec(model: str) -> SensorSpec:
-    """Typical probes and assays (capacitance, Raman/analyser, daily cell count)."""
-    if model == "tcell":
-        return SensorSpec(
-            online={
-                "viable_cells": NoiseSpec("1e6 cells/mL", 0.02, 0.05),  # capacitance
-                "glucose": NoiseSpec("mM", 0.2, 0.02),  # Raman / analyser
-                "lactate": NoiseSpec("mM", 0.3, 0.02),
-            },
-            assays={
-                "viable_cells": NoiseSpec("1e6 cells/mL", 0.01, 0.03),  # cell counter
-                "viability": NoiseSpec("1", 0.01, 0.0),
-                "glucose": NoiseSpec("mM", 0.1, 0.01),
-                "lactate": NoiseSpec("mM", 0.1, 0.01),
-                "il2": NoiseSpec("IU/mL", 1.0, 0.1),  # ELISA
-            },
-        )
-    if model == "cho":
-        return SensorSpec(
-            online={
-                "viable_cells": NoiseSpec("1e9 cells/L", 0.02, 0.05),
-                "glucose": NoiseSpec("mM", 0.3, 0.02),
-                "lactate": NoiseSpec("mM", 0.3, 0.02),
-            },
-            assays={
-                "viable_cells": NoiseSpec("1e9 cells/L", 0.01, 0.03),
-                "viability": NoiseSpec("1", 0.01, 0.0),
-                "glucose": NoiseSpec("mM", 0.1, 0.01),
-                "glutamine": NoiseSpec("mM", 0.05, 0.02),
-                "lactate": NoiseSpec("mM", 0.1, 0.01),
-                "ammonia": NoiseSpec("mM", 0.05, 0.02),
-            },
-        )
-    raise ValueError(f"unknown model {model!r}; expected 'tcell' or 'cho'")
+def default_sensor_spec(process: str | ProcessPlugin) -> SensorSpec:
+    """The process plug-in's typical probes and assays (e.g. capacitance, Raman or an
+    analyser online; a daily cell count and metabolite assays)."""
+    d = get_process(process).sensors
+    return SensorSpec(
+        online=dict(d.online),
+        assays=dict(d.assays),
+        assay_interval=d.assay_interval,
+        assay_delay=d.assay_delay,
+    )
 
 
 def noisy(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.runtime.site import SiteConfig, UnitConfig, canonical_units, load_site
+from plant_models.process import get_process
 
 __all__ = ["build_loops", "cmd_run", "register", "serve"]
 
@@ -60,24 +61,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def state_limits(model: str) -> dict[str, dict[str, float | None]]:
-    """The process specification's state limits (for the historian's ``config`` event)."""
-    if model == "tcell":
-        from plant_models.tcell import load_tcell_process
-
-        p: Any = load_tcell_process()[0]
-    else:
-        from plant_models.cho import load_cho_process
-
-        p = load_cho_process()[0]
-    limits: dict[str, dict[str, float | None]] = {
-        "glucose": {"low": p.glucose_low_hard, "low_soft": p.glucose_low_soft},
-        "lactate": {"high": p.lactate_high_hard, "high_soft": p.lactate_high_soft},
-        "volume": {"high": p.volume_max},
-    }
-    if hasattr(p, "glucose_high_hard"):
-        limits["glucose"]["high"] = p.glucose_high_hard
-    if hasattr(p, "ammonia_high_hard"):
-        limits["ammonia"] = {"high": p.ammonia_high_hard}
+    """The process specification's state limits (for the historian's ``config`` event):
+    variable -> {"low"/"high": hard limit, "low_soft"/"high_soft": soft limit}."""
+    plugin = get_process(model)
+    p = plugin.load_process()[0]
+    limits: dict[str, dict[str, float | None]] = {}
+    for h in plugin.hard_limits:
+        limits.setdefault(h.variable, {})[h.side] = h.value(p)
+    for name, field in plugin.soft_limits.items():
+        variable, side = name.rsplit("_", 1)
+        limits.setdefault(variable, {})[f"{side}_soft"] = float(getattr(p, field))
     return limits
 
 

@@ -45,7 +45,7 @@ A site file (TOML, e.g. ``configs/site_sim.toml``)::
     unit = "1/d"
 
     [units.BR01]                       # one control task per bioreactor
-    model = "tcell"
+    model = 'tcell'                    # a process plug-in (plant_models.process)
     controller = "rule"
     harvest_time_h = 192.0
 
@@ -73,6 +73,7 @@ from typing import Any
 
 from plant_models.config import check_keys, load_toml, suggest
 from plant_models.errors import ConfigError
+from plant_models.process import available_processes, get_process
 
 __all__ = [
     "CONTROLLER_KINDS",
@@ -94,7 +95,6 @@ __all__ = [
 
 #: Control laws a unit can run (built by controller.control).
 CONTROLLER_KINDS = ("recipe", "rule", "mechanistic-mpc", "hybrid-mpc")
-MODELS = ("tcell", "cho")
 POLICIES = ("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss", "None")
 MODES = ("Sign", "SignAndEncrypt")
 SOURCES = ("online", "assay")
@@ -230,30 +230,16 @@ def conversion_for(
 
 
 def canonical_units(model: str) -> dict[str, str]:
-    """Canonical unit of every variable of a model kind (states, inputs, viability)."""
-    if model == "tcell":
-        from plant_models.tcell import (
-            TCellExpansionModel,
-            load_tcell_parameters,
-            load_tcell_process,
-        )
-
-        m: Any = TCellExpansionModel(load_tcell_parameters()[0], load_tcell_process()[0])
-    elif model == "cho":
-        from plant_models.cho import CHOFedBatchModel, load_cho_parameters, load_cho_process
-
-        m = CHOFedBatchModel(load_cho_parameters()[0], load_cho_process()[0])
-    else:
-        raise ConfigError(f"unknown model {model!r}; expected one of {MODELS}")
+    """Canonical unit of every variable of a process (states, inputs, viability)."""
+    m = get_process(model).build_model()
     units = {v.name: v.unit for v in list(m.states) + list(m.inputs)}
     units["viability"] = "1"
     return units
 
 
 def input_names(model: str) -> tuple[str, ...]:
-    if model == "tcell":
-        return ("perfusion_rate", "glucose_feed", "il2_addition")
-    return ("feed_rate",)
+    """The inputs of a process's model, in order."""
+    return get_process(model).build_model().input_names
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -807,7 +793,7 @@ def _unit(
         w,
         required=["model", "controller"],
     )
-    model = _choice(t, "model", w, None, MODELS)
+    model = _choice(t, "model", w, None, available_processes())
     controller = _choice(t, "controller", w, None, CONTROLLER_KINDS)
     endpoint = _str(t, "endpoint", w, "bioreactor")
     if endpoint not in endpoints:

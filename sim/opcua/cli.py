@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from plant_models.errors import ConfigError, PlantIOError
+from plant_models.process import DEFAULT_PROCESS, available_processes
 from sim.opcua.apc import Role
 from sim.opcua.faults import parse_fault
 from sim.opcua.security import write_user
@@ -40,7 +41,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="printer server port (default PORT+1; 0: none)",
     )
     serve.add_argument("--units", type=int, default=1, help="number of bioreactors")
-    serve.add_argument("--model", choices=("tcell", "cho"), default="tcell")
+    serve.add_argument(
+        "--model",
+        choices=available_processes(),
+        default=DEFAULT_PROCESS,
+        help="the process plug-in (default %(default)s)",
+    )
     serve.add_argument(
         "--speed", type=float, default=1.0, help="process hours per wall hour (3600: 1 h/s)"
     )

@@ -29,6 +29,7 @@ from asyncua import Server, ua
 from asyncua.server.internal_session import InternalSession
 
 from plant_models.errors import ConfigError, PlantIOError
+from plant_models.process import DEFAULT_PROCESS, get_process
 from sim.opcua.apc import ApcInterface, ItemStatus, Mode, Role, default_apc_config
 from sim.opcua.clock import ProcessClock
 from sim.opcua.faults import Fault, FaultBook
@@ -114,7 +115,7 @@ class SimulatorConfig:
     speed: float = 1.0
     patient_seed: int | None = None
     sensor_seed: int = 0
-    model: str = "tcell"
+    model: str = DEFAULT_PROCESS
     pki: Path = Path("pki")
     users_file: Path | None = None
     dev_insecure: bool = False
@@ -128,8 +129,7 @@ class SimulatorConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.units <= 99:
             raise ConfigError(f"--units must be in 1..99, got {self.units}")
-        if self.model not in ("tcell", "cho"):
-            raise ConfigError(f"--model {self.model!r}; expected tcell or cho")
+        get_process(self.model)  # a ConfigError naming the registered processes
         for name in ("speed", "heartbeat_timeout_s", "plant_step_h", "tick_s"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
@@ -176,16 +176,8 @@ def _make_unit(config: SimulatorConfig, index: int, now: float) -> BioreactorUni
     else:
         patient = VirtualPatient.draw(config.patient_seed + index, load_cohort_spec()[0])
     seed = config.sensor_seed + index
-    if config.model == "tcell":
-        plant = VirtualBioreactor.tcell(patient, seed=seed)
-    else:
-        plant = VirtualBioreactor.cho(patient, seed=seed)
-    proc: Any = plant.process
-    rates = {}
-    if plant.kind == "tcell":
-        rates = {"perfusion_rate": float(proc.perfusion_rate_limit)}
-    elif plant.kind == "cho":
-        rates = {"feed_rate": float(proc.feed_rate_limit)}
+    plant = VirtualBioreactor.for_process(config.model, patient, seed=seed)
+    rates = plant.plugin.rate_limits(plant.process)
     units = {v.name: v.unit for v in plant.model.inputs}
     apc_config = default_apc_config(
         plant.bounds, units, rates, heartbeat_timeout_s=config.heartbeat_timeout_s

@@ -190,7 +190,7 @@ def closed_loop_batch(
     from sim.patients import VirtualPatient
     from sim.plant import VirtualBioreactor
 
-    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
     # a small GP (40 points) keeps the hybrid MPC quick; its bands are what matters here
     extra: dict[str, Any] = {"gp_points": 40} if controller == "hybrid-mpc" else {}
     ctrl = make_mpc_controller(controller, plant, **extra)

@@ -52,7 +52,7 @@ def test_hybrid_mpc_learns_from_the_running_batch(tmp_path: Path) -> None:
     mpc = controller.mpc
     probe = (100.0, np.array([1.0, 0.1, 10.0, 5.0, 30.0, 50.0, 1.0]), np.zeros(3))
     before = float(mpc._mean_fn(*probe))
-    plant = VirtualBioreactor.tcell(VirtualPatient.draw(1, load_cohort_spec()[0]))  # slow grower
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.draw(1, load_cohort_spec()[0]))  # slow grower
     df = run_closed_loop(plant, controller, days=2.5)
     # 24 h windows close from 24 h on, one every 6 h: the running batch was observed and
     # the MPC's residual function now differs (the NLP was not rebuilt)
@@ -108,7 +108,7 @@ def test_mpc_fits_the_patient_parameters_of_the_running_batch(
     nominal = controller.mpc.model.parameters
     patient = VirtualPatient.draw(1, load_cohort_spec()[0])  # slow grower
     assert patient.growth_factor < 0.8
-    plant = VirtualBioreactor.tcell(patient)
+    plant = VirtualBioreactor.for_process("tcell", patient)
     df = run_closed_loop(plant, controller, days=3.0)
     # fits every 6 h from 24 h of record on
     assert adapter.fits >= 6 and adapter.failures == 0

@@ -135,7 +135,7 @@ def test_bad_configuration_and_records_are_refused(model: TCellExpansionModel) -
         PatientAdaptation(model, [AdaptedParameter("mu_max", "factor", 0.2)] * 2)
     with pytest.raises(ConfigError, match="simulated states"):
         PatientAdaptation(model, default_adapted_parameters("tcell"), simulated=("viable_cell",))
-    with pytest.raises(ConfigError, match="unknown model"):
+    with pytest.raises(ConfigError, match="not registered"):
         default_adapted_parameters("yeast")
     t, x, u, y, sd = _batch(model, TRUE, 50)
     fitter = _fitter(model, window_h=48.0)

@@ -311,7 +311,7 @@ def test_truth_file_sets_the_plant_and_is_part_of_the_manifest(
     the same inputs on both plants) stronger lactate inhibition can only slow growth, so no
     patient ends with more cells; a folder of one plant refuses to resume with the other,
     and a bad file is refused before anything is written."""
-    strong = Path(__file__).parents[2] / "sim" / "data" / "tcell_truth_lactate20.toml"
+    strong = Path(__file__).parents[2] / "plant_models" / "data" / "tcell_truth_lactate20.toml"
     base = CampaignSpec(patients=3, controllers=("recipe",), seed=3, days=8.0)
     default = run_campaign(base, tmp_path / "default", workers=2)
     stronger = run_campaign(

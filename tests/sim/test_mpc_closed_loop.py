@@ -36,7 +36,7 @@ from sim.plant import VirtualBioreactor
 
 
 def test_mechanistic_mpc_reaches_the_dose_on_the_nominal_patient() -> None:
-    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
     controller = make_mpc_controller("mechanistic-mpc", plant)
     days = plant.process.harvest_time / 24.0
     df = run_closed_loop(plant, controller, days=days)
@@ -56,7 +56,7 @@ def test_mechanistic_mpc_reaches_the_dose_on_the_nominal_patient() -> None:
 @pytest.mark.parametrize("name", ["oracle", "mechanistic-mpc"])
 def test_controllers_run_on_both_models(kind: str, name: str) -> None:
     patient = VirtualPatient.nominal()
-    plant = VirtualBioreactor.tcell(patient) if kind == "tcell" else VirtualBioreactor.cho(patient)
+    plant = VirtualBioreactor.for_process("tcell", patient) if kind == "tcell" else VirtualBioreactor.for_process("cho", patient)
     controller = make_mpc_controller(name, plant)
     df = run_closed_loop(plant, controller, days=0.25)
     assert controller.name == name
@@ -73,7 +73,7 @@ def test_controllers_run_on_both_models(kind: str, name: str) -> None:
 
 
 def test_hybrid_mpc_runs_with_a_learned_residual() -> None:
-    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
     controller = make_mpc_controller("hybrid-mpc", plant, gp_points=100)
     df = run_closed_loop(plant, controller, days=0.25)
     assert controller.mpc.residual_names == ("growth_rate",)
@@ -86,7 +86,7 @@ def test_hybrid_mpc_runs_with_a_learned_residual() -> None:
 
 
 def test_hybrid_mpc_on_cho_needs_a_fitted_residual() -> None:
-    plant = VirtualBioreactor.cho(VirtualPatient.nominal())
+    plant = VirtualBioreactor.for_process("cho", VirtualPatient.nominal())
     with pytest.raises(ValueError, match="--residual"):
         make_mpc_controller("hybrid-mpc", plant)
 
@@ -112,7 +112,7 @@ def test_hybrid_mpc_on_cho_from_cohort_records(tmp_path: Path) -> None:
     assert summary["mpc_steps"] == 12 and summary["hard_constraint_violations"] == 0
     # the residual names the model it was trained for: a T-cell run refuses it
     with pytest.raises(ConfigError, match="'ammonia' is not a model variable"):
-        plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+        plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
         make_mpc_controller("hybrid-mpc", plant, residual=residual)
 
 
@@ -125,13 +125,13 @@ def test_residual_flag_is_for_hybrid_mpc_only(tmp_path: Path) -> None:
 
 
 def test_unknown_controller_name() -> None:
-    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
     with pytest.raises(ValueError, match="mechanistic-mpc"):
         make_mpc_controller("hybrid-mp", plant)
 
 
 def test_mpc_sees_the_estimate_and_the_estimate_follows_the_truth() -> None:
-    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
     controller = make_mpc_controller("mechanistic-mpc", plant)
     run_closed_loop(plant, controller, days=4.0)
     est = controller.last_estimate

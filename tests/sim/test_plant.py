@@ -21,9 +21,9 @@ def batch(
     seed: int = 0,
 ) -> tuple[pd.DataFrame, VirtualBioreactor]:
     plant = (
-        VirtualBioreactor.tcell(patient, seed=seed)
+        VirtualBioreactor.for_process("tcell", patient, seed=seed)
         if kind == "tcell"
-        else VirtualBioreactor.cho(patient, seed=seed)
+        else VirtualBioreactor.for_process("cho", patient, seed=seed)
     )
     return run_closed_loop(plant, make_baseline(controller, kind), days=days), plant
 
@@ -83,7 +83,7 @@ def test_twenty_patient_cohort_outcome_spread() -> None:
 
 
 def test_assays_arrive_late_with_their_sample_time() -> None:
-    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
     arrived = []
     plant.initial_measurements()
     for _ in range(60):
@@ -98,7 +98,7 @@ def test_assays_arrive_late_with_their_sample_time() -> None:
 
 
 def test_assay_is_taken_at_sample_time_inside_a_long_step() -> None:
-    plant = VirtualBioreactor.tcell(VirtualPatient.nominal(), sensors=None)
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal(), sensors=None)
     plant.initial_measurements()
     plant.step({"perfusion_rate": 1.0}, 20.0)
     out = plant.step({"perfusion_rate": 1.0}, 10.0)  # t 20 -> 30: sample at 24, arrives 28
@@ -108,7 +108,7 @@ def test_assay_is_taken_at_sample_time_inside_a_long_step() -> None:
 
 
 def test_plant_clamps_inputs_and_rejects_unknown_ones() -> None:
-    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
     plant.step({"perfusion_rate": 99.0, "glucose_feed": float("nan")}, 1.0)
     assert plant.clamped_inputs == 1
     with pytest.raises(ModelError, match="unknown input"):
@@ -118,7 +118,7 @@ def test_plant_clamps_inputs_and_rejects_unknown_ones() -> None:
 
 
 def test_states_never_negative_in_a_starving_batch() -> None:
-    plant = VirtualBioreactor.tcell(VirtualPatient.draw(5, load_cohort_spec()[0]))
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.draw(5, load_cohort_spec()[0]))
     for _ in range(24 * 14):
         plant.step({}, 1.0)  # no perfusion at all for two weeks
         assert np.all(plant.state >= 0.0)
@@ -151,7 +151,7 @@ def test_rule_uses_less_media_than_recipe_on_nominal_patient() -> None:
 def test_truth_differs_from_the_controller_model() -> None:
     from plant_models.tcell import TCellExpansionModel, load_tcell_parameters
 
-    plant = VirtualBioreactor.tcell(VirtualPatient.nominal())
+    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
     model = TCellExpansionModel(load_tcell_parameters()[0], plant.process)
     x = plant.state.copy()
     x[3] = 25.0  # high lactate, low glucose: where the structures differ
@@ -173,8 +173,8 @@ def test_probe_calibration_error_is_constant_per_batch_and_leaves_noise_streams(
     spec = dataclasses.replace(
         default_sensor_spec("tcell"), online_calibration_sd={"viable_cells": 0.1}
     )
-    exact = VirtualBioreactor.tcell(patient, seed=9)
-    off = VirtualBioreactor.tcell(patient, seed=9, sensors=spec)
+    exact = VirtualBioreactor.for_process("tcell", patient, seed=9)
+    off = VirtualBioreactor.for_process("tcell", patient, seed=9, sensors=spec)
     gain = off.probe_gains["viable_cells"]
     assert gain != 1.0 and 0.6 < gain < 1.6 and exact.probe_gains == {}
     inputs = {n: exact.bounds[n][0] for n in exact.model.input_names}
@@ -191,7 +191,7 @@ def test_probe_calibration_error_is_constant_per_batch_and_leaves_noise_streams(
     # up to the absolute part of the noise
     assert np.allclose(ratios, gain, rtol=0.02)
     # the draw is seeded by the plant's seed
-    again = VirtualBioreactor.tcell(patient, seed=9, sensors=spec)
+    again = VirtualBioreactor.for_process("tcell", patient, seed=9, sensors=spec)
     assert again.probe_gains == off.probe_gains
     with pytest.raises(ValueError, match="not an online probe"):
         dataclasses.replace(spec, online_calibration_sd={"viability": 0.1})
