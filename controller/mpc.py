@@ -35,7 +35,7 @@ from plant_models.base import CASADI_OPS, rk4
 from plant_models.config import suggest
 from plant_models.errors import ConfigError, ModelError, SolverFailedError
 
-__all__ = ["MPCResult", "NonlinearMPC", "PredictionModel"]
+__all__ = ["LayoutEntry", "MPCResult", "NonlinearMPC", "PredictionModel", "VectorLayout"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,140 @@ class _Soft:
     weight: float
     weight_linear: float
     label: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutEntry:
+    """One named block of a :class:`VectorLayout`: a (rows, cols) matrix stored column-major
+    (as ``ca.vec``) at ``offset``."""
+
+    name: str
+    shape: tuple[int, int]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
+
+
+class VectorLayout:
+    """The order of named blocks in a flat vector (NLP parameters or decision variables).
+
+    Built once from name -> shape (an int ``k`` is a (k, 1) column); the symbolic vector
+    (:meth:`symbols`, :meth:`concat`) and the numeric one (:meth:`pack`, :meth:`unpack`)
+    both take their order from it, so a new block is one new entry. Matrices are stored
+    column-major, as ``ca.vec`` does (numpy ``order="F"``).
+
+    Args:
+        shapes: name -> shape, in vector order.
+        label: what the vector is, for error messages (e.g. ``"NLP parameter"``).
+
+    Raises:
+        ModelError: a shape is not one or two non-negative integers.
+    """
+
+    def __init__(self, shapes: Mapping[str, int | tuple[int, int]], label: str = "block") -> None:
+        self.label = label
+        entries: dict[str, LayoutEntry] = {}
+        offset = 0
+        for name, spec in shapes.items():
+            dims = (spec, 1) if isinstance(spec, int | np.integer) else tuple(spec)
+            if len(dims) != 2 or any(not isinstance(d, int | np.integer) or d < 0 for d in dims):
+                raise ModelError(
+                    f"{label} {name!r}: shape {spec!r} is not a size or a (rows, cols) pair of "
+                    "non-negative integers."
+                )
+            entry = LayoutEntry(name, (int(dims[0]), int(dims[1])), offset)
+            entries[name] = entry
+            offset += entry.size
+        self._entries = entries
+        self.size = offset
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    @property
+    def entries(self) -> tuple[LayoutEntry, ...]:
+        return tuple(self._entries.values())
+
+    def __getitem__(self, name: str) -> LayoutEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelError(
+                f"{self.label} {name!r} is not in the layout.{suggest(name, self.names)} "
+                f"Known: {', '.join(self.names)}."
+            )
+        return entry
+
+    def symbols(self, sym: Any = ca.SX) -> dict[str, Any]:
+        """New symbols (``ca.SX`` or ``ca.MX``) named and shaped after the entries."""
+        return {e.name: sym.sym(e.name, *e.shape) for e in self._entries.values()}
+
+    def concat(self, pieces: Mapping[str, Any]) -> Any:
+        """The symbolic vector ``vertcat(vec(piece) ...)`` (size,) in layout order.
+
+        Raises:
+            ModelError: a name is missing or unknown, or a piece has the wrong shape.
+        """
+        self._check_names(pieces)
+        out = []
+        for e in self._entries.values():
+            piece = pieces[e.name]
+            if tuple(piece.shape) != e.shape:
+                raise ModelError(
+                    f"{self.label} {e.name!r}: expected shape {e.shape}, got {tuple(piece.shape)}."
+                )
+            out.append(ca.vec(piece))
+        return ca.vertcat(*out)
+
+    def pack(self, values: Mapping[str, Any]) -> FloatArray:
+        """The numeric vector (size,) of ``values`` (name -> array-like) in layout order.
+
+        A value has the entry's shape; a row or column entry also takes a 1-D array of its
+        length, and a (1, 1) entry a scalar. Matrices are flattened column-major.
+
+        Raises:
+            ModelError: a name is missing or unknown, or a value has the wrong shape.
+        """
+        self._check_names(values)
+        out = np.empty(self.size, dtype=np.float64)
+        for e in self._entries.values():
+            arr = np.asarray(values[e.name], dtype=float)
+            vector_ok = arr.ndim <= 1 and min(e.shape) <= 1 and arr.size == e.size
+            if arr.shape != e.shape and not vector_ok:
+                raise ModelError(
+                    f"{self.label} {e.name!r}: expected shape {e.shape}, got {arr.shape}."
+                )
+            out[e.slice] = arr.reshape(-1, order="F")
+        return out
+
+    def unpack(self, vector: Any) -> dict[str, FloatArray]:
+        """Name -> (rows, cols) array (a copy) of a numeric vector (size,) in this layout.
+
+        Raises:
+            ModelError: the vector does not have the layout's size.
+        """
+        arr = np.asarray(vector, dtype=float).reshape(-1)
+        if arr.size != self.size:
+            raise ModelError(f"{self.label} vector: expected {self.size} values, got {arr.size}.")
+        return {
+            e.name: arr[e.slice].reshape(e.shape, order="F").copy() for e in self._entries.values()
+        }
+
+    def _check_names(self, values: Mapping[str, Any]) -> None:
+        missing = [k for k in self._entries if k not in values]
+        unknown = [k for k in values if k not in self._entries]
+        if missing or unknown:
+            hints = "".join(suggest(k, self.names) for k in unknown)
+            raise ModelError(
+                f"{self.label} values: missing {missing}, unknown {unknown}.{hints} "
+                f"Expected: {', '.join(self.names)}."
+            )
 
 
 class NonlinearMPC:
