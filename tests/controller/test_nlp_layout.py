@@ -1,16 +1,22 @@
 """Tests of the named layout of the MPC's NLP vectors (controller/mpc.py VectorLayout):
-column-major packing as CasADi's ``vec`` and typed errors."""
+column-major packing as CasADi's ``vec``, typed errors, and its use by NonlinearMPC."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import casadi as ca
 import numpy as np
 import pytest
 
-from controller.mpc import VectorLayout
+from controller.mpc import NonlinearMPC, VectorLayout
+from controller.mpc_config import SoftBound, load_mpc_config, with_process_limits
 from plant_models.errors import ModelError
+from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
+
+REPO = Path(__file__).resolve().parents[2]
 
 SHAPES: dict[str, int | tuple[int, int]] = {
     "column": 3,
@@ -159,3 +165,62 @@ def test_concat_checks_names_and_shapes() -> None:
         lay.concat({k: v for k, v in syms.items() if k != "scalar"})
     with pytest.raises(ModelError, match=r"'matrix': expected shape \(2, 3\), got \(3, 2\)"):
         lay.concat(dict(syms, matrix=ca.SX.sym("m", 3, 2)))
+
+
+# ----------------------------------------------------------------------------- in the MPC
+
+
+@pytest.fixture(scope="module")
+def mpc() -> NonlinearMPC:
+    model = TCellExpansionModel(load_tcell_parameters()[0], load_tcell_process()[0])
+    cfg = with_process_limits(
+        load_mpc_config(REPO / "configs" / "mpc_tcell.toml"),
+        model.process,
+        model.operating_bounds(),
+    )
+    cfg = dataclasses.replace(
+        cfg,
+        horizon=6,
+        step_h=4.0,
+        soft_bounds={"lactate": SoftBound(None, 20.0, 1e4, 1e3)},
+    )
+    return NonlinearMPC(model, cfg, model_parameters=("mu_max",))
+
+
+def test_mpc_layouts_match_the_nlp(mpc: NonlinearMPC) -> None:
+    n, nx, nu = mpc.horizon, mpc.nx, mpc.nu
+    w, p = mpc._w_layout, mpc._p_layout
+    assert w["states"].shape == (nx, n + 1) and w["inputs"].shape == (nu, n)
+    assert w["slacks"].shape == (1, n) and w["dose_slack"].shape == (1, 1)
+    assert p["mask"].shape == (1, n) and p["model_parameters"].shape == (1, 1)
+    assert mpc._solver_cold.size_in("x0") == (w.size, 1) == (mpc.n_variables, 1)
+    assert mpc._solver_cold.size_in("p") == (p.size, 1)
+    bounds = w.unpack(mpc._lbw)
+    assert np.all(bounds["states"] == -np.inf)
+    np.testing.assert_allclose(
+        bounds["inputs"], np.tile((mpc.u_low / mpc.input_scale)[:, None], (1, n)), rtol=1e-15
+    )
+    assert np.all(bounds["slacks"] == 0.0) and np.all(bounds["dose_slack"] == 0.0)
+    upper = w.unpack(mpc._ubw)
+    np.testing.assert_allclose(
+        upper["inputs"], np.tile((mpc.u_high / mpc.input_scale)[:, None], (1, n)), rtol=1e-15
+    )
+    assert np.all(upper["slacks"] == np.inf)
+
+
+def test_mpc_pack_unpack_round_trip(mpc: NonlinearMPC) -> None:
+    n = mpc.horizon
+    rng = np.random.default_rng(3)
+    states = rng.uniform(0.5, 20.0, size=(n + 1, mpc.nx))
+    inputs = rng.uniform(0.0, 2.0, size=(n, mpc.nu))
+    term = np.zeros(n)
+    term[-1] = 1.0
+    w0 = mpc._pack(states, inputs, states[0], 1e6, term)
+    assert w0.shape == (mpc.n_variables,)
+    # the scaled states of stage k are contiguous (column k of vec(X))
+    np.testing.assert_allclose(w0[: mpc.nx], states[0] / mpc.state_scale, rtol=1e-15)
+    got_states, got_inputs, slack, sdose = mpc._unpack(w0)
+    np.testing.assert_allclose(got_states, states, rtol=1e-14)
+    np.testing.assert_allclose(got_inputs, inputs, rtol=1e-14)
+    assert slack.shape == (1, n) and np.all(slack == 0.0)
+    assert sdose == pytest.approx(1.0, abs=1e-3)  # far below a 1e6 target: ~all short
