@@ -14,7 +14,9 @@ bounded state by ``kappa * sigma``.
 Parameter vector of the NLP (per step): initial state, previous input, start time, stage
 mask (shrinking horizon with a fixed-size NLP), terminal selector, dose target, tracking
 references, the tightening terms and (``residual = "linearized"``) the residual's
-first-order expansion about the previous plan.
+first-order expansion about the previous plan. Its order, and that of the decision vector,
+is kept in one :class:`VectorLayout` each: a new parameter is one entry of the layout in
+``_build`` and one value in ``step``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from plant_models.base import CASADI_OPS, rk4
 from plant_models.config import suggest
 from plant_models.errors import ConfigError, ModelError, SolverFailedError
 
-__all__ = ["MPCResult", "NonlinearMPC", "PredictionModel"]
+__all__ = ["LayoutEntry", "MPCResult", "NonlinearMPC", "PredictionModel", "VectorLayout"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,140 @@ class _Soft:
     weight: float
     weight_linear: float
     label: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutEntry:
+    """One named block of a :class:`VectorLayout`: a (rows, cols) matrix stored column-major
+    (as ``ca.vec``) at ``offset``."""
+
+    name: str
+    shape: tuple[int, int]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
+
+
+class VectorLayout:
+    """The order of named blocks in a flat vector (NLP parameters or decision variables).
+
+    Built once from name -> shape (an int ``k`` is a (k, 1) column); the symbolic vector
+    (:meth:`symbols`, :meth:`concat`) and the numeric one (:meth:`pack`, :meth:`unpack`)
+    both take their order from it, so a new block is one new entry. Matrices are stored
+    column-major, as ``ca.vec`` does (numpy ``order="F"``).
+
+    Args:
+        shapes: name -> shape, in vector order.
+        label: what the vector is, for error messages (e.g. ``"NLP parameter"``).
+
+    Raises:
+        ModelError: a shape is not one or two non-negative integers.
+    """
+
+    def __init__(self, shapes: Mapping[str, int | tuple[int, int]], label: str = "block") -> None:
+        self.label = label
+        entries: dict[str, LayoutEntry] = {}
+        offset = 0
+        for name, spec in shapes.items():
+            dims = (spec, 1) if isinstance(spec, int | np.integer) else tuple(spec)
+            if len(dims) != 2 or any(not isinstance(d, int | np.integer) or d < 0 for d in dims):
+                raise ModelError(
+                    f"{label} {name!r}: shape {spec!r} is not a size or a (rows, cols) pair of "
+                    "non-negative integers."
+                )
+            entry = LayoutEntry(name, (int(dims[0]), int(dims[1])), offset)
+            entries[name] = entry
+            offset += entry.size
+        self._entries = entries
+        self.size = offset
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    @property
+    def entries(self) -> tuple[LayoutEntry, ...]:
+        return tuple(self._entries.values())
+
+    def __getitem__(self, name: str) -> LayoutEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelError(
+                f"{self.label} {name!r} is not in the layout.{suggest(name, self.names)} "
+                f"Known: {', '.join(self.names)}."
+            )
+        return entry
+
+    def symbols(self, sym: Any = ca.SX) -> dict[str, Any]:
+        """New symbols (``ca.SX`` or ``ca.MX``) named and shaped after the entries."""
+        return {e.name: sym.sym(e.name, *e.shape) for e in self._entries.values()}
+
+    def concat(self, pieces: Mapping[str, Any]) -> Any:
+        """The symbolic vector ``vertcat(vec(piece) ...)`` (size,) in layout order.
+
+        Raises:
+            ModelError: a name is missing or unknown, or a piece has the wrong shape.
+        """
+        self._check_names(pieces)
+        out = []
+        for e in self._entries.values():
+            piece = pieces[e.name]
+            if tuple(piece.shape) != e.shape:
+                raise ModelError(
+                    f"{self.label} {e.name!r}: expected shape {e.shape}, got {tuple(piece.shape)}."
+                )
+            out.append(ca.vec(piece))
+        return ca.vertcat(*out)
+
+    def pack(self, values: Mapping[str, Any]) -> FloatArray:
+        """The numeric vector (size,) of ``values`` (name -> array-like) in layout order.
+
+        A value has the entry's shape; a row or column entry also takes a 1-D array of its
+        length, and a (1, 1) entry a scalar. Matrices are flattened column-major.
+
+        Raises:
+            ModelError: a name is missing or unknown, or a value has the wrong shape.
+        """
+        self._check_names(values)
+        out = np.empty(self.size, dtype=np.float64)
+        for e in self._entries.values():
+            arr = np.asarray(values[e.name], dtype=float)
+            vector_ok = arr.ndim <= 1 and min(e.shape) <= 1 and arr.size == e.size
+            if arr.shape != e.shape and not vector_ok:
+                raise ModelError(
+                    f"{self.label} {e.name!r}: expected shape {e.shape}, got {arr.shape}."
+                )
+            out[e.slice] = arr.reshape(-1, order="F")
+        return out
+
+    def unpack(self, vector: Any) -> dict[str, FloatArray]:
+        """Name -> (rows, cols) array (a copy) of a numeric vector (size,) in this layout.
+
+        Raises:
+            ModelError: the vector does not have the layout's size.
+        """
+        arr = np.asarray(vector, dtype=float).reshape(-1)
+        if arr.size != self.size:
+            raise ModelError(f"{self.label} vector: expected {self.size} values, got {arr.size}.")
+        return {
+            e.name: arr[e.slice].reshape(e.shape, order="F").copy() for e in self._entries.values()
+        }
+
+    def _check_names(self, values: Mapping[str, Any]) -> None:
+        missing = [k for k in self._entries if k not in values]
+        unknown = [k for k in values if k not in self._entries]
+        if missing or unknown:
+            hints = "".join(suggest(k, self.names) for k in unknown)
+            raise ModelError(
+                f"{self.label} values: missing {missing}, unknown {unknown}.{hints} "
+                f"Expected: {', '.join(self.names)}."
+            )
 
 
 class NonlinearMPC:
@@ -369,10 +505,6 @@ class NonlinearMPC:
 
         sx = ca.DM(self.state_scale)
         su = ca.DM(self.input_scale)
-        xs = sym.sym("X", nx, n + 1)
-        us = sym.sym("U", nu, n)
-        xp = ca.diag(sx) @ xs
-        up = ca.diag(su) @ us
 
         # soft constraints
         softs: list[_Soft] = []
@@ -399,25 +531,43 @@ class NonlinearMPC:
                 softs.append(_Soft(i, -1.0, low, w, w, f"{name}_low_margin"))
         self._softs = softs
         ns = len(softs)
-        ss = sym.sym("S", ns, n)
         dose_mode = c.objective == "dose-by-date"
-        sd = sym.sym("sd", 1 if dose_mode else 0)
         self.tracked = tuple(c.tracking)
         nt = len(self.tracked)
 
-        # parameters
-        p_x0 = sym.sym("x0", nx)
-        p_u = sym.sym("u_prev", nu)
-        p_t0 = sym.sym("t0")
-        p_mask = sym.sym("mask", 1, n)
-        p_term = sym.sym("terminal", 1, n)
-        p_dose = sym.sym("dose_target")
-        p_ref = sym.sym("reference", nt, n + 1)
-        p_tight = sym.sym("tightening", nx, n)
-        p_q = sym.sym("residual_linearisation", nq, n)
-        p_model = sym.sym("model_parameters", npar)
-        p_over = sym.sym("overshoot_active")
-        params = [p_x0, p_u, p_t0, p_mask, p_term, p_dose, p_ref, p_tight, p_q, p_model, p_over]
+        # decision variables (scaled): states, inputs, soft-constraint slacks, dose shortfall
+        self._w_layout = VectorLayout(
+            {
+                "states": (nx, n + 1),
+                "inputs": (nu, n),
+                "slacks": (ns, n),
+                "dose_slack": 1 if dose_mode else 0,
+            },
+            "NLP variable",
+        )
+        wsym = self._w_layout.symbols(sym)
+        xs, us, ss, sd = wsym["states"], wsym["inputs"], wsym["slacks"], wsym["dose_slack"]
+        xp = ca.diag(sx) @ xs
+        up = ca.diag(su) @ us
+
+        # parameters (per step): one entry here and one in the values given in step()
+        self._p_layout = VectorLayout(
+            {
+                "x0": nx,
+                "u_prev": nu,
+                "t0": 1,
+                "mask": (1, n),
+                "terminal": (1, n),
+                "dose_target": 1,
+                "reference": (nt, n + 1),
+                "tightening": (nx, n),
+                "residual_linearisation": (nq, n),
+                "model_parameters": npar,
+                "overshoot_active": 1,
+            },
+            "NLP parameter",
+        )
+        par = self._p_layout.symbols(sym)
 
         g: list[Any] = []
         lbg: list[FloatArray] = []
@@ -437,12 +587,18 @@ class NonlinearMPC:
             ubg.append(np.broadcast_to(np.asarray(high, dtype=float), (size,)).copy())
 
         # initial state and shooting gaps (scaled)
-        add(xs[:, 0] - p_x0 / sx, 0.0, 0.0, staged=False)
-        times = p_t0 + h * ca.DM(np.arange(n)).T
-        x_next = step_fn.map(n)(times, xp[:, :n], up, p_q, ca.repmat(p_model, 1, n))
+        add(xs[:, 0] - par["x0"] / sx, 0.0, 0.0, staged=False)
+        times = par["t0"] + h * ca.DM(np.arange(n)).T
+        x_next = step_fn.map(n)(
+            times,
+            xp[:, :n],
+            up,
+            par["residual_linearisation"],
+            ca.repmat(par["model_parameters"], 1, n),
+        )
         add((x_next - xp[:, 1:]) / ca.repmat(sx, 1, n), 0.0, 0.0)
         # rate-of-change limits (first move over the sample period, then per step)
-        du = ca.horzcat(up[:, 0] - p_u, up[:, 1:] - up[:, :-1])
+        du = ca.horzcat(up[:, 0] - par["u_prev"], up[:, 1:] - up[:, :-1])
         for i in range(nu):
             r = self.rate_limits[i]
             if math.isfinite(r):
@@ -454,69 +610,80 @@ class NonlinearMPC:
             i = self.state_names.index(name)
             si = float(self.state_scale[i])
             if hb.high is not None:
-                add(p_mask * (xp[i, 1:] - hb.high) / si, -np.inf, 0.0)
+                add(par["mask"] * (xp[i, 1:] - hb.high) / si, -np.inf, 0.0)
             if hb.low is not None:
-                add(p_mask * (hb.low - xp[i, 1:]) / si, -np.inf, 0.0)
+                add(par["mask"] * (hb.low - xp[i, 1:]) / si, -np.inf, 0.0)
         for j, s in enumerate(softs):
             si = float(self.state_scale[s.state])
-            viol = s.sign * (xp[s.state, 1:] - s.limit) + p_tight[s.state, :]
-            add(p_mask * viol / si - ss[j, :], -np.inf, 0.0)
+            viol = s.sign * (xp[s.state, 1:] - s.limit) + par["tightening"][s.state, :]
+            add(par["mask"] * viol / si - ss[j, :], -np.inf, 0.0)
 
         # objective
         cost: Any = 0
         if dose_mode:
             ic = self.state_names.index(c.dose.cells_state)
             iv = self.state_names.index(c.dose.volume_state)
-            cells_end = ca.sum2(p_term * xp[ic, 1:] * xp[iv, 1:])
-            add(1.0 - cells_end / p_dose - sd, -np.inf, 0.0, staged=False)
+            cells_end = ca.sum2(par["terminal"] * xp[ic, 1:] * xp[iv, 1:])
+            add(1.0 - cells_end / par["dose_target"] - sd, -np.inf, 0.0, staged=False)
             cost += c.dose.weight * sd**2 + c.dose.weight_linear * sd
             if c.dose.overshoot_weight > 0:
-                excess = ca.fmax(cells_end / p_dose - 1.0 - c.dose.overshoot_band, 0.0)
-                cost += p_over * c.dose.overshoot_weight * excess**2
+                excess = ca.fmax(cells_end / par["dose_target"] - 1.0 - c.dose.overshoot_band, 0.0)
+                cost += par["overshoot_active"] * c.dose.overshoot_weight * excess**2
             if c.dose.viability_weight > 0:
                 viability = self._viability_expr(xp)
                 if viability is not None:
-                    cost += c.dose.viability_weight * (1.0 - ca.sum2(p_term * viability[:, 1:]))
+                    cost += c.dose.viability_weight * (
+                        1.0 - ca.sum2(par["terminal"] * viability[:, 1:])
+                    )
         for j, name in enumerate(self.tracked):
             i = self.state_names.index(name)
             term = c.tracking[name]
-            err = (xp[i, :] - p_ref[j, :]) / float(self.state_scale[i])
-            cost += term.weight * ca.sum2(p_mask * err[:, :n] ** 2)
-            cost += term.weight * ca.sum2(p_term * err[:, 1:] ** 2)
+            err = (xp[i, :] - par["reference"][j, :]) / float(self.state_scale[i])
+            cost += term.weight * ca.sum2(par["mask"] * err[:, :n] ** 2)
+            cost += term.weight * ca.sum2(par["terminal"] * err[:, 1:] ** 2)
         for name, wgt in c.stage_state_weights.items():
             i = self.state_names.index(name)
-            cost += wgt * ca.sum2(p_mask * xp[i, :n]) / float(self.state_scale[i])
+            cost += wgt * ca.sum2(par["mask"] * xp[i, :n]) / float(self.state_scale[i])
         for name, wgt in c.terminal_state_weights.items():
             i = self.state_names.index(name)
-            cost += wgt * ca.sum2(p_term * xp[i, 1:]) / float(self.state_scale[i])
+            cost += wgt * ca.sum2(par["terminal"] * xp[i, 1:]) / float(self.state_scale[i])
         for name, wgt in c.input_usage_weights.items():
             i = self.input_names.index(name)
-            cost += wgt * h * ca.sum2(p_mask * up[i, :])
+            cost += wgt * h * ca.sum2(par["mask"] * up[i, :])
         for name, wgt in c.input_quadratic_weights.items():
             i = self.input_names.index(name)
-            cost += wgt * ca.sum2(p_mask * us[i, :] ** 2)
+            cost += wgt * ca.sum2(par["mask"] * us[i, :] ** 2)
         for i, name in enumerate(self.input_names):
             wgt = c.input_move_weights.get(name, 0.0)
             dui = du[i, :] / su[i]
-            cost += ca.sum2((wgt * p_mask + _IDLE_MOVE_WEIGHT * (1 - p_mask)) * dui**2)
+            cost += ca.sum2((wgt * par["mask"] + _IDLE_MOVE_WEIGHT * (1 - par["mask"])) * dui**2)
         for j, s in enumerate(softs):
             cost += s.weight * ca.sumsqr(ss[j, :]) + s.weight_linear * ca.sum2(ss[j, :])
 
-        w = ca.vertcat(ca.vec(xs), ca.vec(us), ca.vec(ss), sd)
-        p = ca.vertcat(*[ca.vec(q) for q in params])
-        nw = int(w.size1())
-        lbw = np.full(nw, -np.inf)
-        ubw = np.full(nw, np.inf)
-        o = nx * (n + 1)
-        lbw[o : o + nu * n] = np.tile(self.u_low / self.input_scale, n)
-        ubw[o : o + nu * n] = np.tile(self.u_high / self.input_scale, n)
-        lbw[o + nu * n :] = 0.0  # slacks
-        self._lbw, self._ubw = lbw, ubw
+        w = self._w_layout.concat(wsym)
+        p = self._p_layout.concat(par)
+        nw = self._w_layout.size
+
+        def bounds(x_bound: float, u_bound: FloatArray, slack_bound: float) -> FloatArray:
+            return self._w_layout.pack(
+                {
+                    "states": np.full((nx, n + 1), x_bound),
+                    "inputs": np.tile((u_bound / self.input_scale).reshape(-1, 1), (1, n)),
+                    "slacks": np.full((ns, n), slack_bound),
+                    "dose_slack": np.full(self._w_layout["dose_slack"].size, slack_bound),
+                }
+            )
+
+        self._lbw = bounds(-np.inf, self.u_low, 0.0)
+        self._ubw = bounds(np.inf, self.u_high, np.inf)
         self._g_blocks = blocks
-        self._w_blocks = [(0, o, nx), (o, nu * n, nu), (o + nu * n, ns * n, ns)]
+        # stage-ordered blocks of w (start, size, rows per stage), for shifting multipliers
+        self._w_blocks = [
+            (e.offset, e.size, e.shape[0])
+            for e in (self._w_layout[k] for k in ("states", "inputs", "slacks"))
+        ]
         self._lbg, self._ubg = np.concatenate(lbg), np.concatenate(ubg)
-        self._nw, self._ng, self._np = nw, int(self._lbg.size), int(p.size1())
-        self._offsets = (o, o + nu * n, o + nu * n + ns * n)
+        self._nw, self._ng, self._np = nw, int(self._lbg.size), self._p_layout.size
         nlp = {"x": w, "p": p, "f": cost, "g": ca.vertcat(*g)}
         self._solver_cold = ca.nlpsol("mpc_cold", c.solver.name, nlp, self._solver_options(False))
         self._solver_warm = (
@@ -801,20 +968,21 @@ class NonlinearMPC:
         rate_std, state_std = self._uncertainty(guess_states, guess_inputs, times)
         tight = (c.kappa * state_std[1:, :]).T  # (nx, N)
         lin = self._linearisation(guess_states, guess_inputs, times)
-        params = [
-            x,
-            up,
-            np.array([t]),
-            mask,
-            term,
-            np.array([dose_target]),
-            refs,
-            tight,
-            lin,
-            self._pvals,
-            np.array([overshoot_active]),
-        ]
-        p = np.concatenate([np.asarray(v, dtype=float).reshape(-1, order="F") for v in params])
+        p = self._p_layout.pack(
+            {
+                "x0": x,
+                "u_prev": up,
+                "t0": t,
+                "mask": mask,
+                "terminal": term,
+                "dose_target": dose_target,
+                "reference": refs,
+                "tightening": tight,
+                "residual_linearisation": lin,
+                "model_parameters": self._pvals,
+                "overshoot_active": overshoot_active,
+            }
+        )
         w0 = self._pack(guess_states, guess_inputs, x, dose_target, term)
 
         t_start = time.perf_counter()
@@ -1020,26 +1188,31 @@ class NonlinearMPC:
     def _pack(
         self, states: FloatArray, inputs: FloatArray, x: FloatArray, target: float, term: FloatArray
     ) -> FloatArray:
-        n = self.horizon
-        xs = (states / self.state_scale).T.reshape(-1, order="F")
-        us = (inputs / self.input_scale).T.reshape(-1, order="F")
-        ss = np.zeros(len(self._softs) * n)
-        parts = [xs, us, ss]
+        """Initial guess of the decision vector from states (N+1, nx) and inputs (N, nu)."""
+        dose_slack = np.zeros(0)
         if self.config.objective == "dose-by-date":
             c = self.config.dose
             ic, iv = self.state_names.index(c.cells_state), self.state_names.index(c.volume_state)
             cells = float(np.sum(term * states[1:, ic] * states[1:, iv]))
-            parts.append(np.array([max(0.0, 1.0 - cells / target)]))
-        return np.concatenate(parts)
+            dose_slack = np.array([max(0.0, 1.0 - cells / target)])
+        return self._w_layout.pack(
+            {
+                "states": (states / self.state_scale).T,
+                "inputs": (inputs / self.input_scale).T,
+                "slacks": np.zeros(self._w_layout["slacks"].shape),
+                "dose_slack": dose_slack,
+            }
+        )
 
     def _unpack(self, w: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray, float]:
-        n = self.horizon
-        a, b, c = self._offsets
-        states = w[:a].reshape(n + 1, self.nx) * self.state_scale
-        inputs = w[a:b].reshape(n, self.nu) * self.input_scale
-        slack = w[b:c].reshape(n, len(self._softs)).T
-        sdose = float(w[c]) if w.size > c else 0.0
-        return states, inputs, slack, sdose
+        """States (N+1, nx) and inputs (N, nu) in physical units, slacks (n_soft, N) and the
+        dose shortfall (0 without one) of a decision vector."""
+        parts = self._w_layout.unpack(w)
+        states = np.ascontiguousarray(parts["states"].T) * self.state_scale
+        inputs = np.ascontiguousarray(parts["inputs"].T) * self.input_scale
+        dose = parts["dose_slack"]
+        sdose = float(dose[0, 0]) if dose.size else 0.0
+        return states, inputs, parts["slacks"], sdose
 
     def _accept(self, stats: Mapping[str, Any], sol: Mapping[str, Any]) -> bool:
         status = str(stats.get("return_status", ""))
