@@ -21,13 +21,9 @@ from opcua_testkit import Pki, free_ports, session
 from opcua_testkit import pki as pki  # the session-scoped PKI fixture
 
 from controller.forecast import HarvestForecast
-from controller.printer import (
-    JobSpec,
-    PrinterConfig,
-    PrinterCoordinator,
-    load_printer_config,
-)
+from controller.printer import JobSpec, PrintPolicyConfig, load_printer_config
 from controller.records import EventRecord
+from controller.runtime.printing import PrinterCoordinator
 from plant_models.errors import ConfigError, ModelError
 from sim.opcua.clock import ProcessClock
 from sim.opcua.printer import JobOrder, JobState
@@ -184,10 +180,10 @@ def forecast(p: float, cells: float, harvest_h: float, now_h: float) -> HarvestF
 
 
 def coordinator(
-    client: Any, recorder: Recorder, batch: str, config: PrinterConfig | None = None
+    client: Any, recorder: Recorder, batch: str, config: PrintPolicyConfig | None = None
 ) -> PrinterCoordinator:
     return PrinterCoordinator(
-        config or PrinterConfig(),
+        config or PrintPolicyConfig(),
         client,
         recorder,
         batch_id=batch,
@@ -363,7 +359,7 @@ def test_job_of_another_patient_is_never_taken_over(printer: SteppedPrinter, pki
             first.on_forecast(forecast(0.95, 20.0, harvest, t0), t0)
             await first.poll()
             other = PrinterCoordinator(
-                PrinterConfig(), client, rec, batch_id="B8", patient_id="P-SOMEONE-ELSE"
+                PrintPolicyConfig(), client, rec, batch_id="B8", patient_id="P-SOMEONE-ELSE"
             )
             other.on_forecast(forecast(0.95, 20.0, harvest, t0 + 1), t0 + 1)
             await other.poll()
@@ -384,7 +380,7 @@ def test_job_of_another_patient_is_never_taken_over(printer: SteppedPrinter, pki
 def test_rejected_job_raises_one_alarm_and_is_not_resent(printer: SteppedPrinter, pki: Pki) -> None:
     t0 = printer.now()
     # 0.4e9 cells at 1e6 cells/mL = 400 mL: the printer's cartridge holds 30 mL
-    config = PrinterConfig(bioink_cell_density=1.0, max_printed_cells=5.0)
+    config = PrintPolicyConfig(bioink_cell_density=1.0, max_printed_cells=5.0)
     rec = Recorder()
 
     async def go() -> None:
@@ -525,7 +521,7 @@ def test_config_file_validation(tmp_path: Path) -> None:
 
 def test_bad_inputs_are_refused_before_anything_is_sent() -> None:
     rec = Recorder()
-    c = PrinterCoordinator(PrinterConfig(), None, rec, batch_id="B7", patient_id="P7")  # type: ignore[arg-type]
+    c = PrinterCoordinator(PrintPolicyConfig(), None, rec, batch_id="B7", patient_id="P7")  # type: ignore[arg-type]
     with pytest.raises(ModelError, match="harvested cells"):
         c.on_harvest(10.0, float("nan"))
     with pytest.raises(ModelError, match="probability"):
@@ -533,12 +529,12 @@ def test_bad_inputs_are_refused_before_anything_is_sent() -> None:
     with pytest.raises(ModelError, match="process time"):
         c.on_forecast(forecast(0.5, 20.0, 100.0, 0.0), float("inf"))
     with pytest.raises(ConfigError, match="batch_id"):
-        PrinterCoordinator(PrinterConfig(), None, rec, batch_id=" ", patient_id="P")  # type: ignore[arg-type]
+        PrinterCoordinator(PrintPolicyConfig(), None, rec, batch_id=" ", patient_id="P")  # type: ignore[arg-type]
     assert rec.events == []
 
 
 def test_printed_cells_are_capped_and_job_spec_volume() -> None:
-    config = PrinterConfig(printed_fraction=0.05, max_printed_cells=0.6)
+    config = PrintPolicyConfig(printed_fraction=0.05, max_printed_cells=0.6)
     assert config.printed_cells(10.0) == pytest.approx(0.5)
     assert config.printed_cells(40.0) == pytest.approx(0.6)
     spec = JobSpec("J", "P", "B", 0.6, 20.0, 100.0)
