@@ -43,13 +43,7 @@ from typing import Any, Protocol, cast
 
 from asyncua import Client, ua
 
-from controller.forecast import (
-    ForecastConfig,
-    HarvestForecast,
-    HarvestForecaster,
-    InputPlan,
-    forecast_config_from_dict,
-)
+from controller.forecast import ForecastConfig, HarvestForecast, HarvestForecaster, InputPlan
 from controller.printer import (
     FINAL_STATES,
     JobSpec,
@@ -60,7 +54,12 @@ from controller.printer import (
 )
 from controller.records import EventRecord
 from controller.runtime.plant_io import OpcUaConnection
-from controller.runtime.site import PrinterConfig, SiteConfig, parse_node_ref
+from controller.runtime.site import (
+    SiteConfig,
+    parse_node_ref,
+    printer_forecast_overrides,
+    printer_policy_config,
+)
 from plant_models.errors import ConfigError, ModelError, PlantIOError
 
 __all__ = [
@@ -69,43 +68,12 @@ __all__ = [
     "PrinterLink",
     "UnitPrinting",
     "attach_printing",
-    "check_printer_settings",
-    "coordinator_config",
-    "forecast_overrides",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Process hours between two ``forecast`` events in the historian (each cycle forecasts).
 FORECAST_EVENT_EVERY_H = 24.0
-
-
-# -- settings ------------------------------------------------------------------------------------
-def coordinator_config(printer: PrinterConfig, where: str) -> PrintPolicyConfig:
-    """The print-job policy's settings from ``[printer.settings]`` (the namespace of the job
-    nodes defaults to the ``object``'s).
-
-    Raises:
-        ConfigError: unknown key (with close matches), wrong type, value out of range.
-    """
-    uri = printer.object.uri if printer.object is not None else None
-    return PrintPolicyConfig.from_table(
-        dict(printer.settings), f"{where} settings", namespace_uri=uri
-    )
-
-
-def forecast_overrides(printer: PrinterConfig, where: str) -> dict[str, Any]:
-    """The ``[printer.forecast]`` settings, checked (keys, types, ranges); the others
-    (random walk and process noise) come from the unit's estimator."""
-    table = dict(printer.forecast)
-    parsed = forecast_config_from_dict({"forecast": table}, where)
-    return {key: getattr(parsed, key) for key in table}
-
-
-def check_printer_settings(printer: PrinterConfig, where: str) -> None:
-    """Validate the ``[printer]`` sub-tables at site-file load time."""
-    coordinator_config(printer, where)
-    forecast_overrides(printer, where)
 
 
 # -- the print job on the printer ----------------------------------------------------------------
@@ -511,8 +479,8 @@ class UnitPrinting:
         self.site = site
         self.printer = site.printer
         self.where = f"{site.path} [printer]"
-        self.config = coordinator_config(self.printer, self.where)
-        self.overrides = forecast_overrides(self.printer, self.where)
+        self.config = printer_policy_config(self.printer, self.where)
+        self.overrides = printer_forecast_overrides(self.printer, self.where)
         self.harvest_time_h: float | None = loop.settings.harvest_time_h
         self.link = PrinterLink(site)
         self.coordinator: PrinterCoordinator | None = None
