@@ -1,9 +1,16 @@
-"""Printer coordination: the harvest forecast becomes a print job on the co-located
-bioprinter over OPC UA (job management of OPC 40001-3 / ISA-95 job control, as the printer
-of docs/opcua.md exposes it), and the job follows the batch until the print has ended.
+"""Print-job policy: the harvest forecast becomes a print job on the co-located bioprinter
+(job management of OPC 40001-3 / ISA-95 job control, as the printer of docs/opcua.md
+exposes it), and the job follows the batch until the print has ended.
 
-The coordinator keeps a *desired* job (from the forecasts and the harvest) and reconciles
-the printer with it in :meth:`PrinterCoordinator.poll`:
+:class:`PrintPolicy` is pure and synchronous (no I/O, no asyncio, no OPC UA): forecasts,
+the harvest, the process time, the results of the printer calls and the states read from
+the printer go in; the printer call to make (:meth:`PrintPolicy.next_command`) and the
+events (:meth:`PrintPolicy.take_events`) come out. The OPC UA side,
+:class:`controller.runtime.printing.PrinterCoordinator`, makes the calls, reads the
+printer and records the events.
+
+The policy keeps a *desired* job (from the forecasts and the harvest) and the job as the
+printer holds it, and brings the printer in line with the desired job:
 
 - forecast confident (``P(dose by the scheduled harvest) >= schedule_probability``):
   ``Store`` a job (NotAllowedToStart) with the scheduled start (harvest +
@@ -12,20 +19,17 @@ the printer with it in :meth:`PrinterCoordinator.poll`:
 - forecast moved (printed cells by more than ``cell_tolerance``, relative, or the start by
   more than ``start_tolerance_h``): ``Update`` the job; confidence lost
   (``P < revoke_probability``): ``Cancel`` it (revoked);
-- harvest (:meth:`on_harvest` with the harvested cells): ``Update`` to the real cell count
-  and ``Start`` (AllowedToStart: the printer runs it from its scheduled start);
-- every poll reads the job's state and the machine's; Aborted, a rejected job, a
-  refused call and a machine fault raise an alarm; Ended reports the cells printed;
-- first poll of a coordinator (a restarted controller): the printer's job list is read and
-  the newest job this batch stored (id ``<job_prefix>-<batch>-<n>``) is *adopted* with its
-  parameters and state: it is kept (not stored twice) until a forecast or the harvest
-  moves it, and new job ids continue after ``n``. A job of this batch id for another
-  patient is never adopted (alarm).
+- harvest (:meth:`PrintPolicy.on_harvest` with the harvested cells): ``Update`` to the real
+  cell count and ``Start`` (AllowedToStart: the printer runs it from its scheduled start);
+- the job's and the machine's states (read by the OPC UA side at every poll): Aborted, a
+  rejected job, a refused call and a machine fault raise an alarm; Ended reports the cells
+  printed;
+- a restarted controller: the newest job this batch stored (id ``<job_prefix>-<batch>-<n>``)
+  is *adopted* with its parameters and state (:meth:`PrintPolicy.adopt`): it is kept (not
+  stored twice) until a forecast or the harvest moves it, and new job ids continue after
+  ``n``. A job of this batch id for another patient is never adopted (alarm).
 
-Every action, decision and state change becomes an :class:`~controller.records.EventRecord`
-of kind ``printer`` given to the recorder; an event the recorder fails to take is kept and
-offered again at the next call (no record is lost). A rejected job is not sent again with
-the same parameters; an unreachable printer is retried at every poll.
+A rejected job is not sent again with the same parameters.
 
 Numbers: cells in 1e9 cells, bioink cell density in 1e6 cells/mL, times as culture age in
 hours (the printer receives ``ScheduledStart = batch start + culture age``).
@@ -34,32 +38,29 @@ hours (the printer receives ``ScheduledStart = batch start + culture age``).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import re
-import time
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from asyncua import Client, ua
-
-from controller.forecast import HarvestForecast
-from controller.records import EventRecord
 from plant_models.config import check_keys, load_toml
 from plant_models.errors import ConfigError, ModelError
 
+if TYPE_CHECKING:
+    from controller.forecast import HarvestForecast
+
 __all__ = [
+    "FINAL_STATES",
+    "PREPARED_STATES",
     "RETURN_CODES",
-    "EventRecorder",
     "JobSpec",
-    "PrinterConfig",
-    "PrinterCoordinator",
+    "PrintEvent",
+    "PrintPolicy",
+    "PrintPolicyConfig",
+    "PrinterCommand",
     "load_printer_config",
 ]
-
-log = logging.getLogger(__name__)
 
 #: ISA-95 job-control return values of the printer's job methods.
 RETURN_CODES = {
@@ -73,17 +74,14 @@ RETURN_CODES = {
 FINAL_STATES = ("Ended", "Aborted")
 #: Job states in which the job is not yet executed (it may be updated or cancelled).
 PREPARED_STATES = ("NotAllowedToStart", "AllowedToStart")
-
-
-class EventRecorder(Protocol):
-    """Where the coordinator's events go (the historian)."""
-
-    def append_event(self, event: EventRecord) -> None: ...
+#: Printer job methods the policy asks for.
+METHODS = ("Store", "StoreAndStart", "Update", "Start", "Cancel")
 
 
 @dataclasses.dataclass(frozen=True)
-class PrinterConfig:
-    """Printer coordination settings (``[printer]`` table of a TOML file).
+class PrintPolicyConfig:
+    """Print-job policy settings (``[printer]`` table of a TOML file, ``[printer.settings]``
+    of a site file).
 
     Attributes:
         schedule_probability: store a job once the forecast gives at least this
@@ -98,7 +96,8 @@ class PrinterConfig:
         max_printed_cells: at most this many cells per job, 1e9 cells (the cartridge).
         harvest_to_print_h: from harvest to the start of the print (wash, formulation), h.
         job_prefix: job ids are ``<prefix>-<batch id>-<n>``.
-        namespace_uri: namespace of the printer's job nodes and methods.
+        namespace_uri: namespace of the printer's job nodes and methods (used by the OPC UA
+            side only).
     """
 
     schedule_probability: float = 0.9
@@ -150,8 +149,27 @@ class PrinterConfig:
         """Cells sent to the printer for a harvest of ``harvest_cells``, 1e9 cells."""
         return min(self.printed_fraction * harvest_cells, self.max_printed_cells)
 
+    @classmethod
+    def from_table(
+        cls, table: Mapping[str, Any], where: str, *, namespace_uri: str | None = None
+    ) -> PrintPolicyConfig:
+        """The settings of a TOML table (``where`` names it in the messages);
+        ``namespace_uri``: the default when the table has none.
 
-_FIELDS = {f.name: f for f in dataclasses.fields(PrinterConfig)}
+        Raises:
+            ConfigError: unknown key (with close matches), wrong type, value out of range.
+        """
+        check_keys(table, sorted(_FIELDS), where)
+        values = typed_settings(table, where)
+        if "namespace_uri" not in values and namespace_uri:
+            values["namespace_uri"] = namespace_uri
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(PrintPolicyConfig)}
 
 
 def typed_settings(section: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -175,7 +193,7 @@ def typed_settings(section: Mapping[str, Any], where: str) -> dict[str, Any]:
     return values
 
 
-def load_printer_config(path: str | Path) -> PrinterConfig:
+def load_printer_config(path: str | Path) -> PrintPolicyConfig:
     """Load the ``[printer]`` table of a TOML file (other tables are left to their owners).
 
     Raises:
@@ -187,17 +205,12 @@ def load_printer_config(path: str | Path) -> PrinterConfig:
     section = data.get("printer")
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where}: a [printer] table is needed.")
-    check_keys(section, sorted(_FIELDS), f"{where} [printer]")
-    values = typed_settings(section, f"{where} [printer]")
-    try:
-        return PrinterConfig(**values)
-    except ConfigError as exc:
-        raise ConfigError(f"{where} [printer]: {exc}") from None
+    return PrintPolicyConfig.from_table(section, f"{where} [printer]")
 
 
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
-    """A print job as the coordinator wants it on the printer.
+    """A print job as the policy wants it on the printer.
 
     Attributes:
         job_id: unique job order id.
@@ -238,77 +251,116 @@ class JobSpec:
         )
 
 
-class PrinterCoordinator:
-    """Keeps the printer's job in step with one batch.
+@dataclasses.dataclass(frozen=True)
+class PrinterCommand:
+    """A printer call the policy asks for.
 
-    Args:
-        config: coordination settings.
-        client: a connected asyncua client session on the printer (role ``apc`` or
-            ``operator``); the caller owns it (connects, reconnects, closes).
-        recorder: receives every event (``append_event``).
-        batch_id, patient_id, unit: whose batch (written into the job and the events).
-        batch_start: UTC time of culture age 0 (default: read the printer's
-            ``Clock.BatchStartTime``, as the simulator publishes it).
-        wall_clock: Unix seconds for the events' ``wall_time``.
-
-    Per control cycle: :meth:`on_forecast` (decides), then ``await`` :meth:`poll` (acts on
-    the printer and follows it); at the harvest :meth:`on_harvest`. After the harvest,
-    :meth:`poll` until :attr:`finished`.
+    Attributes:
+        method: ``Store``, ``StoreAndStart``, ``Update`` (the job's parameters), ``Start`` or
+            ``Cancel`` (the job's id).
+        job: the job the call is about.
+        previous: for ``Update``, the job as the printer holds it.
     """
 
-    def __init__(
-        self,
-        config: PrinterConfig,
-        client: Client,
-        recorder: EventRecorder,
-        *,
-        batch_id: str,
-        patient_id: str,
-        unit: str = "",
-        batch_start: datetime | None = None,
-        wall_clock: Callable[[], float] = time.time,
-    ) -> None:
+    method: str
+    job: JobSpec
+    previous: JobSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"printer command: unknown method {self.method!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrintEvent:
+    """Something the policy decided or saw (the runtime records it as an
+    :class:`~controller.records.EventRecord` of kind ``printer``).
+
+    Attributes:
+        severity: ``info``, ``warning`` or ``alarm``.
+        message: one line for the operator.
+        data: the details (``action`` names what happened).
+        process_time_h: culture age at which it happened, h.
+    """
+
+    severity: str
+    message: str
+    data: Mapping[str, Any]
+    process_time_h: float
+
+
+class PrintPolicy:
+    """The print job of one batch: decisions from forecasts and the harvest, the printer
+    calls that carry them out, and the bookkeeping of the printer's answers and states.
+
+    Args:
+        config: policy settings.
+        batch_id, patient_id: whose batch (written into the job and its id).
+
+    Per control cycle: :meth:`on_forecast` (decides); then, on the printer side, the calls
+    of :meth:`next_command` each followed by :meth:`command_done` with the printer's
+    answer (which names the next call of the same round, or None), and the states read
+    (:meth:`on_machine_state`, :meth:`on_job_state`, :meth:`on_job_missing`). At the
+    harvest :meth:`on_harvest`. The events come out of :meth:`take_events`, oldest first.
+    """
+
+    def __init__(self, config: PrintPolicyConfig, *, batch_id: str, patient_id: str) -> None:
         if not batch_id.strip() or not patient_id.strip():
             raise ConfigError("printer coordinator: batch_id and patient_id must not be empty.")
         self.config = config
-        self.client = client
-        self.recorder = recorder
         self.batch_id = batch_id
         self.patient_id = patient_id
-        self.unit = unit
-        self.batch_start = batch_start
-        self.wall_clock = wall_clock
         self.process_time_h = math.nan
-        self._ns: int | None = None
         self._desired: JobSpec | None = None
         self._stored: JobSpec | None = None
         self._rejected: JobSpec | None = None
         self._why: dict[str, Any] = {}
         self._revision = 0
         self._harvested = False
+        #: State of the stored job as last known ("" when there is none).
         self.job_state = ""
+        #: The printer's machine state and fault text as last read.
         self.machine_state = ""
         self.fault = ""
-        self._unreachable = False
-        self._adoption_checked = False
-        self._outbox: list[EventRecord] = []
-        #: Every event emitted, oldest first (also those the recorder has taken).
-        self.events: list[EventRecord] = []
+        self._events: list[PrintEvent] = []
 
-    # -- what the runtime calls --------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------
     @property
     def job(self) -> JobSpec | None:
         """The job as the printer holds it (None: no job stored)."""
         return self._stored
 
     @property
+    def desired(self) -> JobSpec | None:
+        """The job the printer should hold (None: none)."""
+        return self._desired
+
+    @property
+    def harvested(self) -> bool:
+        return self._harvested
+
+    @property
     def finished(self) -> bool:
         """The harvest happened and the printer's job has ended or aborted."""
         return self._harvested and self.job_state in FINAL_STATES
 
+    def take_events(self) -> list[PrintEvent]:
+        """The events since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    def set_time(self, process_time_h: float) -> None:
+        """The process time (culture age, h) of what follows."""
+        if not math.isfinite(process_time_h):
+            raise ModelError(
+                f"printer coordinator: process time {process_time_h!r} h is not finite."
+            )
+        self.process_time_h = float(process_time_h)
+
+    # -- decisions -----------------------------------------------------------------------
     def on_forecast(self, forecast: HarvestForecast, process_time_h: float) -> None:
-        """Decide on the job from this cycle's forecast (acted on at the next :meth:`poll`)."""
-        self._set_time(process_time_h)
+        """Decide on the job from this cycle's forecast (see :meth:`next_command`)."""
+        self.set_time(process_time_h)
         if self._harvested or self.job_state in FINAL_STATES:
             return
         p = float(forecast.probability_dose_by_harvest)
@@ -322,7 +374,7 @@ class PrinterCoordinator:
             if p >= self.config.schedule_probability:
                 self._revision += 1
                 self._desired = JobSpec(
-                    job_id=f"{self.config.job_prefix}-{self.batch_id}-{self._revision}",
+                    job_id=self._job_id(self._revision),
                     patient_id=self.patient_id,
                     batch_id=self.batch_id,
                     cell_count=cells,
@@ -350,6 +402,9 @@ class PrinterCoordinator:
                 f"{desired.scheduled_start_h:.1f} -> {start:.1f} h)",
             }
 
+    def _job_id(self, revision: int) -> str:
+        return f"{self.config.job_prefix}-{self.batch_id}-{revision}"
+
     def _moved(self, job: JobSpec, cells: float, start_h: float) -> bool:
         """Printed cells or the start differ from ``job``'s beyond the tolerances."""
         return (
@@ -359,8 +414,8 @@ class PrinterCoordinator:
 
     def on_harvest(self, process_time_h: float, harvested_cells: float) -> None:
         """The cells were harvested: the job gets the real cell count and may start
-        ``harvest_to_print_h`` later (acted on at the next :meth:`poll`)."""
-        self._set_time(process_time_h)
+        ``harvest_to_print_h`` later (see :meth:`next_command`)."""
+        self.set_time(process_time_h)
         if not (math.isfinite(harvested_cells) and harvested_cells > 0):
             raise ModelError(
                 f"printer coordinator: harvested cells {harvested_cells!r} must be positive "
@@ -375,7 +430,7 @@ class PrinterCoordinator:
         if desired is None:
             self._revision += 1
             desired = JobSpec(
-                job_id=f"{self.config.job_prefix}-{self.batch_id}-{self._revision}",
+                job_id=self._job_id(self._revision),
                 patient_id=self.patient_id,
                 batch_id=self.batch_id,
                 cell_count=cells,
@@ -396,192 +451,46 @@ class PrinterCoordinator:
                 "job": self._desired.parameters(),
             },
         )
-        self._flush()
 
-    async def poll(self, process_time_h: float | None = None) -> None:
-        """Bring the printer in line with the desired job and follow its state. Network
-        failures raise no exception: an alarm is recorded once per outage and the same
-        actions are retried at the next poll."""
-        if process_time_h is not None:
-            self._set_time(process_time_h)
-        try:
-            await self._connect()
-            await self._reconcile()
-            await self._follow()
-            if self._unreachable:
-                self._unreachable = False
-                self._emit("info", "printer reachable again", {"action": "reconnected"})
-        except (ua.UaError, OSError, TimeoutError) as exc:
-            if not self._unreachable:
-                self._unreachable = True
-                self._emit(
-                    "alarm",
-                    f"printer unreachable ({type(exc).__name__}: {exc}); the job is kept and "
-                    "retried at every cycle: check the printer's connection",
-                    {"action": "unreachable", "error": repr(exc)},
-                )
-        finally:
-            self._flush()
-
-    # -- OPC UA ------------------------------------------------------------------------
-    def _node(self, path: str) -> Any:
-        return self.client.get_node(ua.NodeId(ua.String(path), ua.Int16(self._ns or 0)))
-
-    async def _connect(self) -> None:
-        if self._ns is None:
-            self._ns = int(await self.client.get_namespace_index(self.config.namespace_uri))
-        if self.batch_start is None:
-            value = await self._node("Clock.BatchStartTime").read_value()
-            if not isinstance(value, datetime):
-                raise ConfigError(
-                    "printer coordinator: the printer publishes no Clock.BatchStartTime; "
-                    "pass batch_start."
-                )
-            self.batch_start = value if value.tzinfo else value.replace(tzinfo=UTC)
-        if not self._adoption_checked:
-            await self._adopt()
-            self._adoption_checked = True
-
-    async def _adopt(self) -> None:
-        """Take over the newest job an earlier process stored for this batch."""
-        pattern = re.compile(
-            rf"{re.escape(self.config.job_prefix)}-{re.escape(self.batch_id)}-(\d+)"
-        )
-        found: list[tuple[int, str]] = []
-        for child in await self._node("Printer.JobManagement.JobOrderList").get_children():
-            ident = child.nodeid.Identifier
-            if not isinstance(ident, str):
-                continue
-            try:
-                job_id = str(await self._node(f"{ident}.JobOrderId").read_value())
-            except ua.UaStatusCodeError as exc:
-                if exc.code != ua.StatusCodes.BadNodeIdUnknown:
-                    raise
-                continue  # not a job order
-            match = pattern.fullmatch(job_id)
-            if match is not None:
-                found.append((int(match.group(1)), ident))
-        if not found:
-            return
-        revision, ident = max(found)
-        desired = self._desired  # decided before this first poll (ids numbered from 1)
-        values = {
-            key: await self._node(f"{ident}.{key}").read_value()
-            for key in (
-                "JobOrderId",
-                "PatientId",
-                "BatchId",
-                "CellCount",
-                "BioinkCellDensity",
-                "ScheduledStart",
-                "State",
-            )
-        }
-        job_id, state = str(values["JobOrderId"]), str(values["State"])
-        if str(values["PatientId"]) != self.patient_id or str(values["BatchId"]) != self.batch_id:
-            self._revision = revision
-            if desired is not None:  # a new id after the printer's newest
-                self._revision += 1
-                self._desired = dataclasses.replace(
-                    desired, job_id=f"{self.config.job_prefix}-{self.batch_id}-{self._revision}"
-                )
-            self._emit(
-                "alarm",
-                f"printer holds job {job_id} for patient {values['PatientId']!r}, batch "
-                f"{values['BatchId']!r}, not {self.patient_id!r} / {self.batch_id!r}: it is not "
-                "taken over (new jobs get new ids); check the job on the printer",
-                {"action": "adopt_refused", "job_id": job_id, "state": state},
-            )
-            return
-        when = values["ScheduledStart"]
-        if not isinstance(when, datetime) or self.batch_start is None:
-            raise ConfigError(f"printer coordinator: job {job_id} has no ScheduledStart time.")
-        when = when if when.tzinfo else when.replace(tzinfo=UTC)
-        job = JobSpec(
-            job_id=job_id,
-            patient_id=self.patient_id,
-            batch_id=self.batch_id,
-            cell_count=float(values["CellCount"]),
-            bioink_density=float(values["BioinkCellDensity"]),
-            scheduled_start_h=(when - self.batch_start).total_seconds() / 3600.0,
-            start=state != "NotAllowedToStart",
-        )
-        self._stored = job
-        self.job_state = state
-        # A decision taken before this first poll applies to the adopted job (within the
-        # tolerances the job is kept as the printer holds it).
-        if desired is None or (
-            desired.start == job.start
-            and not self._moved(job, desired.cell_count, desired.scheduled_start_h)
-        ):
-            self._desired = job
-        else:
-            self._desired = dataclasses.replace(desired, job_id=job_id)
-        self._revision = revision
-        self._emit(
-            "info",
-            f"print job {job_id} taken over from an earlier controller process ({state}: "
-            f"{job.cell_count:.3g}e9 cells from {job.scheduled_start_h:.1f} h)",
-            {"action": "adopt", "job": job.parameters(), "state": state},
-        )
-
-    async def _call(self, method: str, *args: ua.Variant) -> int:
-        control = self._node("Printer.JobManagement.JobOrderControl")
-        result = await control.call_method(
-            self._node(f"Printer.JobManagement.JobOrderControl.{method}"), *args
-        )
-        return int(result)
-
-    def _job_args(self, job: JobSpec) -> list[ua.Variant]:
-        if self.batch_start is None:  # _connect sets it first
-            raise ConfigError("printer coordinator: batch start unknown.")
-        when = self.batch_start + timedelta(hours=job.scheduled_start_h)
-        return [
-            ua.Variant(job.job_id, ua.VariantType.String),
-            ua.Variant(job.patient_id, ua.VariantType.String),
-            ua.Variant(job.batch_id, ua.VariantType.String),
-            ua.Variant(float(job.cell_count), ua.VariantType.Double),
-            ua.Variant(float(job.bioink_density), ua.VariantType.Double),
-            ua.Variant(when, ua.VariantType.DateTime),
-        ]
-
-    async def _job_call(self, method: str, job: JobSpec) -> int | str:
-        """Call a job method; the return code, or the refusing status code's name."""
-        try:
-            if method in ("Store", "StoreAndStart", "Update"):
-                return await self._call(method, *self._job_args(job))
-            return await self._call(method, ua.Variant(job.job_id, ua.VariantType.String))
-        except ua.UaStatusCodeError as exc:
-            if exc.code in (ua.StatusCodes.BadInvalidArgument, ua.StatusCodes.BadTypeMismatch):
-                return ua.StatusCode(exc.code).name
-            raise
-
-    # -- reconciliation ----------------------------------------------------------------
-    async def _reconcile(self) -> None:
+    # -- commands ------------------------------------------------------------------------
+    def next_command(self) -> PrinterCommand | None:
+        """The printer call that brings the printer in line with the desired job, or None
+        (in line, the job is over, or the printer rejected these parameters already)."""
         desired, stored = self._desired, self._stored
         if stored is not None and self.job_state in FINAL_STATES:
-            return
+            return None
         if desired is None:
-            if stored is not None:
-                await self._revoke(stored)
-            return
+            return PrinterCommand("Cancel", stored) if stored is not None else None
         if stored is None:
             if self._rejected is not None and desired.same_parameters(self._rejected):
-                return
-            await self._store(desired)
-            return
+                return None
+            return PrinterCommand("StoreAndStart" if desired.start else "Store", desired)
         if not desired.same_parameters(stored):
             if self._rejected is not None and desired.same_parameters(self._rejected):
-                return
-            if not await self._update(stored, desired):
-                return
-            stored = self._stored
-        if desired.start and stored is not None and not stored.start:
-            await self._start(stored)
+                return None
+            return PrinterCommand("Update", desired, previous=stored)
+        if desired.start and not stored.start:
+            return PrinterCommand("Start", stored)
+        return None
 
-    async def _store(self, job: JobSpec) -> None:
-        method = "StoreAndStart" if job.start else "Store"
-        code = await self._job_call(method, job)
+    def command_done(self, command: PrinterCommand, result: int | str) -> PrinterCommand | None:
+        """The printer's answer to ``command`` (its return value, or the name of the status
+        code it refused the call with). Returns the call to make next in the same round: a
+        ``Start`` after a successful ``Update`` of a harvested job, else None (anything else
+        waits for the next round)."""
+        if command.method in ("Store", "StoreAndStart"):
+            self._store_done(command, result)
+        elif command.method == "Update":
+            if self._update_done(command, result):
+                return self.next_command()
+        elif command.method == "Start":
+            self._start_done(command, result)
+        else:
+            self._cancel_done(command, result)
+        return None
+
+    def _store_done(self, command: PrinterCommand, code: int | str) -> None:
+        job, method = command.job, command.method
         data = {"action": method, "job": job.parameters(), "return_code": code, **self._why}
         if code == 0:
             self._stored = job
@@ -611,8 +520,10 @@ class PrinterCoordinator:
             data,
         )
 
-    async def _update(self, stored: JobSpec, job: JobSpec) -> bool:
-        code = await self._job_call("Update", job)
+    def _update_done(self, command: PrinterCommand, code: int | str) -> bool:
+        job, stored = command.job, command.previous
+        if stored is None:
+            raise ModelError(f"printer policy: Update of {job.job_id} without the previous job.")
         data = {
             "action": "Update",
             "job": job.parameters(),
@@ -650,8 +561,8 @@ class PrinterCoordinator:
         )
         return False
 
-    async def _start(self, job: JobSpec) -> None:
-        code = await self._job_call("Start", job)
+    def _start_done(self, command: PrinterCommand, code: int | str) -> None:
+        job = command.job
         data = {"action": "Start", "job": job.parameters(), "return_code": code, **self._why}
         if code == 0:
             self._stored = dataclasses.replace(job, start=True)
@@ -672,8 +583,8 @@ class PrinterCoordinator:
             data,
         )
 
-    async def _revoke(self, job: JobSpec) -> None:
-        code = await self._job_call("Cancel", job)
+    def _cancel_done(self, command: PrinterCommand, code: int | str) -> None:
+        job = command.job
         data = {"action": "Cancel", "job": job.parameters(), "return_code": code, **self._why}
         if code in (0, 1):
             self._stored = None
@@ -693,64 +604,139 @@ class PrinterCoordinator:
             data,
         )
 
-    # -- following the printer ---------------------------------------------------------
-    async def _follow(self) -> None:
-        machine = await self._node("Printer.MachineryItemState.CurrentState").read_value()
-        machine_text = str(getattr(machine, "Text", machine) or "")
-        fault = str(await self._node("Printer.Fault").read_value() or "")
-        if machine_text != self.machine_state or fault != self.fault:
-            previous = self.machine_state
-            self.machine_state, self.fault = machine_text, fault
-            if machine_text == "OutOfService" or fault:
-                self._emit(
-                    "alarm",
-                    f"printer out of service: {fault or 'no reason given'}; clear the fault "
-                    "on the printer before the harvest",
-                    {"action": "machine_state", "state": machine_text, "fault": fault},
-                )
-            elif previous:
-                self._emit(
-                    "info",
-                    f"printer {previous} -> {machine_text}",
-                    {"action": "machine_state", "state": machine_text, "previous": previous},
-                )
+    # -- a restarted controller ----------------------------------------------------------
+    def job_revision(self, job_id: str) -> int | None:
+        """``n`` of a job id ``<job_prefix>-<batch>-<n>`` of this batch; None for any other."""
+        pattern = rf"{re.escape(self.config.job_prefix)}-{re.escape(self.batch_id)}-(\d+)"
+        match = re.fullmatch(pattern, job_id)
+        return int(match.group(1)) if match is not None else None
+
+    def adopt(
+        self,
+        revision: int,
+        *,
+        job_id: str,
+        patient_id: str,
+        batch_id: str,
+        cell_count: float,
+        bioink_density: float,
+        scheduled_start_h: float | None,
+        state: str,
+    ) -> None:
+        """Take over the newest job of this batch an earlier process stored (``revision``:
+        its :meth:`job_revision`), as the printer holds it; a job with other patient or
+        batch ids is refused (alarm) and new jobs get ids after it.
+
+        Raises:
+            ConfigError: the job has no scheduled start (``scheduled_start_h`` None).
+        """
+        desired = self._desired  # decided before this first poll (ids numbered from 1)
+        if patient_id != self.patient_id or batch_id != self.batch_id:
+            self._revision = revision
+            if desired is not None:  # a new id after the printer's newest
+                self._revision += 1
+                self._desired = dataclasses.replace(desired, job_id=self._job_id(self._revision))
+            self._emit(
+                "alarm",
+                f"printer holds job {job_id} for patient {patient_id!r}, batch "
+                f"{batch_id!r}, not {self.patient_id!r} / {self.batch_id!r}: it is not "
+                "taken over (new jobs get new ids); check the job on the printer",
+                {"action": "adopt_refused", "job_id": job_id, "state": state},
+            )
+            return
+        if scheduled_start_h is None:
+            raise ConfigError(f"printer coordinator: job {job_id} has no ScheduledStart time.")
+        job = JobSpec(
+            job_id=job_id,
+            patient_id=self.patient_id,
+            batch_id=self.batch_id,
+            cell_count=cell_count,
+            bioink_density=bioink_density,
+            scheduled_start_h=scheduled_start_h,
+            start=state != "NotAllowedToStart",
+        )
+        self._stored = job
+        self.job_state = state
+        # A decision taken before this first poll applies to the adopted job (within the
+        # tolerances the job is kept as the printer holds it).
+        if desired is None or (
+            desired.start == job.start
+            and not self._moved(job, desired.cell_count, desired.scheduled_start_h)
+        ):
+            self._desired = job
+        else:
+            self._desired = dataclasses.replace(desired, job_id=job_id)
+        self._revision = revision
+        self._emit(
+            "info",
+            f"print job {job_id} taken over from an earlier controller process ({state}: "
+            f"{job.cell_count:.3g}e9 cells from {job.scheduled_start_h:.1f} h)",
+            {"action": "adopt", "job": job.parameters(), "state": state},
+        )
+
+    # -- what the printer reports --------------------------------------------------------
+    def on_machine_state(self, state: str, fault: str) -> None:
+        """The printer's machine state and fault text as read now."""
+        if state == self.machine_state and fault == self.fault:
+            return
+        previous = self.machine_state
+        self.machine_state, self.fault = state, fault
+        if state == "OutOfService" or fault:
+            self._emit(
+                "alarm",
+                f"printer out of service: {fault or 'no reason given'}; clear the fault "
+                "on the printer before the harvest",
+                {"action": "machine_state", "state": state, "fault": fault},
+            )
+        elif previous:
+            self._emit(
+                "info",
+                f"printer {previous} -> {state}",
+                {"action": "machine_state", "state": state, "previous": previous},
+            )
+
+    def on_job_missing(self) -> None:
+        """The stored job is not on the printer (any more)."""
         job = self._stored
         if job is None:
             return
-        base = f"Printer.JobManagement.JobOrderList.{re.sub(r'[^A-Za-z0-9_-]', '_', job.job_id)}"
-        try:
-            state = str(await self._node(f"{base}.State").read_value())
-            progress = float(await self._node(f"{base}.Progress").read_value())
-        except ua.UaStatusCodeError as exc:
-            if exc.code != ua.StatusCodes.BadNodeIdUnknown:
-                raise
-            self._stored = None
-            self.job_state = ""
-            self._emit(
-                "alarm",
-                f"job {job.job_id} is no longer on the printer (removed by hand?); "
-                + ("it is stored again" if self._desired is not None else "none is needed now"),
-                {"action": "job_missing", "job": job.parameters()},
-            )
+        self._stored = None
+        self.job_state = ""
+        self._emit(
+            "alarm",
+            f"job {job.job_id} is no longer on the printer (removed by hand?); "
+            + ("it is stored again" if self._desired is not None else "none is needed now"),
+            {"action": "job_missing", "job": job.parameters()},
+        )
+
+    def on_job_state(
+        self,
+        state: str,
+        progress: float,
+        *,
+        outcome: str | None = None,
+        cells_printed: float | None = None,
+        bioink_volume_ml: float | None = None,
+    ) -> None:
+        """The stored job's state and progress as read now; for Ended and Aborted also its
+        result (``outcome``, ``cells_printed`` 1e9 cells, ``bioink_volume_ml``)."""
+        job = self._stored
+        if job is None or state == self.job_state:
             return
-        if state == self.job_state:
-            return
-        previous, self.job_state = self.job_state, state
         data: dict[str, Any] = {
             "action": "job_state",
             "job_id": job.job_id,
             "state": state,
-            "previous": previous,
+            "previous": self.job_state,
             "progress": progress,
         }
         if state in FINAL_STATES:
-            data["outcome"] = str(await self._node(f"{base}.ResultOutcome").read_value())
-            data["cells_printed"] = float(
-                await self._node(f"{base}.ResultCellsPrinted").read_value()
-            )
-            data["bioink_volume_ml"] = float(
-                await self._node(f"{base}.ResultBioinkVolume").read_value()
-            )
+            if outcome is None or cells_printed is None or bioink_volume_ml is None:
+                raise ModelError(f"printer policy: job {job.job_id} {state} without its result.")
+            data["outcome"] = outcome
+            data["cells_printed"] = cells_printed
+            data["bioink_volume_ml"] = bioink_volume_ml
+        previous, self.job_state = self.job_state, state
         if state == "Aborted":
             self._emit(
                 "alarm",
@@ -770,49 +756,8 @@ class PrinterCoordinator:
         else:
             self._emit("info", f"print job {job.job_id}: {previous or 'stored'} -> {state}", data)
 
-    # -- records -----------------------------------------------------------------------
-    def _set_time(self, process_time_h: float) -> None:
-        if not math.isfinite(process_time_h):
-            raise ModelError(
-                f"printer coordinator: process time {process_time_h!r} h is not finite."
-            )
-        self.process_time_h = float(process_time_h)
-
     def _emit(self, severity: str, message: str, data: Mapping[str, Any]) -> None:
-        event = EventRecord(
-            batch_id=self.batch_id,
-            unit=self.unit,
-            process_time_h=self.process_time_h,
-            wall_time=float(self.wall_clock()),
-            kind="printer",
-            severity=severity,
-            message=message,
-            data=dict(data),
-        )
-        level = {"info": logging.INFO, "warning": logging.WARNING}.get(severity, logging.ERROR)
-        log.log(level, "%s: %s", self.batch_id, message)
-        self.events.append(event)
-        self._outbox.append(event)
-
-    def _flush(self) -> None:
-        """Hand the pending events to the recorder, oldest first; keep what it refuses."""
-        while self._outbox:
-            try:
-                self.recorder.append_event(self._outbox[0])
-            except Exception as exc:  # any recorder failure: keep the event, try again later
-                log.error(
-                    "%s: %d printer event(s) not recorded yet (%r); retried at the next call",
-                    self.batch_id,
-                    len(self._outbox),
-                    exc,
-                )
-                return
-            self._outbox.pop(0)
-
-    @property
-    def pending_events(self) -> int:
-        """Events not yet taken by the recorder."""
-        return len(self._outbox)
+        self._events.append(PrintEvent(severity, message, dict(data), self.process_time_h))
 
 
 def _meaning(code: int | str) -> str:

@@ -34,35 +34,40 @@ import contextlib
 import dataclasses
 import logging
 import math
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
-from asyncua import Client
+from asyncua import Client, ua
 
-from controller.forecast import (
-    ForecastConfig,
-    HarvestForecast,
-    HarvestForecaster,
-    InputPlan,
-    forecast_config_from_dict,
+from controller.forecast import ForecastConfig, HarvestForecast, HarvestForecaster, InputPlan
+from controller.printer import (
+    FINAL_STATES,
+    JobSpec,
+    PrinterCommand,
+    PrintEvent,
+    PrintPolicy,
+    PrintPolicyConfig,
 )
-from controller.printer import FINAL_STATES, PrinterCoordinator, typed_settings
-from controller.printer import PrinterConfig as CoordinatorConfig
 from controller.records import EventRecord
 from controller.runtime.plant_io import OpcUaConnection
-from controller.runtime.site import PrinterConfig, SiteConfig, parse_node_ref
-from plant_models.config import check_keys
+from controller.runtime.site import (
+    SiteConfig,
+    parse_node_ref,
+    printer_forecast_overrides,
+    printer_policy_config,
+)
 from plant_models.errors import ConfigError, ModelError, PlantIOError
 
 __all__ = [
+    "EventRecorder",
+    "PrinterCoordinator",
     "PrinterLink",
     "UnitPrinting",
     "attach_printing",
-    "check_printer_settings",
-    "coordinator_config",
-    "forecast_overrides",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,40 +75,308 @@ log = logging.getLogger(__name__)
 #: Process hours between two ``forecast`` events in the historian (each cycle forecasts).
 FORECAST_EVENT_EVERY_H = 24.0
 
-_COORDINATOR_FIELDS = {f.name for f in dataclasses.fields(CoordinatorConfig)}
+
+# -- the print job on the printer ----------------------------------------------------------------
+class EventRecorder(Protocol):
+    """Where the coordinator's events go (the historian)."""
+
+    def append_event(self, event: EventRecord) -> None: ...
 
 
-# -- settings ------------------------------------------------------------------------------------
-def coordinator_config(printer: PrinterConfig, where: str) -> CoordinatorConfig:
-    """The coordinator's settings from ``[printer.settings]`` (the namespace of the job
-    nodes defaults to the ``object``'s).
+class PrinterCoordinator:
+    """Carries out a batch's :class:`~controller.printer.PrintPolicy` on the printer over
+    OPC UA (docs/printer.md): the policy decides, this makes the printer calls, reads the
+    job's and the machine's states back into the policy and records the events.
 
-    Raises:
-        ConfigError: unknown key (with close matches), wrong type, value out of range.
+    Args:
+        config: policy settings (``namespace_uri``: where the job nodes and methods are).
+        client: a connected asyncua client session on the printer (role ``apc`` or
+            ``operator``); the caller owns it (connects, reconnects, closes).
+        recorder: receives every event (``append_event``).
+        batch_id, patient_id, unit: whose batch (written into the job and the events).
+        batch_start: UTC time of culture age 0 (default: read the printer's
+            ``Clock.BatchStartTime``, as the simulator publishes it).
+        wall_clock: Unix seconds for the events' ``wall_time``.
+
+    Per control cycle: :meth:`on_forecast` (decides), then ``await`` :meth:`poll` (acts on
+    the printer and follows it); at the harvest :meth:`on_harvest`. After the harvest,
+    :meth:`poll` until :attr:`finished`.
+
+    Each poll: on the first, the namespace, the batch start and the job an earlier process
+    stored for this batch (adopted); then the policy's calls (``Store``, ``Update``, ...);
+    then the machine's and the job's states. Network failures raise no exception: an
+    ``unreachable`` alarm once per outage, and the same calls at the next poll. Every event
+    becomes an :class:`~controller.records.EventRecord` of kind ``printer`` given to the
+    recorder; an event the recorder fails to take is kept and offered again at the next
+    call (no record is lost).
     """
-    settings = dict(printer.settings)
-    check_keys(settings, sorted(_COORDINATOR_FIELDS), f"{where} settings")
-    values = typed_settings(settings, f"{where} settings")
-    if "namespace_uri" not in values and printer.object is not None and printer.object.uri:
-        values["namespace_uri"] = printer.object.uri
-    try:
-        return CoordinatorConfig(**values)
-    except ConfigError as exc:
-        raise ConfigError(f"{where} settings: {exc}") from None
 
+    def __init__(
+        self,
+        config: PrintPolicyConfig,
+        client: Client,
+        recorder: EventRecorder,
+        *,
+        batch_id: str,
+        patient_id: str,
+        unit: str = "",
+        batch_start: datetime | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.policy = PrintPolicy(config, batch_id=batch_id, patient_id=patient_id)
+        self.config = config
+        self.client = client
+        self.recorder = recorder
+        self.batch_id = batch_id
+        self.patient_id = patient_id
+        self.unit = unit
+        self.batch_start = batch_start
+        self.wall_clock = wall_clock
+        self._ns: int | None = None
+        self._unreachable = False
+        self._adoption_checked = False
+        self._outbox: list[EventRecord] = []
+        #: Every event emitted, oldest first (also those the recorder has taken).
+        self.events: list[EventRecord] = []
 
-def forecast_overrides(printer: PrinterConfig, where: str) -> dict[str, Any]:
-    """The ``[printer.forecast]`` settings, checked (keys, types, ranges); the others
-    (random walk and process noise) come from the unit's estimator."""
-    table = dict(printer.forecast)
-    parsed = forecast_config_from_dict({"forecast": table}, where)
-    return {key: getattr(parsed, key) for key in table}
+    # -- what the runtime calls --------------------------------------------------------
+    @property
+    def job(self) -> JobSpec | None:
+        """The job as the printer holds it (None: no job stored)."""
+        return self.policy.job
 
+    @property
+    def job_state(self) -> str:
+        return self.policy.job_state
 
-def check_printer_settings(printer: PrinterConfig, where: str) -> None:
-    """Validate the ``[printer]`` sub-tables at site-file load time."""
-    coordinator_config(printer, where)
-    forecast_overrides(printer, where)
+    @property
+    def finished(self) -> bool:
+        """The harvest happened and the printer's job has ended or aborted."""
+        return self.policy.finished
+
+    @property
+    def process_time_h(self) -> float:
+        return self.policy.process_time_h
+
+    def on_forecast(self, forecast: HarvestForecast, process_time_h: float) -> None:
+        """Decide on the job from this cycle's forecast (acted on at the next :meth:`poll`)."""
+        self.policy.on_forecast(forecast, process_time_h)
+        self._collect()
+
+    def on_harvest(self, process_time_h: float, harvested_cells: float) -> None:
+        """The cells were harvested: the job gets the real cell count and may start
+        ``harvest_to_print_h`` later (acted on at the next :meth:`poll`)."""
+        self.policy.on_harvest(process_time_h, harvested_cells)
+        self._flush()
+
+    async def poll(self, process_time_h: float | None = None) -> None:
+        """Bring the printer in line with the desired job and follow its state. Network
+        failures raise no exception: an alarm is recorded once per outage and the same
+        actions are retried at the next poll."""
+        if process_time_h is not None:
+            self.policy.set_time(process_time_h)
+        try:
+            await self._connect()
+            await self._reconcile()
+            await self._follow()
+            if self._unreachable:
+                self._unreachable = False
+                self._emit("info", "printer reachable again", {"action": "reconnected"})
+        except (ua.UaError, OSError, TimeoutError) as exc:
+            if not self._unreachable:
+                self._unreachable = True
+                self._emit(
+                    "alarm",
+                    f"printer unreachable ({type(exc).__name__}: {exc}); the job is kept and "
+                    "retried at every cycle: check the printer's connection",
+                    {"action": "unreachable", "error": repr(exc)},
+                )
+        finally:
+            self._flush()
+
+    # -- OPC UA ------------------------------------------------------------------------
+    def _node(self, path: str) -> Any:
+        return self.client.get_node(ua.NodeId(ua.String(path), ua.Int16(self._ns or 0)))
+
+    async def _connect(self) -> None:
+        if self._ns is None:
+            self._ns = int(await self.client.get_namespace_index(self.config.namespace_uri))
+        if self.batch_start is None:
+            value = await self._node("Clock.BatchStartTime").read_value()
+            if not isinstance(value, datetime):
+                raise ConfigError(
+                    "printer coordinator: the printer publishes no Clock.BatchStartTime; "
+                    "pass batch_start."
+                )
+            self.batch_start = value if value.tzinfo else value.replace(tzinfo=UTC)
+        if not self._adoption_checked:
+            await self._adopt()
+            self._adoption_checked = True
+
+    async def _adopt(self) -> None:
+        """Hand the newest job an earlier process stored for this batch to the policy."""
+        found: list[tuple[int, str]] = []
+        for child in await self._node("Printer.JobManagement.JobOrderList").get_children():
+            ident = child.nodeid.Identifier
+            if not isinstance(ident, str):
+                continue
+            try:
+                job_id = str(await self._node(f"{ident}.JobOrderId").read_value())
+            except ua.UaStatusCodeError as exc:
+                if exc.code != ua.StatusCodes.BadNodeIdUnknown:
+                    raise
+                continue  # not a job order
+            revision = self.policy.job_revision(job_id)
+            if revision is not None:
+                found.append((revision, ident))
+        if not found:
+            return
+        revision, ident = max(found)
+        values = {
+            key: await self._node(f"{ident}.{key}").read_value()
+            for key in (
+                "JobOrderId",
+                "PatientId",
+                "BatchId",
+                "CellCount",
+                "BioinkCellDensity",
+                "ScheduledStart",
+                "State",
+            )
+        }
+        when = values["ScheduledStart"]
+        start_h = None
+        if isinstance(when, datetime) and self.batch_start is not None:
+            when = when if when.tzinfo else when.replace(tzinfo=UTC)
+            start_h = (when - self.batch_start).total_seconds() / 3600.0
+        self.policy.adopt(
+            revision,
+            job_id=str(values["JobOrderId"]),
+            patient_id=str(values["PatientId"]),
+            batch_id=str(values["BatchId"]),
+            cell_count=float(values["CellCount"]),
+            bioink_density=float(values["BioinkCellDensity"]),
+            scheduled_start_h=start_h,
+            state=str(values["State"]),
+        )
+
+    async def _call(self, method: str, *args: ua.Variant) -> int:
+        control = self._node("Printer.JobManagement.JobOrderControl")
+        result = await control.call_method(
+            self._node(f"Printer.JobManagement.JobOrderControl.{method}"), *args
+        )
+        return int(result)
+
+    def _job_args(self, job: JobSpec) -> list[ua.Variant]:
+        if self.batch_start is None:  # _connect sets it first
+            raise ConfigError("printer coordinator: batch start unknown.")
+        when = self.batch_start + timedelta(hours=job.scheduled_start_h)
+        return [
+            ua.Variant(job.job_id, ua.VariantType.String),
+            ua.Variant(job.patient_id, ua.VariantType.String),
+            ua.Variant(job.batch_id, ua.VariantType.String),
+            ua.Variant(float(job.cell_count), ua.VariantType.Double),
+            ua.Variant(float(job.bioink_density), ua.VariantType.Double),
+            ua.Variant(when, ua.VariantType.DateTime),
+        ]
+
+    async def _execute(self, command: PrinterCommand) -> int | str:
+        """Make a job call; the return code, or the refusing status code's name."""
+        job = command.job
+        try:
+            if command.method in ("Store", "StoreAndStart", "Update"):
+                return await self._call(command.method, *self._job_args(job))
+            return await self._call(command.method, ua.Variant(job.job_id, ua.VariantType.String))
+        except ua.UaStatusCodeError as exc:
+            if exc.code in (ua.StatusCodes.BadInvalidArgument, ua.StatusCodes.BadTypeMismatch):
+                return ua.StatusCode(exc.code).name
+            raise
+
+    async def _reconcile(self) -> None:
+        """The policy's calls of this round, each answer handed back to it."""
+        command = self.policy.next_command()
+        while command is not None:
+            command = self.policy.command_done(command, await self._execute(command))
+
+    async def _follow(self) -> None:
+        """Read the machine's state and the stored job's into the policy."""
+        machine = await self._node("Printer.MachineryItemState.CurrentState").read_value()
+        machine_text = str(getattr(machine, "Text", machine) or "")
+        fault = str(await self._node("Printer.Fault").read_value() or "")
+        self.policy.on_machine_state(machine_text, fault)
+        job = self.policy.job
+        if job is None:
+            return
+        base = f"Printer.JobManagement.JobOrderList.{re.sub(r'[^A-Za-z0-9_-]', '_', job.job_id)}"
+        try:
+            state = str(await self._node(f"{base}.State").read_value())
+            progress = float(await self._node(f"{base}.Progress").read_value())
+        except ua.UaStatusCodeError as exc:
+            if exc.code != ua.StatusCodes.BadNodeIdUnknown:
+                raise
+            self.policy.on_job_missing()
+            return
+        if state == self.policy.job_state:
+            return
+        if state not in FINAL_STATES:
+            self.policy.on_job_state(state, progress)
+            return
+        self.policy.on_job_state(
+            state,
+            progress,
+            outcome=str(await self._node(f"{base}.ResultOutcome").read_value()),
+            cells_printed=float(await self._node(f"{base}.ResultCellsPrinted").read_value()),
+            bioink_volume_ml=float(await self._node(f"{base}.ResultBioinkVolume").read_value()),
+        )
+
+    # -- records -----------------------------------------------------------------------
+    def _emit(self, severity: str, message: str, data: Mapping[str, Any]) -> None:
+        """An event of this side (the policy's come first: they happened before)."""
+        self._collect()
+        self._record(PrintEvent(severity, message, dict(data), self.policy.process_time_h))
+
+    def _collect(self) -> None:
+        for event in self.policy.take_events():
+            self._record(event)
+
+    def _record(self, event: PrintEvent) -> None:
+        record = EventRecord(
+            batch_id=self.batch_id,
+            unit=self.unit,
+            process_time_h=event.process_time_h,
+            wall_time=float(self.wall_clock()),
+            kind="printer",
+            severity=event.severity,
+            message=event.message,
+            data=dict(event.data),
+        )
+        level = {"info": logging.INFO, "warning": logging.WARNING}.get(
+            event.severity, logging.ERROR
+        )
+        log.log(level, "%s: %s", self.batch_id, event.message)
+        self.events.append(record)
+        self._outbox.append(record)
+
+    def _flush(self) -> None:
+        """Hand the pending events to the recorder, oldest first; keep what it refuses."""
+        self._collect()
+        while self._outbox:
+            try:
+                self.recorder.append_event(self._outbox[0])
+            except Exception as exc:  # any recorder failure: keep the event, try again later
+                log.error(
+                    "%s: %d printer event(s) not recorded yet (%r); retried at the next call",
+                    self.batch_id,
+                    len(self._outbox),
+                    exc,
+                )
+                return
+            self._outbox.pop(0)
+
+    @property
+    def pending_events(self) -> int:
+        """Events not yet taken by the recorder."""
+        return len(self._outbox)
 
 
 # -- the printer session -------------------------------------------------------------------------
@@ -206,8 +479,8 @@ class UnitPrinting:
         self.site = site
         self.printer = site.printer
         self.where = f"{site.path} [printer]"
-        self.config = coordinator_config(self.printer, self.where)
-        self.overrides = forecast_overrides(self.printer, self.where)
+        self.config = printer_policy_config(self.printer, self.where)
+        self.overrides = printer_forecast_overrides(self.printer, self.where)
         self.harvest_time_h: float | None = loop.settings.harvest_time_h
         self.link = PrinterLink(site)
         self.coordinator: PrinterCoordinator | None = None

@@ -71,6 +71,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from controller.printer import PrintPolicyConfig
 from plant_models.config import check_keys, load_toml, suggest
 from plant_models.errors import ConfigError
 from plant_models.process import available_processes, get_process
@@ -81,7 +82,7 @@ __all__ = [
     "ClockConfig",
     "InputTag",
     "NodeRef",
-    "PrinterConfig",
+    "PrinterSiteConfig",
     "SecurityConfig",
     "SetpointTag",
     "SiteConfig",
@@ -89,8 +90,11 @@ __all__ = [
     "UnitConfig",
     "UnitConversion",
     "canonical_units",
+    "check_printer_settings",
     "load_site",
     "parse_node_ref",
+    "printer_forecast_overrides",
+    "printer_policy_config",
 ]
 
 #: Control laws a unit can run (built by controller.control).
@@ -401,15 +405,17 @@ class UnitConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PrinterConfig:
-    """The co-located printer (``controller.runtime.printing``; docs/printer.md).
+class PrinterSiteConfig:
+    """The ``[printer]`` table: the co-located printer (``controller.runtime.printing``;
+    docs/printer.md).
 
     Attributes:
         endpoint: the printer's OPC UA server (same ``[security]`` as the plant I/O).
         object: the printer object (its namespace URI is where the job nodes live).
-        settings: the coordinator's settings (``controller.printer.PrinterConfig``).
+        settings: the print-job policy's settings
+            (``controller.printer.PrintPolicyConfig``; :func:`printer_policy_config`).
         forecast: harvest-forecast settings (``controller.forecast.ForecastConfig``
-            scalars; noise defaults to the estimator's).
+            scalars; noise defaults to the estimator's; :func:`printer_forecast_overrides`).
         patient_id: node of the batch's patient id on the bioreactor server (``{unit}``
             replaced; None: the batch id is used).
         finish_within_h: after the harvest, follow the print job for at most this many
@@ -435,7 +441,7 @@ class SiteConfig:
     timing: TimingConfig
     clock: ClockConfig
     units: tuple[UnitConfig, ...]
-    printer: PrinterConfig | None = None
+    printer: PrinterSiteConfig | None = None
     output_dir: Path | None = None
 
     def unit(self, name: str) -> UnitConfig:
@@ -630,7 +636,7 @@ def load_site(path: str | Path) -> SiteConfig:
         patient = _opt_str(pr, "patient_id", w)
         if patient is not None:
             parse_node_ref(patient, f"{w} patient_id", unit="X")
-        printer = PrinterConfig(
+        printer = PrinterSiteConfig(
             endpoint=_endpoint(pr["endpoint"], f"{w} endpoint"),
             object=parse_node_ref(pr["object"], f"{w} object") if "object" in pr else None,
             settings=MappingProxyType(dict(_table(pr, "settings", w))),
@@ -638,8 +644,6 @@ def load_site(path: str | Path) -> SiteConfig:
             patient_id=patient,
             finish_within_h=_req_num(pr, "finish_within_h", w, 24.0, 0.0, 1e4, "h", low_open=True),
         )
-        from controller.runtime.printing import check_printer_settings
-
         check_printer_settings(printer, w)  # the tables' keys and values, at load time
     return SiteConfig(
         path=p,
@@ -652,6 +656,35 @@ def load_site(path: str | Path) -> SiteConfig:
         printer=printer,
         output_dir=output_dir,
     )
+
+
+def printer_policy_config(printer: PrinterSiteConfig, where: str) -> PrintPolicyConfig:
+    """The print-job policy's settings from ``[printer.settings]`` (the namespace of the job
+    nodes defaults to the ``object``'s).
+
+    Raises:
+        ConfigError: unknown key (with close matches), wrong type, value out of range.
+    """
+    uri = printer.object.uri if printer.object is not None else None
+    return PrintPolicyConfig.from_table(
+        dict(printer.settings), f"{where} settings", namespace_uri=uri
+    )
+
+
+def printer_forecast_overrides(printer: PrinterSiteConfig, where: str) -> dict[str, Any]:
+    """The ``[printer.forecast]`` settings, checked (keys, types, ranges); the others
+    (random walk and process noise) come from the unit's estimator."""
+    from controller.forecast import forecast_config_from_dict  # numerics: only when needed
+
+    table = dict(printer.forecast)
+    parsed = forecast_config_from_dict({"forecast": table}, where)
+    return {key: getattr(parsed, key) for key in table}
+
+
+def check_printer_settings(printer: PrinterSiteConfig, where: str) -> None:
+    """Validate the ``[printer]`` sub-tables at site-file load time."""
+    printer_policy_config(printer, where)
+    printer_forecast_overrides(printer, where)
 
 
 def _security(t: Mapping[str, Any], base: Path, src: str) -> SecurityConfig:

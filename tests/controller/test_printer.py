@@ -1,7 +1,13 @@
-"""PrinterCoordinator against the real simulated printer (asyncua server on 127.0.0.1, secure
-session, user apc): scheduling, rescheduling, revoking, a rejected job, a printer fault, an
-unreachable printer and a failing recorder. The printer's process clock is stepped by the
-test (no wall-clock waits), so every state change is deterministic."""
+"""The print-job policy and its OPC UA side.
+
+``PrintPolicy`` (controller/printer.py) driven step by step without any server: forecasts,
+harvest and the printer's answers in, printer calls and events out.
+
+``PrinterCoordinator`` (controller/runtime/printing.py) against the real simulated printer
+(asyncua server on 127.0.0.1, secure session, user apc; tests marked ``integration``):
+scheduling, rescheduling, revoking, a rejected job, a printer fault, an unreachable printer
+and a failing recorder. The printer's process clock is stepped by the test (no wall-clock
+waits), so every state change is deterministic."""
 
 from __future__ import annotations
 
@@ -23,17 +29,18 @@ from opcua_testkit import pki as pki  # the session-scoped PKI fixture
 from controller.forecast import HarvestForecast
 from controller.printer import (
     JobSpec,
-    PrinterConfig,
-    PrinterCoordinator,
+    PrinterCommand,
+    PrintEvent,
+    PrintPolicy,
+    PrintPolicyConfig,
     load_printer_config,
 )
 from controller.records import EventRecord
+from controller.runtime.printing import PrinterCoordinator
 from plant_models.errors import ConfigError, ModelError
 from sim.opcua.clock import ProcessClock
 from sim.opcua.printer import JobOrder, JobState
 from sim.opcua.server import SimulatorConfig, Simulators
-
-pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 
@@ -184,10 +191,10 @@ def forecast(p: float, cells: float, harvest_h: float, now_h: float) -> HarvestF
 
 
 def coordinator(
-    client: Any, recorder: Recorder, batch: str, config: PrinterConfig | None = None
+    client: Any, recorder: Recorder, batch: str, config: PrintPolicyConfig | None = None
 ) -> PrinterCoordinator:
     return PrinterCoordinator(
-        config or PrinterConfig(),
+        config or PrintPolicyConfig(),
         client,
         recorder,
         batch_id=batch,
@@ -201,7 +208,192 @@ def actions(recorder: Recorder) -> list[str]:
     return [str(e.data.get("action")) for e in recorder.events]
 
 
+# -- the policy alone: no server, no event loop -------------------------------------------------
+def policy(batch: str = "B1", config: PrintPolicyConfig | None = None) -> PrintPolicy:
+    return PrintPolicy(config or PrintPolicyConfig(), batch_id=batch, patient_id=f"P-{batch}")
+
+
+def answer(p: PrintPolicy, result: int | str = 0) -> list[PrinterCommand]:
+    """One round on the printer: the policy's calls, each answered ``result``."""
+    calls = []
+    command = p.next_command()
+    while command is not None:
+        calls.append(command)
+        command = p.command_done(command, result)
+    return calls
+
+
+def kinds(events: list[PrintEvent]) -> list[tuple[str, str]]:
+    return [(e.severity, str(e.data["action"])) for e in events]
+
+
+def test_policy_stores_once_confident_updates_when_moved_and_releases_at_harvest() -> None:
+    p = policy("B1")
+    p.on_forecast(forecast(0.6, 20.0, 100.0, 50.0), 50.0)  # below schedule_probability
+    assert p.next_command() is None and p.take_events() == []
+    p.on_forecast(forecast(0.95, 20.0, 100.0, 51.0), 51.0)  # crosses it: store
+    job = JobSpec("PRINT-B1-1", "P-B1", "B1", 0.4, 20.0, 102.0)  # 2 % of 20e9, harvest + 2 h
+    assert p.next_command() == PrinterCommand("Store", job)
+    assert answer(p) == [PrinterCommand("Store", job)]
+    assert p.job == job and p.job_state == "NotAllowedToStart"
+    [stored] = p.take_events()
+    assert (stored.severity, stored.data["action"], stored.process_time_h) == ("info", "Store", 51)
+    assert "scheduled" in stored.message and ">= 0.9" in stored.data["reason"]
+    assert stored.data["forecast"]["probability_dose_by_harvest"] == pytest.approx(0.95)
+    # confident again, moved within the tolerances (5 % of the cells, 1 h): stored once
+    p.on_forecast(forecast(0.97, 21.0, 101.0, 52.0), 52.0)
+    assert p.next_command() is None and p.take_events() == []
+    # moved beyond the tolerance: updated, not started
+    p.on_forecast(forecast(0.97, 26.0, 104.0, 53.0), 53.0)
+    moved = JobSpec("PRINT-B1-1", "P-B1", "B1", 0.52, 20.0, 106.0)
+    assert answer(p) == [PrinterCommand("Update", moved, previous=job)]
+    assert p.job == moved and not p.job.start
+    assert kinds(p.take_events()) == [("info", "Update")]
+    # harvest: the real cells, start 2 h later, released (Update, then Start in one round)
+    p.on_harvest(100.0, 24.0)
+    assert kinds(p.take_events()) == [("info", "harvest")]
+    released = JobSpec("PRINT-B1-1", "P-B1", "B1", 0.48, 20.0, 102.0, start=True)
+    assert [c.method for c in answer(p)] == ["Update", "Start"]
+    assert p.job == released and p.job_state == "AllowedToStart" and not p.finished
+    assert kinds(p.take_events()) == [("info", "Update"), ("info", "Start")]
+    # forecasts after the harvest change nothing
+    p.on_forecast(forecast(0.1, 5.0, 100.0, 101.0), 101.0)
+    assert p.next_command() is None
+    # the printer runs and ends it
+    p.on_job_state("Running", 0.1)
+    p.on_job_state("Running", 0.5)  # no change: no event
+    p.on_job_state("Ended", 1.0, outcome="completed", cells_printed=0.48, bioink_volume_ml=24.0)
+    assert p.finished and p.next_command() is None
+    events = p.take_events()
+    assert [e.data["state"] for e in events] == ["Running", "Ended"]
+    assert events[-1].severity == "info" and events[-1].data["cells_printed"] == 0.48
+
+
+def test_policy_revokes_below_revoke_probability_and_stores_a_new_id() -> None:
+    p = policy("B2")
+    p.on_forecast(forecast(0.92, 20.0, 100.0, 50.0), 50.0)
+    assert [c.method for c in answer(p)] == ["Store"]
+    p.on_forecast(forecast(0.7, 20.0, 100.0, 51.0), 51.0)  # between the two: kept
+    assert p.next_command() is None
+    p.on_forecast(forecast(0.3, 12.0, 100.0, 52.0), 52.0)
+    assert answer(p) == [
+        PrinterCommand("Cancel", JobSpec("PRINT-B2-1", "P-B2", "B2", 0.4, 20.0, 102.0))
+    ]
+    assert p.job is None and p.job_state == ""
+    p.on_forecast(forecast(0.93, 19.0, 100.0, 53.0), 53.0)
+    [store] = answer(p)
+    assert store.method == "Store" and store.job.job_id == "PRINT-B2-2"
+    events = p.take_events()
+    assert kinds(events) == [("info", "Store"), ("warning", "Cancel"), ("info", "Store")]
+    assert "revoked" in events[1].message and "0.30 < 0.5" in events[1].data["reason"]
+
+
+def test_policy_harvest_without_a_job_stores_and_starts_it() -> None:
+    p = policy("B9")
+    p.on_forecast(forecast(0.5, 20.0, 100.0, 90.0), 90.0)
+    p.on_harvest(100.0, 10.0)
+    job = JobSpec("PRINT-B9-1", "P-B9", "B9", 0.2, 20.0, 102.0, start=True)
+    assert answer(p) == [PrinterCommand("StoreAndStart", job)]
+    assert p.job_state == "AllowedToStart"
+    with pytest.raises(ModelError, match="already harvested"):
+        p.on_harvest(101.0, 10.0)
+
+
+def test_policy_rejected_or_refused_calls_are_not_repeated() -> None:
+    p = policy("B3")
+    p.on_forecast(forecast(0.95, 20.0, 100.0, 50.0), 50.0)
+    assert [c.method for c in answer(p, 4)] == ["Store"]  # unable to accept
+    p.on_forecast(forecast(0.95, 20.0, 100.0, 51.0), 51.0)
+    assert p.next_command() is None and p.job is None  # same parameters: not sent again
+    [alarm] = p.take_events()
+    assert alarm.severity == "alarm" and "rejected" in alarm.message
+    assert alarm.data["return_code"] == 4 and "bioink_cell_density" in alarm.message
+    # the forecast moves: new parameters are tried
+    p.on_forecast(forecast(0.95, 30.0, 100.0, 52.0), 52.0)
+    assert [c.method for c in answer(p)] == ["Store"]
+    # a start the printer refuses is not retried; the job stays stored
+    p.on_harvest(100.0, 30.0)
+    assert [c.method for c in answer(p, "BadInvalidArgument")] == ["Start"]
+    assert p.next_command() is None and p.job is not None and not p.job.start
+    assert kinds(p.take_events())[-2:] == [("info", "harvest"), ("alarm", "Start")]
+
+
+def test_policy_unknown_job_at_update_is_stored_again_next_round() -> None:
+    p = policy("B4")
+    p.on_forecast(forecast(0.95, 20.0, 100.0, 50.0), 50.0)
+    answer(p)
+    p.on_forecast(forecast(0.95, 30.0, 100.0, 51.0), 51.0)
+    assert [c.method for c in answer(p, 1)] == ["Update"]  # unknown job: this round ends
+    assert p.job is None
+    assert [c.method for c in answer(p)] == ["Store"]  # the next round stores it again
+    assert kinds(p.take_events()) == [("info", "Store"), ("alarm", "Update"), ("info", "Store")]
+
+
+def test_policy_adopts_its_batch_job_and_refuses_another_patients() -> None:
+    p = policy("B7")
+    assert p.job_revision("PRINT-B7-3") == 3
+    assert p.job_revision("PRINT-B70-3") is None and p.job_revision("OTHER-B7-3") is None
+    p.on_forecast(forecast(0.95, 20.5, 100.0, 51.0), 51.0)  # decided before the first poll
+    found: dict[str, Any] = {
+        "job_id": "PRINT-B7-3",
+        "patient_id": "P-B7",
+        "batch_id": "B7",
+        "cell_count": 0.4,
+        "bioink_density": 20.0,
+        "scheduled_start_h": 102.0,
+        "state": "NotAllowedToStart",
+    }
+    p.adopt(3, **found)
+    assert p.job == JobSpec("PRINT-B7-3", "P-B7", "B7", 0.4, 20.0, 102.0)
+    assert p.next_command() is None  # within the tolerances: kept as the printer holds it
+    p.on_forecast(forecast(0.2, 20.0, 100.0, 52.0), 52.0)
+    assert [c.method for c in answer(p)] == ["Cancel"]
+    p.on_forecast(forecast(0.95, 20.0, 100.0, 53.0), 53.0)
+    assert [c.job.job_id for c in answer(p)] == ["PRINT-B7-4"]  # ids continue
+    assert kinds(p.take_events()) == [("info", "adopt"), ("warning", "Cancel"), ("info", "Store")]
+
+    other = PrintPolicy(PrintPolicyConfig(), batch_id="B7", patient_id="P-SOMEONE-ELSE")
+    other.on_forecast(forecast(0.95, 20.0, 100.0, 51.0), 51.0)
+    other.adopt(3, **found)
+    assert other.job is None
+    [alarm] = other.take_events()
+    assert alarm.severity == "alarm" and alarm.data["action"] == "adopt_refused"
+    assert [c.job.job_id for c in answer(other)] == ["PRINT-B7-4"]  # never the other's id
+
+
+def test_policy_printer_states_raise_alarms() -> None:
+    p = policy("B5")
+    p.on_machine_state("NotExecuting", "")
+    assert p.take_events() == []  # the first reading is no change
+    p.on_machine_state("OutOfService", "nozzle clogged")
+    p.on_forecast(forecast(0.99, 20.0, 60.0, 50.0), 50.0)
+    answer(p)
+    p.on_harvest(60.0, 20.0)
+    answer(p)
+    p.on_job_state("Running", 0.2)
+    p.on_job_state(
+        "Aborted", 0.4, outcome="aborted: nozzle clogged", cells_printed=0.1, bioink_volume_ml=5.0
+    )
+    assert p.finished
+    events = p.take_events()
+    alarms = [e for e in events if e.severity == "alarm"]
+    assert [e.data["action"] for e in alarms] == ["machine_state", "job_state"]
+    assert "nozzle clogged" in alarms[0].message and "ABORTED" in alarms[1].message
+    # a job removed by hand before the harvest: an alarm, stored again
+    q = policy("B6")
+    q.on_forecast(forecast(0.95, 20.0, 100.0, 50.0), 50.0)
+    answer(q)
+    q.on_job_missing()
+    assert q.job is None and [c.method for c in answer(q)] == ["Store"]
+    assert kinds(q.take_events()) == [
+        ("info", "Store"),
+        ("alarm", "job_missing"),
+        ("info", "Store"),
+    ]
+
+
 # -- scheduling, rescheduling, harvest, print --------------------------------------------------
+@pytest.mark.integration
 def test_schedule_reschedule_harvest_and_print(printer: SteppedPrinter, pki: Pki) -> None:
     t0 = printer.now()
     harvest = t0 + 20.0
@@ -273,6 +465,7 @@ def test_schedule_reschedule_harvest_and_print(printer: SteppedPrinter, pki: Pki
 
 
 # -- revoking --------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_revoke_when_confidence_is_lost_and_schedule_again(
     printer: SteppedPrinter, pki: Pki
 ) -> None:
@@ -308,6 +501,7 @@ def test_revoke_when_confidence_is_lost_and_schedule_again(
 
 
 # -- a restarted controller --------------------------------------------------------------------
+@pytest.mark.integration
 def test_restarted_coordinator_takes_over_its_batch_job(printer: SteppedPrinter, pki: Pki) -> None:
     t0 = printer.now()
     harvest = t0 + 30.0
@@ -352,6 +546,7 @@ def test_restarted_coordinator_takes_over_its_batch_job(printer: SteppedPrinter,
     assert not [e for e in after.events if e.severity == "alarm"]
 
 
+@pytest.mark.integration
 def test_job_of_another_patient_is_never_taken_over(printer: SteppedPrinter, pki: Pki) -> None:
     t0 = printer.now()
     harvest = t0 + 30.0
@@ -363,7 +558,7 @@ def test_job_of_another_patient_is_never_taken_over(printer: SteppedPrinter, pki
             first.on_forecast(forecast(0.95, 20.0, harvest, t0), t0)
             await first.poll()
             other = PrinterCoordinator(
-                PrinterConfig(), client, rec, batch_id="B8", patient_id="P-SOMEONE-ELSE"
+                PrintPolicyConfig(), client, rec, batch_id="B8", patient_id="P-SOMEONE-ELSE"
             )
             other.on_forecast(forecast(0.95, 20.0, harvest, t0 + 1), t0 + 1)
             await other.poll()
@@ -381,10 +576,11 @@ def test_job_of_another_patient_is_never_taken_over(printer: SteppedPrinter, pki
 
 
 # -- a rejected job -------------------------------------------------------------------------
+@pytest.mark.integration
 def test_rejected_job_raises_one_alarm_and_is_not_resent(printer: SteppedPrinter, pki: Pki) -> None:
     t0 = printer.now()
     # 0.4e9 cells at 1e6 cells/mL = 400 mL: the printer's cartridge holds 30 mL
-    config = PrinterConfig(bioink_cell_density=1.0, max_printed_cells=5.0)
+    config = PrintPolicyConfig(bioink_cell_density=1.0, max_printed_cells=5.0)
     rec = Recorder()
 
     async def go() -> None:
@@ -406,6 +602,7 @@ def test_rejected_job_raises_one_alarm_and_is_not_resent(printer: SteppedPrinter
 
 
 # -- a printer fault --------------------------------------------------------------------------
+@pytest.mark.integration
 def test_printer_fault_aborts_the_print_with_alarms_and_no_lost_record(
     printer: SteppedPrinter, pki: Pki
 ) -> None:
@@ -458,6 +655,7 @@ def test_printer_fault_aborts_the_print_with_alarms_and_no_lost_record(
 
 
 # -- an unreachable printer ---------------------------------------------------------------------
+@pytest.mark.integration
 def test_unreachable_printer_gives_one_alarm_and_the_job_is_stored_later(
     printer: SteppedPrinter, pki: Pki
 ) -> None:
@@ -485,6 +683,7 @@ def test_unreachable_printer_gives_one_alarm_and_the_job_is_stored_later(
     assert rec.events[0].severity == "alarm"
 
 
+@pytest.mark.integration
 def test_viewer_cannot_store_a_job(printer: SteppedPrinter, pki: Pki) -> None:
     t0 = printer.now()
     rec = Recorder()
@@ -525,7 +724,7 @@ def test_config_file_validation(tmp_path: Path) -> None:
 
 def test_bad_inputs_are_refused_before_anything_is_sent() -> None:
     rec = Recorder()
-    c = PrinterCoordinator(PrinterConfig(), None, rec, batch_id="B7", patient_id="P7")  # type: ignore[arg-type]
+    c = PrinterCoordinator(PrintPolicyConfig(), None, rec, batch_id="B7", patient_id="P7")  # type: ignore[arg-type]
     with pytest.raises(ModelError, match="harvested cells"):
         c.on_harvest(10.0, float("nan"))
     with pytest.raises(ModelError, match="probability"):
@@ -533,12 +732,12 @@ def test_bad_inputs_are_refused_before_anything_is_sent() -> None:
     with pytest.raises(ModelError, match="process time"):
         c.on_forecast(forecast(0.5, 20.0, 100.0, 0.0), float("inf"))
     with pytest.raises(ConfigError, match="batch_id"):
-        PrinterCoordinator(PrinterConfig(), None, rec, batch_id=" ", patient_id="P")  # type: ignore[arg-type]
+        PrinterCoordinator(PrintPolicyConfig(), None, rec, batch_id=" ", patient_id="P")  # type: ignore[arg-type]
     assert rec.events == []
 
 
 def test_printed_cells_are_capped_and_job_spec_volume() -> None:
-    config = PrinterConfig(printed_fraction=0.05, max_printed_cells=0.6)
+    config = PrintPolicyConfig(printed_fraction=0.05, max_printed_cells=0.6)
     assert config.printed_cells(10.0) == pytest.approx(0.5)
     assert config.printed_cells(40.0) == pytest.approx(0.6)
     spec = JobSpec("J", "P", "B", 0.6, 20.0, 100.0)
