@@ -58,7 +58,7 @@ from controller.validation import (
     log_rejection,
 )
 from plant_models.base import rk4
-from plant_models.config import check_keys, load_toml
+from plant_models.config import load_fields, load_toml
 from plant_models.errors import ConfigError, IntegrationError, ModelError
 
 __all__ = [
@@ -332,14 +332,9 @@ class EstimatorConfig:
         return cls()
 
 
-_SCALARS = {
-    f.name
-    for f in dataclasses.fields(EstimatorConfig)
-    if f.type in ("float", "int") or f.type in (float, int)
-}
-_NAME_LISTS = ("parameter_factors", "online_gains")
-_PAIRS = ("factor_bounds", "gain_bounds")
+#: Tables of an estimator tuning file (name = [a, b]); every other field is in [estimator].
 _TABLES = ("process_noise", "online_noise", "assay_noise", "physical_ranges")
+_SECTION = tuple(f.name for f in dataclasses.fields(EstimatorConfig) if f.name not in _TABLES)
 
 
 def load_estimator_config(path: str | Path, model: Any) -> EstimatorConfig:
@@ -349,56 +344,30 @@ def load_estimator_config(path: str | Path, model: Any) -> EstimatorConfig:
     and ``online_gains`` (lists of names), ``factor_bounds`` and ``gain_bounds`` (pairs),
     and optional tables ``[process_noise]``, ``[online_noise]``, ``[assay_noise]`` (name =
     [absolute, relative]) and ``[physical_ranges]`` (name = [low, high]) whose entries
-    replace the defaults of those names. Unknown keys are rejected with suggestions.
+    replace the defaults of those names. Unknown keys are rejected with suggestions; keys
+    and types are checked by :func:`plant_models.config.load_fields` from the fields of
+    :class:`EstimatorConfig`, values by :meth:`EstimatorConfig.__post_init__`.
 
     Raises:
         ConfigError: naming the file and the key.
     """
     data = load_toml(path)
     where = str(path)
-    check_keys(data, ("estimator", *_TABLES), where)
-    base = EstimatorConfig.for_model(model)
+    tables = load_fields(
+        EstimatorConfig, data, where, names=_TABLES, extra=("estimator",), root=True
+    )
     section = data.get("estimator", {})
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{where}: [estimator] must be a table.")
-    allowed = sorted(_SCALARS | set(_NAME_LISTS) | set(_PAIRS))
-    check_keys(section, allowed, f"{where} [estimator]")
-    changes: dict[str, Any] = {}
-    for key, value in section.items():
-        at = f"{where} [estimator] {key}"
-        if key in _NAME_LISTS:
-            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise ConfigError(f"{at}: expected a list of names, got {value!r}.")
-            changes[key] = tuple(value)
-        elif key in _PAIRS:
-            changes[key] = _pair(value, at)
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{at}: expected a number, got {value!r}.")
-        elif isinstance(getattr(base, key), int) and not isinstance(value, int):
-            raise ConfigError(f"{at}: expected a whole number, got {value!r}.")
-        else:
-            changes[key] = value
-    for table in _TABLES:
-        entries = data.get(table, {})
-        if not isinstance(entries, Mapping):
-            raise ConfigError(f"{where}: [{table}] must be a table of name = [a, b].")
+    changes = load_fields(EstimatorConfig, section, f"{where} [estimator]", names=_SECTION)
+    base = EstimatorConfig.for_model(model)
+    for table, entries in tables.items():
         if entries:
-            merged = dict(getattr(base, table))
-            merged.update({n: _pair(v, f"{where} [{table}] {n}") for n, v in entries.items()})
-            changes[table] = merged
+            changes[table] = {**getattr(base, table), **entries}
     try:
         config = dataclasses.replace(base, **changes)
         Estimator(model, config)  # names of factors and gains checked against the model
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return config
-
-
-def _pair(value: Any, where: str) -> tuple[float, float]:
-    ok = isinstance(value, list) and len(value) == 2
-    if not ok or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value):
-        raise ConfigError(f"{where}: expected [number, number], got {value!r}.")
-    return float(value[0]), float(value[1])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: it holds a numpy array

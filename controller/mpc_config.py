@@ -24,9 +24,13 @@ A tuning file (``configs/mpc_*.toml``) looks like::
 
 Every table and key is checked (unknown keys are rejected with close-match suggestions),
 every number against its range; errors are :class:`~plant_models.errors.ConfigError`
-naming the file and key. Limits that the process specification already states (hard and
-soft state limits, input bounds, rate limits) may be left out and filled in from the
-process with :func:`with_process_limits`; values in the tuning file win.
+naming the file and key. Defaults, ranges and choices are declared once, on the dataclass
+fields (:func:`plant_models.config.setting`), and read by the generic loader
+(:func:`plant_models.config.load_fields`); only the checks across fields are written here.
+
+Limits that the process specification already states (hard and soft state limits, input
+bounds, rate limits) may be left out and filled in from the process with
+:func:`with_process_limits`; values in the tuning file win.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from plant_models.config import check_keys, check_range, load_toml
+from plant_models.config import load_dataclass, load_fields, load_toml, setting
 from plant_models.errors import ConfigError
 
 __all__ = [
@@ -61,6 +65,7 @@ SOLVERS = ("ipopt", "sqpmethod")
 HESSIANS = ("exact", "limited-memory")
 INTEGRATORS = ("rk4",)
 RESIDUAL_MODES = ("exact", "linearized")
+LINEAR_SOLVERS = ("mumps", "ma27", "ma57")
 
 
 def _empty() -> Mapping[str, Any]:
@@ -69,6 +74,45 @@ def _empty() -> Mapping[str, Any]:
 
 def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(d))
+
+
+# Ranges shared by several fields (keyword arguments of `setting`).
+_WEIGHT: dict[str, Any] = {"low": 0.0, "high": 1e8, "unit": "1", "description": "weight"}
+_SLACK: dict[str, Any] = {**_WEIGHT, "description": "slack weight"}
+_LIMIT: dict[str, Any] = {
+    "low": -1e9,
+    "high": 1e9,
+    "unit": "state unit",
+    "description": "state limit",
+}
+_WEIGHTS: dict[str, Any] = {
+    "default_factory": _empty,
+    "low": 0.0,
+    "high": 1e6,
+    "unit": "1",
+    "description": "weight",
+}
+_SIGNED_WEIGHTS: dict[str, Any] = {**_WEIGHTS, "low": -1e6}
+_BACK_OFF: dict[str, Any] = {
+    "low": 0.0,
+    "high": 1e9,
+    "unit": "state unit",
+    "description": "back-off from the hard limit",
+}
+_INPUT_BOUND: dict[str, Any] = {
+    "low": -1e9,
+    "high": 1e9,
+    "unit": "input unit",
+    "description": "input bound",
+}
+_SCALES: dict[str, Any] = {
+    "default_factory": _empty,
+    "low": 0.0,
+    "low_open": True,
+    "high": 1e12,
+    "unit": "unit",
+    "description": "scale",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,17 +136,25 @@ class SolverSettings:
             seconds to minutes once, then every evaluation is several times faster).
     """
 
-    name: str = "ipopt"
-    max_iter: int = 200
-    max_cpu_time_s: float = 30.0
-    tolerance: float = 1e-6
-    acceptable_tolerance: float = 1e-4
-    hessian: str = "exact"
-    warm_start: bool = True
-    warm_start_mu: float = 1e-6
-    linear_solver: str = "mumps"
-    expand: bool = True
-    jit: bool = False
+    name: str = setting("ipopt", choices=SOLVERS)
+    max_iter: int = setting(200, low=1, high=100000)
+    max_cpu_time_s: float = setting(
+        30.0, low=0.0, low_open=True, high=1e6, unit="s", description="CPU limit"
+    )
+    tolerance: float = setting(
+        1e-6, low=0.0, low_open=True, high=1.0, unit="1", description="tolerance"
+    )
+    acceptable_tolerance: float = setting(
+        1e-4, low=0.0, low_open=True, high=1.0, unit="1", description="acceptable tolerance"
+    )
+    hessian: str = setting("exact", choices=HESSIANS)
+    warm_start: bool = setting(True)
+    warm_start_mu: float = setting(
+        1e-6, low=0.0, low_open=True, high=1.0, unit="1", description="barrier restart"
+    )
+    linear_solver: str = setting("mumps", choices=LINEAR_SOLVERS)
+    expand: bool = setting(True)
+    jit: bool = setting(False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,34 +183,42 @@ class DoseObjective:
         cells_state, volume_state: state names whose product is the total viable cells.
     """
 
-    dose_cells: float | None = None
-    harvest_time: float | None = None
-    margin: float = 0.15
-    weight: float = 100.0
-    weight_linear: float = 20.0
-    viability_weight: float = 1.0
-    overshoot_weight: float = 0.0
-    overshoot_band: float = 0.5
-    reference_growth_rate: float = 0.02
-    reference_growth_parameter: str = ""
-    cells_state: str = "viable_cells"
-    volume_state: str = "volume"
+    dose_cells: float | None = setting(
+        None, low=0.0, low_open=True, high=1e6, unit="1e9 cells", description="dose"
+    )
+    harvest_time: float | None = setting(
+        None, low=0.0, low_open=True, high=1e4, unit="h", description="harvest"
+    )
+    margin: float = setting(0.15, low=0.0, high=5.0, unit="1", description="dose margin")
+    weight: float = setting(100.0, **_WEIGHT)
+    weight_linear: float = setting(20.0, **_WEIGHT)
+    viability_weight: float = setting(1.0, **_WEIGHT)
+    overshoot_weight: float = setting(0.0, **_WEIGHT)
+    overshoot_band: float = setting(
+        0.5, low=0.0, high=100.0, unit="1", description="overshoot band"
+    )
+    reference_growth_rate: float = setting(
+        0.02, low=0.0, high=1.0, unit="1/h", description="growth rate"
+    )
+    reference_growth_parameter: str = setting("")
+    cells_state: str = setting("viable_cells")
+    volume_state: str = setting("volume")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrackingTerm:
     """A reference to track: ``weight * ((x - reference) / scale)^2`` per stage."""
 
-    reference: float
-    weight: float
+    reference: float = setting(low=-1e9, high=1e9, unit="unit", description="reference")
+    weight: float = setting(1.0, **_WEIGHT)
 
 
 @dataclasses.dataclass(frozen=True)
 class StateBound:
     """Hard limits of one state (None: no limit on that side)."""
 
-    low: float | None = None
-    high: float | None = None
+    low: float | None = setting(None, **_LIMIT)
+    high: float | None = setting(None, **_LIMIT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,10 +229,10 @@ class SoftBound:
     the state's scale.
     """
 
-    low: float | None = None
-    high: float | None = None
-    weight: float = 100.0
-    weight_linear: float = 10.0
+    low: float | None = setting(None, **_LIMIT)
+    high: float | None = setting(None, **_LIMIT)
+    weight: float = setting(100.0, **_SLACK)
+    weight_linear: float = setting(10.0, **_SLACK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,31 +246,37 @@ class MPCConfig:
     error, kept as a heavily weighted soft constraint (the hard limit itself stays hard).
     """
 
-    step_h: float = 1.0
-    horizon: int = 48
-    sample_period_h: float = 1.0
-    objective: str = "tracking"
-    integrator: str = "rk4"
-    integrator_substeps: int = 1
-    kappa: float = 0.0
-    on_failure: str = "hold"
-    residual: str = "exact"
+    step_h: float = setting(
+        1.0, low=0.0, low_open=True, high=48.0, unit="h", description="prediction step"
+    )
+    horizon: int = setting(48, low=1, high=2000)
+    sample_period_h: float = setting(
+        1.0, low=0.0, low_open=True, high=48.0, unit="h", description="control period"
+    )
+    objective: str = setting("tracking", choices=OBJECTIVES)
+    integrator: str = setting("rk4", choices=INTEGRATORS)
+    integrator_substeps: int = setting(1, low=1, high=100)
+    kappa: float = setting(0.0, low=0.0, high=10.0, unit="1", description="tightening in std")
+    on_failure: str = setting("hold", choices=FAILURE_POLICIES)
+    residual: str = setting("exact", choices=RESIDUAL_MODES)
     solver: SolverSettings = dataclasses.field(default_factory=SolverSettings)
     dose: DoseObjective = dataclasses.field(default_factory=DoseObjective)
     tracking: Mapping[str, TrackingTerm] = dataclasses.field(default_factory=_empty)
-    input_move_weights: Mapping[str, float] = dataclasses.field(default_factory=_empty)
-    input_usage_weights: Mapping[str, float] = dataclasses.field(default_factory=_empty)
-    input_quadratic_weights: Mapping[str, float] = dataclasses.field(default_factory=_empty)
-    stage_state_weights: Mapping[str, float] = dataclasses.field(default_factory=_empty)
-    terminal_state_weights: Mapping[str, float] = dataclasses.field(default_factory=_empty)
-    hard_bounds: Mapping[str, StateBound] = dataclasses.field(default_factory=_empty)
+    # [weights]: input_usage and the state weights may be negative (rewards)
+    input_move_weights: Mapping[str, float] = setting(key="input_move", **_WEIGHTS)
+    input_usage_weights: Mapping[str, float] = setting(key="input_usage", **_SIGNED_WEIGHTS)
+    input_quadratic_weights: Mapping[str, float] = setting(key="input_quadratic", **_WEIGHTS)
+    stage_state_weights: Mapping[str, float] = setting(key="stage_state", **_SIGNED_WEIGHTS)
+    terminal_state_weights: Mapping[str, float] = setting(key="terminal_state", **_SIGNED_WEIGHTS)
+    hard_bounds: Mapping[str, StateBound] = setting(default_factory=_empty, key="bounds")
     back_off: Mapping[str, StateBound] = dataclasses.field(default_factory=_empty)
     soft_bounds: Mapping[str, SoftBound] = dataclasses.field(default_factory=_empty)
     input_bounds: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=_empty)
     rate_limits: Mapping[str, float] = dataclasses.field(default_factory=_empty)
-    state_scaling: Mapping[str, float] = dataclasses.field(default_factory=_empty)
-    input_scaling: Mapping[str, float] = dataclasses.field(default_factory=_empty)
-    limits_from_process: bool = True
+    # [scaling]
+    state_scaling: Mapping[str, float] = setting(key="states", **_SCALES)
+    input_scaling: Mapping[str, float] = setting(key="inputs", **_SCALES)
+    limits_from_process: bool = setting(True)
     source: str = "<defaults>"
 
     def __post_init__(self) -> None:
@@ -263,114 +329,55 @@ class MPCConfig:
 # -- loading ---------------------------------------------------------------------------
 
 
-def _meta(unit: str, low: float, high: float, description: str, *, low_open: bool = False) -> Any:
-    return {
-        "unit": unit,
-        "low": low,
-        "high": high,
-        "description": description,
-        "low_open": low_open,
-    }
+@dataclasses.dataclass(frozen=True)
+class _BackOffEntry:
+    """A ``[back_off]`` entry: distances inside the hard limits (read into a StateBound)."""
+
+    low: float | None = setting(None, **_BACK_OFF)
+    high: float | None = setting(None, **_BACK_OFF)
 
 
-def _number(
-    table: Mapping[str, Any],
-    key: str,
-    where: str,
-    default: float,
-    meta: Mapping[str, Any],
-) -> float:
-    if key not in table:
-        return default
-    value = table[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where} {key}: must be a number, got {value!r}.")
-    check_range(float(value), meta, f"{where} {key}")
-    return float(value)
+@dataclasses.dataclass(frozen=True)
+class _InputEntry:
+    """An ``[inputs]`` entry: bounds (both or neither) and a rate limit of one input."""
+
+    low: float | None = setting(None, **_INPUT_BOUND)
+    high: float | None = setting(None, **_INPUT_BOUND)
+    rate_limit: float | None = setting(
+        None, low=0.0, low_open=True, high=1e9, unit="input unit per h", description="rate limit"
+    )
 
 
-def _integer(
-    table: Mapping[str, Any], key: str, where: str, default: int, low: int, high: int
-) -> int:
-    if key not in table:
-        return default
-    value = table[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where} {key}: must be an integer, got {value!r}.")
-    if not low <= value <= high:
-        raise ConfigError(f"{where} {key} = {value} is outside its range [{low}, {high}].")
-    return int(value)
+@dataclasses.dataclass(frozen=True)
+class _FileTables:
+    """The tables of a tuning file that are reshaped into :class:`MPCConfig` fields."""
+
+    back_off: Mapping[str, _BackOffEntry] = dataclasses.field(default_factory=_empty)
+    inputs: Mapping[str, _InputEntry] = dataclasses.field(default_factory=_empty)
 
 
-def _choice(
-    table: Mapping[str, Any], key: str, where: str, default: str, allowed: tuple[str, ...]
-) -> str:
-    if key not in table:
-        return default
-    value = table[key]
-    if value not in allowed:
-        from plant_models.config import suggest
-
-        raise ConfigError(
-            f"{where} {key} = {value!r} is not allowed.{suggest(str(value), allowed)} "
-            f"Allowed: {', '.join(allowed)}."
-        )
-    return str(value)
-
-
-def _boolean(table: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
-    if key not in table:
-        return default
-    value = table[key]
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where} {key}: must be true or false, got {value!r}.")
-    return value
-
-
-def _text(table: Mapping[str, Any], key: str, where: str) -> str:
-    value = table.get(key, "")
-    if not isinstance(value, str):
-        raise ConfigError(f"{where} {key}: must be a string (a name), got {value!r}.")
-    return value.strip()
-
-
-def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where} [{key}]: must be a table.")
-    return value
-
-
-def _weights(table: Mapping[str, Any], where: str, *, signed: bool) -> dict[str, float]:
-    """name = weight entries; ``signed`` allows negative weights (rewards)."""
-    meta = _meta("1", -1e6 if signed else 0.0, 1e6, "weight")
-    return {key: _number(table, key, where, 0.0, meta) for key in table}
-
-
-_LIMIT = _meta("state unit", -1e9, 1e9, "state limit")
-_BACK_OFF = _meta("state unit", 0.0, 1e9, "back-off from the hard limit")
-
-
-def _bound_side(entry: Mapping[str, Any], key: str, where: str, meta: Any = _LIMIT) -> float | None:
-    if key not in entry:
-        return None
-    return _number(entry, key, where, 0.0, meta)
-
-
-def _state_bounds(
-    data: Mapping[str, Any], table: str, source: str, meta: Any, hint: str = ""
-) -> dict[str, StateBound]:
-    """A table of ``state = { low = ..., high = ... }`` entries (either side optional)."""
-    out: dict[str, StateBound] = {}
-    for name, entry in _table(data, table, source).items():
-        w = f"{source} [{table}] {name}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{w}: expected {{ low = ..., high = ... }}{hint}.")
-        check_keys(entry, ["low", "high"], w)
-        out[name] = StateBound(
-            _bound_side(entry, "low", w, meta), _bound_side(entry, "high", w, meta)
-        )
-    return out
+# Which MPCConfig fields each table of the file holds.
+_SECTIONS = ("solver", "dose", "tracking", "hard_bounds", "soft_bounds")  # one table each
+_MPC = (
+    "step_h",
+    "horizon",
+    "sample_period_h",
+    "objective",
+    "integrator",
+    "integrator_substeps",
+    "kappa",
+    "on_failure",
+    "residual",
+    "limits_from_process",
+)
+_WEIGHT_TABLES = (
+    "input_move_weights",
+    "input_usage_weights",
+    "input_quadratic_weights",
+    "stage_state_weights",
+    "terminal_state_weights",
+)
+_SCALING = ("state_scaling", "input_scaling")
 
 
 def load_mpc_config(path: str | Path) -> MPCConfig:
@@ -387,227 +394,52 @@ def load_mpc_config(path: str | Path) -> MPCConfig:
 
 def config_from_dict(data: Mapping[str, Any], source: str) -> MPCConfig:
     """Build an :class:`MPCConfig` from a parsed TOML document (see :func:`load_mpc_config`)."""
-    tables = [
-        "mpc",
-        "solver",
-        "dose",
-        "tracking",
-        "weights",
-        "bounds",
-        "soft_bounds",
-        "back_off",
-        "inputs",
-        "scaling",
-    ]
-    check_keys(data, tables, source, required=["mpc"])
-    mpc = _table(data, "mpc", source)
-    w = f"{source} [mpc]"
-    check_keys(
-        mpc,
-        [
-            "step_h",
-            "horizon",
-            "sample_period_h",
-            "objective",
-            "integrator",
-            "integrator_substeps",
-            "kappa",
-            "on_failure",
-            "residual",
-            "limits_from_process",
-        ],
-        w,
-        required=["step_h", "horizon", "objective"],
+    reshaped = tuple(f.name for f in dataclasses.fields(_FileTables))
+    values = load_fields(
+        MPCConfig,
+        data,
+        source,
+        names=_SECTIONS,
+        extra=("mpc", "weights", "scaling", *reshaped),
+        required=("mpc",),
+        root=True,
     )
-    step_h = _number(mpc, "step_h", w, 1.0, _meta("h", 0.0, 48.0, "prediction step", low_open=True))
-    horizon = _integer(mpc, "horizon", w, 48, 1, 2000)
-    sample = _number(
-        mpc, "sample_period_h", w, step_h, _meta("h", 0.0, 48.0, "control period", low_open=True)
+    values |= load_fields(
+        MPCConfig,
+        data["mpc"],
+        f"{source} [mpc]",
+        names=_MPC,
+        required=("step_h", "horizon", "objective"),
     )
-    objective = _choice(mpc, "objective", w, "tracking", OBJECTIVES)
-    integrator = _choice(mpc, "integrator", w, "rk4", INTEGRATORS)
-    substeps = _integer(mpc, "integrator_substeps", w, 1, 1, 100)
-    kappa = _number(mpc, "kappa", w, 0.0, _meta("1", 0.0, 10.0, "tightening in std"))
-    on_failure = _choice(mpc, "on_failure", w, "hold", FAILURE_POLICIES)
-    from_process = _boolean(mpc, "limits_from_process", w, True)
-    residual = _choice(mpc, "residual", w, "exact", RESIDUAL_MODES)
-
-    sol = _table(data, "solver", source)
-    w = f"{source} [solver]"
-    check_keys(
-        sol,
-        [f.name for f in dataclasses.fields(SolverSettings)],
-        w,
+    values.setdefault("sample_period_h", values["step_h"])  # the file's default: one step
+    values |= load_fields(
+        MPCConfig, data.get("weights", {}), f"{source} [weights]", names=_WEIGHT_TABLES
     )
-    solver = SolverSettings(
-        name=_choice(sol, "name", w, "ipopt", SOLVERS),
-        max_iter=_integer(sol, "max_iter", w, 200, 1, 100000),
-        max_cpu_time_s=_number(
-            sol, "max_cpu_time_s", w, 30.0, _meta("s", 0.0, 1e6, "CPU limit", low_open=True)
-        ),
-        tolerance=_number(
-            sol, "tolerance", w, 1e-6, _meta("1", 0.0, 1.0, "tolerance", low_open=True)
-        ),
-        acceptable_tolerance=_number(
-            sol,
-            "acceptable_tolerance",
-            w,
-            1e-4,
-            _meta("1", 0.0, 1.0, "acceptable tolerance", low_open=True),
-        ),
-        hessian=_choice(sol, "hessian", w, "exact", HESSIANS),
-        warm_start=_boolean(sol, "warm_start", w, True),
-        warm_start_mu=_number(
-            sol, "warm_start_mu", w, 1e-6, _meta("1", 0.0, 1.0, "barrier restart", low_open=True)
-        ),
-        linear_solver=_choice(sol, "linear_solver", w, "mumps", ("mumps", "ma27", "ma57")),
-        expand=_boolean(sol, "expand", w, True),
-        jit=_boolean(sol, "jit", w, False),
-    )
-
-    dose_t = _table(data, "dose", source)
-    w = f"{source} [dose]"
-    check_keys(dose_t, [f.name for f in dataclasses.fields(DoseObjective)], w)
-    dose = DoseObjective(
-        dose_cells=(
-            _number(
-                dose_t, "dose_cells", w, 0.0, _meta("1e9 cells", 0.0, 1e6, "dose", low_open=True)
-            )
-            if "dose_cells" in dose_t
-            else None
-        ),
-        harvest_time=(
-            _number(dose_t, "harvest_time", w, 0.0, _meta("h", 0.0, 1e4, "harvest", low_open=True))
-            if "harvest_time" in dose_t
-            else None
-        ),
-        margin=_number(dose_t, "margin", w, 0.15, _meta("1", 0.0, 5.0, "dose margin")),
-        weight=_number(dose_t, "weight", w, 100.0, _meta("1", 0.0, 1e8, "weight")),
-        weight_linear=_number(dose_t, "weight_linear", w, 20.0, _meta("1", 0.0, 1e8, "weight")),
-        viability_weight=_number(
-            dose_t, "viability_weight", w, 1.0, _meta("1", 0.0, 1e8, "weight")
-        ),
-        overshoot_weight=_number(
-            dose_t, "overshoot_weight", w, 0.0, _meta("1", 0.0, 1e8, "weight")
-        ),
-        overshoot_band=_number(
-            dose_t, "overshoot_band", w, 0.5, _meta("1", 0.0, 100.0, "overshoot band")
-        ),
-        reference_growth_rate=_number(
-            dose_t, "reference_growth_rate", w, 0.02, _meta("1/h", 0.0, 1.0, "growth rate")
-        ),
-        reference_growth_parameter=_text(dose_t, "reference_growth_parameter", w),
-        cells_state=str(dose_t.get("cells_state", "viable_cells")),
-        volume_state=str(dose_t.get("volume_state", "volume")),
-    )
-
-    tracking: dict[str, TrackingTerm] = {}
-    trk = _table(data, "tracking", source)
-    for name, entry in trk.items():
-        w = f"{source} [tracking] {name}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{w}: expected {{ reference = ..., weight = ... }}.")
-        check_keys(entry, ["reference", "weight"], w, required=["reference"])
-        tracking[name] = TrackingTerm(
-            reference=_number(entry, "reference", w, 0.0, _meta("unit", -1e9, 1e9, "reference")),
-            weight=_number(entry, "weight", w, 1.0, _meta("1", 0.0, 1e8, "weight")),
+    values |= load_fields(MPCConfig, data.get("scaling", {}), f"{source} [scaling]", names=_SCALING)
+    if "dose" in values:
+        dose = values["dose"]
+        values["dose"] = dataclasses.replace(
+            dose, reference_growth_parameter=dose.reference_growth_parameter.strip()
         )
 
-    wt = _table(data, "weights", source)
-    w = f"{source} [weights]"
-    weight_tables = [
-        "input_move",
-        "input_usage",
-        "input_quadratic",
-        "stage_state",
-        "terminal_state",
-    ]
-    check_keys(wt, weight_tables, w)
-    parsed: dict[str, dict[str, float]] = {}
-    for key in weight_tables:
-        sub = wt.get(key, {})
-        if not isinstance(sub, dict):
-            raise ConfigError(f"{w} {key}: must be a table of name = weight.")
-        parsed[key] = _weights(
-            sub, f"{w} {key}", signed=key in ("input_usage", "stage_state", "terminal_state")
-        )
-
-    hard = _state_bounds(data, "bounds", source, _LIMIT)
-    back_off = _state_bounds(data, "back_off", source, _BACK_OFF, " (distances, >= 0)")
-
-    soft: dict[str, SoftBound] = {}
-    for name, entry in _table(data, "soft_bounds", source).items():
-        w = f"{source} [soft_bounds] {name}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{w}: expected {{ low = ..., high = ..., weight = ... }}.")
-        check_keys(entry, ["low", "high", "weight", "weight_linear"], w)
-        soft[name] = SoftBound(
-            _bound_side(entry, "low", w),
-            _bound_side(entry, "high", w),
-            _number(entry, "weight", w, 100.0, _meta("1", 0.0, 1e8, "slack weight")),
-            _number(entry, "weight_linear", w, 10.0, _meta("1", 0.0, 1e8, "slack weight")),
-        )
-
-    in_bounds: dict[str, tuple[float, float]] = {}
-    rates: dict[str, float] = {}
-    for name, entry in _table(data, "inputs", source).items():
-        w = f"{source} [inputs] {name}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{w}: expected {{ low = ..., high = ..., rate_limit = ... }}.")
-        check_keys(entry, ["low", "high", "rate_limit"], w)
-        if "low" in entry or "high" in entry:
-            if not ("low" in entry and "high" in entry):
-                raise ConfigError(f"{w}: give both low and high (or neither).")
-            m = _meta("input unit", -1e9, 1e9, "input bound")
-            in_bounds[name] = (_number(entry, "low", w, 0.0, m), _number(entry, "high", w, 0.0, m))
-        if "rate_limit" in entry:
-            rates[name] = _number(
-                entry,
-                "rate_limit",
-                w,
-                0.0,
-                _meta("input unit per h", 0.0, 1e9, "rate limit", low_open=True),
-            )
-
-    sc = _table(data, "scaling", source)
-    w = f"{source} [scaling]"
-    check_keys(sc, ["states", "inputs"], w)
-    scaling: dict[str, dict[str, float]] = {}
-    for key in ("states", "inputs"):
-        sub = sc.get(key, {})
-        if not isinstance(sub, dict):
-            raise ConfigError(f"{w} {key}: must be a table of name = scale.")
-        scaling[key] = {
-            n: _number(sub, n, f"{w} {key}", 1.0, _meta("unit", 0.0, 1e12, "scale", low_open=True))
-            for n in sub
-        }
-
+    tables = load_dataclass(
+        _FileTables, {k: data[k] for k in reshaped if k in data}, source, root=True
+    )
+    back_off = {name: StateBound(e.low, e.high) for name, e in tables.back_off.items()}
+    input_bounds: dict[str, tuple[float, float]] = {}
+    rate_limits: dict[str, float] = {}
+    for name, entry in tables.inputs.items():
+        if entry.low is not None and entry.high is not None:
+            input_bounds[name] = (entry.low, entry.high)
+        elif entry.low is not None or entry.high is not None:
+            raise ConfigError(f"{source} [inputs] {name}: give both low and high (or neither).")
+        if entry.rate_limit is not None:
+            rate_limits[name] = entry.rate_limit
     return MPCConfig(
-        step_h=step_h,
-        horizon=horizon,
-        sample_period_h=sample,
-        objective=objective,
-        integrator=integrator,
-        integrator_substeps=substeps,
-        kappa=kappa,
-        on_failure=on_failure,
-        residual=residual,
-        solver=solver,
-        dose=dose,
-        tracking=_frozen(tracking),
-        input_move_weights=_frozen(parsed["input_move"]),
-        input_usage_weights=_frozen(parsed["input_usage"]),
-        input_quadratic_weights=_frozen(parsed["input_quadratic"]),
-        stage_state_weights=_frozen(parsed["stage_state"]),
-        terminal_state_weights=_frozen(parsed["terminal_state"]),
-        hard_bounds=_frozen(hard),
+        **values,
         back_off=_frozen(back_off),
-        soft_bounds=_frozen(soft),
-        input_bounds=_frozen(in_bounds),
-        rate_limits=_frozen(rates),
-        state_scaling=_frozen(scaling["states"]),
-        input_scaling=_frozen(scaling["inputs"]),
-        limits_from_process=from_process,
+        input_bounds=_frozen(input_bounds),
+        rate_limits=_frozen(rate_limits),
         source=source,
     )
 
