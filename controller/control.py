@@ -550,12 +550,22 @@ def build_model(
     return get_process(model).build_model(parameters, process)
 
 
-def _hybrid(base: MechanisticModel[Any], residual: Path) -> HybridModel:
+def _hybrid(base: MechanisticModel[Any], residual: Path, model: str) -> HybridModel:
+    """The hybrid model: ``base`` with the rate the residual file was trained on corrected
+    (its target ``<rate>_residual`` or ``<rate>_factor``), one of the process plug-in's
+    correctable rates."""
     from plant_models.gp import GPResidual
     from plant_models.hybrid import RateCorrection
 
     gp = GPResidual.load(residual)
-    return HybridModel(base, [RateCorrection("growth_rate", gp)])
+    rate = gp.target_name.removesuffix("_residual").removesuffix("_factor")
+    allowed = get_process(model).correctable_rates
+    if rate not in allowed or rate not in base.rate_names:
+        raise ConfigError(
+            f"{residual}: the residual corrects {rate!r} (target {gp.target_name!r}); the "
+            f"process {model!r} lets a residual correct only {list(allowed)}."
+        )
+    return HybridModel(base, [RateCorrection(rate, gp)])
 
 
 def _recipe(model: str, process: Path | None = None) -> Callable[[float], Mapping[str, float]]:
@@ -586,7 +596,7 @@ def build_controller(spec: ControllerSpec, *, learner: ResidualLearner | None = 
     if spec.kind == "hybrid-mpc":
         if spec.residual is None:  # guarded by ControllerSpec
             raise ConfigError("hybrid-mpc needs a residual file.")
-        hybrid = _hybrid(base, spec.residual)
+        hybrid = _hybrid(base, spec.residual, spec.model)
         model: Any = HybridPredictionModel(hybrid)
         est_model: Any = hybrid
     else:

@@ -102,8 +102,9 @@ class CampaignSpec:
         step_h: control period, h.
         mpc_config: MPC tuning file (None: ``configs/mpc_tcell_hourly.toml``).
         cohort: virtual-patient distribution file (None: the packaged default).
-        truth: truth-plant kinetics file (None: the packaged ``plant_models/data/tcell_truth.toml``),
-            e.g. a plant with stronger mismatch for a sensitivity study.
+        truth: truth-plant kinetics file (None: the packaged
+            ``plant_models/data/tcell_truth.toml``), e.g. a plant with stronger mismatch
+            for a sensitivity study.
         hybrid_adapt: the hybrid MPC fits the running batch's patient parameters, with a
             residual trained against adapted models (``hmpc fit --adapt auto``).
     """
@@ -1162,7 +1163,8 @@ def add_campaign_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "--truth",
         type=Path,
         default=None,
-        help="truth-plant kinetics (TOML; default: the packaged plant_models/data/tcell_truth.toml)",
+        help="truth-plant kinetics (TOML; default: the packaged "
+        "plant_models/data/tcell_truth.toml)",
     )
     p.add_argument(
         "--hybrid-adapt",

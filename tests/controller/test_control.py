@@ -52,7 +52,9 @@ def test_hybrid_mpc_learns_from_the_running_batch(tmp_path: Path) -> None:
     mpc = controller.mpc
     probe = (100.0, np.array([1.0, 0.1, 10.0, 5.0, 30.0, 50.0, 1.0]), np.zeros(3))
     before = float(mpc._mean_fn(*probe))
-    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.draw(1, load_cohort_spec()[0]))  # slow grower
+    plant = VirtualBioreactor.for_process(
+        "tcell", VirtualPatient.draw(1, load_cohort_spec()[0])
+    )  # slow grower
     df = run_closed_loop(plant, controller, days=2.5)
     # 24 h windows close from 24 h on, one every 6 h: the running batch was observed and
     # the MPC's residual function now differs (the NLP was not rebuilt)

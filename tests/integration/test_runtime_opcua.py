@@ -76,7 +76,9 @@ def test_accelerated_batch_over_opcua_matches_the_in_process_closed_loop(
     )
     # the same batch in process, with the output limits the runtime builds from the
     # plant's advertised ones (computed meanwhile: the OPC UA batch mostly waits)
-    plant = VirtualBioreactor.for_process("tcell", VirtualPatient.draw(7, load_cohort_spec()[0]), seed=0)
+    plant = VirtualBioreactor.for_process(
+        "tcell", VirtualPatient.draw(7, load_cohort_spec()[0]), seed=0
+    )
     bounds = plant.bounds
     limiter = OutputLimiter(
         bounds=bounds,

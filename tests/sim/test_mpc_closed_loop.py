@@ -56,7 +56,11 @@ def test_mechanistic_mpc_reaches_the_dose_on_the_nominal_patient() -> None:
 @pytest.mark.parametrize("name", ["oracle", "mechanistic-mpc"])
 def test_controllers_run_on_both_models(kind: str, name: str) -> None:
     patient = VirtualPatient.nominal()
-    plant = VirtualBioreactor.for_process("tcell", patient) if kind == "tcell" else VirtualBioreactor.for_process("cho", patient)
+    plant = (
+        VirtualBioreactor.for_process("tcell", patient)
+        if kind == "tcell"
+        else VirtualBioreactor.for_process("cho", patient)
+    )
     controller = make_mpc_controller(name, plant)
     df = run_closed_loop(plant, controller, days=0.25)
     assert controller.name == name

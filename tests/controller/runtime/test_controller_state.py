@@ -52,7 +52,9 @@ class Batch:
     """A law on a virtual plant, hour by hour, with step records and states stored."""
 
     def __init__(self, historian: Historian, *, full_every: int) -> None:
-        self.plant = VirtualBioreactor.for_process("tcell", VirtualPatient.draw(7, load_cohort_spec()[0]), seed=0)
+        self.plant = VirtualBioreactor.for_process(
+            "tcell", VirtualPatient.draw(7, load_cohort_spec()[0]), seed=0
+        )
         self.limiter = default_limiter(self.plant)
         self.law = _law()
         self.law.start(0.0)

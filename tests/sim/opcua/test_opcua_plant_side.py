@@ -21,7 +21,9 @@ from sim.plant import VirtualBioreactor
 def test_unit_matches_the_in_process_plant(tmp_path: Path) -> None:
     sims = Simulators(SimulatorConfig(patient_seed=7, units=2, plant_step_h=1.0, pki=tmp_path))
     unit = sims.units[1]  # unit i: patient seed 7 + i, sensor seed 0 + i
-    reference = VirtualBioreactor.for_process("tcell", VirtualPatient.draw(8, load_cohort_spec()[0]), seed=1)
+    reference = VirtualBioreactor.for_process(
+        "tcell", VirtualPatient.draw(8, load_cohort_spec()[0]), seed=1
+    )
     first = reference.initial_measurements()
     assert {(m.source, m.name): m.value for m in first} == {
         k: m.value for k, m in unit.latest.items()
