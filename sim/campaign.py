@@ -9,7 +9,7 @@ Pipeline (``run_campaign``):
    on a separate *historical* cohort (a different cohort seed, so no patient is shared
    with the held-out cohort): the rule controller runs each historical patient, the batch
    records go to ``DIR/historical/<patient>/``, and the residual is fitted by the same code
-   as ``hmpc fit`` (:func:`controller.cli.cmd_fit`) into ``DIR/residual.npz``.
+   as ``hmpc fit`` (:func:`controller.fitting.fit_residual`) into ``DIR/residual.npz``.
 3. Each (controller, patient) run is a Ray task writing ``DIR/runs/<controller>/<patient>/``
    (``trajectory.csv``, ``assays.csv``, then ``summary.json`` last, each atomically). A run
    whose ``summary.json`` exists is complete and is skipped on a re-run.
@@ -566,29 +566,30 @@ def train_historical_residual(
             f"{len(failures)} historical batch(es) failed ({failures[0][0]}: {failures[0][1]}); "
             "re-run the same command to retry them."
         )
-    from controller.cli import build_parser, cmd_fit
+    from controller.fitting import FitSpec, fit_residual
 
-    args = build_parser().parse_args(
-        [
-            "fit",
-            "--data",
-            str(hist_dir / "*" / "trajectory.csv"),
-            "--model",
-            "tcell",
-            "--out",
-            str(residual),
-            "--report",
-            str(hist_dir / "fit"),
-            "--seed",
-            str(spec.seed),
+    fit = fit_residual(
+        FitSpec(
+            data=str(hist_dir / "*" / "trajectory.csv"),
+            model="tcell",
+            seed=spec.seed,
             # the hybrid MPC learns the running batch through the residual's batch effect
             # (controller/control.py), or, with --hybrid-adapt, fits the patient parameters
             # with a residual trained against adapted models (docs/hybrid.md)
-            "--adapt",
-            "auto" if spec.hybrid_adapt else "none",
-        ]
+            adapt="auto" if spec.hybrid_adapt else "none",
+        )
     )
-    cmd_fit(args)
+    summary = fit.save(residual, hist_dir / "fit")
+    log.info(
+        "fitted the historical residual (batch effect %s) on %d points from %d batches: "
+        "24 h-ahead RMSE on %d held-out batches mechanistic %.3f, hybrid %.3f 1e6 cells/mL",
+        fit.batch_effect,
+        fit.training_points,
+        len(fit.training_batches),
+        len(fit.held_out_batches),
+        summary["rmse_mechanistic"],
+        summary["rmse_hybrid"],
+    )
     return residual
 
 
