@@ -9,27 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from controller.audit import add_audit_parser
-from controller.fitting import (
-    DEFAULT_FEATURES,
-    FitSpec,
-    fit_residual,
-    nominal_model,
-    validate_24h,
-)
-from controller.fitting import training_observations as _training_observations
+from controller.fitting import FitSpec, fit_residual
 from controller.report import add_report_parser
 from plant_models.errors import HmpcError
+from plant_models.process import DEFAULT_PROCESS, available_processes
 
-# nominal_model, validate_24h, DEFAULT_FEATURES and _training_observations: re-exported from
-# controller.fitting, where training lives now (imported from here by earlier code and tests)
-__all__ = [
-    "DEFAULT_FEATURES",
-    "_training_observations",
-    "main",
-    "nominal_model",
-    "run_cli",
-    "validate_24h",
-]
+__all__ = ["main", "run_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--data", required=True, help="glob of batch-record CSVs, e.g. 'runs/*/trajectory.csv'"
     )
-    fit.add_argument("--model", choices=("tcell", "cho"), default="tcell")
+    fit.add_argument(
+        "--model",
+        choices=available_processes(),
+        default=DEFAULT_PROCESS,
+        help="the process plug-in (default %(default)s)",
+    )
     fit.add_argument("--out", type=Path, required=True, help="residual file to write (.npz)")
     fit.add_argument("--report", type=Path, required=True, help="folder for validation files")
     fit.add_argument(

@@ -28,16 +28,13 @@ import numpy as np
 from plant_models.adaptation import (
     AdaptedParameter,
     PatientAdaptation,
-    default_adapted_parameters,
-    default_simulated_states,
     with_parameters,
 )
 from plant_models.base import MechanisticModel
-from plant_models.cho import CHOFedBatchModel, load_cho_parameters, load_cho_process
 from plant_models.errors import ConfigError
 from plant_models.gp import GPResidual
 from plant_models.hybrid import HybridModel, Mode, RateCorrection, discretize, feature_units
-from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
+from plant_models.process import DEFAULT_PROCESS, get_process
 
 if TYPE_CHECKING:  # pandas is imported only when training (hmpc's start-up stays quick)
     import pandas as pd
@@ -45,7 +42,6 @@ if TYPE_CHECKING:  # pandas is imported only when training (hmpc's start-up stay
     from controller.training import BatchRecord, LogNoiseModel
 
 __all__ = [
-    "DEFAULT_FEATURES",
     "FitResult",
     "FitSpec",
     "fit_residual",
@@ -56,12 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The residual's default features per model kind.
-DEFAULT_FEATURES = {
-    "tcell": ("lactate", "il2", "inhibitor", "culture_age"),
-    "cho": ("glucose", "lactate", "ammonia", "culture_age"),
-}
-
 MODES = ("additive", "multiplicative")
 BATCH_EFFECTS = ("auto", "none", "offset", "drift")
 
@@ -69,14 +59,8 @@ BATCH_EFFECTS = ("auto", "none", "offset", "drift")
 def nominal_model(
     kind: str, parameters: Path | None = None, process: Path | None = None
 ) -> MechanisticModel[Any]:
-    """The controller's mechanistic model of a kind (``tcell`` or ``cho``)."""
-    if kind == "tcell":
-        return TCellExpansionModel(
-            load_tcell_parameters(parameters)[0], load_tcell_process(process)[0]
-        )
-    if kind == "cho":
-        return CHOFedBatchModel(load_cho_parameters(parameters)[0], load_cho_process(process)[0])
-    raise ValueError(f"unknown model {kind!r}; expected 'tcell' or 'cho'")
+    """The controller's mechanistic model of a process plug-in (plant_models.process)."""
+    return get_process(kind).build_model(parameters, process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +73,7 @@ class FitSpec:
     Attributes:
         data: glob of batch-record CSVs, e.g. ``runs/*/trajectory.csv``.
         model: model kind, ``tcell`` or ``cho``.
-        features: the residual's features; None: :data:`DEFAULT_FEATURES` of the model.
+        features: the residual's features; None: the process plug-in's ``gp_features``.
         sparse: sparse GP (``inducing`` inducing points).
         inducing: inducing points of a sparse GP.
         holdout: fraction of the batches (the last in name order) held out for validation.
@@ -118,7 +102,7 @@ class FitSpec:
     """
 
     data: str
-    model: str = "tcell"
+    model: str = DEFAULT_PROCESS
     features: tuple[str, ...] | None = None
     sparse: bool = False
     inducing: int = 64
@@ -143,8 +127,7 @@ class FitSpec:
     def __post_init__(self) -> None:
         if self.features is not None:
             object.__setattr__(self, "features", tuple(self.features))
-        if self.model not in DEFAULT_FEATURES:
-            raise ConfigError(f"unknown model {self.model!r}; expected 'tcell' or 'cho'")
+        get_process(self.model)  # a ConfigError naming the registered processes
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.batch_effect not in BATCH_EFFECTS:
@@ -174,7 +157,7 @@ class FitSpec:
     @property
     def feature_names(self) -> tuple[str, ...]:
         """The residual's features (``features`` or the model's defaults)."""
-        return self.features if self.features is not None else DEFAULT_FEATURES[self.model]
+        return self.features if self.features is not None else get_process(self.model).gp_features
 
     @property
     def adapted_parameters(self) -> tuple[AdaptedParameter, ...]:
@@ -402,7 +385,7 @@ def _fit_and_validate(
 
     features = spec.feature_names
     adapt = spec.adapted_parameters
-    simulated = default_simulated_states(spec.model)
+    simulated = get_process(spec.model).simulated_states
     multiplicative = spec.mode == "multiplicative"
     batch_feature = spec.effective_batch_feature
     obs = training_observations(
@@ -456,7 +439,7 @@ def _fit_and_validate(
 
 def _adapted_parameters(model: str, spec: str) -> tuple[AdaptedParameter, ...]:
     """``--adapt``: 'auto' (the model's defaults), 'none', or a subset of the defaults."""
-    defaults = default_adapted_parameters(model)
+    defaults = get_process(model).adapted_parameters()
     if spec == "auto":
         return defaults
     if spec == "none":

@@ -571,7 +571,7 @@ def train_historical_residual(
     fit = fit_residual(
         FitSpec(
             data=str(hist_dir / "*" / "trajectory.csv"),
-            model="tcell",
+            model=DEFAULT_PROCESS,
             seed=spec.seed,
             # the hybrid MPC learns the running batch through the residual's batch effect
             # (controller/control.py), or, with --hybrid-adapt, fits the patient parameters
