@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from controller.audit import add_audit_parser
-from controller.fitting import FitSpec, fit_residual
-from controller.report import add_report_parser
+from controller.records.audit import add_audit_parser
+from controller.records.report import add_report_parser
+from controller.training.fitting import FitSpec, fit_residual
 from plant_models.errors import HmpcError
 from plant_models.process import DEFAULT_PROCESS, available_processes
 

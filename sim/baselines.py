@@ -1,7 +1,7 @@
-"""The baseline controllers live in :mod:`controller.baselines` (they are deployable);
+"""The baseline controllers live in :mod:`controller.numerics.baselines` (they are deployable);
 re-exported here for the simulator's callers."""
 
-from controller.baselines import (
+from controller.numerics.baselines import (
     Controller,
     LatestValues,
     RecipeController,

@@ -2,7 +2,7 @@
 
 Each virtual patient's batch runs once under the fixed-recipe baseline (the recipe has no
 feedback, so the plant trajectory does not depend on the estimator); the recorded
-measurement stream is then replayed through a fresh :class:`controller.estimator.Estimator`
+measurement stream is then replayed through a fresh :class:`controller.numerics.estimator.Estimator`
 per scenario. The estimator sees measurements only, never the truth; the truth is used to
 score it. Scenarios:
 
@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from controller.estimator import Estimator, EstimatorConfig
-from controller.measurements import Measurement
+from controller.numerics.estimator import Estimator, EstimatorConfig
+from controller.numerics.measurements import Measurement
 from plant_models.errors import ConfigError
 from plant_models.process import DEFAULT_PROCESS, get_process
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
@@ -552,7 +552,7 @@ def cmd_bench_estimation(args: argparse.Namespace) -> int:
         )
     # every injected fault is rejected with a warning; thousands of them would bury the
     # figures, so they are shown only with --verbose
-    quiet = [logging.getLogger(n) for n in ("controller.validation", "controller.estimator")]
+    quiet = [logging.getLogger(n) for n in ("controller.numerics.validation", "controller.numerics.estimator")]
     levels = [q.level for q in quiet]
     if not getattr(args, "verbose", False):
         for q in quiet:

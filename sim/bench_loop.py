@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from controller.config_files import config_file
-from controller.records import EventRecord, StepRecord
+from controller.records.steps import EventRecord, StepRecord
 from controller.runtime.site import SecurityConfig, SiteConfig, load_site
 from plant_models.errors import ConfigError, PlantIOError
 from plant_models.process import DEFAULT_PROCESS
@@ -347,7 +347,7 @@ async def _bench(
     operator_password: str,
     controller: str,
 ) -> list[Any]:
-    from controller.control import ControllerSpec, build_controller
+    from controller.laws.control import ControllerSpec, build_controller
     from controller.runtime.service import serve
 
     laws = {

@@ -35,8 +35,8 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.config_files import config_file
-from controller.mpc import NonlinearMPC
-from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
+from controller.numerics.mpc import NonlinearMPC
+from controller.numerics.mpc_config import MPCConfig, load_mpc_config, with_process_limits
 from plant_models.errors import ConfigError, HmpcError, SolverFailedError
 from plant_models.process import DEFAULT_PROCESS
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process

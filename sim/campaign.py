@@ -9,7 +9,7 @@ Pipeline (``run_campaign``):
    on a separate *historical* cohort (a different cohort seed, so no patient is shared
    with the held-out cohort): the rule controller runs each historical patient, the batch
    records go to ``DIR/historical/<patient>/``, and the residual is fitted by the same code
-   as ``hmpc fit`` (:func:`controller.fitting.fit_residual`) into ``DIR/residual.npz``.
+   as ``hmpc fit`` (:func:`controller.training.fitting.fit_residual`) into ``DIR/residual.npz``.
 3. Each (controller, patient) run is a Ray task writing ``DIR/runs/<controller>/<patient>/``
    (``trajectory.csv``, ``assays.csv``, then ``summary.json`` last, each atomically). A run
    whose ``summary.json`` exists is complete and is skipped on a re-run.
@@ -397,7 +397,7 @@ def run_one(
     }
     timing: dict[str, Any] = {"wall_time_s": wall}
     if controller not in BASELINES:
-        from controller.control import EstimatingMPC
+        from controller.laws.control import EstimatingMPC
         from sim.mpc_controllers import MPCController, mpc_statistics
 
         if isinstance(ctl, (MPCController, EstimatingMPC)):
@@ -566,7 +566,7 @@ def train_historical_residual(
             f"{len(failures)} historical batch(es) failed ({failures[0][0]}: {failures[0][1]}); "
             "re-run the same command to retry them."
         )
-    from controller.fitting import FitSpec, fit_residual
+    from controller.training.fitting import FitSpec, fit_residual
 
     fit = fit_residual(
         FitSpec(
@@ -574,7 +574,7 @@ def train_historical_residual(
             model=DEFAULT_PROCESS,
             seed=spec.seed,
             # the hybrid MPC learns the running batch through the residual's batch effect
-            # (controller/control.py), or, with --hybrid-adapt, fits the patient parameters
+            # (controller/laws/control.py), or, with --hybrid-adapt, fits the patient parameters
             # with a residual trained against adapted models (docs/hybrid.md)
             adapt="auto" if spec.hybrid_adapt else "none",
         )

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from controller.limits import OutputLimiter
+from controller.numerics.limits import OutputLimiter
 from plant_models.process import ProcessPlugin
 from sim.baselines import Controller
 from sim.sensors import Measurement

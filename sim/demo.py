@@ -223,7 +223,7 @@ def printer_timeline(historian: Path, reports: Path | None = None) -> list[str]:
     ``report/<unit>/report.html``), a line says whether each report shows the timeline."""
     from html import escape
 
-    from controller.historian import Historian
+    from controller.records.historian import Historian
 
     if not historian.exists():
         return [f"  no historian at {historian}"]

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from controller.measurements import Measurement
+from controller.numerics.measurements import Measurement
 from plant_models.errors import ConfigError
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The nonlinear MPC as a closed-loop controller of the virtual plant (the
-:class:`controller.baselines.Controller` protocol): ``mechanistic-mpc`` and ``hybrid-mpc``
-are the deployable estimator-fed controllers of :mod:`controller.control` (they see the
+:class:`controller.numerics.baselines.Controller` protocol): ``mechanistic-mpc`` and ``hybrid-mpc``
+are the deployable estimator-fed controllers of :mod:`controller.laws.control` (they see the
 measurements only); ``oracle`` is the MPC on the plant's own truth model and true state
 (the bound on what any controller can reach).
 
@@ -23,14 +23,14 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
-from controller.control import (
+from controller.laws.control import (
     ControllerSpec,
     EstimatingMPC,
     build_controller,
     default_mpc_config,
 )
-from controller.mpc import MPCResult, NonlinearMPC, PredictionModel
-from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
+from controller.numerics.mpc import MPCResult, NonlinearMPC, PredictionModel
+from controller.numerics.mpc_config import MPCConfig, load_mpc_config, with_process_limits
 from plant_models.base import CASADI_OPS, MechanisticModel
 from plant_models.errors import ConfigError
 from plant_models.process import DEFAULT_PROCESS, get_process
@@ -250,7 +250,7 @@ def make_mpc_controller(
 
     Args:
         name: ``mechanistic-mpc`` (estimator + MPC on the nominal model, as deployed:
-            :func:`controller.control.build_controller`), ``hybrid-mpc`` (the
+            :func:`controller.laws.control.build_controller`), ``hybrid-mpc`` (the
             same on the hybrid model: nominal + GP growth-rate residual) or ``oracle`` (the
             plant's truth model and true state).
         plant: the virtual bioreactor (the oracle reads its model and state).
@@ -260,9 +260,9 @@ def make_mpc_controller(
             rate samples of earlier simulated batches of other patients
             (:func:`fit_growth_residual_gp`).
         learner: in-batch learning hook of the hybrid residual
-            (:data:`controller.control.ResidualLearner`).
+            (:data:`controller.laws.control.ResidualLearner`).
         patient_parameters: parameters the MPC fits to the running batch's readings
-            (:class:`controller.control.PatientParameterLearner`; not for the oracle).
+            (:class:`controller.laws.control.PatientParameterLearner`; not for the oracle).
     Raises:
         ValueError: unknown name. ConfigError: invalid tuning file.
     """

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from controller.measurements import Measurement
+from controller.numerics.measurements import Measurement
 from plant_models.process import ProcessPlugin, SensorNoise, get_process
 
 __all__ = ["Measurement", "NoiseSpec", "SensorSpec", "default_sensor_spec"]

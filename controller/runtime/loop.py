@@ -33,10 +33,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from controller.historian import config_event
-from controller.limits import OutputLimiter
-from controller.measurements import Measurement
-from controller.records import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
+from controller.numerics.limits import OutputLimiter
+from controller.numerics.measurements import Measurement
+from controller.records.historian import config_event
+from controller.records.steps import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
 from controller.runtime.plant_io import PlantIO, PlantLimits, PlantStatus
 from controller.runtime.site import SetpointTag
 from plant_models.errors import PlantIOError
@@ -66,7 +66,7 @@ class Recorder(Protocol):
 
 
 class ControlLaw(Protocol):
-    """The control law (``controller.control.Controller``): measurements -> next inputs."""
+    """The control law (``controller.laws.control.Controller``): measurements -> next inputs."""
 
     name: str
 

@@ -34,7 +34,7 @@ from typing import Any, Protocol, cast
 from asyncua import Client, ua
 from asyncua.crypto import security_policies
 
-from controller.measurements import Measurement
+from controller.numerics.measurements import Measurement
 from controller.runtime.site import InputTag, NodeRef, SecurityConfig, SiteConfig, UnitConfig
 from plant_models.errors import ConfigError, PlantIOError
 

@@ -6,7 +6,7 @@ Per unit whose control law estimates the state (``EstimatingMPC``: ``last_estima
 
 - every cycle, after the setpoints are written, :meth:`UnitPrinting.after_cycle`:
   forecast from the cycle's estimate with the MPC's predicted inputs
-  (:meth:`~controller.forecast.InputPlan.from_mpc`; the applied setpoints held when the
+  (:meth:`~controller.numerics.forecast.InputPlan.from_mpc`; the applied setpoints held when the
   solve failed) in a worker thread (``asyncio.to_thread``: numerics never run on the event
   loop), ``coordinator.on_forecast(...)``, ``await coordinator.poll(t)``. The work gets the
   cycle's time budget; work that outlasts it goes on in the background and the next
@@ -22,7 +22,7 @@ printer's endpoint, without units or subscriptions. While it is down the coordin
 calls fail at once (no waiting on the network) and the coordinator records one
 ``unreachable`` alarm per outage. Every event (the coordinator's and this module's: the
 daily forecast, forecast failures, a print that does not finish) is an
-:class:`~controller.records.EventRecord` of kind ``printer`` handed to the loop's recorder
+:class:`~controller.records.steps.EventRecord` of kind ``printer`` handed to the loop's recorder
 (the historian), which keeps and retries what it cannot store. Nothing here raises into the
 control loop: a fault is logged and recorded, and control goes on.
 """
@@ -43,8 +43,7 @@ from typing import Any, Protocol, cast
 
 from asyncua import Client, ua
 
-from controller.forecast import ForecastConfig, HarvestForecast, HarvestForecaster, InputPlan
-from controller.printer import (
+from controller.laws.printer import (
     FINAL_STATES,
     JobSpec,
     PrinterCommand,
@@ -52,7 +51,13 @@ from controller.printer import (
     PrintPolicy,
     PrintPolicyConfig,
 )
-from controller.records import EventRecord
+from controller.numerics.forecast import (
+    ForecastConfig,
+    HarvestForecast,
+    HarvestForecaster,
+    InputPlan,
+)
+from controller.records.steps import EventRecord
 from controller.runtime.plant_io import OpcUaConnection
 from controller.runtime.site import (
     SiteConfig,
@@ -84,7 +89,7 @@ class EventRecorder(Protocol):
 
 
 class PrinterCoordinator:
-    """Carries out a batch's :class:`~controller.printer.PrintPolicy` on the printer over
+    """Carries out a batch's :class:`~controller.laws.printer.PrintPolicy` on the printer over
     OPC UA (docs/printer.md): the policy decides, this makes the printer calls, reads the
     job's and the machine's states back into the policy and records the events.
 
@@ -106,7 +111,7 @@ class PrinterCoordinator:
     stored for this batch (adopted); then the policy's calls (``Store``, ``Update``, ...);
     then the machine's and the job's states. Network failures raise no exception: an
     ``unreachable`` alarm once per outage, and the same calls at the next poll. Every event
-    becomes an :class:`~controller.records.EventRecord` of kind ``printer`` given to the
+    becomes an :class:`~controller.records.steps.EventRecord` of kind ``printer`` given to the
     recorder; an event the recorder fails to take is kept and offered again at the next
     call (no record is lost).
     """

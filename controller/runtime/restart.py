@@ -5,7 +5,7 @@ After each cycle in which the control law stepped, :meth:`Checkpoint.save` appen
 to the historian's ``controller_state`` table (append-only, one committed transaction,
 *after* the cycle's step record):
 
-- the estimator's :meth:`~controller.estimator.Estimator.snapshot` (its history of up to
+- the estimator's :meth:`~controller.numerics.estimator.Estimator.snapshot` (its history of up to
   ``history_h`` hours, the validation state), the MPC's last plan (the warm start:
   solution, multipliers, predicted states and inputs, as exact float64), the residual
   learner's data when it has ``snapshot()``/``restore()`` (the hook for in-batch learning),
@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from controller.historian import Historian, canonical_json
-from controller.measurements import Measurement
-from controller.records import StepRecord
+from controller.numerics.measurements import Measurement
+from controller.records.historian import Historian, canonical_json
+from controller.records.steps import StepRecord
 from plant_models.errors import HistorianError, HmpcError
 
 __all__ = [
@@ -172,7 +172,7 @@ def apply_law_state(law: Any, state: Mapping[str, Any]) -> Restored:
 
 
 def _restore_plan(mpc: Any, data: Mapping[str, Any]) -> tuple[bool, str]:
-    from controller.mpc import _Plan
+    from controller.numerics.mpc import _Plan
 
     try:
         arrays = {k: _unpack(data[k]) for k in ("w", "lam_x", "lam_g", "states", "inputs")}
@@ -642,7 +642,7 @@ class Checkpoint:
     def _audit(
         self, batch: str, unit: str, last: StepRecord, step: int, data: Mapping[str, Any], what: str
     ) -> None:
-        from controller.audit import AuditTrail
+        from controller.records.audit import AuditTrail
 
         state = data.get("state") or {}
         try:

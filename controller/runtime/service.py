@@ -75,8 +75,8 @@ def state_limits(model: str) -> dict[str, dict[str, float | None]]:
 
 
 def make_control_law(unit: UnitConfig) -> Any:
-    """The control law of a unit (controller.control.build_controller)."""
-    from controller.control import ControllerSpec, build_controller
+    """The control law of a unit (controller.laws.control.build_controller)."""
+    from controller.laws.control import ControllerSpec, build_controller
 
     spec = ControllerSpec(
         kind=unit.controller,
@@ -96,7 +96,7 @@ def build_loops(
     units: Sequence[str] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """Connections (one per endpoint) and unit loops for the chosen units of a site."""
-    from controller.historian import Historian
+    from controller.records.historian import Historian
     from controller.runtime.loop import LoopSettings, UnitLoop
     from controller.runtime.plant_io import OpcUaConnection
     from controller.runtime.restart import Checkpoint
@@ -205,7 +205,7 @@ def _setup_logging(out: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from controller.historian import Historian
+    from controller.records.historian import Historian
 
     site = load_site(args.site)
     out: Path = args.out or site.output_dir or Path("out") / "run"
@@ -243,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _write_reports(historian: Any, summaries: Sequence[Any], out: Path) -> list[Path]:
     """The batch report of every unit that ran (a report failure never fails the run)."""
-    from controller.report import write_report
+    from controller.records.report import write_report
     from plant_models.errors import HmpcError
 
     paths = []

@@ -71,7 +71,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from controller.printer import PrintPolicyConfig
+from controller.laws.printer import PrintPolicyConfig
 from plant_models.config import check_keys, load_toml, suggest
 from plant_models.errors import ConfigError
 from plant_models.process import available_processes, get_process
@@ -97,7 +97,7 @@ __all__ = [
     "printer_policy_config",
 ]
 
-#: Control laws a unit can run (built by controller.control).
+#: Control laws a unit can run (built by controller.laws.control).
 CONTROLLER_KINDS = ("recipe", "rule", "mechanistic-mpc", "hybrid-mpc")
 POLICIES = ("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss", "None")
 MODES = ("Sign", "SignAndEncrypt")
@@ -413,8 +413,8 @@ class PrinterSiteConfig:
         endpoint: the printer's OPC UA server (same ``[security]`` as the plant I/O).
         object: the printer object (its namespace URI is where the job nodes live).
         settings: the print-job policy's settings
-            (``controller.printer.PrintPolicyConfig``; :func:`printer_policy_config`).
-        forecast: harvest-forecast settings (``controller.forecast.ForecastConfig``
+            (``controller.laws.printer.PrintPolicyConfig``; :func:`printer_policy_config`).
+        forecast: harvest-forecast settings (``controller.numerics.forecast.ForecastConfig``
             scalars; noise defaults to the estimator's; :func:`printer_forecast_overrides`).
         patient_id: node of the batch's patient id on the bioreactor server (``{unit}``
             replaced; None: the batch id is used).
@@ -674,7 +674,7 @@ def printer_policy_config(printer: PrinterSiteConfig, where: str) -> PrintPolicy
 def printer_forecast_overrides(printer: PrinterSiteConfig, where: str) -> dict[str, Any]:
     """The ``[printer.forecast]`` settings, checked (keys, types, ranges); the others
     (random walk and process noise) come from the unit's estimator."""
-    from controller.forecast import forecast_config_from_dict  # numerics: only when needed
+    from controller.numerics.forecast import forecast_config_from_dict  # numerics: only when needed
 
     table = dict(printer.forecast)
     parsed = forecast_config_from_dict({"forecast": table}, where)

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from controller.historian import config_event
-from controller.records import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
+from controller.records.historian import config_event
+from controller.records.steps import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
 
 SETUP_HINT = "run `make setup` (tests/support/setup_test_services.sh installs it)"
 WALL_START = 1_795_000_000.0  # controller clock at the start of the test batch, Unix s
@@ -369,7 +369,7 @@ def _input_unit(plant: Any, name: str) -> str:
 
 def same_records(a: Sequence[Any], b: Sequence[Any]) -> bool:
     """Records equal field by field, NaN equal to NaN (canonical JSON)."""
-    from controller.historian import record_json
+    from controller.records.historian import record_json
 
     return [record_json(r) for r in a] == [record_json(r) for r in b]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from controller.config_files import config_dir, config_file
-from controller.mpc_config import load_mpc_config
+from controller.numerics.mpc_config import load_mpc_config
 from plant_models.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

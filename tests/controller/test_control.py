@@ -1,4 +1,4 @@
-"""The deployable control laws (controller/control.py) in closed loop with the virtual
+"""The deployable control laws (controller/laws/control.py) in closed loop with the virtual
 plant: the hybrid MPC learns the running batch's growth-rate deviation."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.control import ControllerSpec, RunningBatchLearner, build_controller
+from controller.laws.control import ControllerSpec, RunningBatchLearner, build_controller
 from plant_models.errors import ConfigError
 from plant_models.gp import GPResidual
 from sim.closed_loop import run_closed_loop
@@ -49,7 +49,7 @@ def test_hybrid_mpc_learns_from_the_running_batch(tmp_path: Path) -> None:
     controller = build_controller(spec)
     learner = controller.learner
     assert isinstance(learner, RunningBatchLearner)
-    mpc = controller.mpc
+    mpc = controller.numerics.mpc
     probe = (100.0, np.array([1.0, 0.1, 10.0, 5.0, 30.0, 50.0, 1.0]), np.zeros(3))
     before = float(mpc._mean_fn(*probe))
     plant = VirtualBioreactor.for_process(
@@ -97,7 +97,7 @@ def test_mpc_fits_the_patient_parameters_of_the_running_batch(
     """With ``patient_parameters`` the MPC predicts with the running batch's fitted growth
     rate, exhaustion threshold and lag (plant_models.adaptation) instead of the nominal
     ones; a slow grower's fitted growth rate ends below the nominal one."""
-    from controller.control import PatientParameterLearner
+    from controller.laws.control import PatientParameterLearner
 
     names = ("mu_max", "exhaustion_threshold", "lag_time")
     spec = ControllerSpec(
@@ -106,8 +106,8 @@ def test_mpc_fits_the_patient_parameters_of_the_running_batch(
     controller = build_controller(spec)
     adapter = controller.adapter
     assert isinstance(adapter, PatientParameterLearner)
-    assert set(names) <= set(controller.mpc.parameter_names)
-    nominal = controller.mpc.model.parameters
+    assert set(names) <= set(controller.numerics.mpc.parameter_names)
+    nominal = controller.numerics.mpc.model.parameters
     patient = VirtualPatient.draw(1, load_cohort_spec()[0])  # slow grower
     assert patient.growth_factor < 0.8
     plant = VirtualBioreactor.for_process("tcell", patient)
@@ -117,7 +117,7 @@ def test_mpc_fits_the_patient_parameters_of_the_running_batch(
     assert set(adapter.values) == set(names)
     assert adapter.values["mu_max"] < nominal.mu_max
     # the MPC got them: its parameter vector holds the fitted values
-    sent = dict(zip(controller.mpc.parameter_names, controller.mpc._pvals, strict=True))
+    sent = dict(zip(controller.numerics.mpc.parameter_names, controller.numerics.mpc._pvals, strict=True))
     for name in names:
         assert sent[name] == pytest.approx(adapter.values[name])
     assert all(r.success for r in controller.results) and df["hard_violation"].sum() == 0
@@ -125,7 +125,7 @@ def test_mpc_fits_the_patient_parameters_of_the_running_batch(
     kept = dict(adapter.values)
     adapter.record.rows[-1]["time"] += 0.4
     adapter._next_h = -1.0
-    with caplog.at_level("WARNING", logger="controller.control"):
+    with caplog.at_level("WARNING", logger="controller.laws.control"):
         last = controller.last_estimate
         assert last is not None
         assert adapter(adapter.record.rows[-1]["time"] + 1.0, [], last, {}) == kept

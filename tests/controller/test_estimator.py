@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from controller.estimator import (
+from controller.numerics.estimator import (
     Estimator,
     EstimatorConfig,
     EstimatorResult,
     load_estimator_config,
 )
-from controller.measurements import Measurement
+from controller.numerics.measurements import Measurement
 from plant_models.cho import CHOFedBatchModel, load_cho_parameters, load_cho_process
 from plant_models.errors import ConfigError, ModelError
 from plant_models.gp import GPResidual
@@ -240,7 +240,7 @@ def test_duplicate_assay_is_ignored_and_logged(
     again = [dataclasses.replace(m, arrival_time=33.0, value=m.value * 0.9) for m in day1]
     once, twice = start(model), start(model)
     r1 = run(once, batch, assays="late")
-    with caplog.at_level(logging.INFO, logger="controller.validation"):
+    with caplog.at_level(logging.INFO, logger="controller.numerics.validation"):
         r2 = run(twice, batch, assays="late", extra={33: again})
     assert [d.reason for d in r2[33].rejected] == ["duplicate"] * len(day1)
     assert sum("duplicate" in rec.getMessage() for rec in caplog.records) == len(day1)

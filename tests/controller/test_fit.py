@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from controller.cli import main
-from controller.fitting import nominal_model, validate_24h
-from controller.training import (
+from controller.training.fitting import nominal_model, validate_24h
+from controller.training.batches import (
     BatchRecord,
     causal_log_cells,
     estimate_log_noise,
@@ -157,7 +157,7 @@ def test_patient_parameters_are_fitted_causally(
 ) -> None:
     """Each prediction's patient parameters come from the measurements up to its start:
     changing later readings changes no earlier prediction."""
-    from controller.fitting import training_observations as _training_observations
+    from controller.training.fitting import training_observations as _training_observations
     from plant_models.adaptation import default_adapted_parameters
 
     base = nominal_model("tcell")

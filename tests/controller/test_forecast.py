@@ -15,14 +15,14 @@ import numpy.typing as npt
 import pytest
 from scipy.integrate import solve_ivp
 
-from controller.estimator import Estimator, EstimatorConfig, EstimatorResult
-from controller.forecast import (
+from controller.numerics.estimator import Estimator, EstimatorConfig, EstimatorResult
+from controller.numerics.forecast import (
     ForecastConfig,
     HarvestForecaster,
     InputPlan,
     load_forecast_config,
 )
-from controller.measurements import Measurement
+from controller.numerics.measurements import Measurement
 from plant_models.errors import ConfigError, ModelError
 from plant_models.gp import GPResidual
 from plant_models.hybrid import HybridModel, RateCorrection

@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 from historian_testkit import free_port, same_records
 
-from controller.historian import Historian, canonical_json, record_json
-from controller.records import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
+from controller.records.historian import Historian, canonical_json, record_json
+from controller.records.steps import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
 from plant_models.errors import HistorianError
 
 Batch = tuple[list[StepRecord], list[EventRecord]]
@@ -234,7 +234,7 @@ WRITER = textwrap.dedent(
     import dataclasses, sys
     sys.path.insert(0, {tests!r})
     from test_historian import awkward_step
-    from controller.historian import Historian
+    from controller.records.historian import Historian
     hist = Historian({url!r})
     k = 0
     while True:

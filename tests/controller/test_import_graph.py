@@ -181,3 +181,91 @@ def test_only_the_runtime_imports_asyncua_and_asyncio(library: str) -> None:
         if library in names and not (module == RUNTIME or module.startswith(f"{RUNTIME}."))
     )
     assert outside == [], f"{library} imported outside {RUNTIME}: {outside}"
+
+
+# -- the layers (docs/architecture.md) ---------------------------------------------------------
+#: controller's layers, lowest first: a module imports only from its own layer or lower ones.
+LAYERS = (
+    "controller.numerics",
+    "controller.records",
+    "controller.training",
+    "controller.laws",
+    "controller.runtime",
+    "controller.cli",
+)
+#: modules outside the layers that every layer may use; they import no controller module.
+LEAVES = ("controller", "controller.config_files")
+
+
+def layer_of(module: str) -> int | None:
+    for i, layer in enumerate(LAYERS):
+        if module == layer or module.startswith(f"{layer}."):
+            return i
+    return None
+
+
+def layer_violations(edges: dict[str, set[str]]) -> list[str]:
+    """``a -> b`` for every edge against the layer order, and modules in no layer."""
+    bad = []
+    for module, targets in sorted(edges.items()):
+        own = layer_of(module)
+        if own is None and module not in LEAVES:
+            bad.append(f"{module} is in no layer")
+            continue
+        for target in sorted(targets):
+            if target in LEAVES:
+                continue
+            theirs = layer_of(target)
+            if own is None or theirs is None or theirs > own:
+                bad.append(f"{module} -> {target}")
+    return bad
+
+
+def test_layer_rule_catches_an_upward_import() -> None:
+    edges = {
+        "controller.numerics.mpc": {"controller.records.historian"},  # upward
+        "controller.runtime.loop": {"controller.numerics.mpc", "controller.config_files"},
+        "controller.config_files": set(),
+        "controller.stray": set(),
+    }
+    assert layer_violations(edges) == [
+        "controller.numerics.mpc -> controller.records.historian",
+        "controller.stray is in no layer",
+    ]
+
+
+def test_controller_layers_import_only_downwards() -> None:
+    edges, _ = import_graph()
+    assert {m for m in edges if layer_of(m) is not None} >= {
+        "controller.numerics.mpc",
+        "controller.records.historian",
+        "controller.training.fitting",
+        "controller.laws.control",
+        "controller.runtime.loop",
+    }
+    assert layer_violations(edges) == []
+
+
+def _top_level_imports(package: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for module, (path, is_package) in modules(ROOT, package).items():
+        names = imported_names(path.read_text(), module, is_package)
+        out[module] = {name.split(".")[0] for name, _type_only in names}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("plant_models", ("controller", "sim", "asyncua", "asyncio")),
+        ("controller", ("sim",)),
+    ],
+)
+def test_packages_import_one_way(package: str, forbidden: tuple[str, ...]) -> None:
+    """plant_models <- controller <- sim; plant_models is pure numerics (no event loop)."""
+    imports = _top_level_imports(package)
+    assert len(imports) > 5
+    bad = sorted(
+        f"{m} imports {f}" for m, names in imports.items() for f in forbidden if f in names
+    )
+    assert bad == []

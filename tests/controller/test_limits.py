@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from controller.limits import OutputLimiter
+from controller.numerics.limits import OutputLimiter
 from plant_models.errors import ConfigError
 
 

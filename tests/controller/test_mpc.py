@@ -1,4 +1,4 @@
-"""Tests of the nonlinear MPC (controller/mpc.py, controller/mpc_config.py) with the real
+"""Tests of the nonlinear MPC (controller/numerics/mpc.py, controller/numerics/mpc_config.py) with the real
 solvers: known answers, configuration errors, failure policies, limits, warm starts."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from controller.mpc import MPCResult, NonlinearMPC
-from controller.mpc_config import (
+from controller.numerics.mpc import MPCResult, NonlinearMPC
+from controller.numerics.mpc_config import (
     MPCConfig,
     SoftBound,
     SolverSettings,

@@ -1,4 +1,4 @@
-"""Tests of the named layout of the MPC's NLP vectors (controller/mpc.py VectorLayout):
+"""Tests of the named layout of the MPC's NLP vectors (controller/numerics/mpc.py VectorLayout):
 column-major packing as CasADi's ``vec``, typed errors, and its use by NonlinearMPC."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import casadi as ca
 import numpy as np
 import pytest
 
-from controller.mpc import NonlinearMPC, VectorLayout
-from controller.mpc_config import SoftBound, load_mpc_config, with_process_limits
+from controller.numerics.mpc import NonlinearMPC, VectorLayout
+from controller.numerics.mpc_config import SoftBound, load_mpc_config, with_process_limits
 from plant_models.errors import ModelError
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 

@@ -1,6 +1,6 @@
 """The print-job policy and its OPC UA side.
 
-``PrintPolicy`` (controller/printer.py) driven step by step without any server: forecasts,
+``PrintPolicy`` (controller/laws/printer.py) driven step by step without any server: forecasts,
 harvest and the printer's answers in, printer calls and events out.
 
 ``PrinterCoordinator`` (controller/runtime/printing.py) against the real simulated printer
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sim" / "opcua"))
 from opcua_testkit import Pki, free_ports, session
 from opcua_testkit import pki as pki  # the session-scoped PKI fixture
 
-from controller.forecast import HarvestForecast
-from controller.printer import (
+from controller.numerics.forecast import HarvestForecast
+from controller.laws.printer import (
     JobSpec,
     PrinterCommand,
     PrintEvent,
@@ -35,7 +35,7 @@ from controller.printer import (
     PrintPolicyConfig,
     load_printer_config,
 )
-from controller.records import EventRecord
+from controller.records.steps import EventRecord
 from controller.runtime.printing import PrinterCoordinator
 from plant_models.errors import ConfigError, ModelError
 from sim.opcua.clock import ProcessClock

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from runtime_testkit import PASSWORDS, PlantThread, free_ports
 
-from controller.audit import AuditTrail
-from controller.historian import Historian, record_json
+from controller.records.audit import AuditTrail
+from controller.records.historian import Historian, record_json
 from controller.runtime.restart import StateStore, estimator_digest
 from sim.bench_loop import PASSWORD_ENV, grant_remote, write_sim_site
 from sim.opcua.server import SimulatorConfig

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from runtime_testkit import PASSWORDS, free_ports
 
-from controller.historian import Historian
+from controller.records.historian import Historian
 from sim.bench_loop import PASSWORD_ENV, grant_remote, write_sim_site
 from sim.cli import main as sim_main
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from runtime_testkit import PASSWORDS, PlantThread, free_ports
 
-from controller.control import ControllerSpec, build_controller
-from controller.limits import OutputLimiter
+from controller.laws.control import ControllerSpec, build_controller
+from controller.numerics.limits import OutputLimiter
 from controller.runtime.plant_io import ensure_client_certificate
 from controller.runtime.service import serve
 from sim.bench_loop import MemoryRecorder, grant_remote, write_sim_site

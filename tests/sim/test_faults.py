@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.estimator import Estimator
-from controller.measurements import Measurement
+from controller.numerics.estimator import Estimator
+from controller.numerics.measurements import Measurement
 from plant_models.errors import ConfigError
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 from sim import cli

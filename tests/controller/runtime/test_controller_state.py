@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from controller.control import ControllerSpec, build_controller
-from controller.historian import Historian
-from controller.measurements import Measurement
-from controller.records import SetpointRecord, StepRecord
+from controller.laws.control import ControllerSpec, build_controller
+from controller.records.historian import Historian
+from controller.numerics.measurements import Measurement
+from controller.records.steps import SetpointRecord, StepRecord
 from controller.runtime.loop import UnitLoop
 from controller.runtime.restart import (
     Checkpoint,

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from controller.measurements import Measurement
-from controller.records import EventRecord, StepRecord
+from controller.numerics.measurements import Measurement
+from controller.records.steps import EventRecord, StepRecord
 from controller.runtime.loop import LoopSettings, UnitLoop, build_limiter, run_control_loop
 from controller.runtime.plant_io import InputState, PlantLimits, PlantStatus
 from controller.runtime.site import SetpointTag, UnitConversion

@@ -2,14 +2,14 @@
 
 A control law sees what the plant delivers (measurements with their sample times, never
 the truth) and returns the next inputs: ``step(time_h, measurements, previous) -> inputs``
-(:class:`controller.baselines.Controller`). The runtime loop (OPC UA), the in-process
+(:class:`controller.numerics.baselines.Controller`). The runtime loop (OPC UA), the in-process
 closed loop and the campaigns all drive the same objects.
 
 :class:`EstimatingMPC` is the model-predictive controller as deployed:
 
-1. :class:`controller.estimator.Estimator` (EKF on the same model) fuses the online probes
+1. :class:`controller.numerics.estimator.Estimator` (EKF on the same model) fuses the online probes
    and the late assays and estimates the patient's growth-rate factor;
-2. :class:`controller.mpc.NonlinearMPC` re-optimises from the estimate, with the estimated
+2. :class:`controller.numerics.mpc.NonlinearMPC` re-optimises from the estimate, with the estimated
    factor as an NLP parameter (``mu_max`` times the factor), so the prediction follows the
    patient rather than the cohort's average;
 3. with a hybrid model, the GP residual may learn from the running batch
@@ -30,16 +30,21 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
-from controller.baselines import (
+from controller.config_files import config_file
+from controller.numerics.baselines import (
     Controller,
     RecipeController,
     make_baseline,
 )
-from controller.config_files import config_file
-from controller.estimator import Estimator, EstimatorConfig, EstimatorResult, load_estimator_config
-from controller.measurements import Measurement
-from controller.mpc import MPCResult, NonlinearMPC
-from controller.mpc_config import MPCConfig, load_mpc_config, with_process_limits
+from controller.numerics.estimator import (
+    Estimator,
+    EstimatorConfig,
+    EstimatorResult,
+    load_estimator_config,
+)
+from controller.numerics.measurements import Measurement
+from controller.numerics.mpc import MPCResult, NonlinearMPC
+from controller.numerics.mpc_config import MPCConfig, load_mpc_config, with_process_limits
 from plant_models.adaptation import PatientAdaptation
 from plant_models.base import MechanisticModel
 from plant_models.errors import ConfigError, HmpcError, ModelError
@@ -168,7 +173,7 @@ ResidualLearner = Callable[
 
 
 class RunningRecord:
-    """The running batch kept as a batch record is (controller/training.py): per step the
+    """The running batch kept as a batch record is (controller/training/batches.py): per step the
     latest accepted online readings, the estimated volume and the inputs applied over the
     step; the accepted assays with their sample times."""
 
@@ -210,10 +215,10 @@ class RunningRecord:
         return True
 
     def batch_record(self) -> Any:
-        """The record so far as a :class:`controller.training.BatchRecord`."""
+        """The record so far as a :class:`controller.training.batches.BatchRecord`."""
         import pandas as pd
 
-        from controller.training import BatchRecord
+        from controller.training.batches import BatchRecord
 
         return BatchRecord(
             "running",
@@ -226,7 +231,7 @@ class RunningBatchLearner:
     """Learning during the running batch (docs/hybrid.md): the batch's own growth-rate
     observations condition the residual's batch effect (:meth:`HybridModel.observe`).
 
-    The running record is kept as a batch record is (controller/training.py): per step the
+    The running record is kept as a batch record is (controller/training/batches.py): per step the
     latest online readings, the estimated volume and the inputs applied over the step; the
     assays with their sample times. Every ``every_h`` the growth-rate observations whose
     ``window_h`` window has closed since the last call are computed exactly as for training
@@ -273,7 +278,7 @@ class RunningBatchLearner:
         return self._learn(time_h)
 
     def _learn(self, time_h: float) -> bool:
-        from controller.training import growth_rate_observations
+        from controller.training.batches import growth_rate_observations
 
         try:
             obs = growth_rate_observations(
@@ -360,7 +365,7 @@ class PatientParameterLearner:
         return self.values
 
     def _fit(self) -> None:
-        from controller.training import estimate_log_noise, reconstruct_states
+        from controller.training.batches import estimate_log_noise, reconstruct_states
 
         rec = self.record.batch_record()
         t = rec.steps["time"].to_numpy(float)

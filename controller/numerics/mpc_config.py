@@ -237,7 +237,7 @@ class SoftBound:
 
 @dataclasses.dataclass(frozen=True)
 class MPCConfig:
-    """Tuning of :class:`controller.mpc.NonlinearMPC` (frozen; see the module docstring).
+    """Tuning of :class:`controller.numerics.mpc.NonlinearMPC` (frozen; see the module docstring).
 
     Weights act on scaled quantities (a state divided by its scale, an input by its
     scale) unless stated otherwise; ``input_usage`` is in cost per input unit and hour.

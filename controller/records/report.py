@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from controller.audit import AuditRecord, AuditTrail, AuditVerification
-from controller.historian import Historian, canonical_json, default_url
-from controller.records import EventRecord, StepRecord
+from controller.records.audit import AuditRecord, AuditTrail, AuditVerification
+from controller.records.historian import Historian, canonical_json, default_url
+from controller.records.steps import EventRecord, StepRecord
 
 __all__ = ["EXPORTED_TABLES", "add_report_parser", "write_report"]
 
@@ -118,7 +118,7 @@ def _figure(rows: int, cols: int, height: float) -> tuple[Any, list[Any]]:
 
 def _limits(events: Sequence[EventRecord]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """State limits and input bounds of the latest ``config`` event (see
-    :func:`controller.historian.config_event`)."""
+    :func:`controller.records.historian.config_event`)."""
     state: dict[str, dict[str, Any]] = {}
     inputs: dict[str, Any] = {}
     for e in events:

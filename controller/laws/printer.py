@@ -48,7 +48,7 @@ from plant_models.config import check_keys, load_toml
 from plant_models.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
-    from controller.forecast import HarvestForecast
+    from controller.numerics.forecast import HarvestForecast
 
 __all__ = [
     "FINAL_STATES",
@@ -274,7 +274,7 @@ class PrinterCommand:
 @dataclasses.dataclass(frozen=True)
 class PrintEvent:
     """Something the policy decided or saw (the runtime records it as an
-    :class:`~controller.records.EventRecord` of kind ``printer``).
+    :class:`~controller.records.steps.EventRecord` of kind ``printer``).
 
     Attributes:
         severity: ``info``, ``warning`` or ``alarm``.

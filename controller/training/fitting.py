@@ -10,7 +10,7 @@ historical residual (:func:`sim.campaign.train_historical_residual`):
   (``validation.json``, ``validation.png``);
 * :func:`validate_24h`: the validation on its own.
 
-The training data come from :mod:`controller.training` (docs/gp.md, docs/hybrid.md).
+The training data come from :mod:`controller.training.batches` (docs/gp.md, docs/hybrid.md).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from plant_models.process import DEFAULT_PROCESS, get_process
 if TYPE_CHECKING:  # pandas is imported only when training (hmpc's start-up stays quick)
     import pandas as pd
 
-    from controller.training import BatchRecord, LogNoiseModel
+    from controller.training.batches import BatchRecord, LogNoiseModel
 
 __all__ = [
     "FitResult",
@@ -312,7 +312,7 @@ def fit_residual(spec: FitSpec) -> FitResult:
             the model files.
         FitError: the GP fit failed.
     """
-    from controller.training import load_batch_records
+    from controller.training.batches import load_batch_records
 
     base = nominal_model(spec.model, spec.parameters, spec.process)
     features = spec.feature_names
@@ -381,7 +381,7 @@ def _fit_and_validate(
 ) -> tuple[GPResidual, int, LogNoiseModel, dict[str, Any]]:
     """Fit a residual on ``train``, validate it on ``held``: (residual, training points,
     probe-noise model of ``train``, :func:`validate_24h` result)."""
-    from controller.training import estimate_log_noise
+    from controller.training.batches import estimate_log_noise
 
     features = spec.feature_names
     adapt = spec.adapted_parameters
@@ -475,11 +475,11 @@ def training_observations(
     are fitted on its whole record first and its residuals taken against that adapted model,
     so the residual learns what the patient parameters do not explain.
 
-    ``kwargs`` go to :func:`controller.training.growth_rate_observations`; returns its
+    ``kwargs`` go to :func:`controller.training.batches.growth_rate_observations`; returns its
     DataFrame (one row per observation)."""
     import pandas as pd
 
-    from controller.training import (
+    from controller.training.batches import (
         estimate_log_noise,
         growth_rate_observations,
         reconstruct_states,
@@ -605,7 +605,7 @@ def validate_24h(
     along the predicted path (``w^T S w``, S from :meth:`GPResidual.predict_covariance` at
     the hourly states, ``w = dt`` for an additive residual and ``dt * mu_model`` for a
     multiplicative one) and (3) the measurement variance of the compared point, from the
-    ``noise`` model (:class:`controller.training.LogNoiseModel`; estimated from the records
+    ``noise`` model (:class:`controller.training.batches.LogNoiseModel`; estimated from the records
     when None). ``coverage_95`` is the share of points within ``+-1.96 sd``.
 
     ``features`` is accepted for backward compatibility and ignored (the residual's own).
@@ -623,7 +623,7 @@ def validate_24h(
 
     import pandas as pd
 
-    from controller.training import (
+    from controller.training.batches import (
         TRUE_CELLS_KEY,
         causal_log_cells,
         estimate_log_noise,

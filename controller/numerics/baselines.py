@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller.measurements import Measurement
+from controller.numerics.measurements import Measurement
 from plant_models.process import ProcessPlugin, Recipe, get_process, schedule_value
 
 __all__ = [

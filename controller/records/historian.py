@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controller.records import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
+from controller.records.steps import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
 from plant_models.errors import HistorianError
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ offline assays that arrive hours after their sample time.
 Pipeline of one :meth:`Estimator.update`:
 
 1. predict from the last update to ``time_h`` with the inputs applied in between;
-2. validate every measurement without the estimate (:mod:`controller.validation`);
+2. validate every measurement without the estimate (:mod:`controller.numerics.validation`);
 3. place each valid measurement at its **sample time** in a bounded history of steps
    (inserting a step when the sample time falls between two updates);
 4. re-process the history from the earliest changed step to the present: predict, gate
@@ -50,8 +50,8 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
-from controller.measurements import Measurement
-from controller.validation import (
+from controller.numerics.measurements import Measurement
+from controller.numerics.validation import (
     MeasurementDecision,
     MeasurementValidator,
     ValidationSettings,

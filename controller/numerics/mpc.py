@@ -32,7 +32,7 @@ import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
-from controller.mpc_config import MPCConfig, StateBound
+from controller.numerics.mpc_config import MPCConfig, StateBound
 from plant_models.base import CASADI_OPS, rk4
 from plant_models.config import suggest
 from plant_models.errors import ConfigError, ModelError, SolverFailedError
@@ -288,7 +288,7 @@ class NonlinearMPC:
     Args:
         model: see :class:`PredictionModel`.
         config: tuning; fill process limits first with
-            :func:`controller.mpc_config.with_process_limits`.
+            :func:`controller.numerics.mpc_config.with_process_limits`.
         recipe: culture age -> inputs; needed when ``on_failure = "recipe"``.
         model_parameters: names of model parameters that become NLP parameters (e.g.
             ``("mu_max",)`` so the estimator's per-patient growth factor reaches the

@@ -502,7 +502,7 @@ class HarvestForecaster:
         """Forecast from an estimate.
 
         Args:
-            estimate: an :class:`~controller.estimator.EstimatorResult` (``time_h``,
+            estimate: an :class:`~controller.numerics.estimator.EstimatorResult` (``time_h``,
                 ``state``, ``factors``, ``covariance`` over ``[x; log factors; ...]``).
             inputs: the inputs applied now (held when no ``plan`` is given).
             plan: future inputs (e.g. :meth:`InputPlan.from_mpc`) or a feedback law applied

@@ -3,7 +3,7 @@
 The checks here need no state estimate: non-finite values, bad quality flags, unknown
 variables, values outside the physical range, stuck online sensors, stale or future
 timestamps, duplicate and superseded readings. The innovation (spike) gate needs the
-estimate and lives in :mod:`controller.estimator`.
+estimate and lives in :mod:`controller.numerics.estimator`.
 
 Every decision is a :class:`MeasurementDecision` with a machine-readable ``reason``
 (one of :data:`REASONS`), so the historian and the tests can count rejections per cause.
@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from controller.measurements import Measurement
+from controller.numerics.measurements import Measurement
 
 __all__ = [
     "REASONS",

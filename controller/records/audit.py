@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from controller.historian import Historian, canonical_json, default_url
+from controller.records.historian import Historian, canonical_json, default_url
 from plant_models.config import suggest
 from plant_models.errors import HistorianError
 

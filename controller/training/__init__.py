@@ -1,0 +1,34 @@
+"""Training from batch records, as library calls: batch records -> training data
+(``batches``), fitting the residual and its 24 h validation (``fitting``).
+
+The names below are the public API; the modules are the implementation."""
+
+from __future__ import annotations
+
+from controller.training.batches import (
+    BatchRecord,
+    growth_rate_observations,
+    load_batch_records,
+    read_batch_record,
+    reconstruct_states,
+)
+from controller.training.fitting import (
+    FitResult,
+    FitSpec,
+    fit_residual,
+    nominal_model,
+    validate_24h,
+)
+
+__all__ = [
+    "BatchRecord",
+    "FitResult",
+    "FitSpec",
+    "fit_residual",
+    "growth_rate_observations",
+    "load_batch_records",
+    "nominal_model",
+    "read_batch_record",
+    "reconstruct_states",
+    "validate_24h",
+]
