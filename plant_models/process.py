@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from plant_models.adaptation import AdaptedParameter
 from plant_models.base import MechanisticModel
-from plant_models.config import ParameterFile, check_keys, load_toml
+from plant_models.config import ParameterFile, check_keys, load_parameters, load_toml
 from plant_models.errors import ConfigError
 
 __all__ = [
@@ -145,22 +145,48 @@ class ProcessPlugin:
     dose_field: str | None = None
     truth_variants: ClassVar[Mapping[str, Path]] = {}
 
-    # -- files and models (subclasses) -------------------------------------------------
+    #: the model class, called as ``model_type(parameters, process)``
+    model_type: ClassVar[type[MechanisticModel[Any]] | None] = None
+    #: the frozen dataclasses of the kinetics and of the process specification
+    parameters_type: ClassVar[type | None] = None
+    process_type: ClassVar[type | None] = None
+    #: the packaged parameter and process files
+    parameters_path: ClassVar[Path | None] = None
+    process_path: ClassVar[Path | None] = None
+
+    # -- files and models ------------------------------------------------------------
     def load_parameters(self, path: str | Path | None = None) -> tuple[Any, ParameterFile]:
-        """The controller model's kinetics (default: the packaged nominal file)."""
-        raise NotImplementedError  # abstract: every plug-in overrides it
+        """The controller model's kinetics (default: the packaged nominal file), a
+        ``[meta] model = <name>`` parameter file of :attr:`parameters_type`."""
+        return load_parameters(
+            self._declared("parameters_type"),
+            path if path is not None else self._declared("parameters_path"),
+            model=self.name,
+        )
 
     def load_process(self, path: str | Path | None = None) -> tuple[Any, ParameterFile]:
-        """The process specification (default: the packaged process file)."""
-        raise NotImplementedError  # abstract: every plug-in overrides it
+        """The process specification (default: the packaged process file), a
+        ``[meta] model = <name>-process`` file of :attr:`process_type`."""
+        return load_parameters(
+            self._declared("process_type"), self.process_file(path), model=f"{self.name}-process"
+        )
 
     def process_file(self, path: str | Path | None = None) -> Path:
         """The process file a path names (default: the packaged one)."""
-        raise NotImplementedError  # abstract: every plug-in overrides it
+        return Path(path) if path is not None else Path(self._declared("process_path"))
 
     def model(self, parameters: Any, process: Any) -> MechanisticModel[Any]:
         """The mechanistic model of given kinetics and process specification."""
-        raise NotImplementedError  # abstract: every plug-in overrides it
+        return self._declared("model_type")(parameters, process)
+
+    def _declared(self, attribute: str) -> Any:
+        value = getattr(self, attribute)
+        if value is None:
+            raise ConfigError(
+                f"process plug-in {self.name!r} ({type(self).__name__}) declares no {attribute}; "
+                "set it on the class or override the method that uses it."
+            )
+        return value
 
     def rule(
         self, values: Mapping[str, float], time_h: float, settings: Any = None

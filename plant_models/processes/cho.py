@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from plant_models.base import MechanisticModel
-from plant_models.cho import CHOFedBatchModel, load_cho_parameters, load_cho_process
-from plant_models.config import ParameterFile
+from plant_models.cho import CHOFedBatchModel, CHOParameters, CHOProcess
 from plant_models.process import HardLimit, ProcessPlugin, SensorDefaults, SensorNoise
 
 __all__ = ["PROCESS", "CHOPlugin", "CHORule"]
@@ -39,6 +38,11 @@ class CHOPlugin(ProcessPlugin):
     """CHO fed-batch (Kontoravdi 2010 / Ohkubo 2023 kinetics)."""
 
     name = "cho"
+    model_type = CHOFedBatchModel
+    parameters_type = CHOParameters
+    process_type = CHOProcess
+    parameters_path = Path(str(DATA / "cho_kontoravdi2010.toml"))
+    process_path = Path(str(DATA / "cho_process.toml"))
     title = "CHO fed-batch, concentrated feed"
     default_mpc_config = "mpc_cho.toml"
     gp_features = ("glucose", "lactate", "ammonia", "culture_age")
@@ -69,18 +73,6 @@ class CHOPlugin(ProcessPlugin):
     truth_variants: ClassVar[Mapping[str, Path]] = {
         "packaged": Path(str(DATA / "cho_truth.toml")),
     }
-
-    def load_parameters(self, path: str | Path | None = None) -> tuple[Any, ParameterFile]:
-        return load_cho_parameters(path)
-
-    def load_process(self, path: str | Path | None = None) -> tuple[Any, ParameterFile]:
-        return load_cho_process(path)
-
-    def process_file(self, path: str | Path | None = None) -> Path:
-        return Path(str(DATA / "cho_process.toml")) if path is None else Path(path)
-
-    def model(self, parameters: Any, process: Any) -> MechanisticModel[Any]:
-        return CHOFedBatchModel(parameters, process)
 
     def truth_model(self, patient: Any, process: Any, truth: Any = None) -> MechanisticModel[Any]:
         model = super().truth_model(patient, process, truth)

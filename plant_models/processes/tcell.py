@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from plant_models.adaptation import AdaptedParameter
-from plant_models.base import MechanisticModel
 from plant_models.config import ParameterFile, load_parameters, load_toml, param
 from plant_models.process import (
     HardLimit,
@@ -27,8 +26,7 @@ from plant_models.process import (
 from plant_models.tcell import (
     TCellExpansionModel,
     TCellParameters,
-    load_tcell_parameters,
-    load_tcell_process,
+    TCellProcess,
 )
 
 __all__ = [
@@ -114,6 +112,11 @@ class TCellPlugin(ProcessPlugin):
     """T-cell / CAR-T expansion in a perfusion bioreactor with cell retention."""
 
     name = "tcell"
+    model_type = TCellExpansionModel
+    parameters_type = TCellParameters
+    process_type = TCellProcess
+    parameters_path = Path(str(DATA / "tcell_nominal.toml"))
+    process_path = Path(str(DATA / "tcell_process.toml"))
     title = "T-cell / CAR-T expansion, perfusion with cell retention"
     default_mpc_config = "mpc_tcell.toml"
     gp_features = ("lactate", "il2", "inhibitor", "culture_age")
@@ -148,18 +151,6 @@ class TCellPlugin(ProcessPlugin):
         "packaged": Path(str(DATA / "tcell_truth.toml")),
         "lactate20": Path(str(DATA / "tcell_truth_lactate20.toml")),
     }
-
-    def load_parameters(self, path: str | Path | None = None) -> tuple[Any, ParameterFile]:
-        return load_tcell_parameters(path)
-
-    def load_process(self, path: str | Path | None = None) -> tuple[Any, ParameterFile]:
-        return load_tcell_process(path)
-
-    def process_file(self, path: str | Path | None = None) -> Path:
-        return Path(str(DATA / "tcell_process.toml")) if path is None else Path(path)
-
-    def model(self, parameters: Any, process: Any) -> MechanisticModel[Any]:
-        return TCellExpansionModel(parameters, process)
 
     def load_truth_parameters(
         self, path: str | Path | None = None
