@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     coh.add_argument("--cohort", type=Path, default=None, help="patient distribution (TOML)")
     coh.add_argument("--out", type=Path, required=True, help="output folder")
     coh.set_defaults(func=cmd_cohort)
+    procs = sub.add_parser("processes", help="list the registered process plug-ins")
+    procs.set_defaults(func=cmd_processes)
     bench = sub.add_parser("bench", help="benchmarks that print figures (see docs/benchmarks)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     for add_bench in BENCHMARKS:
@@ -264,6 +266,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"({len(df) - 1} steps in {elapsed:.2f} s)"
     )
     print(f"wrote {args.out}/trajectory.csv, summary.json, trajectory.png")
+    return 0
+
+
+def cmd_processes(args: argparse.Namespace) -> int:
+    """One line a registered process plug-in: name, title, inputs, default tuning."""
+    for name in available_processes():
+        plugin = get_process(name)
+        inputs = ", ".join(plugin.build_model().input_names)
+        print(f"{name}: {plugin.title} (inputs: {inputs}; tuning: {plugin.default_mpc_config})")
     return 0
 
 

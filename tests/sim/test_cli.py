@@ -105,3 +105,13 @@ def test_simulate_adapt_option(tmp_path: Path, capsys: pytest.CaptureFixture[str
     recipe = ["simulate", "--adapt", "auto", "--out", str(tmp_path / "r")]
     assert main(recipe) == 2
     assert "--adapt is for the MPC controllers" in capsys.readouterr().err
+
+
+def test_processes_lists_the_registered_plug_ins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["processes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("tcell: ") and "glucose_feed" in line for line in lines)
+    assert any(line.startswith("cho: ") and "feed_rate" in line for line in lines)
+    with pytest.raises(SystemExit) as err:
+        main(["simulate", "--model", "yeast", "--out", "x"])
+    assert err.value.code == 2  # argparse: not a registered process
