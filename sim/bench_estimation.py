@@ -552,7 +552,10 @@ def cmd_bench_estimation(args: argparse.Namespace) -> int:
         )
     # every injected fault is rejected with a warning; thousands of them would bury the
     # figures, so they are shown only with --verbose
-    quiet = [logging.getLogger(n) for n in ("controller.numerics.validation", "controller.numerics.estimator")]
+    quiet = [
+        logging.getLogger(n)
+        for n in ("controller.numerics.validation", "controller.numerics.estimator")
+    ]
     levels = [q.level for q in quiet]
     if not getattr(args, "verbose", False):
         for q in quiet:

@@ -4,7 +4,8 @@ contain the time the patient's dose is actually reached?
 Each virtual patient's batch runs once in closed loop (:func:`sim.closed_loop.run_closed_loop`,
 the rule baseline by default) for long enough to reach the dose; the measurements the
 plant's sensors delivered are recorded on the way. The estimator
-(:class:`controller.numerics.estimator.Estimator`, default tuning) is run on those measurements only;
+(:class:`controller.numerics.estimator.Estimator`, default tuning) is run on those
+measurements only;
 at the last control step at least ``--lead-hours`` (48) before the true dose-reached time
 the :class:`controller.numerics.forecast.HarvestForecaster` forecasts from the estimate, with the
 inputs of that step held (or, for an MPC controller, its predicted inputs). The truth is
@@ -364,7 +365,10 @@ def cmd_bench_forecast(args: argparse.Namespace) -> int:
         raise ConfigError("--days and --lead-hours must be positive")
     model = TCellExpansionModel(load_tcell_parameters()[0], load_tcell_process()[0])
     config = ForecastConfig.from_estimator(EstimatorConfig.for_model(model), members=args.members)
-    quiet = [logging.getLogger(n) for n in ("controller.numerics.validation", "controller.numerics.estimator")]
+    quiet = [
+        logging.getLogger(n)
+        for n in ("controller.numerics.validation", "controller.numerics.estimator")
+    ]
     levels = [q.level for q in quiet]
     if not getattr(args, "verbose", False):
         for q in quiet:

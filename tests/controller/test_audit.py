@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.records.audit import GENESIS_HASH, AuditTrail, chain_hash
 from controller.cli import main
+from controller.records.audit import GENESIS_HASH, AuditTrail, chain_hash
 from controller.records.historian import Historian, canonical_json
 from plant_models.errors import HistorianError
 

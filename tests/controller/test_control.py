@@ -49,7 +49,7 @@ def test_hybrid_mpc_learns_from_the_running_batch(tmp_path: Path) -> None:
     controller = build_controller(spec)
     learner = controller.learner
     assert isinstance(learner, RunningBatchLearner)
-    mpc = controller.numerics.mpc
+    mpc = controller.mpc
     probe = (100.0, np.array([1.0, 0.1, 10.0, 5.0, 30.0, 50.0, 1.0]), np.zeros(3))
     before = float(mpc._mean_fn(*probe))
     plant = VirtualBioreactor.for_process(
@@ -106,8 +106,8 @@ def test_mpc_fits_the_patient_parameters_of_the_running_batch(
     controller = build_controller(spec)
     adapter = controller.adapter
     assert isinstance(adapter, PatientParameterLearner)
-    assert set(names) <= set(controller.numerics.mpc.parameter_names)
-    nominal = controller.numerics.mpc.model.parameters
+    assert set(names) <= set(controller.mpc.parameter_names)
+    nominal = controller.mpc.model.parameters
     patient = VirtualPatient.draw(1, load_cohort_spec()[0])  # slow grower
     assert patient.growth_factor < 0.8
     plant = VirtualBioreactor.for_process("tcell", patient)
@@ -117,7 +117,7 @@ def test_mpc_fits_the_patient_parameters_of_the_running_batch(
     assert set(adapter.values) == set(names)
     assert adapter.values["mu_max"] < nominal.mu_max
     # the MPC got them: its parameter vector holds the fitted values
-    sent = dict(zip(controller.numerics.mpc.parameter_names, controller.numerics.mpc._pvals, strict=True))
+    sent = dict(zip(controller.mpc.parameter_names, controller.mpc._pvals, strict=True))
     for name in names:
         assert sent[name] == pytest.approx(adapter.values[name])
     assert all(r.success for r in controller.results) and df["hard_violation"].sum() == 0

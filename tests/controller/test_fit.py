@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from controller.cli import main
-from controller.training.fitting import nominal_model, validate_24h
 from controller.training.batches import (
     BatchRecord,
     causal_log_cells,
@@ -19,6 +18,7 @@ from controller.training.batches import (
     load_batch_records,
     reconstruct_states,
 )
+from controller.training.fitting import nominal_model, validate_24h
 from plant_models.errors import ConfigError
 from plant_models.gp import GPResidual
 from plant_models.hybrid import HybridModel, RateCorrection

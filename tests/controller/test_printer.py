@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sim" / "opcua"))
 from opcua_testkit import Pki, free_ports, session
 from opcua_testkit import pki as pki  # the session-scoped PKI fixture
 
-from controller.numerics.forecast import HarvestForecast
 from controller.laws.printer import (
     JobSpec,
     PrinterCommand,
@@ -35,6 +34,7 @@ from controller.laws.printer import (
     PrintPolicyConfig,
     load_printer_config,
 )
+from controller.numerics.forecast import HarvestForecast
 from controller.records.steps import EventRecord
 from controller.runtime.printing import PrinterCoordinator
 from plant_models.errors import ConfigError, ModelError

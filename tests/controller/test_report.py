@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from historian_testkit import SETUP_HINT, WALL_START
 
-from controller.records.audit import AuditTrail
 from controller.cli import main
+from controller.records.audit import AuditTrail
 from controller.records.historian import Historian
-from controller.records.steps import EventRecord, StepRecord
 from controller.records.report import EXPORTED_TABLES
+from controller.records.steps import EventRecord, StepRecord
 
 Batch = tuple[list[StepRecord], list[EventRecord]]
 

@@ -24,8 +24,8 @@ from runtime_testkit import PASSWORDS, PlantThread, free_ports
 
 from controller.laws.control import ControllerSpec, build_controller
 from controller.records.historian import Historian
-from controller.records.steps import EventRecord, StepRecord
 from controller.records.report import write_report
+from controller.records.steps import EventRecord, StepRecord
 from controller.runtime.plant_io import ensure_client_certificate
 from controller.runtime.service import serve
 from controller.runtime.site import SiteConfig, load_site

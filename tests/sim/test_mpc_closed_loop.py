@@ -80,7 +80,7 @@ def test_hybrid_mpc_runs_with_a_learned_residual() -> None:
     plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
     controller = make_mpc_controller("hybrid-mpc", plant, gp_points=100)
     df = run_closed_loop(plant, controller, days=0.25)
-    assert controller.numerics.mpc.residual_names == ("growth_rate",)
+    assert controller.mpc.residual_names == ("growth_rate",)
     assert all(r.success for r in controller.results)
     assert df["hard_violation"].sum() == 0
     # kappa > 0 in the tuning: the GP std is propagated and reported

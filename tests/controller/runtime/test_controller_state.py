@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from controller.laws.control import ControllerSpec, build_controller
-from controller.records.historian import Historian
 from controller.numerics.measurements import Measurement
+from controller.records.historian import Historian
 from controller.records.steps import SetpointRecord, StepRecord
 from controller.runtime.loop import UnitLoop
 from controller.runtime.restart import (
