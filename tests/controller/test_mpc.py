@@ -1,5 +1,6 @@
 """Tests of the nonlinear MPC (controller/numerics/mpc.py, controller/numerics/mpc_config.py)
-with the real solvers: known answers, configuration errors, failure policies, limits, warm starts."""
+with the real solvers: known answers, configuration errors, failure policies, limits, warm
+starts."""
 
 from __future__ import annotations
 
