@@ -13,9 +13,10 @@ $(BIN)/activate:
 
 # torch is installed first, pinned to the 2.13 CPU build that pip finds locally
 # (find-links); an unpinned torch would pull several GB of CUDA packages.
-$(VENV)/.installed: pyproject.toml $(BIN)/activate
+$(VENV)/.installed: pyproject.toml examples/hmpc_amribt/pyproject.toml $(BIN)/activate
 	$(BIN)/pip install "torch==2.13.*"
-	$(BIN)/pip install -e ".[dev,bench]"
+	$(BIN)/pip install -e ".[dev,bench,fmu]"
+	$(BIN)/pip install -e examples/hmpc_amribt
 	bash sim/opcua/setup_nodesets.sh
 	bash sim/opcua/setup_lads_client.sh
 	bash tests/support/setup_test_services.sh
@@ -28,8 +29,8 @@ demo: setup
 	@echo "Batch report: $(OUT)/run/report/BR01/report.html (historian: $(OUT)/run/historian.sqlite)"
 
 lint: setup
-	$(BIN)/ruff check plant_models controller sim tests
-	$(BIN)/ruff format --check plant_models controller sim tests
+	$(BIN)/ruff check plant_models controller sim tests examples
+	$(BIN)/ruff format --check plant_models controller sim tests examples
 
 typecheck: setup
 	$(BIN)/mypy

@@ -8,12 +8,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from controller.cli import run_cli
 from plant_models.process import DEFAULT_PROCESS, available_processes, get_process
 from sim.baselines import make_baseline
 from sim.closed_loop import run_closed_loop, summarize
+from sim.fmu import FMUPlant
 from sim.patients import VirtualPatient, load_cohort_spec
 from sim.plant import VirtualBioreactor
 from sim.report import write_batch
@@ -114,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cohort", type=Path, default=None, help="virtual-patient distribution file (TOML)"
     )
     sim.add_argument("--sensor-seed", type=int, default=0, help="seed of the sensor noise")
+    sim.add_argument(
+        "--plant",
+        default="virtual",
+        metavar="virtual|fmu:FILE",
+        help="the plant: the virtual bioreactor (default) or an FMU run through the variable "
+        "map beside it, FILE.toml (fmu:FILE.fmu; needs the extra hmpc[fmu], sim/fmu.py)",
+    )
     sim.add_argument("--out", type=Path, required=True, help="output folder")
     sim.set_defaults(func=cmd_simulate)
 
@@ -217,9 +225,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     plugin = get_process(args.model)
     proc = plugin.load_process(args.process)[0]
     truth = plugin.load_truth_parameters(args.parameters)[0] if args.parameters else None
-    plant = VirtualBioreactor.for_process(
-        plugin, patient, process=proc, truth=truth, seed=args.sensor_seed
-    )
+    plant: VirtualBioreactor | FMUPlant
+    if args.plant.startswith("fmu:"):
+        if args.patient_seed is not None or args.controller == "oracle":
+            raise ValueError(
+                "--plant fmu: the FMU has no virtual patient and no truth model for the "
+                "oracle; drop --patient-seed / choose another --controller"
+            )
+        plant = FMUPlant(
+            Path(args.plant[4:]), plugin, process=proc, parameters=truth, seed=args.sensor_seed
+        )
+    elif args.plant == "virtual":
+        plant = VirtualBioreactor.for_process(
+            plugin, patient, process=proc, truth=truth, seed=args.sensor_seed
+        )
+    else:
+        raise ValueError(f"--plant {args.plant!r}: expected 'virtual' or 'fmu:FILE.fmu'")
     days = args.days if args.days is not None else proc.harvest_time / 24.0
     controller: Any
     if args.residual is not None and args.controller != "hybrid-mpc":
@@ -229,7 +250,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         controller = make_mpc_controller(
             args.controller,
-            plant,
+            cast(Any, plant),  # reads kind, process and bounds (the truth only for the oracle)
             args.mpc_config,
             residual=args.residual,
             patient_parameters=_patient_parameters(args.model, args.adapt),
@@ -257,7 +278,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         summary.update(mpc_statistics(controller))
     summary["wall_time_s"] = round(elapsed, 3)
-    title = f"{args.model} batch, patient {patient.patient_id}, controller {args.controller}"
+    title = f"{args.model} batch, patient {plant.plant_id}, controller {args.controller}"
     write_batch(df, summary, args.out, title=title)
     print(
         f"{title}: fold expansion {summary['fold_expansion']:.1f}, final viability "

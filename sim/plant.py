@@ -15,9 +15,9 @@ from plant_models.base import MechanisticModel
 from plant_models.errors import IntegrationError, ModelError
 from plant_models.process import ProcessPlugin, get_process
 from sim.patients import VirtualPatient
-from sim.sensors import Measurement, SensorSpec, default_sensor_spec, noisy
+from sim.sensors import Measurement, PlantSensors, SensorSpec, default_sensor_spec
 
-__all__ = ["VirtualBioreactor"]
+__all__ = ["VirtualBioreactor", "clamp_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,35 @@ FloatArray = npt.NDArray[np.float64]
 #: Integrators tried in turn: LSODA switches between stiff and non-stiff methods; BDF and
 #: Radau are the stiff fall-backs.
 _METHODS = ("LSODA", "BDF", "Radau")
+
+
+def clamp_inputs(
+    inputs: Mapping[str, float], bounds: Mapping[str, tuple[float, float]], *, warn: bool = True
+) -> tuple[dict[str, float], int]:
+    """Inputs clamped to their (low, high) bounds, as a plant's own controllers would: a
+    missing input is 0 (then clamped), a non-finite one its lower bound. Returns the
+    clamped inputs and how many were changed (each logged as a warning when ``warn``).
+
+    Raises:
+        ModelError: an input the plant does not take.
+    """
+    unknown = [k for k in inputs if k not in bounds]
+    if unknown:
+        raise ModelError(f"unknown input(s) {unknown}; the plant takes {sorted(bounds)}")
+    out: dict[str, float] = {}
+    changed = 0
+    for name, (low, high) in bounds.items():
+        value = float(inputs.get(name, 0.0))
+        if not math.isfinite(value):
+            log.warning("plant: non-finite %s=%r replaced by %g", name, value, low)
+            value = low
+        clamped = min(max(value, low), high)
+        if clamped != value:
+            changed += 1
+            if warn:
+                log.warning("plant: %s=%g clamped to [%g, %g]", name, value, low, high)
+        out[name] = clamped
+    return out, changed
 
 
 class VirtualBioreactor:
@@ -52,20 +81,14 @@ class VirtualBioreactor:
         self.sensors = sensors
         self.plugin = plugin
         self.kind = plugin.name
-        self.rng = np.random.default_rng(np.random.SeedSequence([7919, int(seed)]))
-        # probe calibration errors: their own stream, so the noise streams do not move
-        cal_rng = np.random.default_rng(np.random.SeedSequence([7927, int(seed)]))
-        self.probe_gains: dict[str, float] = {
-            name: float(math.exp(cal_rng.normal(0.0, sd)))
-            for name, sd in sensors.online_calibration_sd.items()
-        }
+        self.readings = PlantSensors(sensors, seed)
+        self.rng = self.readings.rng
+        self.probe_gains = self.readings.probe_gains
         self.time_h = 0.0
         init = model.initial_state(viability=patient.initial_viability)  # type: ignore[attr-defined]
         self.state: FloatArray = model.state_vector(init)
         self.initial_state: FloatArray = self.state.copy()
         self.bounds: dict[str, tuple[float, float]] = model.operating_bounds()  # type: ignore[attr-defined]
-        self._pending: list[Measurement] = []
-        self._next_assay = sensors.assay_first
         self.clamped_inputs = 0
 
     # -- constructors ------------------------------------------------------------------
@@ -126,43 +149,26 @@ class VirtualBioreactor:
 
     # -- stepping ------------------------------------------------------------------------
     def _clamp(self, inputs: Mapping[str, float], *, count: bool = True) -> dict[str, float]:
-        unknown = [k for k in inputs if k not in self.bounds]
-        if unknown:
-            raise ModelError(f"unknown input(s) {unknown}; the plant takes {sorted(self.bounds)}")
-        out: dict[str, float] = {}
-        for name, (low, high) in self.bounds.items():
-            value = float(inputs.get(name, 0.0))
-            if not math.isfinite(value):
-                log.warning("plant: non-finite %s=%r replaced by %g", name, value, low)
-                value = low
-            clamped = min(max(value, low), high)
-            if count and clamped != value:
-                self.clamped_inputs += 1
-                log.warning("plant: %s=%g clamped to [%g, %g]", name, value, low, high)
-            out[name] = clamped
+        out, clamped = clamp_inputs(inputs, self.bounds, warn=count)
+        if count:
+            self.clamped_inputs += clamped
         return out
 
     def initial_measurements(self) -> list[Measurement]:
         """Online readings at inoculation (and the day-0 assay when it is due)."""
-        out = self._online(self.time_h)
-        self._sample_assays(self.time_h)
-        return out + self._release(self.time_h)
+        return self.readings.initial(self.true_values(), self.time_h)
 
     def step(self, inputs: Mapping[str, float], dt_h: float) -> list[Measurement]:
         """Advance the truth by ``dt_h`` hours under piecewise-constant ``inputs``."""
         if not (dt_h > 0 and math.isfinite(dt_h)):
             raise ModelError(f"step length must be positive and finite, got {dt_h!r}")
         u = self.model.input_vector(self._clamp(inputs))
-        t0, t1 = self.time_h, self.time_h + dt_h
-        # assays sampled inside the interval are taken at their sample time
-        while self._next_assay < t1 - 1e-9:
-            if self._next_assay > t0 + 1e-9:
-                self._integrate(u, self.time_h, self._next_assay)
-                self._sample_assays(self._next_assay)
-            elif self._next_assay <= t0 + 1e-9:
-                self._sample_assays(self._next_assay)
-        self._integrate(u, self.time_h, t1)
-        return self._online(t1) + self._release(t1)
+
+        def advance_to(t: float) -> dict[str, float]:
+            self._integrate(u, self.time_h, t)
+            return self.true_values()
+
+        return self.readings.interval(self.time_h, self.time_h + dt_h, advance_to)
 
     def _integrate(self, u: FloatArray, t0: float, t1: float) -> None:
         if t1 <= t0:
@@ -188,37 +194,3 @@ class VirtualBioreactor:
                 return
             last = f"{method}: {sol.message}"
         raise IntegrationError(f"plant integration failed on [{t0}, {t1}] h ({last})")
-
-    def _online(self, t: float) -> list[Measurement]:
-        truth = self.true_values()
-        return [
-            Measurement(
-                name,
-                noisy(
-                    self.probe_gains.get(name, 1.0) * truth[name],
-                    spec,
-                    self.rng,
-                    upper=1.0 if name == "viability" else math.inf,
-                ),
-                spec.unit,
-                t,
-                t,
-                "online",
-            )
-            for name, spec in self.sensors.online.items()
-        ]
-
-    def _sample_assays(self, t: float) -> None:
-        truth = self.true_values()
-        arrival = t + self.sensors.assay_delay
-        for name, spec in self.sensors.assays.items():
-            value = noisy(
-                truth[name], spec, self.rng, upper=1.0 if name == "viability" else math.inf
-            )
-            self._pending.append(Measurement(name, value, spec.unit, t, arrival, "assay"))
-        self._next_assay = t + self.sensors.assay_interval
-
-    def _release(self, t: float) -> list[Measurement]:
-        ready = [m for m in self._pending if m.arrival_time <= t + 1e-9]
-        self._pending = [m for m in self._pending if m.arrival_time > t + 1e-9]
-        return ready
