@@ -131,8 +131,8 @@ def test_files_state_units_sources_and_the_authors_set(plugin: ProcessPlugin) ->
 
 
 def test_packaged_mpc_tuning_loads_and_fits_the_model(plugin: ProcessPlugin) -> None:
-    from controller.control import default_mpc_config
-    from controller.mpc_config import load_mpc_config, with_process_limits
+    from controller.laws.control import default_mpc_config
+    from controller.numerics.mpc_config import load_mpc_config, with_process_limits
 
     path = default_mpc_config("amribt")
     assert path.is_absolute() and path.is_file() and path.parent.parent.name == "hmpc_amribt"

@@ -23,7 +23,7 @@ fmpy = pytest.importorskip("fmpy", reason="fmpy (the extra hmpc[fmu]) is not ins
 
 import hmpc_amribt  # noqa: E402  (after the skip: the plug-in package, installed by make setup)
 
-from controller.baselines import RuleController, make_baseline  # noqa: E402
+from controller.numerics.baselines import RuleController, make_baseline  # noqa: E402
 from plant_models.errors import ConfigError, ModelError  # noqa: E402
 from plant_models.process import ProcessPlugin, get_process, schedule_value  # noqa: E402
 from sim.closed_loop import hard_violations, run_closed_loop, summarize  # noqa: E402
@@ -304,11 +304,6 @@ def fmu_records(tmp_path_factory: pytest.TempPathFactory, plugin: ProcessPlugin)
     return str(out / "*" / "trajectory.csv")
 
 
-@pytest.mark.xfail(
-    reason="controller/cli.py `hmpc fit --model` still offers only tcell/cho (hard-coded "
-    "choices and nominal_model); remove this mark when it asks the plug-in registry",
-    raises=SystemExit,
-)
 def test_hmpc_fit_cli_accepts_the_plugin(tmp_path: Path, fmu_records: str) -> None:
     from controller.cli import main
 
@@ -323,16 +318,17 @@ def test_hmpc_fit_cli_accepts_the_plugin(tmp_path: Path, fmu_records: str) -> No
     ]
     assert main(args) == 0
     assert (tmp_path / "r.npz").is_file()
+    assert (tmp_path / "rep" / "validation.json").is_file()
 
 
 def test_residual_fit_on_fmu_batches(
     tmp_path: Path, plugin: ProcessPlugin, fmu_records: str
 ) -> None:
-    """What ``hmpc fit --model amribt`` does, through the library (its CLI is not open to
-    plug-ins yet): growth-rate observations of FMU batch records, a GP residual, the hybrid
+    """What ``hmpc fit --model amribt`` does, step by step through the library:
+    growth-rate observations of FMU batch records, a GP residual, the hybrid
     model and the 24 h-ahead validation on a held-out batch."""
-    from controller.cli import validate_24h
-    from controller.training import (
+    from controller.training import validate_24h
+    from controller.training.batches import (
         estimate_log_noise,
         growth_rate_observations,
         load_batch_records,
