@@ -27,7 +27,6 @@ from hmpc_amribt.model import (
     load_amribt_process,
 )
 from plant_models.base import MechanisticModel
-from plant_models.config import ParameterFile
 from plant_models.process import HardLimit, PatientLike, ProcessPlugin, SensorDefaults, SensorNoise
 
 __all__ = [
@@ -67,6 +66,12 @@ class AmribtPlugin(ProcessPlugin):
     """CHO fed-batch, Amribt 2013 kinetics with product (Bioprocess Library example)."""
 
     name = "amribt"
+    # the model and its files: the generic loaders of ProcessPlugin do the rest
+    model_type = AmribtModel
+    parameters_type = AmribtParameters
+    process_type = AmribtProcess
+    parameters_path = Path(str(DATA / "amribt_lab.toml"))
+    process_path = Path(str(DATA / "amribt_process.toml"))
     title = "CHO fed-batch, Amribt 2013 overflow kinetics with product (BPL example)"
     default_mpc_config = str(Path(str(DATA / "mpc_amribt.toml")))
     gp_features = ("glucose", "glutamine", "lactate", "culture_age")
@@ -99,18 +104,6 @@ class AmribtPlugin(ProcessPlugin):
     truth_variants: ClassVar[Mapping[str, Path]] = {
         "packaged": Path(str(DATA / "amribt_lab.toml")),
     }
-
-    def load_parameters(self, path: str | Path | None = None) -> tuple[Any, ParameterFile]:
-        return load_amribt_parameters(path)
-
-    def load_process(self, path: str | Path | None = None) -> tuple[Any, ParameterFile]:
-        return load_amribt_process(path)
-
-    def process_file(self, path: str | Path | None = None) -> Path:
-        return Path(str(DATA / "amribt_process.toml")) if path is None else Path(path)
-
-    def model(self, parameters: Any, process: Any) -> MechanisticModel[Any]:
-        return AmribtModel(parameters, process)
 
     def truth_model(
         self, patient: PatientLike, process: Any, truth: Any = None
