@@ -20,6 +20,7 @@ Pure numerics and data: no I/O beyond reading the plug-in's own files.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import itertools
 import math
@@ -110,7 +111,7 @@ class PatientLike(Protocol):
     def initial_viability(self) -> float: ...
 
 
-class ProcessPlugin:
+class ProcessPlugin(abc.ABC):
     """Base class of a process plug-in. Subclasses set the class attributes and implement
     :meth:`load_parameters`, :meth:`load_process`, :meth:`model`, :meth:`rule` and
     :meth:`media_litres`; the rest has working defaults.
@@ -188,22 +189,22 @@ class ProcessPlugin:
             )
         return value
 
+    @abc.abstractmethod
     def rule(
         self, values: Mapping[str, float], time_h: float, settings: Any = None
     ) -> dict[str, float]:
         """The operator's feedback rule: next inputs from the latest measured ``values``
         with the rule's ``settings`` (default: :meth:`rule_settings`)."""
-        raise NotImplementedError  # abstract: every plug-in overrides it
 
     def rule_settings(self) -> Any:
         """The default settings of :meth:`rule` (a frozen dataclass, or None)."""
         return None
 
+    @abc.abstractmethod
     def media_litres(
         self, inputs: Mapping[str, float], values: Mapping[str, float], step_h: float
     ) -> float:
         """Fresh media and feed used over one step of ``step_h`` hours, L."""
-        raise NotImplementedError  # abstract: every plug-in overrides it
 
     # -- defaults built on the above ---------------------------------------------------
     def build_model(
@@ -253,6 +254,15 @@ class ProcessPlugin:
     def violations(self, process: Any, values: Mapping[str, float]) -> list[str]:
         """Names of the hard limits the state ``values`` violate."""
         return [h.name for h in self.hard_limits if h.violated(process, values)]
+
+    def soft_limit_values(self, process: Any) -> list[tuple[str, str, float]]:
+        """(variable, side, value) of every soft limit; a soft limit's name is
+        ``<variable>_<low|high>``."""
+        out = []
+        for name, field in self.soft_limits.items():
+            variable, side = name.rsplit("_", 1)
+            out.append((variable, side, float(getattr(process, field))))
+        return out
 
     def limit_values(self, process: Any) -> dict[str, float]:
         """Hard and soft limit values by process field (for reports and plots)."""
@@ -377,7 +387,10 @@ def get_process(name: str | ProcessPlugin) -> ProcessPlugin:
         )
     plugin = eps[name].load()
     if isinstance(plugin, type) and issubclass(plugin, ProcessPlugin):
-        plugin = plugin()
+        try:
+            plugin = plugin()
+        except TypeError as exc:  # an abstract member left out
+            raise ConfigError(f"process plug-in {name!r} is incomplete: {exc}") from None
     if not isinstance(plugin, ProcessPlugin) or plugin.name != name:
         raise ConfigError(
             f"entry point {eps[name].value!r} ({ENTRY_POINT_GROUP}: {name}) must name a "

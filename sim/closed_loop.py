@@ -201,9 +201,7 @@ def summarize(df: pd.DataFrame, plant: Plant) -> dict[str, Any]:
             len(reached) and float(reached.iloc[0]) <= proc.harvest_time
         )
         # time within each soft limit
-        for name, field in plugin.soft_limits.items():
-            variable, side = name.rsplit("_", 1)
-            limit = float(getattr(proc, field))
+        for variable, side, limit in plugin.soft_limit_values(proc):
             inside = df[variable] <= limit if side == "high" else df[variable] >= limit
             summary[f"{variable}_time_in_spec"] = float(inside.mean())
     return summary

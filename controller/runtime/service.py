@@ -68,9 +68,8 @@ def state_limits(model: str) -> dict[str, dict[str, float | None]]:
     limits: dict[str, dict[str, float | None]] = {}
     for h in plugin.hard_limits:
         limits.setdefault(h.variable, {})[h.side] = h.value(p)
-    for name, field in plugin.soft_limits.items():
-        variable, side = name.rsplit("_", 1)
-        limits.setdefault(variable, {})[f"{side}_soft"] = float(getattr(p, field))
+    for variable, side, value in plugin.soft_limit_values(p):
+        limits.setdefault(variable, {})[f"{side}_soft"] = value
     return limits
 
 

@@ -149,3 +149,17 @@ def test_no_code_outside_the_plug_ins_branches_on_a_process_name() -> None:
     # the check itself sees such a constant
     tree = ast.parse('if model == "cho":\n    pass\n')
     assert any(isinstance(n, ast.Constant) and n.value in BUILT_IN for n in ast.walk(tree))
+
+
+def test_a_plug_in_without_its_rule_or_media_cannot_be_made() -> None:
+    class Incomplete(ProcessPlugin):
+        name = "incomplete"
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()  # type: ignore[abstract]
+    tcell = get_process("tcell")
+    proc = tcell.load_process()[0]
+    assert tcell.soft_limit_values(proc) == [
+        ("glucose", "low", proc.glucose_low_soft),
+        ("lactate", "high", proc.lactate_high_soft),
+    ]
