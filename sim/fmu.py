@@ -181,6 +181,12 @@ def load_variable_map(path: str | Path) -> FMUVariableMap:
             names neither a table nor a variable; the message names the file and key.
     """
     p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"{p}: no FMU variable map. An FMU plant needs one beside the .fmu (same name, "
+            ".toml) mapping the FMU's variables to the process's states and inputs; the form "
+            "is in sim/fmu.py, an example in examples/hmpc_amribt/hmpc_amribt/fmu/."
+        )
     data = load_toml(p)
     where = str(p)
     check_keys(

@@ -362,3 +362,10 @@ def test_residual_fit_on_fmu_batches(
     validation = validate_24h(base, hybrid, held, noise=estimate_log_noise(train))
     assert validation["rows"] and np.isfinite(validation["rmse_hybrid"])
     assert np.isfinite(validation["rmse_mechanistic"]) and validation["rmse_mechanistic"] > 0.1
+
+
+def test_an_fmu_without_a_variable_map_is_a_clear_error(tmp_path: Path) -> None:
+    from sim.fmu import load_variable_map
+
+    with pytest.raises(ConfigError, match="no FMU variable map"):
+        load_variable_map(tmp_path / "other_plant.toml")
