@@ -27,7 +27,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from controller.records.historian import Historian, canonical_json, default_url
+from controller.records.anchor import read_anchor
+from controller.records.historian import (
+    Historian,
+    LedgerEntry,
+    canonical_json,
+    default_url,
+    event_digest,
+    intent_close_digest,
+    intent_open_digest,
+    ledger_hash,
+    step_digest,
+)
 from plant_models.config import suggest
 from plant_models.errors import HistorianError
 
@@ -38,8 +49,11 @@ __all__ = [
     "AuditRecord",
     "AuditTrail",
     "AuditVerification",
+    "RecordVerification",
     "add_audit_parser",
     "chain_hash",
+    "verify_historian",
+    "verify_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +71,7 @@ ACTIONS: Mapping[str, str] = {
     "logout": "a user logged out",
     "login_failed": "a login was refused",
     "restart": "the controller restarted and resumed a batch",
+    "config_load": "a configuration file was loaded (its path and SHA-256)",
 }
 
 #: Upper bound of hash evaluations spent locating moved chain fragments in one verification.
@@ -214,6 +229,24 @@ class AuditTrail:
             ValueError: unknown action, empty user or reason, values that are not JSON.
             HistorianError: the database failed (nothing was written).
         """
+        self._check(action, target, user, reason, old, new)
+        with self.historian.transaction(f"appending a {action} audit record") as cur:
+            rec = self.append(
+                cur,
+                action,
+                target,
+                user=user,
+                reason=reason,
+                old=old,
+                new=new,
+                batch_id=batch_id,
+                unit=unit,
+            )
+        log.debug("audit #%d %s %s by %s", rec.seq, action, target, user)
+        return rec
+
+    @staticmethod
+    def _check(action: str, target: str, user: str, reason: str, old: Any, new: Any) -> None:
         if action not in ACTIONS:
             raise ValueError(
                 f"audit action {action!r} is unknown.{suggest(action, ACTIONS)} Choose one of "
@@ -224,51 +257,74 @@ class AuditTrail:
         if not reason.strip():
             raise ValueError(f"an audit record ({action} of {target!r}) needs a reason")
         try:
-            old_text, new_text = canonical_json(old), canonical_json(new)
+            canonical_json(old), canonical_json(new)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"audit {action} of {target!r}: value is not JSON: {exc}") from exc
+
+    def append(
+        self,
+        cur: Any,
+        action: str,
+        target: str,
+        *,
+        user: str,
+        reason: str,
+        old: Any = None,
+        new: Any = None,
+        batch_id: str = "",
+        unit: str = "",
+    ) -> AuditRecord:
+        """Append one record inside the caller's transaction ``cur`` of the historian (so
+        that a record and the change it documents are committed together).
+
+        Raises:
+            ValueError: as :meth:`record`.
+            HistorianError: the audit head row is missing.
+        """
+        self._check(action, target, user, reason, old, new)
+        old_text, new_text = canonical_json(old), canonical_json(new)
         wall = float(self.clock())
         lock = " FOR UPDATE" if self.historian.dialect == "postgresql" else ""
-        with self.historian.transaction(f"appending a {action} audit record") as cur:
-            head = cur.execute(f"SELECT seq, hash FROM audit_head WHERE id = 1{lock}").fetchone()  # noqa: S608 (fixed SQL; values are parameters)
-            if head is None:
-                raise HistorianError(
-                    f"historian {self.historian.display_url}: the audit head row is missing; "
-                    "the audit trail was tampered with. Run `hmpc audit verify`"
-                )
-            rec = AuditRecord(
-                seq=int(head[0]) + 1,
-                wall_time=wall,
-                user=user,
-                action=action,
-                target=target,
-                old_value=json.loads(old_text),
-                new_value=json.loads(new_text),
-                reason=reason,
-                batch_id=batch_id,
-                unit=unit,
-                prev_hash=str(head[1]),
+        head = cur.execute(f"SELECT seq, hash FROM audit_head WHERE id = 1{lock}").fetchone()  # noqa: S608 (fixed SQL; values are parameters)
+        if head is None:
+            raise HistorianError(
+                f"historian {self.historian.display_url}: the audit head row is missing; "
+                "the audit trail was tampered with. Run `hmpc audit verify`"
             )
-            rec = dataclasses.replace(rec, hash=chain_hash(rec.content(), rec.prev_hash))
-            cur.execute(
-                f"INSERT INTO audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                (
-                    rec.seq,
-                    rec.wall_time,
-                    user,
-                    action,
-                    target,
-                    old_text,
-                    new_text,
-                    reason,
-                    batch_id,
-                    unit,
-                    rec.prev_hash,
-                    rec.hash,
-                ),
-            )
-            cur.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (rec.seq, rec.hash))
-        log.debug("audit #%d %s %s by %s", rec.seq, action, target, user)
+        rec = AuditRecord(
+            seq=int(head[0]) + 1,
+            wall_time=wall,
+            user=user,
+            action=action,
+            target=target,
+            old_value=json.loads(old_text),
+            new_value=json.loads(new_text),
+            reason=reason,
+            batch_id=batch_id,
+            unit=unit,
+            prev_hash=str(head[1]),
+        )
+        rec = dataclasses.replace(rec, hash=chain_hash(rec.content(), rec.prev_hash))
+        cur.execute(
+            f"INSERT INTO audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+            (
+                rec.seq,
+                rec.wall_time,
+                user,
+                action,
+                target,
+                old_text,
+                new_text,
+                reason,
+                batch_id,
+                unit,
+                rec.prev_hash,
+                rec.hash,
+            ),
+        )
+        cur.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (rec.seq, rec.hash))
+        if self.historian.schema_version >= 2:
+            self.historian.chain(cur, "audit", batch_id, unit, str(rec.seq), rec.hash)
         return rec
 
     def config_change(
@@ -628,6 +684,201 @@ def _sort_key(seq: Any) -> float:
         return math.inf
 
 
+# ------------------------------------------------------------------------------ the record chain
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordVerification:
+    """Result of :func:`verify_records`: ``ok`` when the record chain, every record it
+    covers and the anchor agree.
+
+    Attributes:
+        entries: ledger entries stored.
+        head_seq, head_hash: the chain's head row (-1, "" when it is missing).
+        anchored_seq: the highest head in the anchor file (None: no anchor given).
+        issues: every finding, in words.
+    """
+
+    entries: int
+    head_seq: int
+    head_hash: str
+    anchored_seq: int | None
+    issues: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+
+def verify_records(
+    historian: Historian,
+    *,
+    batch_id: str | None = None,
+    anchor: str | None = None,
+    anchor_key: str | None = None,
+) -> RecordVerification:
+    """Check the record chain and the records it covers (steps with their measurements,
+    setpoints, estimates and predictions; events; write intents; audit records).
+
+    The chain is checked whole (links, hashes, numbering, head row, anchor); the records
+    of ``batch_id`` (None: of every batch) are compared with their ledger entries: an
+    edited record no longer matches its digest, a deleted one leaves an entry without a
+    record, a forged one has no entry, swapped ones match the wrong digests. With
+    ``anchor`` (the file ``hmpc run --anchor`` appends to), every anchored head must be in
+    the chain with the same hash: a cut tail, a full wipe or a re-computed chain fails.
+    """
+    issues: list[str] = []
+    if historian.schema_version < 2:
+        issues.append(
+            f"historian schema {historian.schema_version} predates the record chain: steps "
+            "and events are not tamper-evident. The next `hmpc run` on it upgrades it and "
+            "chains the records as they are then (docs/historian.md, Upgrading)"
+        )
+        return RecordVerification(0, -1, "", None, tuple(issues))
+    entries = historian.ledger()
+    head = historian.ledger_head()
+    # 1. the chain: numbering, links, hashes
+    prev, expected = GENESIS_HASH, 1
+    by_seq: dict[int, LedgerEntry] = {}
+    for e in entries:
+        by_seq[e.seq] = e
+        if e.seq != expected:
+            issues.append(
+                f"record chain: entries #{expected}..#{e.seq - 1} are missing (deleted)"
+                if e.seq > expected
+                else f"record chain: entry #{e.seq} is out of order"
+            )
+        if e.prev_hash != prev:
+            issues.append(f"record chain: entry #{e.seq} does not link to the entry before it")
+        if ledger_hash(e) != e.hash:
+            issues.append(f"record chain: entry #{e.seq} was edited (its hash does not match)")
+        prev, expected = e.hash, e.seq + 1
+    last = entries[-1] if entries else None
+    if head is None:
+        issues.append("record chain: the head row is missing")
+    elif last is None and head[0] != 0:
+        issues.append(f"record chain: the head names entry #{head[0]} but the chain is empty")
+    elif last is not None and (head[0] != last.seq or head[1] != last.hash):
+        issues.append(
+            f"record chain: the head names entry #{head[0]} but the chain ends at #{last.seq} "
+            "(entries cut from the tail or appended outside the historian)"
+        )
+    # 2. the anchor
+    anchored: int | None = None
+    if anchor is not None:
+        try:
+            found = read_anchor(anchor, key_file=anchor_key)
+        except HistorianError as exc:
+            issues.append(f"anchor: {exc}")
+        else:
+            anchored = found.seq
+            issues.extend(f"anchor: {p}" for p in found.problems)
+            top = last.seq if last is not None else 0
+            if found.seq > top:
+                issues.append(
+                    f"anchor: the anchored head #{found.seq} is not in the historian, whose "
+                    f"chain ends at #{top}: its tail was cut"
+                    + (" or it was wiped" if top == 0 else "")
+                )
+            wrong = [s for s, h in found.heads if s in by_seq and by_seq[s].hash != h]
+            if wrong:
+                issues.append(
+                    f"anchor: entry #{wrong[0]} of the chain differs from the anchored hash "
+                    f"({len(wrong)} anchored head(s) differ): the chain was re-computed"
+                )
+    # 3. the records against their entries
+    batches = historian.batches() if batch_id is None else [batch_id]
+    scope = [e for e in entries if batch_id is None or e.batch_id == batch_id]
+    issues += _check_records(historian, batches, scope, batch_id is None)
+    return RecordVerification(
+        len(entries),
+        head[0] if head is not None else -1,
+        head[1] if head is not None else "",
+        anchored,
+        tuple(issues),
+    )
+
+
+def _check_records(
+    historian: Historian, batches: Sequence[str], entries: Sequence[LedgerEntry], everything: bool
+) -> list[str]:
+    issues: list[str] = []
+    want: dict[tuple[str, str, str, str], list[str]] = {}
+    for e in entries:
+        want.setdefault((e.kind, e.batch_id, e.unit, e.ref), []).append(e.digest)
+    have: dict[tuple[str, str, str, str], str] = {}
+    for b in batches:
+        try:
+            steps = historian.steps(b)
+        except (ValueError, TypeError) as exc:
+            issues.append(f"batch {b!r}: its steps cannot be read back ({exc}): edited")
+            steps = []
+        for s in steps:
+            have[("step", s.batch_id, s.unit, str(s.step))] = step_digest(s)
+        for eid, ev in historian.events_with_ids(b):
+            have[("event", ev.batch_id, ev.unit, str(eid))] = event_digest(eid, ev)
+        for it in historian.intents(b):
+            have[("intent", it.batch_id, it.unit, str(it.id))] = intent_open_digest(it)
+            if it.state != "pending":
+                have[("intent_close", it.batch_id, it.unit, str(it.id))] = intent_close_digest(it)
+    audit_rows = {str(r.seq): r for r in AuditTrail(historian).records()}
+    for key, digests in want.items():
+        kind, b, unit, ref = key
+        if kind == "upgrade":
+            continue
+        if kind == "audit":
+            r = audit_rows.get(ref)
+            if r is None:
+                issues.append(f"audit record #{ref} is chained but missing (deleted)")
+            elif r.hash != digests[-1]:
+                issues.append(f"audit record #{ref} differs from its chained hash (edited)")
+            continue
+        name = _name(kind, b, unit, ref)
+        if len(digests) > 1:
+            issues.append(f"{name} is chained {len(digests)} times")
+        got = have.pop(key, None)
+        if got is None:
+            if kind == "intent_close":
+                issues.append(f"{name}: chained as closed but stored as pending (edited)")
+            else:
+                issues.append(f"{name} is chained but missing (deleted)")
+        elif got != digests[-1]:
+            issues.append(f"{name} differs from the record chained (edited or swapped)")
+    for key in have:
+        kind, b, unit, ref = key
+        issues.append(f"{_name(kind, b, unit, ref)} is not in the record chain (forged)")
+    if everything:
+        chained_audit = {e.ref for e in entries if e.kind == "audit"}
+        upgraded = any(e.kind == "upgrade" for e in entries)
+        for ref in audit_rows:
+            if ref not in chained_audit and not upgraded:
+                issues.append(f"audit record #{ref} is not in the record chain (inserted)")
+    return issues
+
+
+def _name(kind: str, batch: str, unit: str, ref: str) -> str:
+    what = {
+        "step": "step",
+        "event": "event id",
+        "intent": "write intent",
+        "intent_close": "write intent (closing)",
+    }.get(kind, kind)
+    return f"{what} {ref} of batch {batch!r} unit {unit!r}"
+
+
+def verify_historian(
+    historian: Historian,
+    *,
+    batch_id: str | None = None,
+    anchor: str | None = None,
+    anchor_key: str | None = None,
+) -> tuple[AuditVerification, RecordVerification]:
+    """Both checks: the audit trail's own chain and the record chain (with the anchor)."""
+    return AuditTrail(historian).verify(), verify_records(
+        historian, batch_id=batch_id, anchor=anchor, anchor_key=anchor_key
+    )
+
+
 # ------------------------------------------------------------------------------ command line
 
 
@@ -643,6 +894,18 @@ def add_audit_parser(sub: Any) -> None:
         default=None,
         help=f"historian URL (default $HMPC_HISTORIAN or {default_url()})",
     )
+    verify.add_argument(
+        "--anchor",
+        default=None,
+        help="the anchor file hmpc run appended the chain head to: detects a cut tail or a "
+        "wiped historian (docs/historian.md)",
+    )
+    verify.add_argument(
+        "--anchor-key",
+        default=None,
+        help="file with the anchor's HMAC key (default $HMPC_ANCHOR_KEY_FILE; none: unsigned)",
+    )
+    verify.add_argument("--batch", default=None, help="only the records of this batch")
     verify.set_defaults(func=cmd_audit_verify)
     show = actions.add_parser("show", help="list the audit records (of one batch)")
     show.add_argument("--historian", default=None, help="historian URL")
@@ -652,20 +915,38 @@ def add_audit_parser(sub: Any) -> None:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     with Historian(args.historian or default_url(), create=False) as hist:
-        result = AuditTrail(hist).verify()
+        result, records = verify_historian(
+            hist, batch_id=args.batch, anchor=args.anchor, anchor_key=args.anchor_key
+        )
         where = hist.display_url
-    if result.ok:
+    anchored = (
+        f"; anchored head #{records.anchored_seq}" if records.anchored_seq is not None else ""
+    )
+    if result.ok and records.ok:
         print(
             f"audit trail intact: {result.records} records in {where}; head #{result.head_seq} "
             f"{result.head_hash}"
         )
+        print(
+            f"record chain intact: {records.entries} entries; head #{records.head_seq} "
+            f"{records.head_hash}{anchored}"
+            + ("" if args.anchor else " (no --anchor: a cut tail or a wipe is not detectable)")
+        )
         return 0
-    print(
-        f"audit trail TAMPERED: {len(result.issues)} problem(s) in {where} "
-        f"({result.records} records stored, head #{result.head_seq}):"
-    )
-    for issue in result.issues:
-        print(f"  {issue}")
+    if not result.ok:
+        print(
+            f"audit trail TAMPERED: {len(result.issues)} problem(s) in {where} "
+            f"({result.records} records stored, head #{result.head_seq}):"
+        )
+        for issue in result.issues:
+            print(f"  {issue}")
+    if not records.ok:
+        print(
+            f"records TAMPERED: {len(records.issues)} problem(s) in {where} "
+            f"({records.entries} chain entries, head #{records.head_seq}{anchored}):"
+        )
+        for text in records.issues:
+            print(f"  {text}")
     return 1
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -29,10 +30,12 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from controller.records.anchor import Anchor
 from controller.records.steps import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
 from plant_models.errors import HistorianError
 
@@ -43,17 +46,26 @@ __all__ = [
     "DEFAULT_URL",
     "SCHEMA_VERSION",
     "Historian",
+    "LedgerEntry",
+    "WriteIntent",
     "canonical_json",
     "config_event",
     "default_url",
+    "event_digest",
+    "intent_close_digest",
+    "intent_open_digest",
+    "ledger_hash",
     "record_json",
+    "step_digest",
 ]
 
 log = logging.getLogger(__name__)
 
 #: The historian used when no URL is given (overridden by the HMPC_HISTORIAN variable).
 DEFAULT_URL = "sqlite:///historian.sqlite"
-SCHEMA_VERSION = 1
+#: 2: the record chain (``ledger``, ``ledger_head``) and write-ahead intents
+#: (``write_intents``); a version-1 historian is upgraded by its next writer (docs/historian.md).
+SCHEMA_VERSION = 2
 #: Seconds a writer waits for another process's write lock (SQLite) before failing.
 BUSY_TIMEOUT_S = 30.0
 
@@ -138,6 +150,178 @@ def config_event(
             "source": source,
         },
     )
+
+
+# ------------------------------------------------------------------------------ record chain
+
+
+def _fl(value: Any) -> float:
+    """A float as the database gives it back (-0.0 folded into 0.0, None as NaN)."""
+    return math.nan if value is None else float(value) + 0.0
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def step_digest(record: StepRecord) -> str:
+    """SHA-256 of a step record in the form the historian stores and reads it back (so the
+    digest of a record read back equals the one computed when it was written)."""
+    return _sha(
+        {
+            "batch_id": str(record.batch_id),
+            "unit": str(record.unit),
+            "step": int(record.step),
+            "process_time_h": _fl(record.process_time_h),
+            "wall_time": _fl(record.wall_time),
+            "mode": str(record.mode),
+            "growth_factor": _fl(record.growth_factor),
+            "overhead_s": _fl(record.overhead_s),
+            "solver": json.loads(canonical_json(dict(record.solver))),
+            "predictions": {k: [_fl(v) for v in vs] for k, vs in record.predictions.items()},
+            "notes": [str(n) for n in record.notes],
+            "measurements": [
+                [
+                    m.name,
+                    _fl(m.value),
+                    m.unit,
+                    _fl(m.sample_time_h),
+                    _fl(m.arrival_time_h),
+                    m.source,
+                    m.quality,
+                    bool(m.accepted),
+                    m.reason,
+                ]
+                for m in record.measurements
+            ],
+            "setpoints": [
+                [p.name, _fl(p.requested), _fl(p.value), p.unit, p.status] for p in record.setpoints
+            ],
+            "estimate": [[k, _fl(v)] for k, v in record.estimate.items()],
+            "estimate_std": [[k, _fl(v)] for k, v in record.estimate_std.items()],
+        }
+    )
+
+
+def event_digest(event_id: int, record: EventRecord) -> str:
+    """SHA-256 of an event as stored (with its row id, so a moved event does not match)."""
+    return _sha(
+        {
+            "id": int(event_id),
+            "batch_id": str(record.batch_id),
+            "unit": str(record.unit),
+            "process_time_h": _fl(record.process_time_h),
+            "wall_time": _fl(record.wall_time),
+            "kind": str(record.kind),
+            "severity": str(record.severity),
+            "message": str(record.message),
+            "data": json.loads(canonical_json(dict(record.data))),
+        }
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteIntent:
+    """A setpoint bundle announced before it was written (write-ahead).
+
+    Attributes:
+        id: row id.
+        batch_id, unit, step: the cycle that writes.
+        process_time_h, wall_time: when the intent was stored.
+        reason: why (the control law and cycle).
+        target: setpoint -> value to write, canonical units.
+        previous: setpoint -> value the controller believed the plant held.
+        state: ``pending`` (stored, not confirmed), ``confirmed`` (the write returned) or
+            ``reconciled`` (found pending at a restart and settled by reading the plant back).
+        outcome: per-item statuses (confirmed) or the reconciliation (read-back values and
+            verdict).
+        closed_wall_time: when it was confirmed or reconciled (NaN while pending).
+    """
+
+    id: int
+    batch_id: str
+    unit: str
+    step: int
+    process_time_h: float
+    wall_time: float
+    reason: str
+    target: Mapping[str, float]
+    previous: Mapping[str, float]
+    state: str = "pending"
+    outcome: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    closed_wall_time: float = math.nan
+
+
+def intent_open_digest(intent: WriteIntent) -> str:
+    """SHA-256 of the immutable part of a write intent (as stored before the write)."""
+    return _sha(
+        {
+            "id": int(intent.id),
+            "batch_id": intent.batch_id,
+            "unit": intent.unit,
+            "step": int(intent.step),
+            "process_time_h": _fl(intent.process_time_h),
+            "wall_time": _fl(intent.wall_time),
+            "reason": intent.reason,
+            "target": json.loads(canonical_json(dict(intent.target))),
+            "previous": json.loads(canonical_json(dict(intent.previous))),
+        }
+    )
+
+
+def intent_close_digest(intent: WriteIntent) -> str:
+    """SHA-256 of the closing part of a write intent (confirmation or reconciliation)."""
+    return _sha(
+        {
+            "id": int(intent.id),
+            "state": intent.state,
+            "outcome": json.loads(canonical_json(dict(intent.outcome))),
+            "closed_wall_time": _fl(intent.closed_wall_time),
+        }
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerEntry:
+    """One entry of the record chain.
+
+    Attributes:
+        seq: 1, 2, ... in commit order.
+        kind: ``step``, ``event``, ``intent``, ``intent_close``, ``audit`` or ``upgrade``.
+        batch_id, unit: of the record (``""`` for site-wide ones).
+        ref: the record's key: step number, event id, intent id or audit sequence number.
+        digest: SHA-256 of the record as stored (:func:`step_digest`, ...).
+        wall_time: controller clock when chained.
+        prev_hash, hash: the chain (:func:`ledger_hash`).
+    """
+
+    seq: int
+    kind: str
+    batch_id: str
+    unit: str
+    ref: str
+    digest: str
+    wall_time: float
+    prev_hash: str
+    hash: str
+
+    def content(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "kind": self.kind,
+            "batch_id": self.batch_id,
+            "unit": self.unit,
+            "ref": self.ref,
+            "digest": self.digest,
+            "wall_time": _fl(self.wall_time),
+        }
+
+
+def ledger_hash(entry: LedgerEntry) -> str:
+    """SHA-256 (hex) of the entry's canonical JSON followed by the previous entry's hash."""
+    return hashlib.sha256(
+        (canonical_json(entry.content()) + entry.prev_hash).encode("utf-8")
+    ).hexdigest()
 
 
 # ------------------------------------------------------------------------------ back-ends
@@ -255,6 +439,40 @@ _SCHEMA = [
         json_bytes INTEGER NOT NULL,
         capture_s DOUBLE PRECISION,
         sha256 TEXT NOT NULL)""",
+    # the record chain (schema 2): one entry per stored step, event, write intent (opened
+    # and closed) and audit record, each with the SHA-256 of the record as stored, chained
+    # like the audit trail; ledger_head names the last entry (docs/historian.md)
+    """CREATE TABLE IF NOT EXISTS ledger (
+        seq {seq} PRIMARY KEY,
+        kind TEXT NOT NULL,
+        batch_id TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        wall_time DOUBLE PRECISION,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ledger_head (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq {seq} NOT NULL,
+        hash TEXT NOT NULL)""",
+    # write-ahead setpoint writes (schema 2): stored before the write, closed after it (or
+    # reconciled against the plant's read-back at the next start)
+    """CREATE TABLE IF NOT EXISTS write_intents (
+        id {id},
+        batch_id TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        process_time_h DOUBLE PRECISION,
+        wall_time DOUBLE PRECISION,
+        reason TEXT NOT NULL,
+        target TEXT NOT NULL,
+        previous TEXT NOT NULL,
+        state TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        closed_wall_time DOUBLE PRECISION)""",
+    "CREATE INDEX IF NOT EXISTS ledger_batch ON ledger (batch_id, kind)",
+    "CREATE INDEX IF NOT EXISTS write_intents_batch ON write_intents (batch_id, unit, state)",
     "CREATE INDEX IF NOT EXISTS steps_batch ON steps (batch_id, unit, step)",
     "CREATE INDEX IF NOT EXISTS controller_state_batch ON controller_state (batch_id, unit, id)",
     "CREATE INDEX IF NOT EXISTS events_batch ON events (batch_id, kind)",
@@ -427,6 +645,10 @@ class Historian:
             ``postgresql://`` URL.
         create: make a new SQLite file when there is none (False for readers such as
             ``hmpc report`` and ``hmpc audit verify``, which then say that it is missing).
+            A writer (``create=True``) upgrades a version-1 schema (see
+            :meth:`_upgrade_from_1`); a reader leaves it as it is (:attr:`schema_version`).
+        anchor: where the record chain's head is published after every commit (the
+            external anchor; None: nowhere).
     Raises:
         HistorianError: the database cannot be opened or its schema is newer than this
             program's.
@@ -434,9 +656,21 @@ class Historian:
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, url: str | os.PathLike[str] | None = None, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | None = None,
+        *,
+        create: bool = True,
+        anchor: Anchor | None = None,
+    ) -> None:
         self.url = os.fspath(url) if url is not None else default_url()
         self._lock = threading.RLock()
+        self._writer = create
+        self.anchor = anchor
+        #: failures to publish the head to the anchor (logged; control goes on)
+        self.anchor_failures = 0
+        self.schema_version = SCHEMA_VERSION
+        self._chained: tuple[int, str] | None = None
         self._backend: _Backend
         if self.url.startswith(("postgresql://", "postgres://")):
             self._backend = _Postgres(self.url)
@@ -480,12 +714,15 @@ class Historian:
         For the audit trail and tests; other code uses the append/read methods."""
         failures: tuple[type[BaseException], ...] = (*self._backend.db_errors(), OSError)
         with self._lock:
+            self._chained = None
             try:
                 with self._backend.transaction(write) as cur:
                     yield cur
             except HistorianError:
+                self._chained = None
                 raise
             except failures as exc:
+                self._chained = None
                 # a broken connection is re-opened by the next call
                 with contextlib.suppress(Exception):
                     self._backend.close()
@@ -495,6 +732,16 @@ class Historian:
                     "database is reachable and writable (disk space, permissions, server) "
                     "and retry"
                 ) from exc
+            except BaseException:
+                self._chained = None
+                raise
+            head, self._chained = self._chained, None
+            if head is not None and self.anchor is not None:
+                try:
+                    self.anchor.publish(*head)
+                except HistorianError as exc:  # the record is committed; the anchor lags
+                    self.anchor_failures += 1
+                    log.critical("%s (the record chain's head #%d is not anchored)", exc, head[0])
 
     def query(self, sql: str, params: Sequence[Any] = (), what: str = "read") -> list[Any]:
         """Rows of one read-only statement (``?`` placeholders on both back-ends)."""
@@ -504,18 +751,286 @@ class Historian:
     def _init_schema(self) -> None:
         types = _TYPES[self.dialect]
         with self.transaction("creating the schema") as cur:
-            for statement in _SCHEMA:
-                cur.execute(statement.format(**types))
+            cur.execute(_SCHEMA[0])
             row = cur.execute("SELECT version FROM hmpc_schema").fetchone()
-            if row is None:
-                cur.execute("INSERT INTO hmpc_schema (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif int(row[0]) > SCHEMA_VERSION:
+            version = SCHEMA_VERSION if row is None else int(row[0])
+            if version > SCHEMA_VERSION:
                 raise HistorianError(
-                    f"historian {self.display_url} has schema version {row[0]}, newer than "
+                    f"historian {self.display_url} has schema version {version}, newer than "
                     f"this program's {SCHEMA_VERSION}; upgrade hmpc"
                 )
+            if version < 1:
+                raise HistorianError(
+                    f"historian {self.display_url} has schema version {version}, which this "
+                    "program does not know; restore it from a backup or start a new historian"
+                )
+            if version < SCHEMA_VERSION and not self._writer:
+                # a reader leaves an old historian as it is (sealing its records now would
+                # bless edits made before); verification says it is not chained
+                self.schema_version = version
+                return
+            for statement in _SCHEMA[1:]:
+                cur.execute(statement.format(**types))
+            if row is None:
+                cur.execute("INSERT INTO hmpc_schema (version) VALUES (?)", (SCHEMA_VERSION,))
             if cur.execute("SELECT seq FROM audit_head WHERE id = 1").fetchone() is None:
                 cur.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, ?)", (_GENESIS,))
+            if cur.execute("SELECT seq FROM ledger_head WHERE id = 1").fetchone() is None:
+                cur.execute("INSERT INTO ledger_head (id, seq, hash) VALUES (1, 0, ?)", (_GENESIS,))
+            if version == 1:
+                self._upgrade_from_1(cur)
+                cur.execute("UPDATE hmpc_schema SET version = ?", (SCHEMA_VERSION,))
+
+    def _upgrade_from_1(self, cur: _Cursor) -> None:
+        """Schema 1 -> 2: chain the steps, events and audit records present now (an
+        ``upgrade`` entry first, naming how many). Edits made before the upgrade cannot be
+        detected any more; the audit trail's own chain still covers its records."""
+        steps = [
+            (b, u, n)
+            for b, u, n in cur.execute(
+                "SELECT batch_id, unit, step FROM steps ORDER BY batch_id, unit, step"
+            ).fetchall()
+        ]
+        events = cur.execute("SELECT id FROM events ORDER BY id").fetchall()
+        audits = cur.execute("SELECT seq, hash FROM audit ORDER BY seq").fetchall()
+        self.chain(
+            cur,
+            "upgrade",
+            "",
+            "",
+            "schema 1 -> 2",
+            _sha({"steps": len(steps), "events": len(events), "audit": len(audits)}),
+        )
+        for batch, unit, _ in sorted({(b, u, 0) for b, u, _ in steps}):
+            for rec in self._steps_in(cur, "batch_id = ? AND unit = ?", (batch, unit)):
+                self.chain(cur, "step", batch, unit, str(rec.step), step_digest(rec))
+        for (event_id,) in events:
+            for eid, ev in self._events_in(cur, "id = ?", (int(event_id),)):
+                self.chain(cur, "event", ev.batch_id, ev.unit, str(eid), event_digest(eid, ev))
+        for seq, digest in audits:
+            self.chain(cur, "audit", "", "", str(int(seq)), str(digest))
+        log.warning(
+            "historian %s upgraded from schema 1 to %d: %d steps, %d events and %d audit "
+            "records chained as they are now",
+            self.display_url,
+            SCHEMA_VERSION,
+            len(steps),
+            len(events),
+            len(audits),
+        )
+
+    # -------------------------------------------------------------- the record chain
+
+    def chain(
+        self, cur: _Cursor, kind: str, batch_id: str, unit: str, ref: str, digest: str
+    ) -> LedgerEntry:
+        """Append a ledger entry for a record stored in the same transaction ``cur``
+        (the head row is locked, so concurrent writers chain one after the other); the new
+        head is published to the anchor after the commit."""
+        lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
+        head = cur.execute(f"SELECT seq, hash FROM ledger_head WHERE id = 1{lock}").fetchone()  # noqa: S608 (fixed SQL)
+        if head is None:
+            raise HistorianError(
+                f"historian {self.display_url}: the record chain's head row is missing; the "
+                "historian was tampered with. Run `hmpc audit verify`"
+            )
+        entry = LedgerEntry(
+            seq=int(head[0]) + 1,
+            kind=kind,
+            batch_id=batch_id,
+            unit=unit,
+            ref=ref,
+            digest=digest,
+            wall_time=round(time.time(), 6),
+            prev_hash=str(head[1]),
+            hash="",
+        )
+        entry = dataclasses.replace(entry, hash=ledger_hash(entry))
+        cur.execute(
+            "INSERT INTO ledger (seq, kind, batch_id, unit, ref, digest, wall_time, prev_hash, "
+            "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.seq,
+                kind,
+                batch_id,
+                unit,
+                ref,
+                digest,
+                entry.wall_time,
+                entry.prev_hash,
+                entry.hash,
+            ),
+        )
+        cur.execute(
+            "UPDATE ledger_head SET seq = ?, hash = ? WHERE id = 1", (entry.seq, entry.hash)
+        )
+        self._chained = (entry.seq, entry.hash)
+        return entry
+
+    def ledger(self) -> list[LedgerEntry]:
+        """Every entry of the record chain in sequence order (as stored)."""
+        rows = self.query(
+            "SELECT seq, kind, batch_id, unit, ref, digest, wall_time, prev_hash, hash "
+            "FROM ledger ORDER BY seq",
+            what="reading the record chain",
+        )
+        return [
+            LedgerEntry(
+                seq=int(r[0]),
+                kind=str(r[1]),
+                batch_id=str(r[2]),
+                unit=str(r[3]),
+                ref=str(r[4]),
+                digest=str(r[5]),
+                wall_time=_f(r[6]),
+                prev_hash=str(r[7]),
+                hash=str(r[8]),
+            )
+            for r in rows
+        ]
+
+    def ledger_head(self) -> tuple[int, str] | None:
+        """(seq, hash) of the record chain's head row, None when the row is missing."""
+        rows = self.query(
+            "SELECT seq, hash FROM ledger_head WHERE id = 1", what="reading the chain head"
+        )
+        return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    # -------------------------------------------------------------- write-ahead intents
+
+    def open_intent(
+        self,
+        batch_id: str,
+        unit: str,
+        *,
+        step: int,
+        process_time_h: float,
+        target: Mapping[str, float],
+        previous: Mapping[str, float],
+        reason: str,
+    ) -> WriteIntent:
+        """Store (and chain) the intent to write ``target`` before writing it.
+
+        Raises:
+            HistorianError: nothing was stored; the caller must not write."""
+        what = f"storing the write intent of step {step} of batch {batch_id!r} unit {unit!r}"
+        wall = round(time.time(), 6)
+        target_d = {str(k): _fl(v) for k, v in target.items()}
+        previous_d = {str(k): _fl(v) for k, v in previous.items()}
+        with self.transaction(what) as cur:
+            row = cur.execute(
+                "INSERT INTO write_intents (batch_id, unit, step, process_time_h, wall_time, "
+                "reason, target, previous, state, outcome, closed_wall_time) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, 'pending', '{}', NULL) RETURNING id",
+                (
+                    batch_id,
+                    unit,
+                    int(step),
+                    _fl(process_time_h),
+                    wall,
+                    reason,
+                    canonical_json(target_d),
+                    canonical_json(previous_d),
+                ),
+            ).fetchone()
+            if row is None:  # pragma: no cover - RETURNING always yields the id
+                raise HistorianError(f"historian: {what}: the database returned no id")
+            intent = WriteIntent(
+                id=int(row[0]),
+                batch_id=batch_id,
+                unit=unit,
+                step=int(step),
+                process_time_h=_fl(process_time_h),
+                wall_time=wall,
+                reason=reason,
+                target=target_d,
+                previous=previous_d,
+            )
+            self.chain(cur, "intent", batch_id, unit, str(intent.id), intent_open_digest(intent))
+        return intent
+
+    def close_intent(
+        self,
+        intent: WriteIntent,
+        state: str,
+        outcome: Mapping[str, Any],
+        *,
+        also: Any = None,
+    ) -> WriteIntent:
+        """Mark an intent ``confirmed`` or ``reconciled`` with its outcome (and chain it).
+        ``also(cur)`` runs in the same transaction (the audit record of the write).
+
+        Raises:
+            HistorianError: nothing was stored (the intent stays pending)."""
+        if state not in ("confirmed", "reconciled"):
+            raise ValueError(f"an intent is closed as confirmed or reconciled, not {state!r}")
+        closed = dataclasses.replace(
+            intent,
+            state=state,
+            outcome=json.loads(canonical_json(dict(outcome))),
+            closed_wall_time=round(time.time(), 6),
+        )
+        what = f"closing write intent {intent.id} ({state})"
+        with self.transaction(what) as cur:
+            cur.execute(
+                "UPDATE write_intents SET state = ?, outcome = ?, closed_wall_time = ? "
+                "WHERE id = ? AND state = 'pending'",
+                (state, canonical_json(closed.outcome), closed.closed_wall_time, intent.id),
+            )
+            self.chain(
+                cur,
+                "intent_close",
+                intent.batch_id,
+                intent.unit,
+                str(intent.id),
+                intent_close_digest(closed),
+            )
+            if also is not None:
+                also(cur)
+        return closed
+
+    def intents(
+        self, batch_id: str | None = None, unit: str | None = None, *, state: str | None = None
+    ) -> list[WriteIntent]:
+        """Write intents (of a batch, unit, state) in id order."""
+        where, params = ["1 = 1"], []
+        for column, value in (("batch_id", batch_id), ("unit", unit), ("state", state)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        rows = self.query(
+            "SELECT id, batch_id, unit, step, process_time_h, wall_time, reason, target, "  # noqa: S608 (fixed SQL; values are parameters)
+            f"previous, state, outcome, closed_wall_time FROM write_intents WHERE "
+            f"{' AND '.join(where)} ORDER BY id",
+            params,
+            what="reading the write intents",
+        )
+        return [
+            WriteIntent(
+                id=int(r[0]),
+                batch_id=str(r[1]),
+                unit=str(r[2]),
+                step=int(r[3]),
+                process_time_h=_f(r[4]),
+                wall_time=_f(r[5]),
+                reason=str(r[6]),
+                target=_json_or_text(r[7]),
+                previous=_json_or_text(r[8]),
+                state=str(r[9]),
+                outcome=_json_or_text(r[10]),
+                closed_wall_time=_f(r[11]),
+            )
+            for r in rows
+        ]
+
+    def last_intent_step(self, batch_id: str, unit: str) -> int | None:
+        """The highest step number of a write intent of the unit in the batch (None: none)."""
+        rows = self.query(
+            "SELECT MAX(step) FROM write_intents WHERE batch_id = ? AND unit = ?",
+            (batch_id, unit),
+            what="reading the last write intent",
+        )
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
 
     # -------------------------------------------------------------- appends
 
@@ -539,6 +1054,7 @@ class Historian:
             raise HistorianError(f"historian: {what}: a value is not storable: {exc}") from exc
         success = solver.get("success")
         iterations = solver.get("iterations")
+        digest = step_digest(record)
         with self.transaction(what) as cur:
             row = cur.execute(
                 "INSERT INTO steps (batch_id, unit, step, process_time_h, wall_time, mode, "
@@ -607,6 +1123,7 @@ class Historian:
                     for i, (name, value) in enumerate(values.items())
                 ],
             )
+            self.chain(cur, "step", record.batch_id, record.unit, str(int(record.step)), digest)
 
     def append_event(self, record: EventRecord) -> None:
         """Store one event in one committed transaction.
@@ -620,9 +1137,9 @@ class Historian:
         except (TypeError, ValueError) as exc:
             raise HistorianError(f"historian: {what}: data is not storable: {exc}") from exc
         with self.transaction(what) as cur:
-            cur.execute(
+            row = cur.execute(
                 "INSERT INTO events (batch_id, unit, process_time_h, wall_time, kind, severity, "
-                "message, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "message, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     record.batch_id,
                     record.unit,
@@ -633,6 +1150,17 @@ class Historian:
                     record.message,
                     data,
                 ),
+            ).fetchone()
+            if row is None:  # pragma: no cover - RETURNING always yields the id
+                raise HistorianError(f"historian: {what}: the database returned no id")
+            event_id = int(row[0])
+            self.chain(
+                cur,
+                "event",
+                record.batch_id,
+                record.unit,
+                str(event_id),
+                event_digest(event_id, record),
             )
 
     # -------------------------------------------------------------- readers
@@ -698,49 +1226,74 @@ class Historian:
         if kind is not None:
             where.append("kind = ?")
             params.append(kind)
-        rows = self.query(
-            "SELECT batch_id, unit, process_time_h, wall_time, kind, severity, message, data "  # noqa: S608
-            f"FROM events WHERE {' AND '.join(where)} ORDER BY id",
+        with self.transaction(f"reading the events of batch {batch_id!r}", write=False) as cur:
+            return [e for _, e in self._events_in(cur, " AND ".join(where), params)]
+
+    def events_with_ids(self, batch_id: str) -> list[tuple[int, EventRecord]]:
+        """(row id, event) of a batch in append order (for verification)."""
+        with self.transaction(f"reading the events of batch {batch_id!r}", write=False) as cur:
+            return self._events_in(cur, "batch_id = ?", (batch_id,))
+
+    @staticmethod
+    def _events_in(
+        cur: _Cursor, where: str, params: Sequence[Any]
+    ) -> list[tuple[int, EventRecord]]:
+        rows = cur.execute(
+            "SELECT id, batch_id, unit, process_time_h, wall_time, kind, severity, message, "  # noqa: S608 (fixed SQL; values are parameters)
+            f"data FROM events WHERE {where} ORDER BY id",
             params,
-            what=f"reading the events of batch {batch_id!r}",
-        )
+        ).fetchall()
         return [
-            EventRecord(
-                batch_id=r[0],
-                unit=r[1],
-                process_time_h=_f(r[2]),
-                wall_time=_f(r[3]),
-                kind=r[4],
-                severity=r[5],
-                message=r[6],
-                data=json.loads(r[7]),
+            (
+                int(r[0]),
+                EventRecord(
+                    batch_id=r[1],
+                    unit=r[2],
+                    process_time_h=_f(r[3]),
+                    wall_time=_f(r[4]),
+                    kind=r[5],
+                    severity=r[6],
+                    message=r[7],
+                    data=_json_or_text(r[8]),
+                ),
             )
             for r in rows
         ]
 
     def _read_steps(self, sql: str, params: Sequence[Any], what: str) -> list[StepRecord]:
         with self.transaction(what, write=False) as cur:
-            rows = cur.execute(sql, params).fetchall()
-            if not rows:
-                return []
-            ids = [int(r[0]) for r in rows]
-            marks = ", ".join("?" for _ in ids)
-            meas = cur.execute(
-                "SELECT step_id, name, value, value_unit, sample_time_h, arrival_time_h, "  # noqa: S608
-                f"source, quality, accepted, reason FROM measurements WHERE step_id IN ({marks}) "
-                "ORDER BY step_id, idx",
-                ids,
-            ).fetchall()
-            setp = cur.execute(
-                "SELECT step_id, name, requested, value, value_unit, status FROM setpoints "  # noqa: S608
-                f"WHERE step_id IN ({marks}) ORDER BY step_id, idx",
-                ids,
-            ).fetchall()
-            est = cur.execute(
-                f"SELECT step_id, kind, name, value FROM estimates WHERE step_id IN ({marks}) "  # noqa: S608
-                "ORDER BY step_id, kind, idx",
-                ids,
-            ).fetchall()
+            return self._steps_of(cur, sql, params)
+
+    def _steps_in(self, cur: _Cursor, where: str, params: Sequence[Any]) -> list[StepRecord]:
+        return self._steps_of(
+            cur,
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE {where} ORDER BY unit, step",  # noqa: S608
+            params,
+        )
+
+    @staticmethod
+    def _steps_of(cur: _Cursor, sql: str, params: Sequence[Any]) -> list[StepRecord]:
+        rows = cur.execute(sql, params).fetchall()
+        if not rows:
+            return []
+        ids = [int(r[0]) for r in rows]
+        marks = ", ".join("?" for _ in ids)
+        meas = cur.execute(
+            "SELECT step_id, name, value, value_unit, sample_time_h, arrival_time_h, "  # noqa: S608
+            f"source, quality, accepted, reason FROM measurements WHERE step_id IN ({marks}) "
+            "ORDER BY step_id, idx",
+            ids,
+        ).fetchall()
+        setp = cur.execute(
+            "SELECT step_id, name, requested, value, value_unit, status FROM setpoints "  # noqa: S608
+            f"WHERE step_id IN ({marks}) ORDER BY step_id, idx",
+            ids,
+        ).fetchall()
+        est = cur.execute(
+            f"SELECT step_id, kind, name, value FROM estimates WHERE step_id IN ({marks}) "  # noqa: S608
+            "ORDER BY step_id, kind, idx",
+            ids,
+        ).fetchall()
         by_meas: dict[int, list[MeasurementRecord]] = {}
         for m in meas:
             by_meas.setdefault(int(m[0]), []).append(
@@ -933,6 +1486,15 @@ class Historian:
                 ],
             ),
         }
+
+
+def _json_or_text(text: Any) -> Any:
+    """A JSON column read back; an edited value that is no JSON is kept as text (it will
+    not match its digest)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return {"$unreadable": str(text)}
 
 
 def _columns(rows: Sequence[Mapping[str, Any]], first: Sequence[str]) -> list[str]:

@@ -22,11 +22,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from controller.records.audit import AuditRecord, AuditTrail, AuditVerification
+from controller.records.audit import (
+    AuditRecord,
+    AuditTrail,
+    AuditVerification,
+    RecordVerification,
+    verify_records,
+)
 from controller.records.historian import Historian, canonical_json, default_url
 from controller.records.steps import EventRecord, StepRecord
+from plant_models.errors import HistorianError
 
-__all__ = ["EXPORTED_TABLES", "add_report_parser", "write_report"]
+__all__ = ["EXPORTED_TABLES", "VerificationFailed", "add_report_parser", "write_report"]
+
+
+class VerificationFailed(HistorianError):
+    """The batch's records or the audit trail failed verification: no report is written
+    (``hmpc report --flagged`` writes one marked as failed)."""
+
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +433,26 @@ def _audit_section(records: Sequence[AuditRecord], check: AuditVerification, url
     return out
 
 
+def _verification_banner(failures: Sequence[str], check: RecordVerification) -> list[str]:
+    if not failures:
+        anchored = (
+            f", anchored head #{check.anchored_seq}"
+            if check.anchored_seq is not None
+            else " (no anchor given: a cut tail or a wiped historian is not detectable here)"
+        )
+        return [
+            f"<p class='ok' id='verification'>Records verified: record chain of "
+            f"{check.entries} entries intact, head #{check.head_seq}{anchored}.</p>"
+        ]
+    return [
+        "<div id='verification' class='bad' style='border:3px solid #c00;padding:8px'>"
+        f"<p>VERIFICATION FAILED: {len(failures)} problem(s). The records below may have "
+        "been altered after they were written; do not use this report for release.</p><ul>",
+        *[f"<li>{html.escape(f)}</li>" for f in failures[:100]],
+        "</ul></div>",
+    ]
+
+
 def _audit_frame(records: Sequence[AuditRecord]) -> Any:
     import pandas as pd
 
@@ -458,27 +491,57 @@ def _audit_frame(records: Sequence[AuditRecord]) -> Any:
     )
 
 
-def write_report(historian: Historian, batch_id: str, out_dir: str | Path) -> Path:
-    """Write ``report.html`` and the CSV/Parquet tables of ``batch_id`` into ``out_dir``.
+def write_report(
+    historian: Historian,
+    batch_id: str,
+    out_dir: str | Path,
+    *,
+    anchor: str | None = None,
+    anchor_key: str | None = None,
+    flag_failures: bool = False,
+) -> Path:
+    """Write ``report.html`` and the CSV/Parquet tables of ``batch_id`` into ``out_dir``,
+    after verifying the audit trail and the batch's records (record chain, with ``anchor``
+    when given).
 
     Returns:
         The report's path.
     Raises:
+        VerificationFailed: verification failed and ``flag_failures`` is False (nothing is
+            written). With ``flag_failures`` the report is written with a banner naming the
+            failures at its top and a ``VERIFICATION_FAILED.txt`` beside it.
         ValueError: unknown batch (the message lists the known ones).
         HistorianError: the database cannot be read.
         OSError: the folder cannot be written.
     """
     tables = historian.to_dataframes(batch_id)  # raises for an unknown batch
+    trail = AuditTrail(historian)
+    check = trail.verify()
+    records_check = verify_records(
+        historian, batch_id=batch_id, anchor=anchor, anchor_key=anchor_key
+    )
+    failures = [f"audit trail: {i}" for i in check.issues] + list(records_check.issues)
+    if failures and not flag_failures:
+        raise VerificationFailed(
+            f"batch {batch_id!r} in {historian.display_url} failed verification "
+            f"({len(failures)} problem(s)); no report written:\n  "
+            + "\n  ".join(failures[:50])
+            + "\nInvestigate with `hmpc audit verify`; `hmpc report --flagged` writes a "
+            "report marked as failed"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    marker = out / "VERIFICATION_FAILED.txt"
+    if failures:
+        marker.write_text("\n".join(failures) + "\n", encoding="utf-8")
+    elif marker.exists():
+        marker.unlink()
     all_steps = historian.steps(batch_id)
     all_events = historian.events(batch_id)
     walls = _finite([s.wall_time for s in all_steps] + [e.wall_time for e in all_events])
-    trail = AuditTrail(historian)
     records = trail.records(
         batch_id, since=min(walls, default=None), until=max(walls, default=None)
     )
-    check = trail.verify()
     tables["audit"] = _audit_frame(records)
     for name in EXPORTED_TABLES:
         tables[name].to_csv(out / f"{name}.csv", index=False)
@@ -487,6 +550,7 @@ def write_report(historian: Historian, batch_id: str, out_dir: str | Path) -> Pa
     units = historian.units(batch_id)
     body: list[str] = [
         f"<h1>Batch report: {html.escape(batch_id)}</h1>",
+        *_verification_banner(failures, records_check),
         f"<p class='small'>Historian {html.escape(historian.display_url)}; controller time "
         f"{_stamp(min(walls, default=math.nan))} to {_stamp(max(walls, default=math.nan))}; "
         f"written {_stamp(time.time())}. Tables: "
@@ -591,12 +655,35 @@ def add_report_parser(sub: Any) -> None:
         default=None,
         help=f"historian URL (default $HMPC_HISTORIAN or {default_url()})",
     )
+    report.add_argument(
+        "--anchor", default=None, help="anchor file of the record chain (see hmpc audit verify)"
+    )
+    report.add_argument("--anchor-key", default=None, help="file with the anchor's HMAC key")
+    report.add_argument(
+        "--flagged",
+        action="store_true",
+        help="write the report even when verification fails, marked as failed",
+    )
     report.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     with Historian(args.historian or default_url(), create=False) as hist:
-        path = write_report(hist, args.batch, args.out)
+        try:
+            path = write_report(
+                hist,
+                args.batch,
+                args.out,
+                anchor=args.anchor,
+                anchor_key=args.anchor_key,
+                flag_failures=args.flagged,
+            )
+        except VerificationFailed as exc:
+            print(f"hmpc report: REFUSED: {exc}")
+            return 1
+    if (Path(args.out) / "VERIFICATION_FAILED.txt").exists():
+        print(f"hmpc report: VERIFICATION FAILED; {path} is marked as failed")
+        return 1
     print(
         f"wrote {path} and {len(EXPORTED_TABLES)} tables as CSV and Parquet in {args.out} "
         f"({', '.join(EXPORTED_TABLES)})"

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol
@@ -35,7 +36,8 @@ import numpy as np
 
 from controller.numerics.limits import OutputLimiter
 from controller.numerics.measurements import Measurement
-from controller.records.historian import config_event
+from controller.records.audit import AuditTrail
+from controller.records.historian import Historian, WriteIntent, config_event
 from controller.records.steps import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
 from controller.runtime.plant_io import PlantIO, PlantLimits, PlantStatus
 from controller.runtime.site import SetpointTag
@@ -55,6 +57,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _EPS = 1e-6
+
+#: TEST ONLY: ``HMPC_TEST_CRASH_AFTER=intent`` (the write intent is stored, nothing written)
+#: or ``=write`` (the plant accepted the bundle, nothing confirmed or recorded) makes the
+#: process exit at once with status 9, as a kill -9 there would; the write-ahead tests
+#: (tests/integration/test_write_ahead.py) use it. Never set it on a plant.
+CRASH_ENV = "HMPC_TEST_CRASH_AFTER"
+
+
+def _crash_point(point: str) -> None:
+    if os.environ.get(CRASH_ENV) == point:
+        log.critical("%s=%s: exiting now (test-only crash point)", CRASH_ENV, point)
+        logging.shutdown()
+        os._exit(9)
 
 
 class Recorder(Protocol):
@@ -217,6 +232,11 @@ class UnitLoop:
         self._last_clock = math.nan
         self._last_cycle: tuple[float, bool] = (math.nan, False)
         self._unsaved: list[StepRecord | EventRecord] = []
+        #: write intents whose confirmation could not be stored yet (retried with records)
+        self._unclosed: list[tuple[WriteIntent, dict[str, str]]] = []
+        #: the GMP audit trail (setpoint writes, mode changes) when the recorder is a
+        #: historian; None for a test's memory recorder
+        self.audit = AuditTrail(recorder) if isinstance(recorder, Historian) else None
         #: printer coordination (default: attached at start when the site has a [printer])
         self.printing = printing
         #: crash-safe restart (controller.runtime.restart.Checkpoint): state saved after
@@ -227,6 +247,7 @@ class UnitLoop:
     def _save(self, record: StepRecord | EventRecord) -> None:
         """Append to the recorder; a record that cannot be stored now is kept and retried
         (never dropped)."""
+        self._close_pending()
         self._unsaved.append(record)
         pending, self._unsaved = self._unsaved, []
         for i, rec in enumerate(pending):
@@ -244,6 +265,84 @@ class UnitLoop:
                 )
                 self._unsaved = pending[i:]
                 return
+
+    # -- write-ahead -----------------------------------------------------------------------
+    def _open_intent(
+        self, target: Mapping[str, float], previous: Mapping[str, float], t: float
+    ) -> tuple[WriteIntent | None, str]:
+        """Store the intent before the write: (intent, "") or (None, why not). A recorder
+        without intents (a test's memory list) gives (None, "")."""
+        opener = getattr(self.recorder, "open_intent", None)
+        if opener is None:
+            return None, ""
+        try:
+            intent = opener(
+                self.summary.batch_id,
+                self.io.unit,
+                step=self._step,
+                process_time_h=t,
+                target=dict(target),
+                previous=dict(previous),
+                reason=f"{getattr(self.law, 'name', 'control law')} step {self._step} at {t:.4g} h",
+            )
+        except Exception as exc:  # the historian failing must not stop the loop
+            log.critical("unit=%s write intent not stored (%r): nothing written", self.io.unit, exc)
+            return None, f"write intent not stored ({exc}): nothing written"
+        return intent, ""
+
+    def _confirm(self, intent: WriteIntent, statuses: dict[str, str]) -> bool:
+        """Close the intent as confirmed with the plant's statuses and its audit record in
+        one transaction; False when it could not be stored (retried later)."""
+        closer = getattr(self.recorder, "close_intent", None)
+        if closer is None:
+            return True
+        audit = self.audit
+
+        def audit_write(cur: Any) -> None:
+            if audit is not None:
+                audit.append(
+                    cur,
+                    "setpoint_write",
+                    f"{self.io.unit}/setpoints",
+                    user="hmpc",
+                    reason=f"{intent.reason} (write intent {intent.id}); statuses {statuses}",
+                    old=dict(intent.previous),
+                    new=dict(intent.target),
+                    batch_id=intent.batch_id,
+                    unit=intent.unit,
+                )
+
+        try:
+            closer(intent, "confirmed", {"statuses": statuses}, also=audit_write)
+        except Exception as exc:  # retried with the next record; reconciled at a restart
+            log.critical(
+                "unit=%s write intent %d not confirmed (%r); kept for retry",
+                self.io.unit,
+                intent.id,
+                exc,
+            )
+            return False
+        return True
+
+    def _close_pending(self) -> None:
+        pending, self._unclosed = self._unclosed, []
+        for i, (intent, statuses) in enumerate(pending):
+            if not self._confirm(intent, statuses):
+                self._unclosed = pending[i:]
+                return
+
+    def _audit(self, action: str, target: str, **fields: Any) -> None:
+        """An audit record (mode changes); a failure is logged and control goes on."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.record(
+                action, target, batch_id=self.summary.batch_id, unit=self.io.unit, **fields
+            )
+        except Exception as exc:  # the audit trail failing must not stop control
+            log.critical(
+                "unit=%s audit record (%s %s) not written: %r", self.io.unit, action, target, exc
+            )
 
     def record_event(self, record: EventRecord) -> None:
         """Store an event of a collaborator (the printer coordination), never dropped."""
@@ -294,10 +393,16 @@ class UnitLoop:
         try:
             while not stop.is_set():
                 st = io.status()
-                if st.connected and st.batch_id != self.summary.batch_id:
+                if (
+                    st.connected
+                    and st.batch_id != self.summary.batch_id
+                    and math.isfinite(st.clock_h)  # the restart records need the culture age
+                ):
                     self.summary.batch_id = st.batch_id
                     self._resume_numbering()
                     if self.checkpoint is not None:
+                        # unconfirmed writes of an earlier run: settled by reading back
+                        await self.checkpoint.reconcile(self, st.clock_h)
                         await self.checkpoint.resume(self, st.clock_h)
                 self._track(st)
                 harvest = self.settings.harvest_time_h
@@ -317,6 +422,15 @@ class UnitLoop:
             if self.settings.hand_back and io.status().remote:
                 result = await io.hand_back()
                 self._event("mode", "info", f"handed back to Local ({result})", io.status().clock_h)
+                self._audit(
+                    "mode_change",
+                    f"{io.unit}/mode",
+                    user="hmpc",
+                    reason=f"controller hand-back at the end of the run ({self.summary.ended}): "
+                    f"{result}",
+                    old="remote",
+                    new="local",
+                )
             if self.printing is not None:  # at a harvest: release the print job, follow it
                 await self._printing("finish", self.printing.finish(self.summary.ended, stop))
         finally:
@@ -341,6 +455,16 @@ class UnitLoop:
         except Exception as exc:  # a reader failure only affects numbering
             log.warning("unit=%s cannot read the last step back: %r", self.io.unit, exc)
             return
+        last_intent = getattr(self.recorder, "last_intent_step", None)
+        intent_step: int | None = None
+        if last_intent is not None:
+            try:
+                intent_step = last_intent(self.summary.batch_id, self.io.unit)
+            except Exception as exc:  # a reader failure only affects numbering
+                log.warning("unit=%s cannot read the last write intent: %r", self.io.unit, exc)
+        if intent_step is not None and intent_step >= self._step:
+            # a write whose step record was lost keeps its number (its intent holds it)
+            self._step = intent_step + 1
         if last is not None and last.step >= self._step:
             self._step = last.step + 1
             log.info(
@@ -386,6 +510,16 @@ class UnitLoop:
             return
         previous, self._mode = self._mode, mode
         t = st.clock_h if math.isfinite(st.clock_h) else st.now_h
+        if st.connected or previous:
+            self._audit(
+                "mode_change",
+                f"{self.io.unit}/mode",
+                user="plant",
+                reason=f"mode seen on the plant at {t:.4g} h"
+                + (" (shed by the plant's watchdog)" if mode == "shed" else ""),
+                old=previous or None,
+                new=mode,
+            )
         if self._engaged:
             self._engaged = False
         if mode == "disconnected":
@@ -733,9 +867,18 @@ class UnitLoop:
                 )
                 for n in names
             )
+        intent, refused = self._open_intent(limited, previous, t)
+        if refused:  # no durable intent: no write (every write has a record)
+            notes.append(refused)
+            self._hold(refused, t)
+            return self._held_records()
+        _crash_point("intent")
         self.summary.moves += 1
         self.summary.bundles += 1
         statuses = await self.io.write_setpoints(limited)
+        _crash_point("write")
+        if intent is not None and not self._confirm(intent, dict(statuses)):
+            self._unclosed.append((intent, dict(statuses)))
         log.info(
             "write unit=%s batch=%s t=%.3fh values=%s statuses=%s",
             self.io.unit,

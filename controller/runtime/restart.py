@@ -526,6 +526,100 @@ class Checkpoint:
         self._base = (row_id, times, texts, residual_text, since_full)
         self.saved += 1
 
+    # -- write-ahead reconciliation ---------------------------------------------------------
+    async def reconcile(self, unit_loop: Any, time_h: float) -> int:
+        """Settle the write intents an earlier run of this unit left pending in the plant's
+        batch (stored before a write, never confirmed: the process died or the historian
+        failed in between) by reading the plant's setpoints back: each is closed as
+        ``reconciled`` with the read-back, a verdict (``written``: the plant holds the
+        intended values; ``not written``: it holds the previous ones; ``differs``: neither,
+        e.g. an operator changed them since) and a ``setpoint_write`` audit record, in one
+        transaction, and a ``reconcile`` event. Returns how many were settled; when the
+        plant cannot be read they stay pending (the next start tries again)."""
+        from controller.records.audit import AuditTrail
+
+        batch, unit = unit_loop.summary.batch_id, unit_loop.io.unit
+        try:
+            pending = self.historian.intents(batch, unit, state="pending")
+        except HistorianError as exc:
+            log.critical("unit=%s cannot read the write intents (%s)", unit, exc)
+            return 0
+        if not pending:
+            return 0
+        try:
+            readback = {k: float(v) for k, v in (await unit_loop.io.read_setpoints()).items()}
+        except Exception as exc:  # the plant cannot be read: settle at a later start
+            log.critical(
+                "unit=%s %d unconfirmed write intent(s) not reconciled: the plant's setpoints "
+                "cannot be read back (%r)",
+                unit,
+                len(pending),
+                exc,
+            )
+            return 0
+        trail = AuditTrail(self.historian)
+        settled = 0
+        for intent in pending:
+            latest = intent is pending[-1]
+            items = {}
+            for name, value in intent.target.items():
+                plant = readback.get(name, math.nan)
+                before = intent.previous.get(name, math.nan)
+                if _close(plant, value):
+                    items[name] = "written"
+                elif _close(plant, before):
+                    items[name] = "not written"
+                else:
+                    items[name] = "differs"
+            verdicts = set(items.values())
+            verdict = verdicts.pop() if len(verdicts) == 1 else "partly written"
+            if not latest and verdict != "written":
+                # only the newest intent can be judged by today's read-back: an older
+                # one was followed by other writes
+                verdict = f"superseded ({verdict} by today's read-back)"
+            outcome = {
+                "verdict": verdict,
+                "items": items,
+                "readback": readback,
+                "reconciled_at_h": float(time_h),
+            }
+            reason = (
+                f"write intent {intent.id} of step {intent.step} ({intent.reason}) found "
+                f"unconfirmed at a restart; plant read back: {verdict}"
+            )
+
+            def audit(cur: Any, _i: Any = intent, _r: str = reason) -> None:
+                trail.append(
+                    cur,
+                    "setpoint_write",
+                    f"{unit}/setpoints",
+                    user=self.user,
+                    reason=_r,
+                    old=dict(_i.previous),
+                    new={"intended": dict(_i.target), "plant": readback},
+                    batch_id=batch,
+                    unit=unit,
+                )
+
+            try:
+                self.historian.close_intent(intent, "reconciled", outcome, also=audit)
+            except HistorianError as exc:
+                log.critical("unit=%s write intent %d not reconciled: %s", unit, intent.id, exc)
+                continue
+            settled += 1
+            unit_loop._event(
+                "reconcile",
+                "warning",
+                reason,
+                time_h,
+                intent_id=intent.id,
+                step=intent.step,
+                target=dict(intent.target),
+                previous=dict(intent.previous),
+                **outcome,
+            )
+        return settled
+
     # -- resuming --------------------------------------------------------------------------
     async def resume(self, unit_loop: Any, time_h: float) -> None:
         """Resume the plant's batch if the historian holds steps of it for this unit and it
@@ -662,6 +756,10 @@ class Checkpoint:
             )
         except (HmpcError, OSError, ValueError) as exc:
             log.critical("unit=%s restart audit record not written: %s", unit, exc)
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= 1e-9 + 1e-6 * abs(b)
 
 
 def _common(

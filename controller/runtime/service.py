@@ -57,6 +57,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="URL",
         help="historian URL (default sqlite:///OUT/historian.sqlite)",
     )
+    run.add_argument(
+        "--anchor",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="external anchor: the record chain's head is appended here after every commit; "
+        "put it where the historian's database users cannot rewrite it (default "
+        "OUT/historian.anchor.jsonl; docs/historian.md)",
+    )
+    run.add_argument(
+        "--anchor-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="HMAC key that signs the anchor (default $HMPC_ANCHOR_KEY_FILE; none: unsigned)",
+    )
     run.set_defaults(func=cmd_run)
 
 
@@ -204,6 +220,7 @@ def _setup_logging(out: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from controller.records.anchor import Anchor
     from controller.records.historian import Historian
 
     site = load_site(args.site)
@@ -218,9 +235,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.time()
     print(f"hmpc run: site {site.name} ({args.site}), units {', '.join(units)}", flush=True)
     print(f"historian: {url}; log: {out / 'hmpc-run.log'}", flush=True)
-    with Historian(url) as historian:
+    anchor_path = args.anchor or out / "historian.anchor.jsonl"
+    anchor = Anchor(anchor_path, key_file=args.anchor_key)
+    print(f"anchor: {anchor_path} ({'signed' if anchor.signed else 'unsigned'})", flush=True)
+    with Historian(url, anchor=anchor) as historian:
+        _audit_config_loads(historian, site, args.site, units)
         summaries = asyncio.run(serve(site, laws, historian, units=units, signals=True))
-        reports = _write_reports(historian, summaries, out)
+        reports = _write_reports(historian, summaries, out, anchor=str(anchor_path))
     report = {
         "site": str(args.site),
         "historian": historian.display_url,
@@ -240,8 +261,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(not s.ended.startswith("failed") for s in summaries) else 1
 
 
-def _write_reports(historian: Any, summaries: Sequence[Any], out: Path) -> list[Path]:
-    """The batch report of every unit that ran (a report failure never fails the run)."""
+def _audit_config_loads(
+    historian: Any, site: SiteConfig, site_path: Path, units: Sequence[str]
+) -> None:
+    """One ``config_load`` audit record per configuration file the run uses (path and
+    SHA-256: 21 CFR 11.10(e)); a failure is logged, the run goes on."""
+    import hashlib
+
+    from controller.records.audit import AuditTrail
+
+    files: dict[str, Path] = {"site": Path(site_path)}
+    for name in units:
+        unit = site.unit(name)
+        for what, path in (("mpc_config", unit.mpc_config), ("residual", unit.residual)):
+            if path is not None:
+                files[f"{name}/{what}"] = Path(path)
+    trail = AuditTrail(historian)
+    for what, path in files.items():
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            digest = f"unreadable: {exc}"
+        try:
+            trail.record(
+                "config_load",
+                f"{what}: {path}",
+                user="hmpc",
+                reason=f"hmpc run loaded the {what} for units {', '.join(units)}",
+                new={"path": str(path.resolve()), "sha256": digest},
+            )
+        except (OSError, ValueError) as exc:
+            log.critical("config_load audit record of %s not written: %s", path, exc)
+
+
+def _write_reports(
+    historian: Any, summaries: Sequence[Any], out: Path, *, anchor: str | None = None
+) -> list[Path]:
+    """The batch report of every unit that ran (a report failure never fails the run; a
+    verification failure is flagged in the report)."""
     from controller.records.report import write_report
     from plant_models.errors import HmpcError
 
@@ -250,7 +307,15 @@ def _write_reports(historian: Any, summaries: Sequence[Any], out: Path) -> list[
         if not s.cycles or not s.batch_id:
             continue
         try:
-            paths.append(write_report(historian, s.batch_id, out / "report" / s.unit))
+            paths.append(
+                write_report(
+                    historian,
+                    s.batch_id,
+                    out / "report" / s.unit,
+                    anchor=anchor,
+                    flag_failures=True,
+                )
+            )
         except (HmpcError, ValueError, OSError) as exc:
             log.error("unit=%s batch report not written: %s", s.unit, exc)
     return paths

@@ -164,7 +164,9 @@ def test_unknown_batch_is_a_clear_error(
     assert not (report_dir / "x").exists()
 
 
-def test_tampered_audit_trail_shows_in_the_report(tmp_path: Path, batch_records: Batch) -> None:
+def test_tampered_audit_trail_refuses_the_report_or_flags_it(
+    tmp_path: Path, batch_records: Batch
+) -> None:
     steps, events = batch_records
     url = f"sqlite:///{tmp_path / 'h.sqlite'}"
     record_batch(url, (steps[:3], events[:2]))
@@ -172,12 +174,14 @@ def test_tampered_audit_trail_shows_in_the_report(tmp_path: Path, batch_records:
 
     with sqlite3.connect(tmp_path / "h.sqlite") as conn:
         conn.execute("UPDATE audit SET reason = 'approved' WHERE seq = 2")
-    assert (
-        main(["report", "--batch", "B-0001", "--out", str(tmp_path / "out"), "--historian", url])
-        == 0
-    )
+    command = ["report", "--batch", "B-0001", "--historian", url]
+    assert main([*command, "--out", str(tmp_path / "refused")]) == 1
+    assert not (tmp_path / "refused" / "report.html").exists()
+    assert main([*command, "--out", str(tmp_path / "out"), "--flagged"]) == 1
     page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "VERIFICATION FAILED" in page
     assert "Hash chain TAMPERED" in page and "record #2: edited" in page
+    assert "record #2: edited" in (tmp_path / "out" / "VERIFICATION_FAILED.txt").read_text()
 
 
 def test_exports_are_the_same_from_sqlite_and_postgresql(
