@@ -234,6 +234,7 @@ class UnitLoop:
         self._unsaved: list[StepRecord | EventRecord] = []
         #: write intents whose confirmation could not be stored yet (retried with records)
         self._unclosed: list[tuple[WriteIntent, dict[str, str]]] = []
+        self._resume_due = False
         #: the GMP audit trail (setpoint writes, mode changes) when the recorder is a
         #: historian; None for a test's memory recorder
         self.audit = AuditTrail(recorder) if isinstance(recorder, Historian) else None
@@ -393,17 +394,17 @@ class UnitLoop:
         try:
             while not stop.is_set():
                 st = io.status()
-                if (
-                    st.connected
-                    and st.batch_id != self.summary.batch_id
-                    and math.isfinite(st.clock_h)  # the restart records need the culture age
-                ):
+                if st.connected and st.batch_id != self.summary.batch_id:
                     self.summary.batch_id = st.batch_id
                     self._resume_numbering()
-                    if self.checkpoint is not None:
-                        # unconfirmed writes of an earlier run: settled by reading back
-                        await self.checkpoint.reconcile(self, st.clock_h)
-                        await self.checkpoint.resume(self, st.clock_h)
+                    self._resume_due = self.checkpoint is not None
+                if self._resume_due and st.connected and math.isfinite(st.clock_h):
+                    # (not before the plant's clock is known: the restart records carry
+                    # the culture age, never NULL)
+                    self._resume_due = False
+                    # unconfirmed writes of an earlier run: settled by reading back
+                    await self.checkpoint.reconcile(self, st.clock_h)
+                    await self.checkpoint.resume(self, st.clock_h)
                 self._track(st)
                 harvest = self.settings.harvest_time_h
                 if harvest is not None and st.connected and st.clock_h >= harvest - _EPS:

@@ -171,7 +171,10 @@ def test_kill_9_mid_batch_then_the_same_command_resumes_without_a_bump(
 
         # step numbers continue: no duplicate, no gap; time jumps by the downtime only
         numbers = [s.step for s in steps]
-        assert numbers == list(range(len(steps)))
+        # (a kill between a write and its step record leaves that number to the write's
+        # intent, reconciled at the restart: tests/integration/test_write_ahead.py)
+        lost = {i.step for i in h.intents(batch, "BR01")} - set(numbers)
+        assert sorted([*numbers, *lost]) == list(range(len(steps) + len(lost)))
         last = steps_at_kill[-1]
         resumed = by_step[last.step + 1]
         assert resumed.process_time_h > last.process_time_h

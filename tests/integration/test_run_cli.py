@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from runtime_testkit import PASSWORDS, free_ports
 
+from controller.records.audit import AuditTrail, verify_historian
 from controller.records.historian import Historian
 from sim.bench_loop import PASSWORD_ENV, grant_remote, write_sim_site
 from sim.cli import main as sim_main
@@ -134,6 +135,19 @@ def test_hmpc_run_drives_two_units_and_stops_cleanly_on_sigterm(tmp_path: Path, 
             assert "controller stopping" in messages
             assert "handed back to Local (Good)" in messages  # not left to the watchdog
             assert [e.kind for e in historian.events(batch, unit, kind="config")] == ["config"]
+            # an uninterrupted batch is audited: every write (with its confirmed write-ahead
+            # intent) and the mode changes (granted at the plant, handed back by hmpc)
+            intents = historian.intents(batch, unit)
+            audit = AuditTrail(historian).records(batch)
+            writes = [r for r in audit if r.action == "setpoint_write" and r.unit == unit]
+            assert intents and {i.state for i in intents} == {"confirmed"}
+            assert len(writes) == len(intents) == units[unit]["bundles"]
+            assert [r.new_value for r in writes] == [dict(i.target) for i in intents]
+            modes = [(r.user, r.old_value, r.new_value) for r in audit if r.action == "mode_change"]
+            assert ("plant", "local", "remote") in modes and ("hmpc", "remote", "local") in modes
+        assert any(r.action == "config_load" for r in AuditTrail(historian).records())
+        result, records = verify_historian(historian, anchor=str(out / "historian.anchor.jsonl"))
+        assert result.ok and records.ok, (result.issues, records.issues)
 
 
 def test_bench_loop_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
