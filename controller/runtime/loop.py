@@ -36,6 +36,7 @@ import numpy as np
 
 from controller.numerics.limits import OutputLimiter
 from controller.numerics.measurements import Measurement
+from controller.numerics.validation import MeasurementValidator, ValidationSettings
 from controller.records.audit import AuditTrail
 from controller.records.historian import Historian, WriteIntent, config_event
 from controller.records.steps import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
@@ -235,6 +236,19 @@ class UnitLoop:
         #: write intents whose confirmation could not be stored yet (retried with records)
         self._unclosed: list[tuple[WriteIntent, dict[str, str]]] = []
         self._resume_due = False
+        #: estimate-free validation (stuck, stale, duplicate, non-finite, bad quality) of
+        #: the readings of a law without an estimator (the rule and recipe baselines): its
+        #: decisions are recorded and rejected readings are not given to the law. A law
+        #: with an estimator validates inside it; its decisions are recorded after its step.
+        #: (measured concentrations, rates and cell counts are non-negative: a reading
+        #: at 0, e.g. lactate before it is produced, is at the floor and never "stuck")
+        self._ranges: dict[str, tuple[float, float]] = {}
+        self._validator: MeasurementValidator | None = (
+            None
+            if getattr(law, "estimator", None) is not None
+            else MeasurementValidator(ValidationSettings(physical_ranges=self._ranges), frozenset())
+        )
+        self._stuck: set[str] = set()
         #: the GMP audit trail (setpoint writes, mode changes) when the recorder is a
         #: historian; None for a test's memory recorder
         self.audit = AuditTrail(recorder) if isinstance(recorder, Historian) else None
@@ -555,8 +569,7 @@ class UnitLoop:
         if skipped:
             notes.append(f"{skipped} cycle(s) skipped (controller behind the plant clock)")
         arrived = io.take_measurements()
-        self._buffer.extend(arrived)
-        records = tuple(self._measurement_record(m) for m in arrived)
+        records = self._screen(arrived, t)
         mode = _mode_label(st)
         solver: dict[str, Any] = {}
         estimate: dict[str, float] = {}
@@ -589,6 +602,7 @@ class UnitLoop:
                         self._event("fallback", "info", "resuming moves", t)
                         self._hold_reason = ""
                     solver, estimate, estimate_std, growth, predictions = self._law_details()
+                    records = self._estimator_decisions(records, t)
                     setpoints = await self._move(proposed, previous, t, notes)
                     stepped = True
         if not setpoints:
@@ -683,6 +697,69 @@ class UnitLoop:
             )
             for n in self.io.setpoint_names
         )
+
+    def _screen(self, arrived: Sequence[Measurement], t: float) -> tuple[MeasurementRecord, ...]:
+        """Records of the readings that arrived, with the loop's validation decision (laws
+        without an estimator); the accepted ones are buffered for the law."""
+        validator = self._validator
+        out = []
+        for m in arrived:
+            rec = self._measurement_record(m)
+            if validator is not None and rec.accepted:
+                if m.name not in validator.known_variables:
+                    validator.known_variables = validator.known_variables | {m.name}
+                    self._ranges[m.name] = (0.0, math.inf)
+                ok, reason, detail = validator.check(m, t, -math.inf)
+                if not ok:
+                    rec = dataclasses.replace(rec, accepted=False, reason=f"{reason}: {detail}")
+                if m.source == "online":
+                    self._stuck_transition(m.name, reason, detail, t)
+            if rec.accepted:
+                self._buffer.append(m)
+            out.append(rec)
+        return tuple(out)
+
+    def _estimator_decisions(
+        self, records: tuple[MeasurementRecord, ...], t: float
+    ) -> tuple[MeasurementRecord, ...]:
+        """Mark the readings the law's estimator rejected in this cycle's records (reason
+        ``estimator: <reason>: <detail>``), so the historian shows why."""
+        est = getattr(self.law, "last_estimate", None)
+        rejected = getattr(est, "rejected", ()) or ()
+        decided = [*rejected, *(getattr(est, "accepted", ()) or ())]
+        for d in decided:
+            if d.measurement.source == "online":
+                self._stuck_transition(d.measurement.name, d.reason, d.detail, t)
+        if not rejected:
+            return records
+        by_key = {
+            (d.measurement.name, d.measurement.source, float(d.measurement.sample_time)): d
+            for d in rejected
+        }
+        out = []
+        for rec in records:
+            d = by_key.get((rec.name, rec.source, float(rec.sample_time_h)))
+            if d is not None and rec.accepted:
+                rec = dataclasses.replace(
+                    rec, accepted=False, reason=f"estimator: {d.reason}: {d.detail}"
+                )
+            out.append(rec)
+        return tuple(out)
+
+    def _stuck_transition(self, name: str, reason: str, detail: str, t: float) -> None:
+        """An alarm when a probe is first found stuck, an event when it reads again."""
+        if reason == "stuck" and name not in self._stuck:
+            self._stuck.add(name)
+            self._event(
+                "sensor",
+                "alarm",
+                f"{name} probe stuck ({detail}): its readings are rejected",
+                t,
+                variable=name,
+            )
+        elif reason == "accepted" and name in self._stuck:
+            self._stuck.discard(name)
+            self._event("sensor", "info", f"{name} probe reads again", t, variable=name)
 
     @staticmethod
     def _measurement_record(m: Measurement) -> MeasurementRecord:

@@ -807,7 +807,10 @@ def _replay(
         pending.extend(
             _measurement(m)
             for m in rec.measurements
-            if m.accepted and math.isfinite(m.value) and m.quality != "bad"
+            # (the estimator received the ones it rejected itself: replayed as in the run)
+            if (m.accepted or m.reason.startswith("estimator:"))
+            and math.isfinite(m.value)
+            and m.quality != "bad"
         )
         stepped = any(sp.status != "not written" for sp in rec.setpoints)
         failed = any(n.startswith(_CONSUMED) for n in rec.notes)
