@@ -727,7 +727,9 @@ class UnitLoop:
         est = getattr(self.law, "last_estimate", None)
         rejected = getattr(est, "rejected", ()) or ()
         decided = [*rejected, *(getattr(est, "accepted", ()) or ())]
-        for d in decided:
+        # in sample order: within one step, readings accepted before a probe froze come
+        # with the first ones rejected as stuck
+        for d in sorted(decided, key=lambda d: float(d.measurement.sample_time)):
             if d.measurement.source == "online":
                 self._stuck_transition(d.measurement.name, d.reason, d.detail, t)
         if not rejected:
