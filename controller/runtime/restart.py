@@ -565,6 +565,8 @@ class Checkpoint:
             for name, value in intent.target.items():
                 plant = readback.get(name, math.nan)
                 before = intent.previous.get(name, math.nan)
+                if _close(value, before):
+                    continue  # not changed by this bundle: tells nothing
                 if _close(plant, value):
                     items[name] = "written"
                 elif _close(plant, before):
@@ -572,7 +574,13 @@ class Checkpoint:
                 else:
                     items[name] = "differs"
             verdicts = set(items.values())
-            verdict = verdicts.pop() if len(verdicts) == 1 else "partly written"
+            verdict = (
+                verdicts.pop()
+                if len(verdicts) == 1
+                else "partly written"
+                if verdicts
+                else "written"  # (no item changed: plant and intent agree)
+            )
             if not latest and verdict != "written":
                 # only the newest intent can be judged by today's read-back: an older
                 # one was followed by other writes
