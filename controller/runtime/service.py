@@ -214,11 +214,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in units:
         site.unit(name)  # unknown names fail before anything starts
     laws = {name: make_control_law(site.unit(name)) for name in units}
+    site.security.check_files()
     url = args.historian or f"sqlite:///{(out / 'historian.sqlite').resolve()}"
     started = time.time()
     print(f"hmpc run: site {site.name} ({args.site}), units {', '.join(units)}", flush=True)
-    print(f"historian: {url}; log: {out / 'hmpc-run.log'}", flush=True)
     with Historian(url) as historian:
+        # the URL as shown: never its password (a PostgreSQL URL may carry one)
+        print(f"historian: {historian.display_url}; log: {out / 'hmpc-run.log'}", flush=True)
         summaries = asyncio.run(serve(site, laws, historian, units=units, signals=True))
         reports = _write_reports(historian, summaries, out)
     report = {

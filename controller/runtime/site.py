@@ -66,6 +66,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -290,14 +291,53 @@ class SecurityConfig:
                 )
             return value
         if self.password_file is not None:
+            self._check_password_file()
             try:
-                return self.password_file.read_text().strip()
-            except OSError as exc:
+                return self.password_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
                 raise ConfigError(
                     f"{self.source} [security] password_file: cannot read "
-                    f"{self.password_file} ({exc.strerror})."
+                    f"{self.password_file} ({why})."
                 ) from None
         raise ConfigError(f"{self.source} [security]: give password_env or password_file.")
+
+    def _check_password_file(self) -> None:
+        """Refuse a password file that others than its owner may read (as ssh does with a
+        private key): the secret would not be a secret."""
+        if self.password_file is None:
+            return
+        w = f"{self.source} [security] password_file {self.password_file}"
+        try:
+            mode = self.password_file.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"{w}: cannot be read ({exc.strerror}).") from None
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{w}: not a regular file.")
+        if mode & 0o077:
+            raise ConfigError(
+                f"{w}: readable or writable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                f"restrict it with: chmod 600 {self.password_file}"
+            )
+
+    def check_files(self) -> None:
+        """Check, before anything connects, the files the security settings name: the
+        trust folder exists (a missing one would only show at connect, retried forever)
+        and the password file is private. The certificate and key are checked (or
+        created) at connect.
+
+        Raises:
+            ConfigError: naming the key, the path and the fix.
+        """
+        if self.trusted_servers is not None and not self.trusted_servers.is_dir():
+            raise ConfigError(
+                f"{self.source} [security] trusted_servers: folder {self.trusted_servers} does "
+                "not exist; create it and copy the plant server's certificate into it (or "
+                "remove the key to trust any server, development only)."
+            )
+        self._check_password_file()
+        if self.password_env is not None:
+            self.password()  # an unset variable fails now, not at the first connect
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,12 +519,24 @@ def _table(data: Mapping[str, Any], key: str, where: str, *, required: bool = Fa
     return value
 
 
+#: The longest string value a site file may give (names, node ids, paths, URIs).
+MAX_STRING = 512
+
+
 def _str(t: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
     value = t.get(key, default)
     if value is None:
         raise ConfigError(f"{where}: missing required key {key!r}.")
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where} {key} must be a non-empty string, got {value!r}.")
+        shown = repr(value) if len(repr(value)) <= 80 else f"{type(value).__name__} value"
+        raise ConfigError(f"{where} {key} must be a non-empty string, got {shown}.")
+    if len(value) > MAX_STRING:
+        raise ConfigError(
+            f"{where} {key}: {len(value)} characters, longer than {MAX_STRING} "
+            f"(starts {value[:40]!r})."
+        )
+    if any(ord(c) < 32 and c not in "\t" for c in value):
+        raise ConfigError(f"{where} {key}: contains control characters (starts {value[:40]!r}).")
     return value
 
 
