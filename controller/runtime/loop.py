@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,6 +56,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _EPS = 1e-6
+#: BatchStartTime differences below this are clock noise, not another batch, s
+_START_TOLERANCE_S = 1.0
 
 
 class Recorder(Protocol):
@@ -217,6 +220,10 @@ class UnitLoop:
         self._last_clock = math.nan
         self._last_cycle: tuple[float, bool] = (math.nan, False)
         self._unsaved: list[StepRecord | EventRecord] = []
+        #: the plant's batch as last seen (BatchId, BatchStartTime, latest process time):
+        #: a later status that contradicts it is a different plant (see _discontinuity)
+        self._plant_batch = ""
+        self._plant_mark: tuple[str, datetime | None, float] | None = None
         #: printer coordination (default: attached at start when the site has a [printer])
         self.printing = printing
         #: crash-safe restart (controller.runtime.restart.Checkpoint): state saved after
@@ -294,8 +301,13 @@ class UnitLoop:
         try:
             while not stop.is_set():
                 st = io.status()
-                if st.connected and st.batch_id != self.summary.batch_id:
-                    self.summary.batch_id = st.batch_id
+                jump = self._discontinuity(st) if st.connected else ""
+                if jump:
+                    await self._stop_at_discontinuity(jump, st)
+                    break
+                if st.connected and st.batch_id != self._plant_batch:
+                    self._plant_batch = st.batch_id
+                    self.summary.batch_id = self._record_id(st)
                     self._resume_numbering()
                     if self.checkpoint is not None:
                         await self.checkpoint.resume(self, st.clock_h)
@@ -329,6 +341,142 @@ class UnitLoop:
                     "unit=%s %d record(s) could not be stored", io.unit, len(self._unsaved)
                 )
         return self.summary
+
+    # -- a restarted or replaced plant -----------------------------------------------------
+    def _discontinuity(self, st: PlantStatus) -> str:
+        """Why ``st`` cannot be the plant of the batch this loop controls ("" when it can):
+        its BatchId or BatchStartTime changed, or its process time went backwards."""
+        if not math.isfinite(st.clock_h):
+            return ""
+        if self._plant_mark is None:
+            self._plant_mark = (st.batch_id, st.batch_start, st.clock_h)
+            return ""
+        batch, start, clock = self._plant_mark
+        if st.batch_id != batch:
+            return f"the plant's BatchId changed from {batch!r} to {st.batch_id!r}"
+        if (
+            start is not None
+            and st.batch_start is not None
+            and abs((st.batch_start - start).total_seconds()) > _START_TOLERANCE_S
+        ):
+            return (
+                f"the plant's BatchStartTime changed from {start.isoformat()} to "
+                f"{st.batch_start.isoformat()} under BatchId {batch!r}"
+            )
+        if st.clock_h < clock - _EPS:
+            return (
+                f"the plant's process time went back from {clock:.3f} h to {st.clock_h:.3f} h "
+                f"under BatchId {batch!r}"
+            )
+        self._plant_mark = (batch, start or st.batch_start, max(clock, st.clock_h))
+        return ""
+
+    async def _stop_at_discontinuity(self, why: str, st: PlantStatus) -> None:
+        """A different plant: write nothing more, hand the unit back to Local, raise one
+        alarm in the batch record the loop was writing, and end this unit's loop (the
+        control law's state belongs to the old plant and is never fed the new one's data;
+        a restarted ``hmpc run`` starts a new batch record, see :meth:`_record_id`)."""
+        self._engaged = False
+        self._limiter = None
+        handed = "not in Remote"
+        if st.remote:
+            try:
+                handed = f"handed back to Local ({await self.io.hand_back()})"
+            except PlantIOError as exc:
+                handed = f"hand-back failed ({exc}); the plant's watchdog sheds it"
+        last_t = self._plant_mark[2] if self._plant_mark is not None else math.nan
+        self.summary.ended = "discontinuity"
+        self._event(
+            "discontinuity",
+            "alarm",
+            f"plant discontinuity on {self.io.unit}: {why} (plant restarted or replaced). "
+            f"The controller stopped writing ({handed}); its estimate belongs to the old "
+            f"plant. Restart hmpc run for this unit to control the new plant under a new "
+            f"batch record.",
+            last_t,
+            plant_batch_id=st.batch_id,
+            plant_batch_start=st.batch_start.isoformat() if st.batch_start else None,
+            plant_time_h=st.clock_h,
+        )
+
+    def _record_id(self, st: PlantStatus) -> str:
+        """The batch record to write for the plant's batch: its BatchId, unless the
+        historian already holds that batch for another lifetime of the plant (restarted
+        under the same BatchId while no controller ran: another BatchStartTime, or steps
+        later than the plant's process time now); then the first record ``BatchId~2``
+        (``~3``, ...) that is this plant's or new, announced by an alarm in the last one
+        that is not, so no record holds two plant lifetimes and no estimate is carried
+        across. Records the plant's BatchStartTime (a ``plant`` event) for the next start."""
+        batch = st.batch_id
+        record, n, previous, why = batch, 1, "", ""
+        while (other := self._other_plant(record, st)) is not None:
+            if not other:
+                break
+            previous, why = record, other
+            n += 1
+            record = f"{batch}~{n}"
+        if previous:
+            self.summary.batch_id = previous  # the alarm closes the old record
+            self._event(
+                "discontinuity",
+                "alarm",
+                f"plant discontinuity on {self.io.unit}: {why} (plant restarted under the "
+                f"same BatchId). Not resumed: this batch record ends here; the plant is "
+                f"recorded as {record!r}.",
+                st.clock_h,
+                plant_batch_id=batch,
+                plant_time_h=st.clock_h,
+                new_record=record,
+            )
+            log.critical("unit=%s batch %s: %s; recorded as %s", self.io.unit, batch, why, record)
+        self.summary.batch_id = record
+        self._event(
+            "plant",
+            "info",
+            f"plant batch {batch!r} (BatchStartTime "
+            f"{st.batch_start.isoformat() if st.batch_start else 'unknown'}) recorded as "
+            f"{record!r}",
+            st.clock_h,
+            plant_batch_id=batch,
+            plant_batch_start=st.batch_start.isoformat() if st.batch_start else None,
+        )
+        return record
+
+    def _other_plant(self, record: str, st: PlantStatus) -> str | None:
+        """Whether the stored batch ``record`` is of another plant lifetime than ``st``:
+        None when the recorder holds no such record (or cannot tell), "" when it is this
+        plant's, else why not."""
+        steps = getattr(self.recorder, "steps", None)
+        events = getattr(self.recorder, "events", None)
+        try:
+            rows = steps(record, self.io.unit) if callable(steps) else []
+            plants = events(record, self.io.unit, kind="plant") if callable(events) else []
+        except Exception as exc:  # a reader failure: the record is treated as this plant's
+            log.warning("unit=%s cannot read batch %s back: %r", self.io.unit, record, exc)
+            return ""
+        if not rows and not plants:
+            return None
+        starts = [e.data.get("plant_batch_start") for e in plants]
+        known = next((s for s in reversed(starts) if s), None)
+        if known and st.batch_start is not None:
+            recorded = datetime.fromisoformat(known)
+            if abs((st.batch_start - recorded).total_seconds()) > _START_TOLERANCE_S:
+                return (
+                    f"the plant's BatchStartTime {st.batch_start.isoformat()} is not the "
+                    f"recorded {recorded.isoformat()} of batch record {record!r}"
+                )
+        # steps recorded while disconnected carry an extrapolated time: left out
+        times = [
+            r.process_time_h
+            for r in rows
+            if r.mode != "disconnected" and math.isfinite(r.process_time_h)
+        ]
+        if times and math.isfinite(st.clock_h) and max(times) > st.clock_h + _EPS:
+            return (
+                f"the plant's process time {st.clock_h:.3f} h is before the last recorded "
+                f"step at {max(times):.3f} h of batch record {record!r}"
+            )
+        return ""
 
     def _resume_numbering(self) -> None:
         """Continue the step numbers of a batch the historian already holds (a restarted

@@ -81,6 +81,7 @@ class PlantStatus:
         now_h: process time now (``clock_h`` extrapolated at the clock speed), h.
         speed: process hours per wall hour.
         batch_id: batch identifier (site file or the plant's ``BatchId``).
+        batch_start: the plant's ``BatchStartTime`` (read at each connect; None unknown).
     """
 
     connected: bool
@@ -91,6 +92,7 @@ class PlantStatus:
     now_h: float
     speed: float
     batch_id: str
+    batch_start: datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -605,6 +607,7 @@ class OpcUaPlantIO:
             now_h=c.clock.now_h(),
             speed=c.clock.speed,
             batch_id=self._batch_id or self.unit,
+            batch_start=c.clock.batch_start,
         )
 
     def inputs(self) -> Mapping[str, InputState]:

@@ -239,7 +239,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'run_summary.json'}")
     for path in reports:
         print(f"batch report: {path}")
-    return 0 if all(not s.ended.startswith("failed") for s in summaries) else 1
+    for s in summaries:
+        if s.ended == "discontinuity":
+            print(
+                f"ALARM {s.unit}: the plant restarted or was replaced under batch {s.batch_id}; "
+                "nothing more was written. Check the plant, then start hmpc run again (a new "
+                "batch record is started)."
+            )
+    return 0 if all(not s.ended.startswith(("failed", "discontinuity")) for s in summaries) else 1
 
 
 def _write_reports(historian: Any, summaries: Sequence[Any], out: Path) -> list[Path]:
