@@ -343,10 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), argv)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _patient_parameters(model: str, spec: str) -> tuple[str, ...]:
     """``--adapt``: 'none', 'auto' (the model's patient parameters) or a comma list."""
     if spec == "none":
@@ -362,3 +358,7 @@ def _patient_parameters(model: str, spec: str) -> tuple[str, ...]:
             f"'auto' or from {known or '(none for this model)'}"
         )
     return names
+
+
+if __name__ == "__main__":
+    sys.exit(main())
