@@ -35,6 +35,8 @@ from sim.opcua.clock import ProcessClock
 from sim.opcua.faults import Fault, FaultBook
 from sim.opcua.lads import (
     DI_DEVICE_SET,
+    NAME_NODEID_DATATYPE,
+    Instantiator,
     NodeBuilder,
     argument,
     find_nodesets_dir,
@@ -486,14 +488,17 @@ class BioreactorServer(_BaseServer):
             VT.LocalizedText,
             typedef=ua.ObjectIds.FiniteStateVariableType,
         )
+        inst = Instantiator(b)
+        fsm_type = ns.lads_type("FunctionalUnitStateMachineType")
         for method in ("Start", "Stop", "Abort"):
+            inputs, outputs = inst.method_arguments(fsm_type, f"{L}:{method}")
             await b.method(
                 state,
                 f"{fu_path}.FunctionalUnitState.{method}",
                 ua.QualifiedName(method, L),
                 self._state_handler(unit, method),
-                [],
-                [],
+                inputs,
+                outputs,
             )
         fset = await b.object(
             fu,
@@ -611,13 +616,28 @@ class BioreactorServer(_BaseServer):
             ua.QualifiedName("ActiveProgram", L),
             ns.lads_type("ActiveProgramType"),
         )
-        await b.variable(
-            active,
-            f"{fu_path}.ProgramManager.ActiveProgram.CurrentProgramTemplate",
-            ua.QualifiedName("CurrentProgramTemplate", L),
-            f"{unit.plant.kind}-expansion",
-            VT.String,
-        )
+        template = f"{unit.plant.kind}-expansion"
+        if ns.official:  # AMB's NameNodeIdDataType {Name, Id}, as LADS declares
+            await b.variable(
+                active,
+                f"{fu_path}.ProgramManager.ActiveProgram.CurrentProgramTemplate",
+                ua.QualifiedName("CurrentProgramTemplate", L),
+                ua.NameNodeIdDataType(  # type: ignore[attr-defined]
+                    Name=ua.LocalizedText(template), NodeId=ua.NodeId()
+                ),
+                VT.ExtensionObject,
+                typedef=ua.ObjectIds.PropertyType,
+                reference=ua.ObjectIds.HasProperty,
+                datatype=nodeid(NAME_NODEID_DATATYPE, ns.amb),
+            )
+        else:
+            await b.variable(
+                active,
+                f"{fu_path}.ProgramManager.ActiveProgram.CurrentProgramTemplate",
+                ua.QualifiedName("CurrentProgramTemplate", L),
+                template,
+                VT.String,
+            )
         await b.variable(
             active,
             f"{fu_path}.ProgramManager.ActiveProgram.SupervisoryJobId",
@@ -638,7 +658,12 @@ class BioreactorServer(_BaseServer):
             ua.QualifiedName("CurrentRuntime", L),
             0.0,
             VT.Double,
+            typedef=ua.ObjectIds.PropertyType,
+            reference=ua.ObjectIds.HasProperty,
+            datatype=nodeid(ua.ObjectIds.Duration),  # milliseconds
         )
+        if ns.official:  # every Mandatory child of the official types, recursively
+            await inst.complete(device, values=_device_values(u))
 
     async def _build_apc(
         self, b: NodeBuilder, root: ua.NodeId, unit: BioreactorUnit, nodes: _UnitNodes
@@ -868,7 +893,7 @@ class BioreactorServer(_BaseServer):
             ("Fallback", apc.fallback, VT.Boolean),
             ("ShedCount", apc.shed_count, VT.UInt32),
             ("HeartbeatHealthy", apc.heartbeat_healthy(now_wall), VT.Boolean),
-            ("Runtime", t, VT.Double),
+            ("Runtime", t * 3.6e6, VT.Double),  # Duration: ms
             ("State", ua.LocalizedText(unit.state), VT.LocalizedText),
         )
         for label, val, vtype in apc_values:
@@ -893,6 +918,31 @@ class BioreactorServer(_BaseServer):
                 ServerTimestamp=_ts(datetime.now(UTC)),
             ),
         )
+
+
+def _device_values(unit: str) -> dict[str, Any]:
+    """Values of the DI/Machinery identification of a simulated device (by NodeId)."""
+    text = {
+        "Manufacturer": ua.LocalizedText("hmpc simulator"),
+        "Model": ua.LocalizedText("virtual bioreactor"),
+        "ComponentName": ua.LocalizedText(unit),
+    }
+    plain = {
+        "SerialNumber": f"SIM-{unit}",
+        "ProductInstanceUri": f"urn:hmpc:sim:bioreactor:{unit}",
+        "HardwareRevision": "1",
+        "SoftwareRevision": "1",
+        "DeviceRevision": "1",
+        "AssetId": unit,
+    }
+    out: dict[str, Any] = {}
+    for prefix in (unit, f"{unit}.Identification"):
+        for key, value in text.items():
+            out[f"{prefix}.{key}"] = ua.Variant(value, VT.LocalizedText)
+        for key, value in plain.items():
+            out[f"{prefix}.{key}"] = ua.Variant(value, VT.String)
+        out[f"{prefix}.RevisionCounter"] = ua.Variant(0, VT.Int32)
+    return out
 
 
 def _quality(quality: str) -> int:
