@@ -46,14 +46,30 @@ AM_URI = "http://opcfoundation.org/UA/AdditiveManufacturing/"
 JOBS_URI = "http://opcfoundation.org/UA/Machinery/Jobs/"
 HMPC_URI = "urn:hmpc:sim"
 
-#: Files imported, in dependency order.
-NODESET_FILES = (
+#: The printer's NodeSets, in dependency order: DI, AMB, IA and Machinery (identification,
+#: MachineryItemState), ISA-95 job control and Machinery Jobs (OPC 40001-3). The
+#: AdditiveManufacturing NodeSet (OPC 40540) is not in node-opcua-nodesets nor in any npm or
+#: PyPI package we found.
+PRINTER_NODESET_FILES = (
     "Opc.Ua.Di.NodeSet2.xml",
     "Opc.Ua.AMB.NodeSet2.xml",
     "Opc.Ua.IA.NodeSet2.xml",
     "Opc.Ua.Machinery.NodeSet2.xml",
-    "Opc.Ua.LADS.NodeSet2.xml",
+    "opc.ua.isa95-jobcontrol.nodeset2.xml",
+    "Opc.Ua.Machinery.Jobs.Nodeset2.xml",
 )
+#: The bioreactor's: the printer's plus LADS, so that both servers (one process) give every
+#: imported namespace the same index: asyncua keeps one process-wide registry of the
+#: structure classes it builds, keyed by NodeId and name.
+NODESET_FILES = (*PRINTER_NODESET_FILES, "Opc.Ua.LADS.NodeSet2.xml")
+ISA95_URI = "http://opcfoundation.org/UA/ISA95-JOBCONTROL_V2/"
+#: Machinery: the Machines folder, MachineIdentificationType, MachineryItemState_StateMachineType;
+#: Machinery Jobs: JobManagementType; ISA-95: ISA95JobOrderReceiverObjectType.
+MACHINERY_MACHINES = 1001
+MACHINERY_IDENTIFICATION_TYPE = 1012
+MACHINERY_ITEM_STATE_TYPE = 1002
+JOB_MANAGEMENT_TYPE = 1003
+ISA95_JOB_ORDER_RECEIVER_TYPE = 1002
 
 #: Type NodeIds (numeric, in their namespace) of the official NodeSets used by the instances.
 DI_DEVICE_SET = 5001
@@ -118,6 +134,12 @@ def _patched(text: str) -> str:
     expects "Default Json"); DI 1.05 has DesignToolOnly nodes without a parent, which the
     importer refuses."""
     text = _DESIGN_TOOL_ONLY.sub("", text)
+    # Machinery Jobs: a structure field of an OptionSet type derived from Byte, which
+    # asyncua cannot build a class for; Byte is the same encoding
+    text = text.replace(
+        '<Field Name="OutputInfo" DataType="OutputInfoType">',
+        '<Field Name="OutputInfo" DataType="Byte">',
+    )
     return text.replace("Default JSON", "Default Json")
 
 
@@ -139,17 +161,7 @@ async def load_models(server: Server, nodesets: Path | None, *, hand_built: bool
     """Import the official NodeSets, or build the subset by hand (``hand_built`` or when no
     NodeSets are found)."""
     if not hand_built and nodesets is not None:
-        # the importer logs every reference it repairs (hundreds of lines for DI/LADS);
-        # keep its errors only
-        importer_log = logging.getLogger("asyncua.common.xmlimporter")
-        level = importer_log.level
-        importer_log.setLevel(logging.ERROR)
-        try:
-            for name in NODESET_FILES:
-                text = _patched((nodesets / name).read_text(encoding="utf-8"))
-                await server.import_xml(xmlstring=text)
-        finally:
-            importer_log.setLevel(level)
+        await import_nodesets(server, nodesets, NODESET_FILES)
         official = True
         log.info("imported the official NodeSets from %s", nodesets)
     else:
@@ -165,6 +177,25 @@ async def load_models(server: Server, nodesets: Path | None, *, hand_built: bool
     amb = await server.get_namespace_index(AMB_URI)
     hmpc = await server.register_namespace(HMPC_URI)
     return Namespaces(di=di, lads=lads, hmpc=hmpc, official=official, amb=amb)
+
+
+async def import_nodesets(server: Server, nodesets: Path, files: Sequence[str]) -> None:
+    """Import ``files`` from ``nodesets`` (with the fixes of :func:`_patched`). The importer
+    logs every reference it repairs (hundreds of lines for DI/LADS): keep its errors only."""
+    importer_log = logging.getLogger("asyncua.common.xmlimporter")
+    struct_log = logging.getLogger("asyncua.common.structures104")
+    levels = importer_log.level, struct_log.level
+    importer_log.setLevel(logging.ERROR)
+    struct_log.setLevel(logging.ERROR)
+    try:
+        for name in files:
+            path = nodesets / name
+            if not path.is_file():
+                raise ConfigError(f"{path}: missing; run sim/opcua/setup_nodesets.sh")
+            await server.import_xml(xmlstring=_patched(path.read_text(encoding="utf-8")))
+    finally:
+        importer_log.setLevel(levels[0])
+        struct_log.setLevel(levels[1])
 
 
 async def _hand_built_types(server: Server) -> None:
@@ -423,9 +454,9 @@ def _default_value(datatype: ua.NodeId, value_rank: int) -> ua.Variant:
     if value_rank >= 0 or value_rank == ua.ValueRank.OneOrMoreDimensions:
         try:
             vtype = ua.datatype_to_varianttype(datatype)
-        except (KeyError, ValueError):
-            vtype = ua.VariantType.Null
-        if vtype is ua.VariantType.ExtensionObject or vtype is ua.VariantType.Null:
+        except (KeyError, ValueError, ua.UaError):  # a structure of a companion spec
+            vtype = ua.VariantType.ExtensionObject
+        if not isinstance(vtype, ua.VariantType) or vtype is ua.VariantType.Null:
             return ua.Variant()
         return ua.Variant([], vtype, is_array=True)
     if datatype.NamespaceIndex != 0 or not isinstance(datatype.Identifier, int):

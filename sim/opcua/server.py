@@ -966,13 +966,26 @@ class PrinterServer(_BaseServer):
         self.fault_node: ua.NodeId | None = None
         self.builder: NodeBuilder | None = None
         self.am = 0
+        self.official_nodesets = False
 
     async def build(self, server: Server) -> None:
-        from sim.opcua.lads import AM_URI, HMPC_URI, JOBS_URI
+        from sim.opcua import lads
 
-        self.am = await server.register_namespace(AM_URI)
-        jobs_ns = await server.register_namespace(JOBS_URI)
-        self.ns = await server.register_namespace(HMPC_URI)
+        cfg = self.config
+        nodesets = None if cfg.hand_built else find_nodesets_dir(cfg.nodesets)
+        if nodesets is not None:  # DI, Machinery, ISA-95 job control, Machinery Jobs
+            await lads.import_nodesets(server, nodesets, lads.PRINTER_NODESET_FILES)
+        self.official_nodesets = nodesets is not None
+        self.am = await server.register_namespace(lads.AM_URI)
+        jobs_ns = await server.register_namespace(lads.JOBS_URI)
+        self.ns = await server.register_namespace(lads.HMPC_URI)
+        di = await server.register_namespace(lads.DI_URI)
+        machinery = await server.register_namespace(lads.MACHINERY_URI)
+        isa95 = await server.register_namespace(lads.ISA95_URI)
+
+        def official(ident: int, ns: int) -> ua.NodeId:
+            return nodeid(ident, ns) if nodesets is not None else _base_object()
+
         b = NodeBuilder(server, self.ns)
         self.builder = b
         objects = nodeid(ua.ObjectIds.ObjectsFolder)
@@ -993,21 +1006,48 @@ class PrinterServer(_BaseServer):
             _base_object(),
             reference=ua.ObjectIds.Organizes,
         )
+        if nodesets is not None:  # a machine of OPC 40001-1: listed in Machinery:Machines
+            await server.get_node(nodeid(lads.MACHINERY_MACHINES, machinery)).add_reference(
+                machine, nodeid(ua.ObjectIds.Organizes)
+            )
+        # Machinery identification AddIn (DI:Identification); its properties are in DI
         ident = await b.object(
             machine,
             "Printer.Identification",
-            ua.QualifiedName("Identification", am),
-            _base_object(),
+            ua.QualifiedName("Identification", di),
+            official(lads.MACHINERY_IDENTIFICATION_TYPE, machinery),
+            reference=17604 if nodesets is not None else ua.ObjectIds.HasComponent,  # HasAddIn
         )
+        for key, text in (("Manufacturer", "hmpc simulator"), ("Model", "virtual bioprinter")):
+            await b.variable(
+                ident,
+                f"Printer.Identification.{key}",
+                ua.QualifiedName(key, di),
+                ua.LocalizedText(text),
+                VT.LocalizedText,
+                typedef=ua.ObjectIds.PropertyType,
+                reference=ua.ObjectIds.HasProperty,
+            )
         for key, value in (
-            ("Manufacturer", "hmpc simulator"),
-            ("Model", "virtual bioprinter"),
-            ("AMTechnology", "MaterialExtrusion"),
             ("SerialNumber", "SIM-0001"),
+            ("ProductInstanceUri", "urn:hmpc:sim:printer:SIM-0001"),
         ):
             await b.variable(
-                ident, f"Printer.Identification.{key}", ua.QualifiedName(key, am), value, VT.String
+                ident,
+                f"Printer.Identification.{key}",
+                ua.QualifiedName(key, di),
+                value,
+                VT.String,
+                typedef=ua.ObjectIds.PropertyType,
+                reference=ua.ObjectIds.HasProperty,
             )
+        await b.variable(  # OPC 40540 is not available: the technology in the AM namespace
+            ident,
+            "Printer.Identification.AMTechnology",
+            ua.QualifiedName("AMTechnology", am),
+            "MaterialExtrusion",
+            VT.String,
+        )
         mon = await b.object(
             machine, "Printer.Monitoring", ua.QualifiedName("Monitoring", am), _base_object()
         )
@@ -1032,8 +1072,9 @@ class PrinterServer(_BaseServer):
         state = await b.object(
             machine,
             "Printer.MachineryItemState",
-            ua.QualifiedName("MachineryItemState", am),
-            _base_object(),
+            ua.QualifiedName("MachineryItemState", machinery),
+            official(lads.MACHINERY_ITEM_STATE_TYPE, machinery),
+            reference=17604 if nodesets is not None else ua.ObjectIds.HasComponent,  # HasAddIn
         )
         self.state_node = await b.variable(
             state,
@@ -1041,6 +1082,7 @@ class PrinterServer(_BaseServer):
             ua.QualifiedName("CurrentState", 0),
             ua.LocalizedText(self.sims.printer.machine_state()),
             VT.LocalizedText,
+            typedef=ua.ObjectIds.FiniteStateVariableType,
         )
         self.fault_node = await b.variable(
             machine, "Printer.Fault", ua.QualifiedName("Fault", self.ns), "", VT.String
@@ -1049,13 +1091,14 @@ class PrinterServer(_BaseServer):
             machine,
             "Printer.JobManagement",
             ua.QualifiedName("JobManagement", jobs_ns),
-            _base_object(),
+            official(lads.JOB_MANAGEMENT_TYPE, jobs_ns),
+            reference=17604 if nodesets is not None else ua.ObjectIds.HasComponent,  # HasAddIn
         )
         control = await b.object(
             jm,
             "Printer.JobManagement.JobOrderControl",
             ua.QualifiedName("JobOrderControl", jobs_ns),
-            _base_object(),
+            official(lads.ISA95_JOB_ORDER_RECEIVER_TYPE, isa95),
         )
         self.jobs_folder = await b.object(
             jm,
@@ -1116,6 +1159,8 @@ class PrinterServer(_BaseServer):
             [],
             ret,
         )
+        if nodesets is not None:  # every Mandatory child of the official types
+            await Instantiator(b).complete(machine)
         for job in self.sims.printer.jobs.values():
             await self._add_job_nodes(job)
 
