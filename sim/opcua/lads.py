@@ -547,7 +547,7 @@ class Instantiator:
     def declarations(
         self, typedef: ua.NodeId | None, declaration: ua.NodeId | None
     ) -> dict[str, tuple[ua.NodeId, int, bool]]:
-        chain = []
+        chain: list[ua.NodeId] = []
         current = typedef
         while current is not None and current in self.aspace and len(chain) < 32:
             chain.append(current)

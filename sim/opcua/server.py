@@ -205,6 +205,28 @@ class _HmpcSession(InternalSession):
         finally:
             CALLING_USER.reset(token)
 
+    async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
+        """UserAccessLevel says what this session's role may do: CurrentWrite only where
+        :meth:`write` would let it write."""
+        results = list(await super().read(params))
+        identity = self._identity()
+        write_bit = ua.AccessLevel.CurrentWrite.mask
+        for i, (item, dv) in enumerate(zip(params.NodesToRead, results, strict=True)):
+            if item.AttributeId != ua.AttributeIds.UserAccessLevel or dv.Value is None:
+                continue
+            level = dv.Value.Value
+            roles = self.write_roles.get(item.NodeId)
+            if (
+                isinstance(level, int)
+                and level & write_bit
+                and (roles is None or identity is None or identity.role not in roles)
+            ):
+                # a new DataValue: the one read is the address space's own
+                results[i] = dataclasses.replace(
+                    dv, Value=ua.Variant(level & ~write_bit, ua.VariantType.Byte)
+                )
+        return results
+
     async def write(self, params: ua.WriteParameters) -> list[ua.StatusCode]:
         identity = self._identity()
         allowed: list[ua.WriteValue] = []
@@ -937,8 +959,8 @@ def _device_values(unit: str) -> dict[str, Any]:
     }
     out: dict[str, Any] = {}
     for prefix in (unit, f"{unit}.Identification"):
-        for key, value in text.items():
-            out[f"{prefix}.{key}"] = ua.Variant(value, VT.LocalizedText)
+        for key, label in text.items():
+            out[f"{prefix}.{key}"] = ua.Variant(label, VT.LocalizedText)
         for key, value in plain.items():
             out[f"{prefix}.{key}"] = ua.Variant(value, VT.String)
         out[f"{prefix}.RevisionCounter"] = ua.Variant(0, VT.Int32)

@@ -19,7 +19,7 @@ import dataclasses
 import pytest
 from asyncua import Client, ua
 from nodeset_model import Declaration, Key, NodeSetModel
-from opcua_testkit import Pki, SimThread, session
+from opcua_testkit import Pki, SimThread, node, session
 
 from sim.opcua.lads import HMPC_URI, find_nodesets_dir
 
@@ -333,3 +333,47 @@ def test_the_walk_finds_a_missing_child(model: NodeSetModel) -> None:
     text = "\n".join(report.problems)
     assert "BR01: missing Mandatory Object Identification" in text
     assert "S/SensorValue: type BaseDataVariableType, declared AnalogUnitRangeType" in text
+
+
+def test_user_access_level_follows_the_role(sim: SimThread, pki: Pki) -> None:
+    """Heartbeat is writable for role apc only, and UserAccessLevel says so per session;
+    AccessLevel (what the node allows at all) stays writable."""
+
+    async def levels(user: str) -> tuple[int, int]:
+        async with session(sim.s.endpoint, pki, user) as client:
+            hb = await node(client, "APC.BR01.Heartbeat")
+            access = await hb.read_attribute(ua.AttributeIds.AccessLevel)
+            user_access = await hb.read_attribute(ua.AttributeIds.UserAccessLevel)
+            return access.Value.Value, user_access.Value.Value
+
+    write = ua.AccessLevel.CurrentWrite.mask
+    for user in ("viewer", "engineer", "operator", "apc"):
+        access, user_access = asyncio.run(levels(user))
+        assert access & write, user
+        assert bool(user_access & write) is (user == "apc"), (user, user_access)
+        assert user_access & ua.AccessLevel.CurrentRead.mask
+
+
+def test_extra_method_arguments_are_refused(sim: SimThread, pki: Pki) -> None:
+    """Part 4 Call: more input arguments than declared is BadTooManyArguments, on our own
+    methods and on those of the official types."""
+
+    async def go() -> list[ua.StatusCode]:
+        async with session(sim.s.endpoint, pki, "viewer") as client:
+            calls = [
+                ("APC.BR01", "RequestMode", 2),
+                ("BR01.Bioreactor.FunctionalUnitState", "Stop", 2),
+                ("BR01.Bioreactor.Lock", "ExitLock", 1),
+            ]
+            out = []
+            for obj, method, count in calls:
+                request = ua.CallMethodRequest()
+                request.ObjectId = (await node(client, obj)).nodeid
+                request.MethodId = (await node(client, f"{obj}.{method}")).nodeid
+                request.InputArguments = [ua.Variant(1, ua.VariantType.Int32)] * count
+                (result,) = await client.uaclient.call([request])
+                out.append(result.StatusCode)
+            return out
+
+    for code in asyncio.run(go()):
+        assert code.value == ua.StatusCodes.BadTooManyArguments, code
