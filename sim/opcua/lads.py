@@ -85,6 +85,7 @@ LADS_TYPES = {
     "FunctionalUnitSetType": 1023,
     "FunctionSetType": 1026,
     "FunctionalUnitStateMachineType": 1043,
+    "LADSDeviceStateMachineType": 1039,
     "ControlFunctionStateMachineType": 1044,
     "ProgramTemplateSetType": 1019,
     "ResultSetType": 1020,
@@ -505,6 +506,23 @@ class Instantiator:
             if not ref.IsForward and ref.ReferenceTypeId == nodeid(ua.ObjectIds.HasSubtype):
                 return ref.NodeId
         return None
+
+    def states(self, typedef: ua.NodeId) -> dict[str, ua.NodeId]:
+        """The states (StateType objects) a state machine type and its supertypes declare,
+        by name: the values of ``CurrentState.Id`` and ``AvailableStates``."""
+        out: dict[str, ua.NodeId] = {}
+        current: ua.NodeId | None = typedef
+        state_types = {nodeid(ua.ObjectIds.StateType), nodeid(ua.ObjectIds.InitialStateType)}
+        while current is not None and current in self.aspace:
+            for ref in self._refs(current):
+                if (
+                    ref.IsForward
+                    and ref.ReferenceTypeId == nodeid(ua.ObjectIds.HasComponent)
+                    and ref.TypeDefinition in state_types
+                ):
+                    out.setdefault(ref.BrowseName.Name, ref.NodeId)
+            current = self._supertype(current)
+        return out
 
     def method_arguments(
         self, typedef: ua.NodeId, browse_name: str

@@ -429,10 +429,13 @@ def _folder() -> ua.NodeId:
 @dataclasses.dataclass
 class _UnitNodes:
     sensors: dict[tuple[str, str], ua.NodeId] = dataclasses.field(default_factory=dict)
+    raw: dict[tuple[str, str], ua.NodeId] = dataclasses.field(default_factory=dict)
     current: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     target: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     totals: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     states: list[ua.NodeId] = dataclasses.field(default_factory=list)
+    #: CurrentState.Id of the functional unit and control functions (official model only)
+    state_ids: list[ua.NodeId] = dataclasses.field(default_factory=list)
     apc: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     published: dict[tuple[str, str], tuple[float, float]] = dataclasses.field(default_factory=dict)
     stuck: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
@@ -445,6 +448,7 @@ class BioreactorServer(_BaseServer):
         super().__init__(config, port, sims)
         self.nodes: dict[str, _UnitNodes] = {}
         self.official_nodesets = False
+        self.states: dict[str, ua.NodeId] = {}  # FunctionalUnitStateMachineType's, by name
 
     async def build(self, server: Server) -> None:
         cfg = self.config
@@ -511,6 +515,7 @@ class BioreactorServer(_BaseServer):
             typedef=ua.ObjectIds.FiniteStateVariableType,
         )
         inst = Instantiator(b)
+        preset: dict[str, Any] = {}  # values of children the completion creates, by NodeId
         fsm_type = ns.lads_type("FunctionalUnitStateMachineType")
         for method in ("Start", "Stop", "Abort"):
             inputs, outputs = inst.method_arguments(fsm_type, f"{L}:{method}")
@@ -553,6 +558,17 @@ class BioreactorServer(_BaseServer):
                     0.0,
                     high,
                 )
+                preset[f"{path}.IsEnabled"] = ua.Variant(True, VT.Boolean)
+                if ns.official:  # the simulated reading is also the raw one (no calibration)
+                    nodes.raw[(source, var)] = await b.analog(
+                        func,
+                        f"{path}.RawValue",
+                        ua.QualifiedName("RawValue", L),
+                        m.value if m is not None else math.nan,
+                        noise.unit,
+                        0.0,
+                        high,
+                    )
         for name, lim in unit.apc.config.limits.items():
             fname = _camel(name)
             path = f"{fu_path}.FunctionSet.{fname}"
@@ -564,6 +580,7 @@ class BioreactorServer(_BaseServer):
             func = await b.object(
                 fset, path, ua.QualifiedName(fname, ns.hmpc), ns.lads_type(typename)
             )
+            preset[f"{path}.IsEnabled"] = ua.Variant(True, VT.Boolean)
             cfs = await b.object(
                 func,
                 f"{path}.ControlFunctionState",
@@ -685,7 +702,22 @@ class BioreactorServer(_BaseServer):
             datatype=nodeid(ua.ObjectIds.Duration),  # milliseconds
         )
         if ns.official:  # every Mandatory child of the official types, recursively
-            await inst.complete(device, values=_device_values(u))
+            self.states = inst.states(fsm_type)
+            device_states = inst.states(ns.lads_type("LADSDeviceStateMachineType"))
+            values = _device_values(u) | preset
+            values[f"{u}.DeviceState.CurrentState"] = ua.Variant(
+                ua.LocalizedText("Operate"), VT.LocalizedText
+            )
+            values[f"{u}.DeviceState.CurrentState.Id"] = ua.Variant(
+                device_states["Operate"], VT.NodeId
+            )
+            available = ua.Variant(list(self.states.values()), VT.NodeId, is_array=True)
+            machines = [f"{fu_path}.FunctionalUnitState"]
+            machines += [str(n.Identifier).rsplit(".", 1)[0] for n in nodes.states]
+            for machine in machines:
+                values[f"{machine}.AvailableStates"] = available
+                nodes.state_ids.append(b.nid(f"{machine}.CurrentState.Id"))
+            await inst.complete(device, values=values)
 
     async def _build_apc(
         self, b: NodeBuilder, root: ua.NodeId, unit: BioreactorUnit, nodes: _UnitNodes
@@ -888,9 +920,10 @@ class BioreactorServer(_BaseServer):
                 if nodes.published.get(key) == mark and kind is None:
                     continue
                 nodes.published[key] = mark
-                await server.write_attribute_value(
-                    node, _dv(value, VT.Double, clock.timestamp(sample), code)
-                )
+                dv = _dv(value, VT.Double, clock.timestamp(sample), code)
+                await server.write_attribute_value(node, dv)
+                if key in nodes.raw:
+                    await server.write_attribute_value(nodes.raw[key], dv)
             await self._publish_apc(server, unit, now_wall)
         await self._publish_clock(server)
 
@@ -920,6 +953,9 @@ class BioreactorServer(_BaseServer):
         )
         for label, val, vtype in apc_values:
             await server.write_attribute_value(nodes.apc[label], _dv(val, vtype, stamp))
+        state_id = self.states.get(unit.state)
+        for node in nodes.state_ids if state_id is not None else []:
+            await server.write_attribute_value(node, _dv(state_id, VT.NodeId, stamp))
         for node in nodes.states:  # control functions follow the functional unit
             await server.write_attribute_value(
                 node, _dv(ua.LocalizedText(unit.state), VT.LocalizedText, stamp)
@@ -989,6 +1025,8 @@ class PrinterServer(_BaseServer):
         self.builder: NodeBuilder | None = None
         self.am = 0
         self.official_nodesets = False
+        self.states: dict[str, ua.NodeId] = {}  # MachineryItemState_StateMachineType's
+        self.state_id_node: ua.NodeId | None = None
 
     async def build(self, server: Server) -> None:
         from sim.opcua import lads
@@ -1182,7 +1220,10 @@ class PrinterServer(_BaseServer):
             ret,
         )
         if nodesets is not None:  # every Mandatory child of the official types
-            await Instantiator(b).complete(machine)
+            inst = Instantiator(b)
+            self.states = inst.states(official(lads.MACHINERY_ITEM_STATE_TYPE, machinery))
+            await inst.complete(machine)
+            self.state_id_node = b.nid("Printer.MachineryItemState.CurrentState.Id")
         for job in self.sims.printer.jobs.values():
             await self._add_job_nodes(job)
 
@@ -1335,6 +1376,9 @@ class PrinterServer(_BaseServer):
             await server.write_attribute_value(
                 self.fault_node, _dv(printer.fault, VT.String, stamp)
             )
+        state_id = self.states.get(printer.machine_state())
+        if self.state_id_node is not None and state_id is not None:
+            await server.write_attribute_value(self.state_id_node, _dv(state_id, VT.NodeId, stamp))
         for job_id, job in printer.jobs.items():
             if job_id not in self.job_nodes:
                 await self._add_job_nodes(job)

@@ -377,3 +377,38 @@ def test_extra_method_arguments_are_refused(sim: SimThread, pki: Pki) -> None:
 
     for code in asyncio.run(go()):
         assert code.value == ua.StatusCodes.BadTooManyArguments, code
+
+
+def test_current_state_ids_name_the_current_state(
+    sim: SimThread, pki: Pki, model: NodeSetModel
+) -> None:
+    """CurrentState.Id is the NodeId of the type's state whose name CurrentState shows
+    (functional unit, a control function, the device, the printer's MachineryItemState)."""
+
+    async def pairs(endpoint: str, paths: list[str]) -> list[tuple[str, str]]:
+        out = []
+        async with session(endpoint, pki, "viewer") as client:
+            for path in paths:
+                text = (await (await node(client, f"{path}.CurrentState")).read_value()).Text
+                state = client.get_node(
+                    await (await node(client, f"{path}.CurrentState.Id")).read_value()
+                )
+                out.append((text, (await state.read_browse_name()).Name))
+        return out
+
+    found = asyncio.run(
+        pairs(
+            sim.s.endpoint,
+            [
+                "BR01.Bioreactor.FunctionalUnitState",
+                "BR01.Bioreactor.FunctionSet.PerfusionPump.ControlFunctionState",
+                "BR01.DeviceState",
+            ],
+        )
+    )
+    printer = sim.s.printer_endpoint
+    assert printer is not None
+    found += asyncio.run(pairs(printer, ["Printer.MachineryItemState"]))
+    for text, name in found:
+        assert text == name
+    assert found[2] == ("Operate", "Operate")
