@@ -199,8 +199,11 @@ def check(model: NodeSetModel, roots: list[LiveNode]) -> Report:
             return "-"
         return SHORT.get(key[0], key[0] + ":") + model.name(key)
 
-    def visit(node: LiveNode, decl: Declaration | None, where: str) -> None:
+    def visit(node: LiveNode, decl: Declaration | None, where: str) -> bool:
+        """Check ``node`` and its subtree; True if it has the declared class and types
+        (its own children's problems are reported, not counted here)."""
         report.walked += 1
+        own = len(report.problems)
         if decl is not None:
             if decl.node_class != node.node_class.name:
                 report.problems.append(
@@ -214,6 +217,7 @@ def check(model: NodeSetModel, roots: list[LiveNode]) -> Report:
                 report.problems.append(
                     f"{where}: DataType {label(node.datatype)}, declared {label(decl.datatype)}"
                 )
+        typed = len(report.problems) == own
         typedef = node.typedef
         if node.node_class == ua.NodeClass.Method:
             expected = model.declarations(("", ""), decl) if decl is not None else {}
@@ -243,14 +247,12 @@ def check(model: NodeSetModel, roots: list[LiveNode]) -> Report:
                         f"{where}: missing Mandatory {d.node_class} {bname[1]} ({label(d.typedef)})"
                     )
                 continue
-            before = len(report.problems)
-            here = f"{where}/{bname[1]}"
-            visit(child, d, here)
-            if d.mandatory and not any(p.startswith(here + ":") for p in report.problems[before:]):
+            if visit(child, d, f"{where}/{bname[1]}") and d.mandatory:
                 report.present[kind] += 1  # present, with the declared class and types
         for child in node.children:
             if child.browse_name not in expected:
                 visit(child, None, f"{where}/{child.browse_name[1]}")
+        return typed
 
     for root in roots:
         visit(root, None, root.key[1])
