@@ -524,6 +524,14 @@ class Instantiator:
             current = self._supertype(current)
         return out
 
+    def state_number(self, state: ua.NodeId) -> int:
+        """The StateNumber property of a state (0 when it has none)."""
+        for ref in self._refs(state):
+            if ref.IsForward and ref.BrowseName.Name == "StateNumber":
+                value = self._attr(ref.NodeId, ua.AttributeIds.Value)
+                return int(value) if value is not None else 0
+        return 0
+
     def method_arguments(
         self, typedef: ua.NodeId, browse_name: str
     ) -> tuple[list[ua.Argument], list[ua.Argument]]:

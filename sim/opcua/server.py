@@ -1027,6 +1027,9 @@ class PrinterServer(_BaseServer):
         self.official_nodesets = False
         self.states: dict[str, ua.NodeId] = {}  # MachineryItemState_StateMachineType's
         self.state_id_node: ua.NodeId | None = None
+        self.isa95_list: ua.NodeId | None = None  # ISA-95 JobOrderControl.JobOrderList
+        self.isa95_numbers: dict[str, int] = {}  # job state name -> ISA-95 StateNumber
+        self.isa95_published: list[Any] | None = None
 
     async def build(self, server: Server) -> None:
         from sim.opcua import lads
@@ -1224,6 +1227,13 @@ class PrinterServer(_BaseServer):
             self.states = inst.states(official(lads.MACHINERY_ITEM_STATE_TYPE, machinery))
             await inst.complete(machine)
             self.state_id_node = b.nid("Printer.MachineryItemState.CurrentState.Id")
+            self.isa95_list = b.nid("Printer.JobManagement.JobOrderControl.JobOrderList")
+            self.isa95_numbers = {
+                name: inst.state_number(state)
+                for name, state in inst.states(
+                    official(lads.ISA95_JOB_ORDER_RECEIVER_TYPE, isa95)
+                ).items()
+            }
         for job in self.sims.printer.jobs.values():
             await self._add_job_nodes(job)
 
@@ -1353,6 +1363,29 @@ class PrinterServer(_BaseServer):
             )
         self.job_nodes[job.job_id] = nodes
 
+    def _isa95_order(self, job: JobOrder) -> Any:
+        """A job as OPC 10031-4's ISA95JobOrderAndStateDataType (the structure classes
+        asyncua built from the imported NodeSet)."""
+        clock = self.sims.clock
+        order = ua.ISA95JobOrderDataType(  # type: ignore[attr-defined]
+            JobOrderID=job.job_id,
+            StartTime=clock.timestamp(job.scheduled_start_h),
+            JobOrderParameters=[
+                _isa95_parameter("PatientId", job.patient_id, VT.String),
+                _isa95_parameter("BatchId", job.batch_id, VT.String),
+                _isa95_parameter("CellCount", job.cell_count, VT.Double),
+                _isa95_parameter("BioinkCellDensity", job.bioink_density, VT.Double),
+            ],
+        )
+        state = ua.ISA95StateDataType(  # type: ignore[attr-defined]
+            BrowsePath=ua.RelativePath(),
+            StateText=ua.LocalizedText(job.state.value),
+            StateNumber=self.isa95_numbers.get(job.state.value, 0),
+        )
+        return ua.ISA95JobOrderAndStateDataType(  # type: ignore[attr-defined]
+            JobOrder=order, State=[state]
+        )
+
     async def _remove_job_nodes(self, job_id: str) -> None:
         nodes = self.job_nodes.pop(job_id, None)
         if nodes is not None and self.server is not None:
@@ -1379,6 +1412,18 @@ class PrinterServer(_BaseServer):
         state_id = self.states.get(printer.machine_state())
         if self.state_id_node is not None and state_id is not None:
             await server.write_attribute_value(self.state_id_node, _dv(state_id, VT.NodeId, stamp))
+        if self.isa95_list is not None:
+            orders = [self._isa95_order(job) for job in printer.jobs.values()]
+            if orders != self.isa95_published:
+                self.isa95_published = orders
+                await server.write_attribute_value(
+                    self.isa95_list,
+                    ua.DataValue(
+                        Value=ua.Variant(orders, VT.ExtensionObject, is_array=True),
+                        SourceTimestamp=_ts(stamp),
+                        ServerTimestamp=_ts(datetime.now(UTC)),
+                    ),
+                )
         for job_id, job in printer.jobs.items():
             if job_id not in self.job_nodes:
                 await self._add_job_nodes(job)
@@ -1400,6 +1445,12 @@ class PrinterServer(_BaseServer):
                 for label, val, vtype in results:
                     await server.write_attribute_value(nodes[label], _dv(val, vtype, stamp))
         await self._publish_clock(server)
+
+
+def _isa95_parameter(name: str, value: Any, vtype: ua.VariantType) -> Any:
+    return ua.ISA95ParameterDataType(  # type: ignore[attr-defined]
+        ID=name, Value=ua.Variant(value, vtype)
+    )
 
 
 def _ret(code: ReturnCode) -> list[ua.Variant]:

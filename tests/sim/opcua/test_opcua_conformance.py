@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+from datetime import timedelta
+from typing import Any
 
 import pytest
 from asyncua import Client, ua
@@ -414,3 +416,50 @@ def test_current_state_ids_name_the_current_state(
     for text, name in found:
         assert text == name
     assert found[2] == ("Operate", "Operate")
+
+
+def test_isa95_job_order_list_holds_the_jobs(sim: SimThread, pki: Pki) -> None:
+    """The ISA-95 JobOrderControl.JobOrderList (ISA95JobOrderAndStateDataType[]) lists a
+    stored job with its parameters and state, as an ISA-95 client would read it."""
+    ctrl = "Printer.JobManagement.JobOrderControl"
+
+    async def go() -> tuple[list[Any], int]:
+        endpoint = sim.s.printer_endpoint
+        assert endpoint is not None
+        async with session(endpoint, pki, "apc") as c:
+            await c.load_data_type_definitions()
+            epoch = await (await node(c, "Clock.BatchStartTime")).read_value()
+            when = epoch + timedelta(hours=1000.0)  # never due: the machine stays free
+            code = await (await node(c, ctrl)).call_method(
+                await node(c, f"{ctrl}.Store"),
+                ua.Variant("ISA-1", ua.VariantType.String),
+                ua.Variant("P0001", ua.VariantType.String),
+                ua.Variant("BR01-P0001", ua.VariantType.String),
+                ua.Variant(0.5, ua.VariantType.Double),
+                ua.Variant(20.0, ua.VariantType.Double),
+                ua.Variant(when, ua.VariantType.DateTime),
+            )
+            assert code == 0
+            orders: list[Any] = []
+            for _ in range(100):
+                orders = await (await node(c, f"{ctrl}.JobOrderList")).read_value() or []
+                if any(o.JobOrder.JobOrderID == "ISA-1" for o in orders):
+                    break
+                await asyncio.sleep(0.1)
+            cancel = await (await node(c, ctrl)).call_method(
+                await node(c, f"{ctrl}.Cancel"), ua.Variant("ISA-1", ua.VariantType.String)
+            )
+            return orders, cancel
+
+    orders, cancel = asyncio.run(go())
+    (order,) = [o for o in orders if o.JobOrder.JobOrderID == "ISA-1"]
+    params = {p.ID: p.Value.Value for p in order.JobOrder.JobOrderParameters}
+    assert params == {
+        "PatientId": "P0001",
+        "BatchId": "BR01-P0001",
+        "CellCount": 0.5,
+        "BioinkCellDensity": 20.0,
+    }
+    assert order.State[0].StateText.Text == "NotAllowedToStart"
+    assert order.State[0].StateNumber > 0
+    assert cancel == 0
