@@ -1,10 +1,12 @@
-"""Information models: the official NodeSets (DI, AMB, IA, Machinery, LADS) imported from the
-npm package ``node-opcua-nodesets`` (``sim/opcua/setup_nodesets.sh``), or, when they are not
-installed, a hand-built subset with the same namespace URIs, type NodeIds and BrowseNames.
+"""Information models: the official NodeSets (DI, AMB, IA, Machinery, ISA-95 job control,
+Machinery Jobs, LADS) imported from the npm package ``node-opcua-nodesets``
+(``sim/opcua/setup_nodesets.sh``), or, when they are not installed, a hand-built subset with
+the same namespace URIs, type NodeIds and BrowseNames.
 
-Instances are built node by node (no ``instantiate()``, which omits inherited mandatory
-children) with deterministic string NodeIds in the simulator namespace
-``urn:hmpc:sim`` and explicit DisplayNames.
+Instances are built node by node with deterministic string NodeIds in the simulator
+namespace ``urn:hmpc:sim`` and explicit DisplayNames, then completed to their official type
+definitions by :class:`Instantiator` (not asyncua's ``instantiate()``, which omits inherited
+mandatory children and assigns its own NodeIds).
 """
 
 from __future__ import annotations
