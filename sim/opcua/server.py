@@ -35,6 +35,8 @@ from sim.opcua.clock import ProcessClock
 from sim.opcua.faults import Fault, FaultBook
 from sim.opcua.lads import (
     DI_DEVICE_SET,
+    NAME_NODEID_DATATYPE,
+    Instantiator,
     NodeBuilder,
     argument,
     find_nodesets_dir,
@@ -202,6 +204,28 @@ class _HmpcSession(InternalSession):
             return await super().call(params)
         finally:
             CALLING_USER.reset(token)
+
+    async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
+        """UserAccessLevel says what this session's role may do: CurrentWrite only where
+        :meth:`write` would let it write."""
+        results = list(await super().read(params))
+        identity = self._identity()
+        write_bit = ua.AccessLevel.CurrentWrite.mask
+        for i, (item, dv) in enumerate(zip(params.NodesToRead, results, strict=True)):
+            if item.AttributeId != ua.AttributeIds.UserAccessLevel or dv.Value is None:
+                continue
+            level = dv.Value.Value
+            roles = self.write_roles.get(item.NodeId)
+            if (
+                isinstance(level, int)
+                and level & write_bit
+                and (roles is None or identity is None or identity.role not in roles)
+            ):
+                # a new DataValue: the one read is the address space's own
+                results[i] = dataclasses.replace(
+                    dv, Value=ua.Variant(level & ~write_bit, ua.VariantType.Byte)
+                )
+        return results
 
     async def write(self, params: ua.WriteParameters) -> list[ua.StatusCode]:
         identity = self._identity()
@@ -405,10 +429,13 @@ def _folder() -> ua.NodeId:
 @dataclasses.dataclass
 class _UnitNodes:
     sensors: dict[tuple[str, str], ua.NodeId] = dataclasses.field(default_factory=dict)
+    raw: dict[tuple[str, str], ua.NodeId] = dataclasses.field(default_factory=dict)
     current: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     target: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     totals: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     states: list[ua.NodeId] = dataclasses.field(default_factory=list)
+    #: CurrentState.Id of the functional unit and control functions (official model only)
+    state_ids: list[ua.NodeId] = dataclasses.field(default_factory=list)
     apc: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     published: dict[tuple[str, str], tuple[float, float]] = dataclasses.field(default_factory=dict)
     stuck: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
@@ -421,6 +448,7 @@ class BioreactorServer(_BaseServer):
         super().__init__(config, port, sims)
         self.nodes: dict[str, _UnitNodes] = {}
         self.official_nodesets = False
+        self.states: dict[str, ua.NodeId] = {}  # FunctionalUnitStateMachineType's, by name
 
     async def build(self, server: Server) -> None:
         cfg = self.config
@@ -486,14 +514,18 @@ class BioreactorServer(_BaseServer):
             VT.LocalizedText,
             typedef=ua.ObjectIds.FiniteStateVariableType,
         )
+        inst = Instantiator(b)
+        preset: dict[str, Any] = {}  # values of children the completion creates, by NodeId
+        fsm_type = ns.lads_type("FunctionalUnitStateMachineType")
         for method in ("Start", "Stop", "Abort"):
+            inputs, outputs = inst.method_arguments(fsm_type, f"{L}:{method}")
             await b.method(
                 state,
                 f"{fu_path}.FunctionalUnitState.{method}",
                 ua.QualifiedName(method, L),
                 self._state_handler(unit, method),
-                [],
-                [],
+                inputs,
+                outputs,
             )
         fset = await b.object(
             fu,
@@ -526,6 +558,17 @@ class BioreactorServer(_BaseServer):
                     0.0,
                     high,
                 )
+                preset[f"{path}.IsEnabled"] = ua.Variant(True, VT.Boolean)
+                if ns.official:  # the simulated reading is also the raw one (no calibration)
+                    nodes.raw[(source, var)] = await b.analog(
+                        func,
+                        f"{path}.RawValue",
+                        ua.QualifiedName("RawValue", L),
+                        m.value if m is not None else math.nan,
+                        noise.unit,
+                        0.0,
+                        high,
+                    )
         for name, lim in unit.apc.config.limits.items():
             fname = _camel(name)
             path = f"{fu_path}.FunctionSet.{fname}"
@@ -537,6 +580,7 @@ class BioreactorServer(_BaseServer):
             func = await b.object(
                 fset, path, ua.QualifiedName(fname, ns.hmpc), ns.lads_type(typename)
             )
+            preset[f"{path}.IsEnabled"] = ua.Variant(True, VT.Boolean)
             cfs = await b.object(
                 func,
                 f"{path}.ControlFunctionState",
@@ -611,13 +655,28 @@ class BioreactorServer(_BaseServer):
             ua.QualifiedName("ActiveProgram", L),
             ns.lads_type("ActiveProgramType"),
         )
-        await b.variable(
-            active,
-            f"{fu_path}.ProgramManager.ActiveProgram.CurrentProgramTemplate",
-            ua.QualifiedName("CurrentProgramTemplate", L),
-            f"{unit.plant.kind}-expansion",
-            VT.String,
-        )
+        template = f"{unit.plant.kind}-expansion"
+        if ns.official:  # AMB's NameNodeIdDataType {Name, Id}, as LADS declares
+            await b.variable(
+                active,
+                f"{fu_path}.ProgramManager.ActiveProgram.CurrentProgramTemplate",
+                ua.QualifiedName("CurrentProgramTemplate", L),
+                ua.NameNodeIdDataType(  # type: ignore[attr-defined]
+                    Name=ua.LocalizedText(template), NodeId=ua.NodeId()
+                ),
+                VT.ExtensionObject,
+                typedef=ua.ObjectIds.PropertyType,
+                reference=ua.ObjectIds.HasProperty,
+                datatype=nodeid(NAME_NODEID_DATATYPE, ns.amb),
+            )
+        else:
+            await b.variable(
+                active,
+                f"{fu_path}.ProgramManager.ActiveProgram.CurrentProgramTemplate",
+                ua.QualifiedName("CurrentProgramTemplate", L),
+                template,
+                VT.String,
+            )
         await b.variable(
             active,
             f"{fu_path}.ProgramManager.ActiveProgram.SupervisoryJobId",
@@ -638,7 +697,27 @@ class BioreactorServer(_BaseServer):
             ua.QualifiedName("CurrentRuntime", L),
             0.0,
             VT.Double,
+            typedef=ua.ObjectIds.PropertyType,
+            reference=ua.ObjectIds.HasProperty,
+            datatype=nodeid(ua.ObjectIds.Duration),  # milliseconds
         )
+        if ns.official:  # every Mandatory child of the official types, recursively
+            self.states = inst.states(fsm_type)
+            device_states = inst.states(ns.lads_type("LADSDeviceStateMachineType"))
+            values = _device_values(u) | preset
+            values[f"{u}.DeviceState.CurrentState"] = ua.Variant(
+                ua.LocalizedText("Operate"), VT.LocalizedText
+            )
+            values[f"{u}.DeviceState.CurrentState.Id"] = ua.Variant(
+                device_states["Operate"], VT.NodeId
+            )
+            available = ua.Variant(list(self.states.values()), VT.NodeId, is_array=True)
+            machines = [f"{fu_path}.FunctionalUnitState"]
+            machines += [str(n.Identifier).rsplit(".", 1)[0] for n in nodes.states]
+            for machine in machines:
+                values[f"{machine}.AvailableStates"] = available
+                nodes.state_ids.append(b.nid(f"{machine}.CurrentState.Id"))
+            await inst.complete(device, values=values)
 
     async def _build_apc(
         self, b: NodeBuilder, root: ua.NodeId, unit: BioreactorUnit, nodes: _UnitNodes
@@ -841,9 +920,10 @@ class BioreactorServer(_BaseServer):
                 if nodes.published.get(key) == mark and kind is None:
                     continue
                 nodes.published[key] = mark
-                await server.write_attribute_value(
-                    node, _dv(value, VT.Double, clock.timestamp(sample), code)
-                )
+                dv = _dv(value, VT.Double, clock.timestamp(sample), code)
+                await server.write_attribute_value(node, dv)
+                if key in nodes.raw:
+                    await server.write_attribute_value(nodes.raw[key], dv)
             await self._publish_apc(server, unit, now_wall)
         await self._publish_clock(server)
 
@@ -868,11 +948,14 @@ class BioreactorServer(_BaseServer):
             ("Fallback", apc.fallback, VT.Boolean),
             ("ShedCount", apc.shed_count, VT.UInt32),
             ("HeartbeatHealthy", apc.heartbeat_healthy(now_wall), VT.Boolean),
-            ("Runtime", t, VT.Double),
+            ("Runtime", t * 3.6e6, VT.Double),  # Duration: ms
             ("State", ua.LocalizedText(unit.state), VT.LocalizedText),
         )
         for label, val, vtype in apc_values:
             await server.write_attribute_value(nodes.apc[label], _dv(val, vtype, stamp))
+        state_id = self.states.get(unit.state)
+        for node in nodes.state_ids if state_id is not None else []:
+            await server.write_attribute_value(node, _dv(state_id, VT.NodeId, stamp))
         for node in nodes.states:  # control functions follow the functional unit
             await server.write_attribute_value(
                 node, _dv(ua.LocalizedText(unit.state), VT.LocalizedText, stamp)
@@ -893,6 +976,31 @@ class BioreactorServer(_BaseServer):
                 ServerTimestamp=_ts(datetime.now(UTC)),
             ),
         )
+
+
+def _device_values(unit: str) -> dict[str, Any]:
+    """Values of the DI/Machinery identification of a simulated device (by NodeId)."""
+    text = {
+        "Manufacturer": ua.LocalizedText("hmpc simulator"),
+        "Model": ua.LocalizedText("virtual bioreactor"),
+        "ComponentName": ua.LocalizedText(unit),
+    }
+    plain = {
+        "SerialNumber": f"SIM-{unit}",
+        "ProductInstanceUri": f"urn:hmpc:sim:bioreactor:{unit}",
+        "HardwareRevision": "1",
+        "SoftwareRevision": "1",
+        "DeviceRevision": "1",
+        "AssetId": unit,
+    }
+    out: dict[str, Any] = {}
+    for prefix in (unit, f"{unit}.Identification"):
+        for key, label in text.items():
+            out[f"{prefix}.{key}"] = ua.Variant(label, VT.LocalizedText)
+        for key, value in plain.items():
+            out[f"{prefix}.{key}"] = ua.Variant(value, VT.String)
+        out[f"{prefix}.RevisionCounter"] = ua.Variant(0, VT.Int32)
+    return out
 
 
 def _quality(quality: str) -> int:
@@ -916,13 +1024,31 @@ class PrinterServer(_BaseServer):
         self.fault_node: ua.NodeId | None = None
         self.builder: NodeBuilder | None = None
         self.am = 0
+        self.official_nodesets = False
+        self.states: dict[str, ua.NodeId] = {}  # MachineryItemState_StateMachineType's
+        self.state_id_node: ua.NodeId | None = None
+        self.isa95_list: ua.NodeId | None = None  # ISA-95 JobOrderControl.JobOrderList
+        self.isa95_numbers: dict[str, int] = {}  # job state name -> ISA-95 StateNumber
+        self.isa95_published: list[Any] | None = None
 
     async def build(self, server: Server) -> None:
-        from sim.opcua.lads import AM_URI, HMPC_URI, JOBS_URI
+        from sim.opcua import lads
 
-        self.am = await server.register_namespace(AM_URI)
-        jobs_ns = await server.register_namespace(JOBS_URI)
-        self.ns = await server.register_namespace(HMPC_URI)
+        cfg = self.config
+        nodesets = None if cfg.hand_built else find_nodesets_dir(cfg.nodesets)
+        if nodesets is not None:  # DI, Machinery, ISA-95 job control, Machinery Jobs
+            await lads.import_nodesets(server, nodesets, lads.PRINTER_NODESET_FILES)
+        self.official_nodesets = nodesets is not None
+        self.am = await server.register_namespace(lads.AM_URI)
+        jobs_ns = await server.register_namespace(lads.JOBS_URI)
+        self.ns = await server.register_namespace(lads.HMPC_URI)
+        di = await server.register_namespace(lads.DI_URI)
+        machinery = await server.register_namespace(lads.MACHINERY_URI)
+        isa95 = await server.register_namespace(lads.ISA95_URI)
+
+        def official(ident: int, ns: int) -> ua.NodeId:
+            return nodeid(ident, ns) if nodesets is not None else _base_object()
+
         b = NodeBuilder(server, self.ns)
         self.builder = b
         objects = nodeid(ua.ObjectIds.ObjectsFolder)
@@ -943,21 +1069,48 @@ class PrinterServer(_BaseServer):
             _base_object(),
             reference=ua.ObjectIds.Organizes,
         )
+        if nodesets is not None:  # a machine of OPC 40001-1: listed in Machinery:Machines
+            await server.get_node(nodeid(lads.MACHINERY_MACHINES, machinery)).add_reference(
+                machine, nodeid(ua.ObjectIds.Organizes)
+            )
+        # Machinery identification AddIn (DI:Identification); its properties are in DI
         ident = await b.object(
             machine,
             "Printer.Identification",
-            ua.QualifiedName("Identification", am),
-            _base_object(),
+            ua.QualifiedName("Identification", di),
+            official(lads.MACHINERY_IDENTIFICATION_TYPE, machinery),
+            reference=17604 if nodesets is not None else ua.ObjectIds.HasComponent,  # HasAddIn
         )
+        for key, text in (("Manufacturer", "hmpc simulator"), ("Model", "virtual bioprinter")):
+            await b.variable(
+                ident,
+                f"Printer.Identification.{key}",
+                ua.QualifiedName(key, di),
+                ua.LocalizedText(text),
+                VT.LocalizedText,
+                typedef=ua.ObjectIds.PropertyType,
+                reference=ua.ObjectIds.HasProperty,
+            )
         for key, value in (
-            ("Manufacturer", "hmpc simulator"),
-            ("Model", "virtual bioprinter"),
-            ("AMTechnology", "MaterialExtrusion"),
             ("SerialNumber", "SIM-0001"),
+            ("ProductInstanceUri", "urn:hmpc:sim:printer:SIM-0001"),
         ):
             await b.variable(
-                ident, f"Printer.Identification.{key}", ua.QualifiedName(key, am), value, VT.String
+                ident,
+                f"Printer.Identification.{key}",
+                ua.QualifiedName(key, di),
+                value,
+                VT.String,
+                typedef=ua.ObjectIds.PropertyType,
+                reference=ua.ObjectIds.HasProperty,
             )
+        await b.variable(  # OPC 40540 is not available: the technology in the AM namespace
+            ident,
+            "Printer.Identification.AMTechnology",
+            ua.QualifiedName("AMTechnology", am),
+            "MaterialExtrusion",
+            VT.String,
+        )
         mon = await b.object(
             machine, "Printer.Monitoring", ua.QualifiedName("Monitoring", am), _base_object()
         )
@@ -982,8 +1135,9 @@ class PrinterServer(_BaseServer):
         state = await b.object(
             machine,
             "Printer.MachineryItemState",
-            ua.QualifiedName("MachineryItemState", am),
-            _base_object(),
+            ua.QualifiedName("MachineryItemState", machinery),
+            official(lads.MACHINERY_ITEM_STATE_TYPE, machinery),
+            reference=17604 if nodesets is not None else ua.ObjectIds.HasComponent,  # HasAddIn
         )
         self.state_node = await b.variable(
             state,
@@ -991,6 +1145,7 @@ class PrinterServer(_BaseServer):
             ua.QualifiedName("CurrentState", 0),
             ua.LocalizedText(self.sims.printer.machine_state()),
             VT.LocalizedText,
+            typedef=ua.ObjectIds.FiniteStateVariableType,
         )
         self.fault_node = await b.variable(
             machine, "Printer.Fault", ua.QualifiedName("Fault", self.ns), "", VT.String
@@ -999,13 +1154,14 @@ class PrinterServer(_BaseServer):
             machine,
             "Printer.JobManagement",
             ua.QualifiedName("JobManagement", jobs_ns),
-            _base_object(),
+            official(lads.JOB_MANAGEMENT_TYPE, jobs_ns),
+            reference=17604 if nodesets is not None else ua.ObjectIds.HasComponent,  # HasAddIn
         )
         control = await b.object(
             jm,
             "Printer.JobManagement.JobOrderControl",
             ua.QualifiedName("JobOrderControl", jobs_ns),
-            _base_object(),
+            official(lads.ISA95_JOB_ORDER_RECEIVER_TYPE, isa95),
         )
         self.jobs_folder = await b.object(
             jm,
@@ -1066,6 +1222,18 @@ class PrinterServer(_BaseServer):
             [],
             ret,
         )
+        if nodesets is not None:  # every Mandatory child of the official types
+            inst = Instantiator(b)
+            self.states = inst.states(official(lads.MACHINERY_ITEM_STATE_TYPE, machinery))
+            await inst.complete(machine)
+            self.state_id_node = b.nid("Printer.MachineryItemState.CurrentState.Id")
+            self.isa95_list = b.nid("Printer.JobManagement.JobOrderControl.JobOrderList")
+            self.isa95_numbers = {
+                name: inst.state_number(state)
+                for name, state in inst.states(
+                    official(lads.ISA95_JOB_ORDER_RECEIVER_TYPE, isa95)
+                ).items()
+            }
         for job in self.sims.printer.jobs.values():
             await self._add_job_nodes(job)
 
@@ -1195,6 +1363,29 @@ class PrinterServer(_BaseServer):
             )
         self.job_nodes[job.job_id] = nodes
 
+    def _isa95_order(self, job: JobOrder) -> Any:
+        """A job as OPC 10031-4's ISA95JobOrderAndStateDataType (the structure classes
+        asyncua built from the imported NodeSet)."""
+        clock = self.sims.clock
+        order = ua.ISA95JobOrderDataType(  # type: ignore[attr-defined]
+            JobOrderID=job.job_id,
+            StartTime=clock.timestamp(job.scheduled_start_h),
+            JobOrderParameters=[
+                _isa95_parameter("PatientId", job.patient_id, VT.String),
+                _isa95_parameter("BatchId", job.batch_id, VT.String),
+                _isa95_parameter("CellCount", job.cell_count, VT.Double),
+                _isa95_parameter("BioinkCellDensity", job.bioink_density, VT.Double),
+            ],
+        )
+        state = ua.ISA95StateDataType(  # type: ignore[attr-defined]
+            BrowsePath=ua.RelativePath(),
+            StateText=ua.LocalizedText(job.state.value),
+            StateNumber=self.isa95_numbers.get(job.state.value, 0),
+        )
+        return ua.ISA95JobOrderAndStateDataType(  # type: ignore[attr-defined]
+            JobOrder=order, State=[state]
+        )
+
     async def _remove_job_nodes(self, job_id: str) -> None:
         nodes = self.job_nodes.pop(job_id, None)
         if nodes is not None and self.server is not None:
@@ -1218,6 +1409,21 @@ class PrinterServer(_BaseServer):
             await server.write_attribute_value(
                 self.fault_node, _dv(printer.fault, VT.String, stamp)
             )
+        state_id = self.states.get(printer.machine_state())
+        if self.state_id_node is not None and state_id is not None:
+            await server.write_attribute_value(self.state_id_node, _dv(state_id, VT.NodeId, stamp))
+        if self.isa95_list is not None:
+            orders = [self._isa95_order(job) for job in printer.jobs.values()]
+            if orders != self.isa95_published:
+                self.isa95_published = orders
+                await server.write_attribute_value(
+                    self.isa95_list,
+                    ua.DataValue(
+                        Value=ua.Variant(orders, VT.ExtensionObject, is_array=True),
+                        SourceTimestamp=_ts(stamp),
+                        ServerTimestamp=_ts(datetime.now(UTC)),
+                    ),
+                )
         for job_id, job in printer.jobs.items():
             if job_id not in self.job_nodes:
                 await self._add_job_nodes(job)
@@ -1239,6 +1445,12 @@ class PrinterServer(_BaseServer):
                 for label, val, vtype in results:
                     await server.write_attribute_value(nodes[label], _dv(val, vtype, stamp))
         await self._publish_clock(server)
+
+
+def _isa95_parameter(name: str, value: Any, vtype: ua.VariantType) -> Any:
+    return ua.ISA95ParameterDataType(  # type: ignore[attr-defined]
+        ID=name, Value=ua.Variant(value, vtype)
+    )
 
 
 def _ret(code: ReturnCode) -> list[ua.Variant]:

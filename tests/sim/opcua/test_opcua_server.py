@@ -26,6 +26,19 @@ async def call(client: Client, obj: str, method: str, *args: ua.Variant) -> Any:
     return await (await node(client, obj)).call_method(await node(client, f"{obj}.{method}"), *args)
 
 
+#: The Properties argument of LADS FunctionalUnitState.Start (KeyValuePair[]), empty.
+NO_PROPERTIES = ua.Variant([], ua.VariantType.ExtensionObject, is_array=True)
+
+
+async def _status(pending: Any) -> Any:
+    """The status code a method call ends with (Good when it returns)."""
+    try:
+        await pending
+    except ua.UaStatusCodeError as exc:
+        return exc.code
+    return ua.StatusCodes.Good
+
+
 def strings(values: list[str]) -> ua.Variant:
     return ua.Variant(values, ua.VariantType.String, is_array=True)
 
@@ -543,7 +556,9 @@ def test_functional_unit_stop_and_start(sim: SimThread, pki: Pki) -> None:
             out["remote"] = await call(
                 op, "APC.BR02", "RequestMode", ua.Variant(1, ua.VariantType.Int32)
             )
-            await call(op, fus, "Start")
+            out["extra"] = await _status(call(op, fus, "Start", NO_PROPERTIES, NO_PROPERTIES))
+            out["missing"] = await _status(call(op, fus, "Start"))
+            await call(op, fus, "Start", NO_PROPERTIES)  # LADS: Start(Properties)
             out["started"] = (await state.read_value()).Text
         return out
 
@@ -552,4 +567,6 @@ def test_functional_unit_stop_and_start(sim: SimThread, pki: Pki) -> None:
     assert out["stopped"] == "Stopped" and out["pump_state"] == "Stopped"
     assert out["setpoints"] == [0.0, 0.0, 0.0]  # pumps off
     assert out["remote"] == ua.StatusCode(ua.StatusCodes.BadInvalidState)
+    assert out["extra"] == ua.StatusCodes.BadTooManyArguments
+    assert out["missing"] == ua.StatusCodes.BadArgumentsMissing
     assert out["started"] == "Running"
