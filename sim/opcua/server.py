@@ -30,7 +30,14 @@ from asyncua.server.internal_session import InternalSession
 
 from plant_models.errors import ConfigError, PlantIOError
 from plant_models.process import DEFAULT_PROCESS, get_process
-from sim.opcua.apc import ApcInterface, ItemStatus, Mode, Role, default_apc_config
+from sim.opcua.apc import (
+    ApcInterface,
+    ItemStatus,
+    Mode,
+    Role,
+    default_apc_config,
+    parse_fallback,
+)
 from sim.opcua.clock import ProcessClock
 from sim.opcua.faults import Fault, FaultBook
 from sim.opcua.lads import (
@@ -106,6 +113,10 @@ class SimulatorConfig:
         plant_step_h: process-time grid on which the plant is integrated.
         nodesets: node-opcua-nodesets folder (default: auto-detected); ``hand_built``
             forces the hand-built subset.
+        fallback: what the watchdog's shed does to the setpoints (docs/opcua.md):
+            ``"hold"`` (freeze the working setpoints), ``"initial"`` (every setpoint back to
+            its value at the batch start: the plant's low bound) or
+            ``"NAME=VALUE,..."`` (the named setpoints go there, the others are held).
     """
 
     host: str = "127.0.0.1"
@@ -125,8 +136,11 @@ class SimulatorConfig:
     nodesets: Path | None = None
     hand_built: bool = False
     faults: tuple[Fault, ...] = ()
+    fallback: str = "hold"
 
     def __post_init__(self) -> None:
+        if self.fallback not in ("hold", "initial"):
+            parse_fallback(self.fallback)  # a ConfigError naming the expected form
         if not 1 <= self.units <= 99:
             raise ConfigError(f"--units must be in 1..99, got {self.units}")
         get_process(self.model)  # a ConfigError naming the registered processes
@@ -179,10 +193,19 @@ def _make_unit(config: SimulatorConfig, index: int, now: float) -> BioreactorUni
     plant = VirtualBioreactor.for_process(config.model, patient, seed=seed)
     rates = plant.plugin.rate_limits(plant.process)
     units = {v.name: v.unit for v in plant.model.inputs}
-    apc_config = default_apc_config(
-        plant.bounds, units, rates, heartbeat_timeout_s=config.heartbeat_timeout_s
-    )
     initial = {n: plant.bounds[n][0] for n in plant.model.input_names}
+    fallback: dict[str, float] = {}
+    if config.fallback == "initial":
+        fallback = dict(initial)
+    elif config.fallback != "hold":
+        fallback = parse_fallback(config.fallback)
+    apc_config = default_apc_config(
+        plant.bounds,
+        units,
+        rates,
+        heartbeat_timeout_s=config.heartbeat_timeout_s,
+        fallback=fallback,
+    )
     return BioreactorUnit(name, plant, ApcInterface(apc_config, initial, now))
 
 
@@ -673,12 +696,16 @@ class BioreactorServer(_BaseServer):
             VT.String,
             array=True,
         )
-        for key, values in (("Setpoints", apc.targets), ("WorkingSetpoints", apc.working)):
+        for key, values in (
+            ("Setpoints", apc.targets),
+            ("WorkingSetpoints", apc.working),
+            ("FallbackSetpoints", apc.fallback_setpoints),  # NaN: held on shed
+        ):
             nodes.apc[key] = await b.variable(
                 obj,
                 f"APC.{u}.{key}",
                 ua.QualifiedName(key, n),
-                [values[k] for k in names],
+                [values.get(k, math.nan) for k in names],
                 VT.Double,
                 array=True,
             )
@@ -881,6 +908,18 @@ class BioreactorServer(_BaseServer):
             nodes.apc["Setpoints"],
             ua.DataValue(
                 Value=ua.Variant([apc.targets[k] for k in names], VT.Double, is_array=True),
+                SourceTimestamp=_ts(stamp),
+                ServerTimestamp=_ts(datetime.now(UTC)),
+            ),
+        )
+        await server.write_attribute_value(
+            nodes.apc["FallbackSetpoints"],
+            ua.DataValue(
+                Value=ua.Variant(
+                    [apc.fallback_setpoints.get(k, math.nan) for k in names],
+                    VT.Double,
+                    is_array=True,
+                ),
                 SourceTimestamp=_ts(stamp),
                 ServerTimestamp=_ts(datetime.now(UTC)),
             ),
