@@ -114,8 +114,8 @@ class SimulatorConfig:
         nodesets: node-opcua-nodesets folder (default: auto-detected); ``hand_built``
             forces the hand-built subset.
         fallback: what the watchdog's shed does to the setpoints (docs/opcua.md):
-            ``"hold"`` (freeze the working setpoints), ``"initial"`` (every setpoint back to
-            its value at the batch start: the plant's low bound) or
+            ``"initial"`` (default: every setpoint back to its value at the batch start,
+            the plant's low bound), ``"hold"`` (freeze the working setpoints) or
             ``"NAME=VALUE,..."`` (the named setpoints go there, the others are held).
     """
 
@@ -136,7 +136,7 @@ class SimulatorConfig:
     nodesets: Path | None = None
     hand_built: bool = False
     faults: tuple[Fault, ...] = ()
-    fallback: str = "hold"
+    fallback: str = "initial"
 
     def __post_init__(self) -> None:
         if self.fallback not in ("hold", "initial"):
