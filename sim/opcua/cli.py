@@ -66,6 +66,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     serve.add_argument("--heartbeat-timeout", type=float, default=10.0, help="watchdog, seconds")
     serve.add_argument(
+        "--state-file",
+        type=Path,
+        default=None,
+        help="persist the plants' state here and continue the same batch (BatchId, "
+        "BatchStartTime, culture) when restarted with it; without it a restart is a new batch",
+    )
+    serve.add_argument(
         "--fallback",
         default="initial",
         help="safe state applied when the watchdog sheds the controller: 'initial' (every "
@@ -125,6 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hand_built=args.hand_built_model,
         faults=tuple(parse_fault(f) for f in args.fault),
         fallback=args.fallback,
+        state_file=args.state_file,
     )
     if not config.users_path.exists():
         raise ConfigError(

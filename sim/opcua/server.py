@@ -17,14 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from asyncua import Server, ua
 from asyncua.server.internal_session import InternalSession
 
@@ -117,6 +120,11 @@ class SimulatorConfig:
             ``"initial"`` (default: every setpoint back to its value at the batch start,
             the plant's low bound), ``"hold"`` (freeze the working setpoints) or
             ``"NAME=VALUE,..."`` (the named setpoints go there, the others are held).
+        state_file: the plants' state is saved here (JSON, atomically, every
+            ``state_interval_s`` wall seconds and at a clean stop) and, when the file exists
+            at start, restored: the culture continues under the same BatchId and
+            BatchStartTime, caught up to the time it would have reached (a restart sheds the
+            controller: Local, fallback setpoints). None: every start is a new batch.
     """
 
     host: str = "127.0.0.1"
@@ -137,6 +145,8 @@ class SimulatorConfig:
     hand_built: bool = False
     faults: tuple[Fault, ...] = ()
     fallback: str = "initial"
+    state_file: Path | None = None
+    state_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.fallback not in ("hold", "initial"):
@@ -144,7 +154,7 @@ class SimulatorConfig:
         if not 1 <= self.units <= 99:
             raise ConfigError(f"--units must be in 1..99, got {self.units}")
         get_process(self.model)  # a ConfigError naming the registered processes
-        for name in ("speed", "heartbeat_timeout_s", "plant_step_h", "tick_s"):
+        for name in ("speed", "heartbeat_timeout_s", "plant_step_h", "tick_s", "state_interval_s"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be positive, got {value!r}")
@@ -1302,6 +1312,7 @@ class Simulators:
         self._task: asyncio.Task[None] | None = None
         self._restarts: set[asyncio.Task[None]] = set()
         self.restarting = False
+        self._saved_at = -math.inf
 
     @property
     def servers(self) -> list[_BaseServer]:
@@ -1326,9 +1337,15 @@ class Simulators:
         raise ConfigError(f"no unit {name!r}; units: {[u.name for u in self.units]}")
 
     async def start(self) -> None:
+        saved = load_plant_state(self.config.state_file)
         for server in self.servers:
             await server.start()
-        self.clock.reset()  # the batch starts when the servers are up
+        if saved is None:
+            self.clock.reset()  # the batch starts when the servers are up
+        else:
+            restore_plant_state(self, saved)
+        self._saved_at = self.clock.wall()
+        self.save_state()
         for nodes in self.bioreactor.nodes.values():
             nodes.published.clear()  # re-stamp the initial values with the new epoch
         await self.publish()
@@ -1365,6 +1382,17 @@ class Simulators:
                 await task
         for server in self.servers:
             await server.stop()
+        self.save_state()
+
+    def save_state(self) -> None:
+        """Write the plants' state to the state file (if any), atomically."""
+        path = self.config.state_file
+        if path is None:
+            return
+        try:
+            save_plant_state(self, path)
+        except OSError as exc:  # the plant keeps running; the next save may succeed
+            log.error("cannot save the plant state to %s: %s", path, exc)
 
     async def publish(self) -> None:
         for server in self.servers:
@@ -1408,6 +1436,9 @@ class Simulators:
             for unit in self.units:
                 unit.apc.check_watchdog(now)
             self.step()
+            if now - self._saved_at >= self.config.state_interval_s:
+                self._saved_at = now
+                self.save_state()
             for fault in self.faults.due_events(self.process_h()):
                 if fault.kind == "restart":
                     task = asyncio.create_task(self.restart(fault.duration_h or 2.0))
@@ -1421,6 +1452,123 @@ class Simulators:
                 except (ua.UaError, OSError) as exc:
                     log.warning("publish failed: %s", exc)
             await asyncio.sleep(self.config.tick_s)
+
+
+# -- plant state across restarts -------------------------------------------------------------------
+STATE_VERSION = 1
+
+
+def _measurement_json(m: Measurement) -> dict[str, Any]:
+    return dataclasses.asdict(m)
+
+
+def save_plant_state(sims: Simulators, path: Path) -> None:
+    """The culture of every unit (truth state, time, sensors in transit, setpoints, totals,
+    batch id) and the batch epoch, as JSON, written atomically (a kill -9 leaves either the
+    previous file or the new one)."""
+    units = {}
+    for unit in sims.units:
+        plant = unit.plant
+        readings = plant.readings
+        units[unit.name] = {
+            "batch_id": unit.batch_id,
+            "time_h": plant.time_h,
+            "state": [float(v) for v in plant.state],
+            "state_names": list(plant.model.state_names),
+            "targets": dict(unit.apc.targets),
+            "working": dict(unit.apc.working),
+            "fallback_setpoints": dict(unit.apc.fallback_setpoints),
+            "shed_count": unit.apc.shed_count,
+            "totals": dict(unit.totals),
+            "functional_state": unit.state,
+            "rng": readings.rng.bit_generator.state,
+            "pending": [_measurement_json(m) for m in readings.pending],
+            "latest": [_measurement_json(m) for m in unit.latest.values()],
+            "next_assay": readings.next_assay,
+            "clamped_inputs": plant.clamped_inputs,
+        }
+    data = {
+        "version": STATE_VERSION,
+        "model": sims.config.model,
+        "epoch": sims.clock.epoch.isoformat(),
+        "saved_at": datetime.now(UTC).isoformat(),
+        "units": units,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_plant_state(path: Path | None) -> dict[str, Any] | None:
+    """The saved state (None: no state file given, or none written yet)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the plant state ({exc})") from exc
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        raise ConfigError(f"{path}: not a plant state file of version {STATE_VERSION}")
+    return data
+
+
+def restore_plant_state(sims: Simulators, data: dict[str, Any]) -> None:
+    """Continue the saved batch: same BatchId and BatchStartTime, each culture from its
+    saved state; the clock continues as if it had never stopped (the plant catches up on its
+    grid, with the fallback setpoints: the restart shed the controller)."""
+    path = sims.config.state_file
+    if data.get("model") != sims.config.model:
+        raise ConfigError(
+            f"{path}: the saved plant runs model {data.get('model')!r}, not "
+            f"{sims.config.model!r}; remove the file to start a new batch"
+        )
+    saved = data.get("units", {})
+    names = [u.name for u in sims.units]
+    if sorted(saved) != sorted(names):
+        raise ConfigError(
+            f"{path}: the saved plant has units {sorted(saved)}, not {names}; remove the "
+            f"file to start a new batch"
+        )
+    for unit in sims.units:
+        u = saved[unit.name]
+        plant = unit.plant
+        if list(u["state_names"]) != list(plant.model.state_names):
+            raise ConfigError(f"{path}: {unit.name}: the saved states are {u['state_names']}")
+        plant.state = np.asarray(u["state"], dtype=float)
+        plant.time_h = float(u["time_h"])
+        plant.clamped_inputs = int(u.get("clamped_inputs", 0))
+        readings = plant.readings
+        readings.rng.bit_generator.state = u["rng"]
+        readings.pending = [Measurement(**m) for m in u["pending"]]
+        readings.next_assay = float(u["next_assay"])
+        unit.batch_id = str(u["batch_id"])
+        unit.state = str(u.get("functional_state", unit.state))
+        unit.totals.update({k: float(v) for k, v in u["totals"].items()})
+        apc = unit.apc
+        apc.working.update({k: float(v) for k, v in u["working"].items()})
+        apc.targets.update({k: float(v) for k, v in u["targets"].items()})
+        apc.fallback_setpoints = {k: float(v) for k, v in u["fallback_setpoints"].items()}
+        apc.shed_count = int(u["shed_count"])
+        # the restart lost the controller's session: Local, in the safe state
+        apc.mode = Mode.LOCAL
+        apc.fallback = True
+        apc.targets.update(apc.fallback_setpoints)
+        unit.latest.clear()
+        for m in (Measurement(**d) for d in u["latest"]):
+            unit.latest[(m.source, m.name)] = m
+        log.warning(
+            "%s: batch %s continued from %s at %.2f h (restart: Local, fallback setpoints %s)",
+            unit.name,
+            unit.batch_id,
+            path,
+            plant.time_h,
+            apc.fallback_setpoints,
+        )
+    sims.clock.continue_from(datetime.fromisoformat(data["epoch"]))
 
 
 @contextlib.asynccontextmanager
