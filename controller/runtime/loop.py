@@ -401,7 +401,7 @@ class UnitLoop:
             self._event(
                 "fallback",
                 "alarm",
-                "the plant shed the controller (watchdog): Local with setpoints held; "
+                "the plant shed the controller (watchdog): Local, in its fallback state; "
                 "waiting for the operator to grant Remote",
                 t,
             )
@@ -725,39 +725,40 @@ class UnitLoop:
     def _check_law_result(
         self, proposed: dict[str, float], t: float, notes: list[str]
     ) -> dict[str, float]:
-        """Alarms for an MPC that fell back or runs in recovery mode; a fallback that would
-        hold the setpoints is replaced by the site's fallback setpoints where declared."""
+        """Alarms for an MPC that fell back or runs in recovery mode (one per episode, an
+        info event when normal moves resume); a fallback that would hold the setpoints is
+        replaced by the site's fallback setpoints where declared."""
         result = getattr(self.law, "last_result", None)
-        if result is None or not math.isclose(float(result.time_h), t, abs_tol=_EPS):
-            return proposed
-        if not result.success:
-            used = str(result.fallback_used)
-            safe = self._site_fallback()
-            if used == "hold" and safe:
-                proposed = {**proposed, **safe}
-                used = "site fallback setpoints"
-            notes.append(f"MPC failed ({result.fallback_reason}): {used} move")
-            self._law_fallback(
-                f"the MPC failed ({result.fallback_reason}): applying the {used} move",
-                t,
-                status=str(result.status),
-            )
-        elif getattr(result, "recovery", False):
-            beyond = {k: v for k, v in dict(result.slacks).items() if k.endswith("_recovery")}
-            notes.append("MPC recovery mode: a hard state limit is violated")
-            self._law_alarm_recovery(t, beyond)
-        elif self._law_alarm:
+        if result is not None and math.isclose(float(result.time_h), t, abs_tol=_EPS):
+            if not result.success:
+                used = str(result.fallback_used)
+                safe = self._site_fallback()
+                if used == "hold" and safe:
+                    proposed = {**proposed, **safe}
+                    used = "site fallback setpoints"
+                notes.append(f"MPC failed ({result.fallback_reason}): {used} move")
+                self._law_fallback(
+                    f"the MPC failed ({result.fallback_reason}): applying the {used} move",
+                    t,
+                    status=str(result.status),
+                )
+                return proposed
+            if getattr(result, "recovery", False):
+                violations = {
+                    k: float(v) for k, v in dict(result.slacks).items() if k.endswith("_recovery")
+                }
+                notes.append("MPC recovery mode: a hard state limit is violated")
+                self._law_fallback(
+                    "MPC recovery mode: the estimated state is beyond a hard limit; the move "
+                    "drives it back",
+                    t,
+                    violations=violations,
+                )
+                return proposed
+        if self._law_alarm:
             self._event("fallback", "info", "the control law is back to normal moves", t)
             self._law_alarm = ""
         return proposed
-
-    def _law_alarm_recovery(self, t: float, violations: Mapping[str, float]) -> None:
-        self._law_fallback(
-            "MPC recovery mode: the estimated state is beyond a hard limit; the move drives it "
-            "back",
-            t,
-            violations={k: float(v) for k, v in violations.items()},
-        )
 
     def _late_result(self, future: asyncio.Future[dict[str, float]]) -> None:
         if self._running is future:

@@ -759,6 +759,26 @@ class BioreactorServer(_BaseServer):
             ],
             [argument("Results", VT.StatusCode, "one status per item", array=True)],
         )
+
+        async def set_fallback(
+            parent: ua.NodeId, *args: ua.Variant
+        ) -> ua.StatusCode | list[ua.Variant]:
+            result = self._write_setpoints(unit, nodes, args, fallback=True)
+            if self.server is not None:
+                await self._publish_apc(self.server, unit, self.sims.clock.wall())
+            return result
+
+        await b.method(
+            obj,
+            f"APC.{u}.SetFallbackSetpoints",
+            ua.QualifiedName("SetFallbackSetpoints", n),
+            set_fallback,
+            [
+                argument("Names", VT.String, "setpoint names (SetpointNames)", array=True),
+                argument("Values", VT.Double, "safe values on shed, canonical units", array=True),
+            ],
+            [argument("Results", VT.StatusCode, "one status per item", array=True)],
+        )
         await b.method(
             obj,
             f"APC.{u}.RequestMode",
@@ -795,8 +815,15 @@ class BioreactorServer(_BaseServer):
         return handler
 
     def _write_setpoints(
-        self, unit: BioreactorUnit, nodes: _UnitNodes, args: Sequence[ua.Variant]
+        self,
+        unit: BioreactorUnit,
+        nodes: _UnitNodes,
+        args: Sequence[ua.Variant],
+        *,
+        fallback: bool = False,
     ) -> ua.StatusCode | list[ua.Variant]:
+        """WriteSetpoints (role apc), or with ``fallback`` SetFallbackSetpoints (operator,
+        engineer: the safe state applied at the next shed)."""
         caller = _caller()
         if len(args) != 2:
             return status(ua.StatusCodes.BadArgumentsMissing)
@@ -811,6 +838,11 @@ class BioreactorServer(_BaseServer):
             return status(ua.StatusCodes.BadInvalidArgument)
         if caller is None:
             statuses = [ItemStatus.ACCESS_DENIED] * len(names)
+        elif fallback:
+            statuses = [
+                unit.apc.set_fallback(str(n), float(v), caller.role, caller.name)
+                for n, v in zip(names, values, strict=True)
+            ]
         else:
             statuses = unit.apc.write_setpoints(
                 names, values, caller.role, self.sims.clock.wall(), caller.name

@@ -176,3 +176,45 @@ def test_serve_killed_with_sigkill_continues_the_batch_from_its_state_file(
     assert after["mode"] == 0 and after["fallback"]  # a restart sheds the controller
     assert "continued from" in err
     assert not math.isnan(after["time_h"])
+
+
+def _doubles(values: list[float]) -> ua.Variant:
+    return ua.Variant(values, ua.VariantType.Double, is_array=True)
+
+
+def test_fallback_setpoints_are_published_and_set_by_operator_or_engineer(
+    sim: SimThread, pki: Pki
+) -> None:
+    """FallbackSetpoints (the safe state on shed) is read by everyone; SetFallbackSetpoints
+    is for the operator and the engineer, per item, within the setpoint limits."""
+    names = ua.Variant(["glucose_feed", "il2_addition"], ua.VariantType.String, is_array=True)
+    obj = "APC.BR01"
+
+    async def go() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with session(sim.s.endpoint, pki, "viewer") as viewer:
+            out["before"] = await (await node(viewer, f"{obj}.FallbackSetpoints")).read_value()
+        for user in ("apc", "engineer"):
+            async with session(sim.s.endpoint, pki, user) as c:
+                method = await node(c, f"{obj}.SetFallbackSetpoints")
+                out[user] = await (await node(c, obj)).call_method(
+                    method, names, _doubles([1.0, 25.0])
+                )
+                out[f"{user}_after"] = await (
+                    await node(c, f"{obj}.FallbackSetpoints")
+                ).read_value()
+            async with session(sim.s.endpoint, pki, "operator") as op:  # restore
+                await (await node(op, obj)).call_method(
+                    await node(op, f"{obj}.SetFallbackSetpoints"), names, _doubles([0.0, 0.0])
+                )
+        return out
+
+    out = asyncio.run(go())
+    assert out["before"] == [0.0, 0.0, 0.0]  # --fallback initial (the batch-start values)
+    denied = ua.StatusCode(ua.StatusCodes.BadUserAccessDenied)
+    assert out["apc"] == [denied, denied]  # the controller cannot choose its own safe state
+    assert out["apc_after"] == [0.0, 0.0, 0.0]
+    good, out_of_range = (ua.StatusCode(c) for c in (0, ua.StatusCodes.BadOutOfRange))
+    assert out["engineer"] == [good, out_of_range]  # il2_addition is limited to 20 kIU/h
+    assert out["engineer_after"] == [0.0, 1.0, 0.0]
+    assert sim.s.unit("BR01").apc.fallback_setpoints["glucose_feed"] == 0.0  # restored
