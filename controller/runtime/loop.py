@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 _EPS = 1e-6
 #: BatchStartTime differences below this are clock noise, not another batch, s
 _START_TOLERANCE_S = 1.0
+#: After (re-)engagement a setpoint with no finite rate limit (neither the plant's nor the
+#: site file's) moves at most span / this many periods per cycle while this many periods
+#: pass (when no engagement ramp is configured): a resumed controller never jumps a
+#: setpoint across its whole range in one step.
+UNLIMITED_ENGAGE_PERIODS = 4
 
 
 class Recorder(Protocol):
@@ -215,6 +220,7 @@ class UnitLoop:
         self._generation = -1
         self._mode = ""
         self._hold_reason = ""
+        self._law_alarm = ""  # the control law's current fallback / recovery alarm
         self._step = 0
         self._next_t = math.nan
         self._last_clock = math.nan
@@ -543,7 +549,7 @@ class UnitLoop:
             self._event(
                 "fallback",
                 "alarm",
-                "the plant shed the controller (watchdog): Local with setpoints held; "
+                "the plant shed the controller (watchdog): Local, in its fallback state; "
                 "waiting for the operator to grant Remote",
                 t,
             )
@@ -594,7 +600,15 @@ class UnitLoop:
             elif ok and self._setpoints is not None and self._limiter is not None:
                 previous = dict(self._setpoints)
                 proposed, solve_s, failure = await self._solve(t, previous)
-                if failure:
+                safe = self._site_fallback()
+                if failure and not failure.startswith("step abandoned") and safe:
+                    # the control law failed: the declared fallback law (the site's safe
+                    # setpoints, rate-limited), never a silent hold
+                    self._law_fallback(f"{failure}: moving to the site's fallback setpoints", t)
+                    notes.append(f"{failure}: fallback setpoints")
+                    setpoints = await self._move(safe, previous, t, notes)
+                    stepped = True
+                elif failure:
                     notes.append(failure)
                     self._hold(failure, t)
                 else:
@@ -602,6 +616,7 @@ class UnitLoop:
                         self._event("fallback", "info", "resuming moves", t)
                         self._hold_reason = ""
                     solver, estimate, estimate_std, growth, predictions = self._law_details()
+                    proposed = self._check_law_result(proposed, t, notes)
                     setpoints = await self._move(proposed, previous, t, notes)
                     stepped = True
         if not setpoints:
@@ -731,6 +746,16 @@ class UnitLoop:
             notes.append(f"cannot engage: {exc}")
             self._hold(f"cannot engage: {exc}", t)
             return False
+        mismatch = self._fallback_mismatch(limits)
+        if mismatch:
+            reason = f"cannot engage: the plant's safe state differs from the site file: {mismatch}"
+            notes.append(reason)
+            self.summary.holds += 1
+            if reason != self._hold_reason:
+                self._hold_reason = reason
+                self._event("fallback", "alarm", reason, t, fallback=self._fallback_record(limits))
+            self._limiter = None
+            return False
         self._setpoints = dict(readback)
         self._engaged = True
         self._engaged_at = t
@@ -753,8 +778,44 @@ class UnitLoop:
             "engaged (bumpless): starting from the plant's setpoints",
             t,
             setpoints=dict(readback),
+            fallback=self._fallback_record(limits),
         )
         return True
+
+    def _site_fallback(self) -> dict[str, float]:
+        """The safe setpoints the site file declares (canonical units)."""
+        return {s.variable: s.fallback for s in self.site_setpoints if s.fallback is not None}
+
+    def _fallback_mismatch(self, limits: PlantLimits) -> str:
+        """Why the plant's published fallback does not match the site file's ("" if it does)."""
+        problems = []
+        for name, declared in self._site_fallback().items():
+            if name not in self.io.setpoint_names:
+                continue
+            plant = limits.fallback.get(name, math.nan)
+            low, high = limits.low.get(name, 0.0), limits.high.get(name, 1.0)
+            tol = max(limits.deadband.get(name, 0.0), 1e-6 * max(high - low, 1.0))
+            if not math.isfinite(plant):
+                what = "holds it" if name in limits.fallback else "publishes none"
+                problems.append(f"{name}: the site declares {declared:g}, the plant {what}")
+            elif abs(plant - declared) > tol:
+                problems.append(f"{name}: the site declares {declared:g}, the plant {plant:g}")
+        return "; ".join(problems)
+
+    def _fallback_record(self, limits: PlantLimits) -> dict[str, Any]:
+        """The safe state on shed as the plant publishes it and the site declares it (for the
+        historian's events: None = held / not published)."""
+        return {
+            name: {
+                "plant": (
+                    float(limits.fallback[name])
+                    if math.isfinite(limits.fallback.get(name, math.nan))
+                    else None
+                ),
+                "site": self._site_fallback().get(name),
+            }
+            for name in self.io.setpoint_names
+        }
 
     # -- the step --------------------------------------------------------------------------
     def _budget_s(self, st: PlantStatus) -> float:
@@ -802,6 +863,50 @@ class UnitLoop:
             self._event("fault", "alarm", "the control law returned no setpoints", t)
             return {}, elapsed, "control law returned no setpoints"
         return {str(k): float(v) for k, v in proposal.items()}, elapsed, ""
+
+    def _law_fallback(self, reason: str, t: float, **data: Any) -> None:
+        """One alarm per episode of a control law that did not produce its own move."""
+        if reason != self._law_alarm:
+            self._law_alarm = reason
+            self._event("fallback", "alarm", reason, t, **data)
+
+    def _check_law_result(
+        self, proposed: dict[str, float], t: float, notes: list[str]
+    ) -> dict[str, float]:
+        """Alarms for an MPC that fell back or runs in recovery mode (one per episode, an
+        info event when normal moves resume); a fallback that would hold the setpoints is
+        replaced by the site's fallback setpoints where declared."""
+        result = getattr(self.law, "last_result", None)
+        if result is not None and math.isclose(float(result.time_h), t, abs_tol=_EPS):
+            if not result.success:
+                used = str(result.fallback_used)
+                safe = self._site_fallback()
+                if used == "hold" and safe:
+                    proposed = {**proposed, **safe}
+                    used = "site fallback setpoints"
+                notes.append(f"MPC failed ({result.fallback_reason}): {used} move")
+                self._law_fallback(
+                    f"the MPC failed ({result.fallback_reason}): applying the {used} move",
+                    t,
+                    status=str(result.status),
+                )
+                return proposed
+            if getattr(result, "recovery", False):
+                violations = {
+                    k: float(v) for k, v in dict(result.slacks).items() if k.endswith("_recovery")
+                }
+                notes.append("MPC recovery mode: a hard state limit is violated")
+                self._law_fallback(
+                    "MPC recovery mode: the estimated state is beyond a hard limit; the move "
+                    "drives it back",
+                    t,
+                    violations=violations,
+                )
+                return proposed
+        if self._law_alarm:
+            self._event("fallback", "info", "the control law is back to normal moves", t)
+            self._law_alarm = ""
+        return proposed
 
     def _late_result(self, future: asyncio.Future[dict[str, float]]) -> None:
         if self._running is future:
@@ -861,9 +966,12 @@ class UnitLoop:
         period = self.settings.period_h
         request = dict(proposed)
         ramp = self.settings.engage_ramp_h
-        if ramp > 0 and t - self._engaged_at < ramp - _EPS:
+        ramped = set(limiter.bounds) if ramp > 0 else set(limiter.bounds) - set(limiter.rate_limits)
+        if ramp <= 0:  # no ramp configured: only setpoints without any rate limit ramp
+            ramp = UNLIMITED_ENGAGE_PERIODS * period
+        if ramped and t - self._engaged_at < ramp - _EPS:
             for n, (low, high) in limiter.bounds.items():
-                if n in request and math.isfinite(request[n]):
+                if n in ramped and n in request and math.isfinite(request[n]):
                     step = (high - low) * period / ramp
                     request[n] = min(max(request[n], previous[n] - step), previous[n] + step)
             notes.append("engagement ramp")

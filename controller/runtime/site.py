@@ -43,6 +43,8 @@ A site file (TOML, e.g. ``configs/site_sim.toml``)::
 
     [setpoints.perfusion_rate]         # outputs: model input -> bundle item, device unit
     unit = "1/d"
+    fallback = 0.5                     # the plant's safe value on shed (canonical unit);
+                                       # checked against the plant at engagement
 
     [units.BR01]                       # one control task per bioreactor
     model = 'tcell'                    # a process plug-in (plant_models.process)
@@ -403,7 +405,13 @@ class InputTag:
 @dataclasses.dataclass(frozen=True)
 class SetpointTag:
     """One manipulated variable: model input -> bundle item in device units, with the
-    controller-side limits (canonical units; missing: the plant's advertised limits)."""
+    controller-side limits (canonical units; missing: the plant's advertised limits).
+
+    ``fallback`` is the safe value the plant is declared to apply when it sheds the
+    controller (its watchdog): the controller checks the plant's published fallback against
+    it at every engagement (refusing to engage on a mismatch) and moves there itself when
+    its control law fails (None: none declared; the plant's fallback is only recorded).
+    """
 
     variable: str
     item: str
@@ -412,6 +420,7 @@ class SetpointTag:
     high: float | None = None
     rate: float | None = None
     deadband: float | None = None
+    fallback: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -997,11 +1006,22 @@ def _input(
 
 
 def _setpoint(variable: str, t: Mapping[str, Any], canonical: str, w: str) -> SetpointTag:
-    check_keys(t, ["item", "unit", "scale", "offset", "low", "high", "rate", "deadband"], w)
+    check_keys(
+        t, ["item", "unit", "scale", "offset", "low", "high", "rate", "deadband", "fallback"], w
+    )
     low = _num(t, "low", w, None, -math.inf, math.inf, canonical)
     high = _num(t, "high", w, None, -math.inf, math.inf, canonical)
     if low is not None and high is not None and low > high:
         raise ConfigError(f"{w}: low = {low} is above high = {high}.")
+    fallback = _num(
+        t,
+        "fallback",
+        w,
+        None,
+        -math.inf if low is None else low,
+        math.inf if high is None else high,
+        canonical,
+    )
     return SetpointTag(
         variable=variable,
         item=_str(t, "item", w, variable),
@@ -1017,4 +1037,5 @@ def _setpoint(variable: str, t: Mapping[str, Any], canonical: str, w: str) -> Se
         high=high,
         rate=_num(t, "rate", w, None, 0.0, math.inf, f"{canonical} per h", low_open=True),
         deadband=_num(t, "deadband", w, None, 0.0, math.inf, canonical),
+        fallback=fallback,
     )

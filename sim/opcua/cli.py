@@ -65,6 +65,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--dev-insecure", action="store_true", help="also offer SecurityPolicy None (development)"
     )
     serve.add_argument("--heartbeat-timeout", type=float, default=10.0, help="watchdog, seconds")
+    serve.add_argument(
+        "--state-file",
+        type=Path,
+        default=None,
+        help="persist the plants' state here and continue the same batch (BatchId, "
+        "BatchStartTime, culture) when restarted with it; without it a restart is a new batch",
+    )
+    serve.add_argument(
+        "--fallback",
+        default="initial",
+        help="safe state applied when the watchdog sheds the controller: 'initial' (every "
+        "setpoint back to its batch-start value, the default), 'hold' (freeze the last "
+        "move) or NAME=VALUE,... (e.g. glucose_feed=0,il2_addition=0; others held)",
+    )
     serve.add_argument("--plant-step", type=float, default=0.1, help="plant grid, process hours")
     serve.add_argument("--nodesets", type=Path, default=None, help="node-opcua-nodesets folder")
     serve.add_argument(
@@ -117,6 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         nodesets=args.nodesets,
         hand_built=args.hand_built_model,
         faults=tuple(parse_fault(f) for f in args.fault),
+        fallback=args.fallback,
+        state_file=args.state_file,
     )
     if not config.users_path.exists():
         raise ConfigError(

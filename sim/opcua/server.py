@@ -17,20 +17,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from asyncua import Server, ua
 from asyncua.server.internal_session import InternalSession
 
 from plant_models.errors import ConfigError, PlantIOError
 from plant_models.process import DEFAULT_PROCESS, get_process
-from sim.opcua.apc import ApcInterface, ItemStatus, Mode, Role, default_apc_config
+from sim.opcua.apc import (
+    ApcInterface,
+    ItemStatus,
+    Mode,
+    Role,
+    default_apc_config,
+    parse_fallback,
+)
 from sim.opcua.clock import ProcessClock
 from sim.opcua.faults import Fault, FaultBook
 from sim.opcua.lads import (
@@ -108,6 +118,15 @@ class SimulatorConfig:
         plant_step_h: process-time grid on which the plant is integrated.
         nodesets: node-opcua-nodesets folder (default: auto-detected); ``hand_built``
             forces the hand-built subset.
+        fallback: what the watchdog's shed does to the setpoints (docs/opcua.md):
+            ``"initial"`` (default: every setpoint back to its value at the batch start,
+            the plant's low bound), ``"hold"`` (freeze the working setpoints) or
+            ``"NAME=VALUE,..."`` (the named setpoints go there, the others are held).
+        state_file: the plants' state is saved here (JSON, atomically, every
+            ``state_interval_s`` wall seconds and at a clean stop) and, when the file exists
+            at start, restored: the culture continues under the same BatchId and
+            BatchStartTime, caught up to the time it would have reached (a restart sheds the
+            controller: Local, fallback setpoints). None: every start is a new batch.
     """
 
     host: str = "127.0.0.1"
@@ -127,12 +146,17 @@ class SimulatorConfig:
     nodesets: Path | None = None
     hand_built: bool = False
     faults: tuple[Fault, ...] = ()
+    fallback: str = "initial"
+    state_file: Path | None = None
+    state_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.fallback not in ("hold", "initial"):
+            parse_fallback(self.fallback)  # a ConfigError naming the expected form
         if not 1 <= self.units <= 99:
             raise ConfigError(f"--units must be in 1..99, got {self.units}")
         get_process(self.model)  # a ConfigError naming the registered processes
-        for name in ("speed", "heartbeat_timeout_s", "plant_step_h", "tick_s"):
+        for name in ("speed", "heartbeat_timeout_s", "plant_step_h", "tick_s", "state_interval_s"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be positive, got {value!r}")
@@ -181,10 +205,19 @@ def _make_unit(config: SimulatorConfig, index: int, now: float) -> BioreactorUni
     plant = VirtualBioreactor.for_process(config.model, patient, seed=seed)
     rates = plant.plugin.rate_limits(plant.process)
     units = {v.name: v.unit for v in plant.model.inputs}
-    apc_config = default_apc_config(
-        plant.bounds, units, rates, heartbeat_timeout_s=config.heartbeat_timeout_s
-    )
     initial = {n: plant.bounds[n][0] for n in plant.model.input_names}
+    fallback: dict[str, float] = {}
+    if config.fallback == "initial":
+        fallback = dict(initial)
+    elif config.fallback != "hold":
+        fallback = parse_fallback(config.fallback)
+    apc_config = default_apc_config(
+        plant.bounds,
+        units,
+        rates,
+        heartbeat_timeout_s=config.heartbeat_timeout_s,
+        fallback=fallback,
+    )
     return BioreactorUnit(name, plant, ApcInterface(apc_config, initial, now))
 
 
@@ -752,12 +785,16 @@ class BioreactorServer(_BaseServer):
             VT.String,
             array=True,
         )
-        for key, values in (("Setpoints", apc.targets), ("WorkingSetpoints", apc.working)):
+        for key, values in (
+            ("Setpoints", apc.targets),
+            ("WorkingSetpoints", apc.working),
+            ("FallbackSetpoints", apc.fallback_setpoints),  # NaN: held on shed
+        ):
             nodes.apc[key] = await b.variable(
                 obj,
                 f"APC.{u}.{key}",
                 ua.QualifiedName(key, n),
-                [values[k] for k in names],
+                [values.get(k, math.nan) for k in names],
                 VT.Double,
                 array=True,
             )
@@ -801,6 +838,26 @@ class BioreactorServer(_BaseServer):
             ],
             [argument("Results", VT.StatusCode, "one status per item", array=True)],
         )
+
+        async def set_fallback(
+            parent: ua.NodeId, *args: ua.Variant
+        ) -> ua.StatusCode | list[ua.Variant]:
+            result = self._write_setpoints(unit, nodes, args, fallback=True)
+            if self.server is not None:
+                await self._publish_apc(self.server, unit, self.sims.clock.wall())
+            return result
+
+        await b.method(
+            obj,
+            f"APC.{u}.SetFallbackSetpoints",
+            ua.QualifiedName("SetFallbackSetpoints", n),
+            set_fallback,
+            [
+                argument("Names", VT.String, "setpoint names (SetpointNames)", array=True),
+                argument("Values", VT.Double, "safe values on shed, canonical units", array=True),
+            ],
+            [argument("Results", VT.StatusCode, "one status per item", array=True)],
+        )
         await b.method(
             obj,
             f"APC.{u}.RequestMode",
@@ -837,8 +894,15 @@ class BioreactorServer(_BaseServer):
         return handler
 
     def _write_setpoints(
-        self, unit: BioreactorUnit, nodes: _UnitNodes, args: Sequence[ua.Variant]
+        self,
+        unit: BioreactorUnit,
+        nodes: _UnitNodes,
+        args: Sequence[ua.Variant],
+        *,
+        fallback: bool = False,
     ) -> ua.StatusCode | list[ua.Variant]:
+        """WriteSetpoints (role apc), or with ``fallback`` SetFallbackSetpoints (operator,
+        engineer: the safe state applied at the next shed)."""
         caller = _caller()
         if len(args) != 2:
             return status(ua.StatusCodes.BadArgumentsMissing)
@@ -853,6 +917,11 @@ class BioreactorServer(_BaseServer):
             return status(ua.StatusCodes.BadInvalidArgument)
         if caller is None:
             statuses = [ItemStatus.ACCESS_DENIED] * len(names)
+        elif fallback:
+            statuses = [
+                unit.apc.set_fallback(str(n), float(v), caller.role, caller.name)
+                for n, v in zip(names, values, strict=True)
+            ]
         else:
             statuses = unit.apc.write_setpoints(
                 names, values, caller.role, self.sims.clock.wall(), caller.name
@@ -964,6 +1033,18 @@ class BioreactorServer(_BaseServer):
             nodes.apc["Setpoints"],
             ua.DataValue(
                 Value=ua.Variant([apc.targets[k] for k in names], VT.Double, is_array=True),
+                SourceTimestamp=_ts(stamp),
+                ServerTimestamp=_ts(datetime.now(UTC)),
+            ),
+        )
+        await server.write_attribute_value(
+            nodes.apc["FallbackSetpoints"],
+            ua.DataValue(
+                Value=ua.Variant(
+                    [apc.fallback_setpoints.get(k, math.nan) for k in names],
+                    VT.Double,
+                    is_array=True,
+                ),
                 SourceTimestamp=_ts(stamp),
                 ServerTimestamp=_ts(datetime.now(UTC)),
             ),
@@ -1475,6 +1556,7 @@ class Simulators:
         self._task: asyncio.Task[None] | None = None
         self._restarts: set[asyncio.Task[None]] = set()
         self.restarting = False
+        self._saved_at = -math.inf
 
     @property
     def servers(self) -> list[_BaseServer]:
@@ -1499,9 +1581,15 @@ class Simulators:
         raise ConfigError(f"no unit {name!r}; units: {[u.name for u in self.units]}")
 
     async def start(self) -> None:
+        saved = load_plant_state(self.config.state_file)
         for server in self.servers:
             await server.start()
-        self.clock.reset()  # the batch starts when the servers are up
+        if saved is None:
+            self.clock.reset()  # the batch starts when the servers are up
+        else:
+            restore_plant_state(self, saved)
+        self._saved_at = self.clock.wall()
+        self.save_state()
         for nodes in self.bioreactor.nodes.values():
             nodes.published.clear()  # re-stamp the initial values with the new epoch
         await self.publish()
@@ -1538,6 +1626,17 @@ class Simulators:
                 await task
         for server in self.servers:
             await server.stop()
+        self.save_state()
+
+    def save_state(self) -> None:
+        """Write the plants' state to the state file (if any), atomically."""
+        path = self.config.state_file
+        if path is None:
+            return
+        try:
+            save_plant_state(self, path)
+        except OSError as exc:  # the plant keeps running; the next save may succeed
+            log.error("cannot save the plant state to %s: %s", path, exc)
 
     async def publish(self) -> None:
         for server in self.servers:
@@ -1581,6 +1680,9 @@ class Simulators:
             for unit in self.units:
                 unit.apc.check_watchdog(now)
             self.step()
+            if now - self._saved_at >= self.config.state_interval_s:
+                self._saved_at = now
+                self.save_state()
             for fault in self.faults.due_events(self.process_h()):
                 if fault.kind == "restart":
                     task = asyncio.create_task(self.restart(fault.duration_h or 2.0))
@@ -1594,6 +1696,123 @@ class Simulators:
                 except (ua.UaError, OSError) as exc:
                     log.warning("publish failed: %s", exc)
             await asyncio.sleep(self.config.tick_s)
+
+
+# -- plant state across restarts -------------------------------------------------------------------
+STATE_VERSION = 1
+
+
+def _measurement_json(m: Measurement) -> dict[str, Any]:
+    return dataclasses.asdict(m)
+
+
+def save_plant_state(sims: Simulators, path: Path) -> None:
+    """The culture of every unit (truth state, time, sensors in transit, setpoints, totals,
+    batch id) and the batch epoch, as JSON, written atomically (a kill -9 leaves either the
+    previous file or the new one)."""
+    units = {}
+    for unit in sims.units:
+        plant = unit.plant
+        readings = plant.readings
+        units[unit.name] = {
+            "batch_id": unit.batch_id,
+            "time_h": plant.time_h,
+            "state": [float(v) for v in plant.state],
+            "state_names": list(plant.model.state_names),
+            "targets": dict(unit.apc.targets),
+            "working": dict(unit.apc.working),
+            "fallback_setpoints": dict(unit.apc.fallback_setpoints),
+            "shed_count": unit.apc.shed_count,
+            "totals": dict(unit.totals),
+            "functional_state": unit.state,
+            "rng": readings.rng.bit_generator.state,
+            "pending": [_measurement_json(m) for m in readings.pending],
+            "latest": [_measurement_json(m) for m in unit.latest.values()],
+            "next_assay": readings.next_assay,
+            "clamped_inputs": plant.clamped_inputs,
+        }
+    data = {
+        "version": STATE_VERSION,
+        "model": sims.config.model,
+        "epoch": sims.clock.epoch.isoformat(),
+        "saved_at": datetime.now(UTC).isoformat(),
+        "units": units,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_plant_state(path: Path | None) -> dict[str, Any] | None:
+    """The saved state (None: no state file given, or none written yet)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the plant state ({exc})") from exc
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        raise ConfigError(f"{path}: not a plant state file of version {STATE_VERSION}")
+    return data
+
+
+def restore_plant_state(sims: Simulators, data: dict[str, Any]) -> None:
+    """Continue the saved batch: same BatchId and BatchStartTime, each culture from its
+    saved state; the clock continues as if it had never stopped (the plant catches up on its
+    grid, with the fallback setpoints: the restart shed the controller)."""
+    path = sims.config.state_file
+    if data.get("model") != sims.config.model:
+        raise ConfigError(
+            f"{path}: the saved plant runs model {data.get('model')!r}, not "
+            f"{sims.config.model!r}; remove the file to start a new batch"
+        )
+    saved = data.get("units", {})
+    names = [u.name for u in sims.units]
+    if sorted(saved) != sorted(names):
+        raise ConfigError(
+            f"{path}: the saved plant has units {sorted(saved)}, not {names}; remove the "
+            f"file to start a new batch"
+        )
+    for unit in sims.units:
+        u = saved[unit.name]
+        plant = unit.plant
+        if list(u["state_names"]) != list(plant.model.state_names):
+            raise ConfigError(f"{path}: {unit.name}: the saved states are {u['state_names']}")
+        plant.state = np.asarray(u["state"], dtype=float)
+        plant.time_h = float(u["time_h"])
+        plant.clamped_inputs = int(u.get("clamped_inputs", 0))
+        readings = plant.readings
+        readings.rng.bit_generator.state = u["rng"]
+        readings.pending = [Measurement(**m) for m in u["pending"]]
+        readings.next_assay = float(u["next_assay"])
+        unit.batch_id = str(u["batch_id"])
+        unit.state = str(u.get("functional_state", unit.state))
+        unit.totals.update({k: float(v) for k, v in u["totals"].items()})
+        apc = unit.apc
+        apc.working.update({k: float(v) for k, v in u["working"].items()})
+        apc.targets.update({k: float(v) for k, v in u["targets"].items()})
+        apc.fallback_setpoints = {k: float(v) for k, v in u["fallback_setpoints"].items()}
+        apc.shed_count = int(u["shed_count"])
+        # the restart lost the controller's session: Local, in the safe state
+        apc.mode = Mode.LOCAL
+        apc.fallback = True
+        apc.targets.update(apc.fallback_setpoints)
+        unit.latest.clear()
+        for m in (Measurement(**d) for d in u["latest"]):
+            unit.latest[(m.source, m.name)] = m
+        log.warning(
+            "%s: batch %s continued from %s at %.2f h (restart: Local, fallback setpoints %s)",
+            unit.name,
+            unit.batch_id,
+            path,
+            plant.time_h,
+            apc.fallback_setpoints,
+        )
+    sims.clock.continue_from(datetime.fromisoformat(data["epoch"]))
 
 
 @contextlib.asynccontextmanager

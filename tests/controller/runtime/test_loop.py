@@ -212,7 +212,10 @@ def test_moves_within_limits_one_bundle_per_cycle_and_hand_back() -> None:
     # bumpless from the read-back flow 1.0, ramped at 0.5 per h, capped at 4.0
     flows = [v["flow"] for _, v in plant.writes]
     assert flows == pytest.approx([1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
-    assert all(v["feed"] == 2.0 for _, v in plant.writes)
+    # feed has no rate limit anywhere: after engagement it still ramps (span / 4 periods per
+    # cycle, UNLIMITED_ENGAGE_PERIODS), never jumping across its range in one step
+    feeds = [v["feed"] for _, v in plant.writes]
+    assert feeds == pytest.approx([1.25, 2.0, 2.0, 2.0, 2.0, 2.0])
     cycle_times = [s.process_time_h for s in rec.steps]
     assert cycle_times == [float(t) for t in range(10)]  # one cycle per period
     assert sum(1 for s in rec.steps if s.setpoints[0].status == "Good") == len(plant.writes)
@@ -298,6 +301,72 @@ def test_failing_law_holds_and_raises_an_alarm() -> None:
     assert summary.ended == "harvest"
     assert [t for t, _ in plant.writes] == [0.0]  # 1.5 once; the failures write nothing
     assert any(e.kind == "fault" and e.severity == "alarm" for e in rec.events)
+
+
+class FallbackPlant(ScriptedPlant):
+    """Publishes its safe state on shed (``FallbackSetpoints``)."""
+
+    def __init__(self, fallback: Mapping[str, float], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.fallback_setpoints = dict(fallback)
+
+    def limits(self) -> PlantLimits:
+        base = super().limits()
+        return PlantLimits(
+            base.low, base.high, base.rate_up, base.rate_down, base.deadband,
+            self.fallback_setpoints,
+        )  # fmt: skip
+
+
+SAFE = (
+    SetpointTag("flow", "flow", UnitConversion("1/d", "1/d"), fallback=0.5),
+    SetpointTag("feed", "feed", UnitConversion("mL/h", "mL/h"), fallback=0.0),
+)
+
+
+def run_site(
+    plant: ScriptedPlant, law: Law, site: Sequence[SetpointTag], **settings: Any
+) -> tuple[Any, Recorder]:
+    rec = Recorder()
+    options = {"period_h": 1.0, "harvest_time_h": 6.0, "poll_s": 0.01, **settings}
+    loop = UnitLoop(plant, law, rec, LoopSettings(**options), site_setpoints=site)
+    summary = asyncio.run(asyncio.wait_for(loop.run(asyncio.Event()), 60))
+    return summary, rec
+
+
+def test_engagement_checks_and_records_the_plants_safe_state() -> None:
+    """The site file declares the fallback setpoints; a plant whose published fallback
+    differs (or holds) is never engaged: one alarm, nothing written."""
+    plant = FallbackPlant({"flow": 0.5, "feed": math.nan})  # feed held on shed
+    summary, rec = run_site(plant, Law({"flow": 1.5, "feed": 1.0}), SAFE)
+    assert plant.writes == [] and summary.engagements == 0
+    alarms = [e for e in rec.events if e.severity == "alarm" and e.kind == "fallback"]
+    assert len(alarms) == 1 and "feed: the site declares 0, the plant holds it" in alarms[0].message
+    assert alarms[0].data["fallback"]["feed"] == {"plant": None, "site": 0.0}
+
+    plant = FallbackPlant({"flow": 0.5, "feed": 0.0})
+    summary, rec = run_site(plant, Law({"flow": 1.5, "feed": 1.0}), SAFE)
+    assert plant.writes and summary.engagements == 1
+    (engaged,) = [e for e in rec.events if e.message.startswith("engaged")]
+    assert engaged.data["fallback"] == {
+        "flow": {"plant": 0.5, "site": 0.5},
+        "feed": {"plant": 0.0, "site": 0.0},
+    }
+
+
+def test_failing_law_moves_to_the_declared_fallback_setpoints_with_an_alarm() -> None:
+    plant = FallbackPlant({"flow": 0.5, "feed": 0.0})
+    plant.targets = {"flow": 2.0, "feed": 0.0}
+    law = Law({"flow": 2.0, "feed": 4.0})
+    law.fail_at = 4.0
+    summary, rec = run_site(plant, law, SAFE, harvest_time_h=8.0)
+    assert summary.ended == "harvest"
+    after = [v for t, v in plant.writes if t >= 4.0]
+    # rate-limited (flow 0.5 per h) from the last move towards the safe state, not held
+    assert [v["flow"] for v in after] == pytest.approx([1.5, 1.0, 0.5])
+    assert all(v["feed"] == 0.0 for v in after)
+    alarms = [e for e in rec.events if e.kind == "fallback" and e.severity == "alarm"]
+    assert len(alarms) == 1 and "fallback setpoints" in alarms[0].message
 
 
 def test_recorder_failure_loses_no_record() -> None:

@@ -69,6 +69,10 @@ def test_example_site_file_loads() -> None:
     assert site.security.certificate.parent.name == "trusted"  # relative to configs/
     assert site.printer is not None and site.printer.endpoint.endswith(":4841/hmpc/printer")
     assert site.timing.period_h == 1.0
+    # the safe state the simulator applies on shed (hmpc-sim serve --fallback initial)
+    assert {s.variable: s.fallback for s in br01.setpoints} == dict.fromkeys(
+        ("perfusion_rate", "glucose_feed", "il2_addition"), 0.0
+    )
 
 
 def test_minimal_site_defaults(tmp_path: Path) -> None:
@@ -120,6 +124,13 @@ def test_minimal_site_defaults(tmp_path: Path) -> None:
             r"setpoints: 'feed_rate' is not an input of the tcell model",
         ),
         (("{unit}.Bio", "{reactor}.Bio"), r"unknown placeholder"),
+        (
+            (
+                "[units.BR01]",
+                "[setpoints.glucose_feed]\nhigh = 4.0\nfallback = 4.5\n\n[units.BR01]",
+            ),
+            r"\[setpoints.glucose_feed\].* fallback = 4.5 mL/h is outside \[-inf, 4\]",
+        ),
         (
             ("[units.BR01]", "[units.BR01]\ncontroller_kind = 1"),
             r"\[units.BR01\]: unknown key 'controller_kind'",

@@ -321,7 +321,9 @@ def test_viewer_and_engineer_cannot_write(sim: SimThread, pki: Pki) -> None:
     assert sim.s.unit("BR02").apc.heartbeat == 0
 
 
-def test_watchdog_sheds_and_holds_when_the_heartbeat_stops(sim: SimThread, pki: Pki) -> None:
+def test_watchdog_sheds_to_the_fallback_setpoints_when_the_heartbeat_stops(
+    sim: SimThread, pki: Pki
+) -> None:
     unit = sim.s.unit("BR02")
     timeout = sim.s.config.heartbeat_timeout_s
 
@@ -366,7 +368,8 @@ def test_watchdog_sheds_and_holds_when_the_heartbeat_stops(sim: SimThread, pki: 
     assert out["write"] == [ua.StatusCode(ua.StatusCodes.Good)]
     assert out["shed_after"] <= timeout + 0.5  # within the time-out (+ one plant tick)
     assert out["fallback"] is True and out["mode"] == 0
-    assert out["held"][NAMES.index("glucose_feed")] == pytest.approx(4.0)
+    # the safe state (the batch-start values, the default --fallback), not the last move 4.0
+    assert out["held"][NAMES.index("glucose_feed")] == pytest.approx(0.0)
     assert out["held_later"] == out["held"]
     assert out["late"] == [ua.StatusCode(ua.StatusCodes.BadInvalidState)]
     assert out["regrant"] == ua.StatusCode(ua.StatusCodes.BadInvalidState)
