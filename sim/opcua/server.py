@@ -33,6 +33,7 @@ from plant_models.process import DEFAULT_PROCESS, get_process
 from sim.opcua.apc import ApcInterface, ItemStatus, Mode, Role, default_apc_config
 from sim.opcua.clock import ProcessClock
 from sim.opcua.faults import Fault, FaultBook
+from sim.opcua.hardened import GuardedSession, HardenedServer, PreauthenticatedUsers
 from sim.opcua.lads import (
     DI_DEVICE_SET,
     NodeBuilder,
@@ -48,6 +49,8 @@ from sim.opcua.security import (
     SECURE_POLICIES,
     FolderTrustList,
     Identity,
+    LoginGuard,
+    LoginPolicy,
     RoleUserManager,
     ensure_certificate,
     load_users,
@@ -106,6 +109,7 @@ class SimulatorConfig:
         plant_step_h: process-time grid on which the plant is integrated.
         nodesets: node-opcua-nodesets folder (default: auto-detected); ``hand_built``
             forces the hand-built subset.
+        login: back-off, lock-out and hashing limits of password logins.
     """
 
     host: str = "127.0.0.1"
@@ -125,6 +129,7 @@ class SimulatorConfig:
     nodesets: Path | None = None
     hand_built: bool = False
     faults: tuple[Fault, ...] = ()
+    login: LoginPolicy = dataclasses.field(default_factory=LoginPolicy)
 
     def __post_init__(self) -> None:
         if not 1 <= self.units <= 99:
@@ -187,8 +192,9 @@ def _make_unit(config: SimulatorConfig, index: int, now: float) -> BioreactorUni
 
 
 # -- sessions that know their user ----------------------------------------------------------------
-class _HmpcSession(InternalSession):
-    """InternalSession that exposes its identity to method handlers and guards writes."""
+class _HmpcSession(GuardedSession):
+    """Session that exposes its identity to method handlers and guards writes (and, from
+    :class:`GuardedSession`, keeps its certificate and revises publishing intervals)."""
 
     users: RoleUserManager
     write_roles: dict[ua.NodeId, frozenset[Role]]
@@ -276,6 +282,7 @@ class _BaseServer:
         self.port = port
         self.sims = sims
         self.server: Server | None = None
+        self.guard: LoginGuard | None = None
         self.write_roles: dict[ua.NodeId, frozenset[Role]] = {}
         self.ns = 0
 
@@ -290,7 +297,11 @@ class _BaseServer:
     async def start(self) -> None:
         cfg = self.config
         users = RoleUserManager(load_users(cfg.users_path))
-        server = Server(user_manager=cast(Any, users))
+        server = HardenedServer(user_manager=cast(Any, PreauthenticatedUsers()))
+        trust = FolderTrustList(cfg.pki / "trusted", cfg.pki / "rejected")
+        self.guard = LoginGuard(users, cfg.login)
+        server.trust, server.guard = trust, self.guard
+        server.max_unauthenticated = cfg.login.max_unauthenticated
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name(f"hmpc simulated {self.kind}")
@@ -304,7 +315,7 @@ class _BaseServer:
             policies.insert(0, ua.SecurityPolicyType.NoSecurity)
         server.set_security_policy(policies)
         server.set_identity_tokens([ua.UserNameIdentityToken])
-        server.set_certificate_validator(FolderTrustList(cfg.pki / "trusted", cfg.pki / "rejected"))
+        server.set_certificate_validator(trust)
         _install_sessions(server, users, self.write_roles)
         self.server = server
         await self.build(server)
@@ -317,8 +328,13 @@ class _BaseServer:
 
     async def stop(self) -> None:
         server, self.server = self.server, None
-        if server is not None:
-            await server.stop()
+        guard, self.guard = self.guard, None
+        try:
+            if server is not None:
+                await server.stop()
+        finally:
+            if guard is not None:
+                guard.close()
 
     async def build(self, server: Server) -> None:
         raise NotImplementedError

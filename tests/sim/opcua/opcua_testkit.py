@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 from asyncua import Client, ua
+from asyncua.common.utils import create_nonce
 from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from asyncua.crypto.security_policies import (
     SecurityPolicyAes128Sha256RsaOaep,
@@ -72,6 +73,7 @@ class Pki:
     client_key: Path
     untrusted_cert: Path
     untrusted_key: Path
+    other_trusted_cert: Path | None = None
 
 
 def _client_cert(folder: Path, name: str, uri: str) -> tuple[Path, Path]:
@@ -94,7 +96,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     bad_cert, bad_key = _client_cert(clients, "stranger", "urn:hmpc:test:stranger")
     (folder / "trusted").mkdir(parents=True, exist_ok=True)
     (folder / "trusted" / "client.der").write_bytes(cert.read_bytes())
-    return Pki(folder, cert, key, bad_cert, bad_key)
+    other_cert, _ = _client_cert(clients, "other", CLIENT_URI)
+    (folder / "trusted" / "other.der").write_bytes(other_cert.read_bytes())
+    return Pki(folder, cert, key, bad_cert, bad_key, other_cert)
 
 
 class SimThread:
@@ -214,3 +218,75 @@ async def session(
 async def node(client: Client, path: str) -> Any:
     ns = await client.get_namespace_index(HMPC_URI)
     return client.get_node(ua.NodeId(path, ns))
+
+
+class RogueClient(_Client):
+    """A client that opens its secure channel with its own (untrusted) key pair and then,
+    in CreateSession, claims another certificate: ``claimed`` (e.g. a trusted peer's
+    *public* certificate) or none at all. It skips the client-side check of the server's
+    signature (which covers the channel certificate, not the claimed one), as an attacker
+    would. Everything else is the standard asyncua client."""
+
+    claimed: bytes | None = None
+
+    async def create_session(self) -> ua.CreateSessionResult:
+        desc = ua.ApplicationDescription()
+        desc.ApplicationUri = self.application_uri
+        desc.ProductUri = self.product_uri
+        desc.ApplicationName = ua.LocalizedText(self.name)
+        desc.ApplicationType = ua.ApplicationType.Client
+        params = ua.CreateSessionParameters()
+        params.ServerUri = self.server_uri
+        params.ClientNonce = create_nonce(32)
+        params.ClientCertificate = self.claimed
+        params.ClientDescription = desc
+        params.EndpointUrl = self.server_url.geturl()
+        params.SessionName = "rogue session"
+        params.RequestedSessionTimeout = self.session_timeout
+        params.MaxResponseMessageSize = 0
+        response = await self.uaclient.create_session(params)
+        self._server_nonce = response.ServerNonce
+        if not self.security_policy.peer_certificate:
+            self.security_policy.peer_certificate = response.ServerCertificate
+        ep = Client.find_endpoint(
+            response.ServerEndpoints, self.security_policy.Mode, self.security_policy.URI
+        )
+        self._policy_ids = ep.UserIdentityTokens
+        self.session_timeout = response.RevisedSessionTimeout
+        return response
+
+
+@contextlib.asynccontextmanager
+async def rogue_session(
+    endpoint: str,
+    pki: Pki,
+    claimed: bytes | None,
+    *,
+    policy: str = "Basic256Sha256",
+    mode: ua.MessageSecurityMode = ua.MessageSecurityMode.SignAndEncrypt,
+    user: str = "apc",
+    trusted_channel: bool = False,
+) -> AsyncIterator[Client]:
+    """A :class:`RogueClient` session: channel opened with the untrusted key pair (or the
+    trusted client's, ``trusted_channel``), CreateSession carrying ``claimed``, announcing
+    the trusted client's ApplicationUri."""
+    client = RogueClient(endpoint, timeout=10)
+    client.application_uri = CLIENT_URI
+    client.claimed = claimed
+    cert, key = (
+        (pki.client_cert, pki.client_key)
+        if trusted_channel
+        else (pki.untrusted_cert, pki.untrusted_key)
+    )
+    await client.set_security(POLICIES[policy], str(cert), str(key), mode=mode)
+    client.set_user(user)
+    client.set_password(PASSWORDS[user])
+    try:
+        await client.connect()
+    except BaseException:
+        await asyncio.sleep(0.01)
+        raise
+    try:
+        yield client
+    finally:
+        await client.disconnect()
