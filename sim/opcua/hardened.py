@@ -331,6 +331,17 @@ class HardenedServer(Server):
     guard: LoginGuard
     max_unauthenticated: int = 32
 
+    async def stop(self) -> None:
+        """asyncua's stop, then close the sessions it keeps for reconnecting clients (an
+        activated session with subscriptions outlives its connection, Part 4 6.7, and
+        would keep its timers and publishing loop running after the server is gone)."""
+        try:
+            await super().stop()
+        finally:
+            sessions = list(getattr(self.iserver, "_external_sessions", {}).values())
+            for session in sessions:
+                await session.close_session(True)
+
     async def start(self) -> None:
         # Server.start with _BinaryServer in place of BinaryServer (asyncua 2.1.0).
         if self.iserver.certificate is not None:

@@ -1279,6 +1279,7 @@ class Simulators:
         self._task: asyncio.Task[None] | None = None
         self._restarts: set[asyncio.Task[None]] = set()
         self.restarting = False
+        self.restarts_done = 0
 
     @property
     def servers(self) -> list[_BaseServer]:
@@ -1357,6 +1358,8 @@ class Simulators:
             await asyncio.sleep(down_s)
             for server in self.servers:
                 await server.start()
+            self.restarts_done += 1
+            log.warning("fault: OPC UA servers restarted")
         finally:
             self.restarting = False
         await self.publish()

@@ -193,8 +193,10 @@ async def session(
     policy: str = "Basic256Sha256",
     mode: ua.MessageSecurityMode = ua.MessageSecurityMode.SignAndEncrypt,
     untrusted: bool = False,
+    auto_reconnect: bool = False,
 ) -> AsyncIterator[Client]:
-    """A connected client session, always closed (socket included)."""
+    """A connected client session, always closed (socket included); ``auto_reconnect``: the
+    standard asyncua supervisor that reconnects and re-creates subscriptions."""
     client = _Client(endpoint, timeout=10)
     client.application_uri = "urn:hmpc:test:stranger" if untrusted else CLIENT_URI
     cert, key = (
@@ -205,7 +207,7 @@ async def session(
         client.set_user(user)
         client.set_password(password if password is not None else PASSWORDS[user])
     try:
-        await client.connect()
+        await client.connect(auto_reconnect=auto_reconnect)
     except BaseException:
         await asyncio.sleep(0.01)  # let the refused connection's transport close
         raise
@@ -290,3 +292,53 @@ async def rogue_session(
         yield client
     finally:
         await client.disconnect()
+
+
+@contextlib.contextmanager
+def own_sim(pki: Pki, **settings: Any) -> Iterator[SimThread]:
+    """A simulator of its own (one unit, no printer) with ``settings`` of
+    :class:`SimulatorConfig`, for tests that change its state for good (lock-outs)."""
+    (port,) = free_ports(1)
+    config = SimulatorConfig(
+        port=port, printer_port=0, units=1, speed=3600.0, pki=pki.folder, **settings
+    )
+    thread = SimThread(config).start()
+    try:
+        yield thread
+    finally:
+        thread.close()
+
+
+async def wrong_logins(
+    endpoint: str,
+    pki: Pki,
+    attempts: int,
+    *,
+    user: str = "apc",
+    password: str = "wrong",  # noqa: S107
+) -> list[str]:
+    """One connection (trusted certificate, secure channel, one session) that tries
+    ActivateSession ``attempts`` times with ``password``; the outcome of each (a status name,
+    ``Good`` or the exception's type)."""
+    client = _Client(endpoint, timeout=30)
+    client.application_uri = CLIENT_URI
+    await client.set_security(POLICIES["Basic256Sha256"], str(pki.client_cert), str(pki.client_key))
+    outcomes: list[str] = []
+    try:
+        await client.connect_socket()
+        await client.send_hello()
+        await client.open_secure_channel()
+        await client.create_session()
+        for _ in range(attempts):
+            try:
+                await client.activate_session(user, password)
+                outcomes.append("Good")
+            except ua.UaStatusCodeError as exc:
+                outcomes.append(type(exc).__name__)
+            except (ConnectionError, OSError, TimeoutError) as exc:
+                outcomes.append(type(exc).__name__)
+                break
+    finally:
+        client.disconnect_socket()
+        await asyncio.sleep(0.01)
+    return outcomes

@@ -6,13 +6,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asyncua import ua
+from asyncua.common.subscription import Subscription
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from opcua_testkit import Pki, SimThread, node, rogue_session, session
+from opcua_testkit import (
+    CLIENT_URI,
+    PASSWORDS,
+    Pki,
+    SimThread,
+    node,
+    own_sim,
+    rogue_session,
+    session,
+    wrong_logins,
+)
+
+from sim.opcua.faults import Fault
+from sim.opcua.hardened import MIN_PUBLISHING_INTERVAL_MS
+from sim.opcua.security import LoginPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +103,186 @@ def test_rogue_channel_certificate_is_refused(
     assert change == 0
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert any("127.0.0.1" in m and _thumbprint(channel_cert) in m for m in refusals), refusals
+
+
+# -- 4. restarts and publishing intervals -------------------------------------------------------
+class _Values:
+    """Subscription handler that ignores what it receives."""
+
+    def datachange_notification(self, node: object, val: object, data: object) -> None:
+        pass
+
+
+def test_restart_completes_under_a_subscribed_auto_reconnecting_client(
+    sim: SimThread, pki: Pki
+) -> None:
+    """The restart fault completed only after such a client went away (issue 23): the
+    client reconnected between asyncua closing the connections and the listening socket,
+    and asyncua's stop waited for that connection. The client runs in its own process,
+    as an integrator's does."""
+
+    async def go() -> tuple[int, float, float]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).with_name("reconnecting_client.py")),
+            sim.s.endpoint,
+            str(pki.client_cert),
+            str(pki.client_key),
+            CLIENT_URI,
+            "viewer",
+            PASSWORDS["viewer"],
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        stdout = proc.stdout
+
+        async def value_after(t: float) -> float:
+            while True:
+                line = (await stdout.readline()).decode()
+                if not line:
+                    raise AssertionError("the client process ended")
+                if line.startswith("value ") and float(line.split()[1]) > t:
+                    return float(line.split()[1])
+
+        try:
+            first = await asyncio.wait_for(value_after(-1.0), 60)
+            done = sim.s.restarts_done
+
+            async def inject() -> None:
+                sim.s.faults.add(Fault("restart", "*", sim.s.process_h(), 1.0))
+
+            sim.run(inject)
+            for _ in range(600):  # event-driven: the restart counter, up to 60 s
+                if sim.s.restarts_done > done:
+                    break
+                await asyncio.sleep(0.1)
+            restarted_at = sim.s.process_h()
+            # the client reconnects and re-creates its subscription by itself
+            after = await asyncio.wait_for(value_after(restarted_at), 60)
+            return sim.s.restarts_done - done, first, after
+        finally:
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+    count, first, after = asyncio.run(go())
+    assert count == 1, "the restart did not complete within 60 s"
+    assert after > first
+
+
+def test_publishing_interval_zero_is_revised_to_the_minimum(sim: SimThread, pki: Pki) -> None:
+    async def go() -> list[float]:
+        async with session(sim.s.endpoint, pki, "viewer") as client:
+            revised = []
+            for requested in (0.0, -5.0, 10.0, 500.0):
+                params = ua.CreateSubscriptionParameters(
+                    RequestedPublishingInterval=requested,
+                    RequestedLifetimeCount=ua.UInt32(300),
+                    RequestedMaxKeepAliveCount=ua.UInt32(10),
+                    PublishingEnabled=True,
+                )
+                sub = Subscription(client.uaclient.session, params, _Values())
+                result = await sub.init()
+                revised.append(float(result.RevisedPublishingInterval))
+                await sub.delete()
+            return revised
+
+    assert asyncio.run(go()) == [MIN_PUBLISHING_INTERVAL_MS] * 3 + [500.0]
+
+
+# -- 2. login floods -----------------------------------------------------------------------------
+def test_login_flood_locks_out_and_the_legitimate_client_stays_connected(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wrong logins from 10 connections at once while a legitimate apc client is subscribed
+    and reading: the address is locked out (even the right password is refused, logged),
+    the legitimate session is never lost and keeps reading and receiving. Latency is
+    measured by ``hmpc-sim bench login-flood``, not asserted here."""
+    policy = LoginPolicy(max_failures=5, lockout_s=600.0, backoff_s=0.05, hash_workers=1)
+    with own_sim(pki, login=policy) as sim:
+
+        async def go() -> dict[str, Any]:
+            lost: list[Exception] = []
+            notified: list[float] = []
+
+            class Handler:
+                def datachange_notification(self, node: object, val: object, data: object) -> None:
+                    if isinstance(val, float):
+                        notified.append(val)
+
+            async def on_lost(exc: Exception) -> None:
+                lost.append(exc)
+
+            async with session(sim.s.endpoint, pki, "apc") as good:
+                good.connection_lost_callback = on_lost
+                clock = await node(good, "Clock.ProcessTime")
+                sub = await good.create_subscription(100, Handler())
+                await sub.subscribe_data_change(clock)
+                reads: list[float] = []
+                flood = asyncio.gather(*(wrong_logins(sim.s.endpoint, pki, 4) for _ in range(10)))
+                while not flood.done():
+                    reads.append(float(await clock.read_value()))
+                    await asyncio.sleep(0.05)
+                outcomes = [o for conn in await flood for o in conn]
+                before = len(notified)
+                right = await wrong_logins(sim.s.endpoint, pki, 1, password=PASSWORDS["apc"])
+                reads.append(float(await clock.read_value()))
+                for _ in range(100):
+                    if len(notified) > before:
+                        break
+                    await asyncio.sleep(0.1)
+                return {
+                    "outcomes": outcomes,
+                    "right": right,
+                    "lost": lost,
+                    "reads": reads,
+                    "more_notifications": len(notified) > before,
+                }
+
+        with caplog.at_level(logging.WARNING, logger="sim.opcua"):
+            out = asyncio.run(go())
+    assert out["outcomes"] and "Good" not in out["outcomes"]
+    assert set(out["outcomes"]) <= {"BadUserAccessDenied", "BadTooManyOperations"}
+    assert out["right"] == ["BadUserAccessDenied"]  # locked out: the right password too
+    assert out["lost"] == []
+    assert out["reads"] == sorted(out["reads"]) and len(out["reads"]) >= 2
+    assert out["more_notifications"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("locked out for 600 s" in m and "127.0.0.1" in m for m in messages)
+    assert any("apc" in m and "address locked out" in m for m in messages)
+
+
+def test_connections_without_a_session_are_capped(pki: Pki) -> None:
+    """Beyond ``max_unauthenticated`` idle connections, a new one is closed on arrival; an
+    activated session does not count."""
+    policy = LoginPolicy(max_unauthenticated=3)
+    with own_sim(pki, login=policy) as sim:
+        port = sim.config.port
+
+        async def go() -> tuple[bool, bool, bool]:
+            async with session(sim.s.endpoint, pki, "viewer"):
+                idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+                await asyncio.sleep(0.5)
+                try:
+                    async with session(sim.s.endpoint, pki, "viewer"):
+                        refused = False
+                except (ua.UaError, ConnectionError, OSError, TimeoutError):
+                    refused = True
+                for _, writer in idle:
+                    writer.close()
+                    await writer.wait_closed()
+                for _ in range(50):  # the server sees the idle connections go
+                    try:
+                        async with session(sim.s.endpoint, pki, "viewer"):
+                            return refused, True, True
+                    except (ua.UaError, ConnectionError, OSError, TimeoutError):
+                        await asyncio.sleep(0.2)
+                return refused, False, True
+
+        refused, later, _ = asyncio.run(go())
+    assert refused
+    assert later
