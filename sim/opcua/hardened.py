@@ -281,7 +281,14 @@ class _Protocol(OPCUAProtocol):
                 pending,
                 self.max_unauthenticated,
             )
-            transport.close()
+            error = ua.ErrorMessage(
+                ua.StatusCode(ua.UInt32(ua.StatusCodes.BadTcpNotEnoughResources)),
+                ua.String("too many connections without a session"),
+            )
+            cast(asyncio.Transport, transport).write(
+                uatcp_to_binary(cast(Any, ua.MessageType.Error), error)
+            )
+            transport.close()  # the client sees the error at once instead of timing out
             return
         super().connection_made(transport)
         if self.processor is not None and self.transport is not None:

@@ -263,15 +263,15 @@ def test_connections_without_a_session_are_capped(pki: Pki) -> None:
     with own_sim(pki, login=policy) as sim:
         port = sim.config.port
 
-        async def go() -> tuple[bool, bool, bool]:
+        async def go() -> tuple[str, bool, bool]:
             async with session(sim.s.endpoint, pki, "viewer"):
                 idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
                 await asyncio.sleep(0.5)
                 try:
                     async with session(sim.s.endpoint, pki, "viewer"):
-                        refused = False
-                except (ua.UaError, ConnectionError, OSError, TimeoutError):
-                    refused = True
+                        refused = "connected"
+                except (ua.UaError, ConnectionError, OSError, TimeoutError) as exc:
+                    refused = type(exc).__name__
                 for _, writer in idle:
                     writer.close()
                     await writer.wait_closed()
@@ -284,5 +284,5 @@ def test_connections_without_a_session_are_capped(pki: Pki) -> None:
                 return refused, False, True
 
         refused, later, _ = asyncio.run(go())
-    assert refused
+    assert refused == "BadTcpNotEnoughResources"  # told at once, not left to time out
     assert later
