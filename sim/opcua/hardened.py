@@ -288,7 +288,7 @@ class _Protocol(OPCUAProtocol):
             cast(asyncio.Transport, transport).write(
                 uatcp_to_binary(cast(Any, ua.MessageType.Error), error)
             )
-            transport.close()  # the client sees the error at once instead of timing out
+            transport.close()  # the client is told why (asyncua's client logs it)
             return
         super().connection_made(transport)
         if self.processor is not None and self.transport is not None:
