@@ -74,6 +74,7 @@ class Pki:
     untrusted_cert: Path
     untrusted_key: Path
     other_trusted_cert: Path | None = None
+    other_trusted_key: Path | None = None
 
 
 def _client_cert(folder: Path, name: str, uri: str) -> tuple[Path, Path]:
@@ -96,9 +97,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     bad_cert, bad_key = _client_cert(clients, "stranger", "urn:hmpc:test:stranger")
     (folder / "trusted").mkdir(parents=True, exist_ok=True)
     (folder / "trusted" / "client.der").write_bytes(cert.read_bytes())
-    other_cert, _ = _client_cert(clients, "other", CLIENT_URI)
+    other_cert, other_key = _client_cert(clients, "other", CLIENT_URI)
     (folder / "trusted" / "other.der").write_bytes(other_cert.read_bytes())
-    return Pki(folder, cert, key, bad_cert, bad_key, other_cert)
+    return Pki(folder, cert, key, bad_cert, bad_key, other_cert, other_key)
 
 
 class SimThread:

@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives import hashes
 from opcua_testkit import (
     CLIENT_URI,
     PASSWORDS,
+    POLICIES,
     Pki,
     SimThread,
+    _Client,
     node,
     own_sim,
     rogue_session,
@@ -103,6 +105,52 @@ def test_rogue_channel_certificate_is_refused(
     assert change == 0
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert any("127.0.0.1" in m and _thumbprint(channel_cert) in m for m in refusals), refusals
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+def test_session_cannot_be_taken_over_from_another_channel(
+    sim: SimThread, pki: Pki, mode: ua.MessageSecurityMode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ActivateSession with another session's AuthenticationToken (readable on a Sign-only
+    channel) over a channel opened with another, even trusted, certificate: refused; the
+    session stays its owner's."""
+    assert pki.other_trusted_cert is not None and pki.other_trusted_key is not None
+    other_cert, other_key = pki.other_trusted_cert, pki.other_trusted_key
+
+    async def go() -> tuple[str, float]:
+        async with session(sim.s.endpoint, pki, "apc", mode=mode) as victim:
+            token = victim.uaclient.protocol.authentication_token
+            thief = _Client(sim.s.endpoint, timeout=10)
+            thief.application_uri = CLIENT_URI
+            await thief.set_security(
+                POLICIES["Basic256Sha256"], str(other_cert), str(other_key), mode=mode
+            )
+            outcome = "activated"
+            try:
+                await thief.connect_socket()
+                await thief.send_hello()
+                await thief.open_secure_channel()
+                thief.uaclient.protocol.authentication_token = token
+                thief._server_nonce = victim._server_nonce
+                thief._policy_ids = victim._policy_ids
+                await thief.activate_session("viewer", PASSWORDS["viewer"])
+            except ua.UaStatusCodeError as exc:
+                outcome = type(exc).__name__
+            finally:
+                thief.disconnect_socket()
+                await asyncio.sleep(0.01)
+            value = float(await (await node(victim, "Clock.ProcessTime")).read_value())
+            return outcome, value
+
+    with caplog.at_level(logging.WARNING, logger="sim.opcua"):
+        outcome, value = asyncio.run(go())
+    assert outcome == "BadSecurityChecksFailed"
+    assert value >= 0  # the owner's session still works
+    assert any(
+        "ActivateSession on a channel" in r.getMessage()
+        and _thumbprint(other_cert) in r.getMessage()
+        for r in caplog.records
+    )
 
 
 # -- 4. restarts and publishing intervals -------------------------------------------------------
