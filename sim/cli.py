@@ -180,6 +180,12 @@ def _bench_faults(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]
     add_bench_faults(bench_sub)
 
 
+def _bench_login_flood(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.bench_login_flood import add_bench_login_flood
+
+    add_bench_login_flood(bench_sub)
+
+
 #: Benchmarks under ``hmpc-sim bench``: callables that take the bench sub-parsers.
 BENCHMARKS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _bench_estimation,
@@ -187,6 +193,7 @@ BENCHMARKS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]],
     _bench_forecast,
     _bench_loop,
     _bench_faults,
+    _bench_login_flood,
 ]
 
 

@@ -16,7 +16,7 @@ from plant_models.errors import ConfigError, PlantIOError
 from plant_models.process import DEFAULT_PROCESS, available_processes
 from sim.opcua.apc import Role
 from sim.opcua.faults import parse_fault
-from sim.opcua.security import write_user
+from sim.opcua.security import LoginPolicy, write_user
 from sim.opcua.server import SimulatorConfig, serve_simulators
 
 __all__ = ["register"]
@@ -91,6 +91,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="KIND[:TARGET[:START_H[:DURATION]]]",
         help="schedule a fault (stale, stuck, nan, bad, restart, printer); repeatable",
     )
+    login = LoginPolicy()
+    serve.add_argument(
+        "--login-max-failures",
+        type=int,
+        default=login.max_failures,
+        help="wrong logins from one address that lock it out (default %(default)s; 0: never)",
+    )
+    serve.add_argument(
+        "--login-lockout",
+        type=float,
+        default=login.lockout_s,
+        help="lock-out, seconds (default %(default)s)",
+    )
+    serve.add_argument(
+        "--login-backoff",
+        type=float,
+        default=login.backoff_s,
+        help="delay of the first refusal, doubling per failure, seconds (default %(default)s)",
+    )
+    serve.add_argument(
+        "--login-workers",
+        type=int,
+        default=login.hash_workers,
+        help="password-hashing threads (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=login.max_unauthenticated,
+        help="connections without an activated session (default %(default)s)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     user = sub.add_parser(
@@ -133,6 +164,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         faults=tuple(parse_fault(f) for f in args.fault),
         fallback=args.fallback,
         state_file=args.state_file,
+        login=LoginPolicy(
+            max_failures=args.login_max_failures,
+            lockout_s=args.login_lockout,
+            backoff_s=args.login_backoff,
+            hash_workers=args.login_workers,
+            max_unauthenticated=args.max_unauthenticated,
+        ),
     )
     if not config.users_path.exists():
         raise ConfigError(

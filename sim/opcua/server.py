@@ -43,6 +43,7 @@ from sim.opcua.apc import (
 )
 from sim.opcua.clock import ProcessClock
 from sim.opcua.faults import Fault, FaultBook
+from sim.opcua.hardened import GuardedSession, HardenedServer, PreauthenticatedUsers
 from sim.opcua.lads import (
     DI_DEVICE_SET,
     NAME_NODEID_DATATYPE,
@@ -60,6 +61,8 @@ from sim.opcua.security import (
     SECURE_POLICIES,
     FolderTrustList,
     Identity,
+    LoginGuard,
+    LoginPolicy,
     RoleUserManager,
     ensure_certificate,
     load_users,
@@ -127,6 +130,7 @@ class SimulatorConfig:
             at start, restored: the culture continues under the same BatchId and
             BatchStartTime, caught up to the time it would have reached (a restart sheds the
             controller: Local, fallback setpoints). None: every start is a new batch.
+        login: back-off, lock-out and hashing limits of password logins.
     """
 
     host: str = "127.0.0.1"
@@ -149,6 +153,7 @@ class SimulatorConfig:
     fallback: str = "initial"
     state_file: Path | None = None
     state_interval_s: float = 1.0
+    login: LoginPolicy = dataclasses.field(default_factory=LoginPolicy)
 
     def __post_init__(self) -> None:
         if self.fallback not in ("hold", "initial"):
@@ -222,8 +227,9 @@ def _make_unit(config: SimulatorConfig, index: int, now: float) -> BioreactorUni
 
 
 # -- sessions that know their user ----------------------------------------------------------------
-class _HmpcSession(InternalSession):
-    """InternalSession that exposes its identity to method handlers and guards writes."""
+class _HmpcSession(GuardedSession):
+    """Session that exposes its identity to method handlers and guards writes (and, from
+    :class:`GuardedSession`, keeps its certificate and revises publishing intervals)."""
 
     users: RoleUserManager
     write_roles: dict[ua.NodeId, frozenset[Role]]
@@ -333,6 +339,7 @@ class _BaseServer:
         self.port = port
         self.sims = sims
         self.server: Server | None = None
+        self.guard: LoginGuard | None = None
         self.write_roles: dict[ua.NodeId, frozenset[Role]] = {}
         self.ns = 0
 
@@ -347,7 +354,11 @@ class _BaseServer:
     async def start(self) -> None:
         cfg = self.config
         users = RoleUserManager(load_users(cfg.users_path))
-        server = Server(user_manager=cast(Any, users))
+        server = HardenedServer(user_manager=cast(Any, PreauthenticatedUsers()))
+        trust = FolderTrustList(cfg.pki / "trusted", cfg.pki / "rejected")
+        self.guard = LoginGuard(users, cfg.login)
+        server.trust, server.guard = trust, self.guard
+        server.max_unauthenticated = cfg.login.max_unauthenticated
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name(f"hmpc simulated {self.kind}")
@@ -361,7 +372,7 @@ class _BaseServer:
             policies.insert(0, ua.SecurityPolicyType.NoSecurity)
         server.set_security_policy(policies)
         server.set_identity_tokens([ua.UserNameIdentityToken])
-        server.set_certificate_validator(FolderTrustList(cfg.pki / "trusted", cfg.pki / "rejected"))
+        server.set_certificate_validator(trust)
         _install_sessions(server, users, self.write_roles)
         self.server = server
         await self.build(server)
@@ -374,8 +385,13 @@ class _BaseServer:
 
     async def stop(self) -> None:
         server, self.server = self.server, None
-        if server is not None:
-            await server.stop()
+        guard, self.guard = self.guard, None
+        try:
+            if server is not None:
+                await server.stop()
+        finally:
+            if guard is not None:
+                guard.close()
 
     async def build(self, server: Server) -> None:
         raise NotImplementedError
@@ -1557,6 +1573,7 @@ class Simulators:
         self._restarts: set[asyncio.Task[None]] = set()
         self.restarting = False
         self._saved_at = -math.inf
+        self.restarts_done = 0
 
     @property
     def servers(self) -> list[_BaseServer]:
@@ -1652,6 +1669,8 @@ class Simulators:
             await asyncio.sleep(down_s)
             for server in self.servers:
                 await server.start()
+            self.restarts_done += 1
+            log.warning("fault: OPC UA servers restarted")
         finally:
             self.restarting = False
         await self.publish()
