@@ -127,18 +127,41 @@ def check_keys(
         raise ConfigError(f"{where}: missing required key(s): {', '.join(missing)}.")
 
 
+#: The largest configuration file read (bytes). Every hmpc TOML file is a few kB; a file
+#: far larger is a wrong path or an attack, refused before it is parsed or echoed.
+MAX_CONFIG_BYTES = 1_000_000
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file, turning I/O and syntax errors into :class:`ConfigError`."""
+    """Read a TOML file, turning I/O, size, encoding and syntax errors into
+    :class:`ConfigError` naming the file (a message never echoes the file's content)."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
-            return tomllib.load(fh)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{p}: file not found.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML ({exc}).") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a folder, not a TOML file.") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot be read ({exc.strerror}).") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{p}: larger than {MAX_CONFIG_BYTES // 1000} kB; a configuration file is a few kB "
+            "(wrong file?)."
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{p}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+            "save the file as UTF-8."
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc}).") from None
 
 
 def check_range(value: float, meta: Mapping[str, Any], where: str) -> None:

@@ -37,6 +37,7 @@ from plant_models.errors import ConfigError
 __all__ = [
     "DEFAULT_PROCESS",
     "ENTRY_POINT_GROUP",
+    "EstimatorDefaults",
     "HardLimit",
     "PatientLike",
     "ProcessPlugin",
@@ -46,6 +47,7 @@ __all__ = [
     "available_processes",
     "get_process",
     "load_recipe",
+    "process_of",
 ]
 
 #: Entry point group under which process plug-ins register.
@@ -64,6 +66,26 @@ class SensorNoise:
     unit: str
     absolute: float = 0.0
     relative: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorDefaults:
+    """What the state estimator assumes of the process by default (the measurement noise
+    is the plug-in's :class:`SensorDefaults`): plain data, read by
+    ``controller.numerics.estimator.EstimatorConfig.for_model``.
+
+    Attributes:
+        process_noise: state -> (absolute, relative) model error per sqrt(h).
+        physical_ranges: variable -> (low, high); values outside are not physical.
+        parameter_factors: kinetic parameters with an estimated multiplicative factor
+            (per-batch drift); they must be parameters of the plug-in's model.
+        online_gains: online probes whose gain is estimated (observable only by assays).
+    """
+
+    process_noise: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    physical_ranges: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    parameter_factors: tuple[str, ...] = ()
+    online_gains: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +162,7 @@ class ProcessPlugin(abc.ABC):
     correctable_rates: ClassVar[tuple[str, ...]] = ("growth_rate",)
     simulated_states: ClassVar[tuple[str, ...]] = ("viable_cells",)
     sensors: ClassVar[SensorDefaults] = SensorDefaults({}, {})
+    estimator: ClassVar[EstimatorDefaults] = EstimatorDefaults()
     hard_limits: ClassVar[tuple[HardLimit, ...]] = ()
     rate_limited_inputs: ClassVar[Mapping[str, str]] = {}
     soft_limits: ClassVar[Mapping[str, str]] = {}
@@ -398,3 +421,23 @@ def get_process(name: str | ProcessPlugin) -> ProcessPlugin:
         )
     _LOADED[name] = plugin
     return plugin
+
+
+def process_of(model: Any) -> ProcessPlugin | None:
+    """The registered plug-in whose model class ``model`` is (a hybrid model is unwrapped to
+    its mechanistic ``base``; a subclass, e.g. a truth model, matches its parent's plug-in);
+    None for a model no plug-in declares (or whose plug-in cannot be loaded)."""
+    while getattr(model, "base", None) is not None:
+        model = model.base
+    matches: list[ProcessPlugin] = []
+    for name in available_processes():
+        try:
+            plugin = get_process(name)
+        except ConfigError:
+            continue
+        kind = plugin.model_type
+        if kind is not None and isinstance(model, kind):
+            if type(model) is kind:
+                return plugin
+            matches.append(plugin)
+    return matches[0] if len(matches) == 1 else None

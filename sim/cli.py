@@ -174,12 +174,26 @@ def _bench_loop(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_bench_loop(bench_sub)
 
 
+def _bench_faults(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.bench_faults import add_bench_faults
+
+    add_bench_faults(bench_sub)
+
+
+def _bench_login_flood(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.bench_login_flood import add_bench_login_flood
+
+    add_bench_login_flood(bench_sub)
+
+
 #: Benchmarks under ``hmpc-sim bench``: callables that take the bench sub-parsers.
 BENCHMARKS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _bench_estimation,
     _bench_mpc,
     _bench_forecast,
     _bench_loop,
+    _bench_faults,
+    _bench_login_flood,
 ]
 
 
@@ -343,10 +357,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), argv)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _patient_parameters(model: str, spec: str) -> tuple[str, ...]:
     """``--adapt``: 'none', 'auto' (the model's patient parameters) or a comma list."""
     if spec == "none":
@@ -362,3 +372,7 @@ def _patient_parameters(model: str, spec: str) -> tuple[str, ...]:
             f"'auto' or from {known or '(none for this model)'}"
         )
     return names
+
+
+if __name__ == "__main__":
+    sys.exit(main())

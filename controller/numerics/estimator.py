@@ -60,6 +60,7 @@ from controller.numerics.validation import (
 from plant_models.base import rk4
 from plant_models.config import load_fields, load_toml
 from plant_models.errors import ConfigError, IntegrationError, ModelError
+from plant_models.process import get_process, process_of
 
 __all__ = [
     "Estimator",
@@ -89,76 +90,6 @@ class _Check(NamedTuple):
 
 
 _Checks = dict[str, _Check]
-
-#: Online sensors and assays of the T-cell process (standard deviation = absolute +
-#: relative * |value|): capacitance, Raman/analyser, cell counter, ELISA. Typical
-#: datasheet figures [check]; the same values as the virtual plant's sensors.
-_TCELL_ONLINE: dict[str, tuple[float, float]] = {
-    "viable_cells": (0.02, 0.05),
-    "glucose": (0.2, 0.02),
-    "lactate": (0.3, 0.02),
-}
-_TCELL_ASSAY: dict[str, tuple[float, float]] = {
-    "viable_cells": (0.01, 0.03),
-    "viability": (0.01, 0.0),
-    "glucose": (0.1, 0.01),
-    "lactate": (0.1, 0.01),
-    "il2": (1.0, 0.1),
-}
-#: Process noise of the T-cell model, per sqrt(h): model error the filter expects.
-_TCELL_PROCESS: dict[str, tuple[float, float]] = {
-    "viable_cells": (0.002, 0.01),
-    "dead_cells": (0.002, 0.01),
-    "glucose": (0.05, 0.01),
-    "lactate": (0.05, 0.01),
-    "il2": (0.5, 0.01),
-    "inhibitor": (0.1, 0.005),
-    "volume": (1e-4, 0.0),
-}
-_TCELL_RANGES: dict[str, tuple[float, float]] = {
-    "viable_cells": (0.0, 500.0),
-    "dead_cells": (0.0, 500.0),
-    "glucose": (0.0, 200.0),
-    "lactate": (0.0, 200.0),
-    "il2": (0.0, 1e4),
-    "inhibitor": (0.0, 1e6),
-    "volume": (0.0, 1000.0),
-    "viability": (0.0, 1.0),
-    "total_viable_cells": (0.0, 1e6),
-}
-_CHO_ONLINE: dict[str, tuple[float, float]] = {
-    "viable_cells": (0.02, 0.05),
-    "glucose": (0.3, 0.02),
-    "lactate": (0.3, 0.02),
-}
-_CHO_ASSAY: dict[str, tuple[float, float]] = {
-    "viable_cells": (0.01, 0.03),
-    "viability": (0.01, 0.0),
-    "glucose": (0.1, 0.01),
-    "glutamine": (0.05, 0.02),
-    "lactate": (0.1, 0.01),
-    "ammonia": (0.05, 0.02),
-}
-_CHO_PROCESS: dict[str, tuple[float, float]] = {
-    "viable_cells": (0.002, 0.01),
-    "total_cells": (0.002, 0.01),
-    "glucose": (0.05, 0.01),
-    "glutamine": (0.01, 0.01),
-    "lactate": (0.05, 0.01),
-    "ammonia": (0.01, 0.01),
-    "volume": (1e-4, 0.0),
-}
-_CHO_RANGES: dict[str, tuple[float, float]] = {
-    "viable_cells": (0.0, 100.0),
-    "total_cells": (0.0, 200.0),
-    "glucose": (0.0, 500.0),
-    "glutamine": (0.0, 200.0),
-    "lactate": (0.0, 500.0),
-    "ammonia": (0.0, 100.0),
-    "volume": (0.0, 20000.0),
-    "viability": (0.0, 1.0),
-    "total_viable_cells": (0.0, 1e6),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,33 +234,32 @@ class EstimatorConfig:
                 )
 
     @classmethod
-    def for_model(cls, model: Any) -> EstimatorConfig:
-        """Defaults for the T-cell or CHO model (recognised by their states); generic
-        relative defaults for any other model.
+    def for_model(cls, model: Any, process: Any = None) -> EstimatorConfig:
+        """The defaults the model's process plug-in declares (``process``: a plug-in or its
+        name; default: the registered plug-in of the model's class, see
+        :func:`plant_models.process.process_of`): its sensors' and assays' noise and its
+        :class:`~plant_models.process.EstimatorDefaults`. A model no plug-in declares gets
+        generic relative defaults, with a factor on ``mu_max`` only if it has one.
 
         The T-cell and CHO defaults estimate the gain of the online viable-cell probe,
         which only assays can observe: for a site without assays use
         ``dataclasses.replace(config, online_gains=())``; for a site whose probe is known
         to hold its calibration, the calibration check (``gain_check_threshold``).
         """
-        names = set(model.state_names)
-        if "dead_cells" in names:
-            return cls(
-                process_noise=dict(_TCELL_PROCESS),
-                online_noise=dict(_TCELL_ONLINE),
-                assay_noise=dict(_TCELL_ASSAY),
-                physical_ranges=dict(_TCELL_RANGES),
-                online_gains=("viable_cells",),
-            )
-        if "total_cells" in names:
-            return cls(
-                process_noise=dict(_CHO_PROCESS),
-                online_noise=dict(_CHO_ONLINE),
-                assay_noise=dict(_CHO_ASSAY),
-                physical_ranges=dict(_CHO_RANGES),
-                online_gains=("viable_cells",),
-            )
-        return cls()
+        plugin = get_process(process) if process is not None else process_of(model)
+        if plugin is None:
+            params = getattr(model, "parameters", None)
+            factors = tuple(n for n in ("mu_max",) if hasattr(params, n))
+            return cls(parameter_factors=factors)
+        declared = plugin.estimator
+        return cls(
+            process_noise=dict(declared.process_noise),
+            online_noise={k: (v.absolute, v.relative) for k, v in plugin.sensors.online.items()},
+            assay_noise={k: (v.absolute, v.relative) for k, v in plugin.sensors.assays.items()},
+            physical_ranges=dict(declared.physical_ranges),
+            online_gains=tuple(declared.online_gains),
+            parameter_factors=tuple(declared.parameter_factors),
+        )
 
 
 #: Tables of an estimator tuning file (name = [a, b]); every other field is in [estimator].

@@ -49,6 +49,12 @@ ACCEPTED_STATUSES = frozenset({"Solve_Succeeded", "Solved_To_Acceptable_Level"})
 _IDLE_MOVE_WEIGHT = 1e-4
 #: Quadratic and linear weight of the (scaled) slack of a hard bound's kappa*sigma margin.
 _MARGIN_WEIGHT = 1e3
+#: Linear (exact-penalty) and quadratic weight of the (scaled) violation of a hard state
+#: limit in recovery mode: large enough that any plan which meets the limits is preferred,
+#: so the recovery move drives the state back as fast as the inputs allow.
+_RECOVERY_WEIGHT = 1e5
+#: A state this far beyond a hard limit (relative to the state's scale) starts recovery.
+_RECOVERY_TOLERANCE = 1e-6
 
 
 class PredictionModel(Protocol):
@@ -103,6 +109,9 @@ class MPCResult:
             ``dose_shortfall`` (relative to the dose target).
         fallback_used: which failure policy produced ``u`` (``""`` when none).
         fallback_reason: why (``""`` when none).
+        recovery: the hard state limits were relaxed by exact-penalty slacks (the initial
+            state was already beyond one, or the strict problem was infeasible); the
+            violations are in ``slacks`` as ``<state>_<low|high>_recovery``.
     """
 
     u: Mapping[str, float]
@@ -124,6 +133,7 @@ class MPCResult:
     slacks: Mapping[str, float]
     fallback_used: str = ""
     fallback_reason: str = ""
+    recovery: bool = False
 
 
 @dataclasses.dataclass
@@ -535,17 +545,32 @@ class NonlinearMPC:
         self.tracked = tuple(c.tracking)
         nt = len(self.tracked)
 
-        # decision variables (scaled): states, inputs, soft-constraint slacks, dose shortfall
+        # hard state limits: (state index, sign, limit, label); each has a recovery slack,
+        # fixed at 0 (a hard limit) unless the step runs in recovery mode
+        hards: list[_Soft] = []
+        for name, hb in c.hard_bounds.items():
+            i = self.state_names.index(name)
+            if hb.high is not None:
+                hards.append(_Soft(i, 1.0, hb.high, 0.0, 0.0, f"{name}_high_recovery"))
+            if hb.low is not None:
+                hards.append(_Soft(i, -1.0, hb.low, 0.0, 0.0, f"{name}_low_recovery"))
+        self._hards = hards
+        nh = len(hards)
+
+        # decision variables (scaled): states, inputs, soft-constraint slacks, dose shortfall,
+        # recovery slacks of the hard state limits
         self._w_layout = VectorLayout(
             {
                 "states": (nx, n + 1),
                 "inputs": (nu, n),
                 "slacks": (ns, n),
                 "dose_slack": 1 if dose_mode else 0,
+                "recovery_slacks": (nh, n),
             },
             "NLP variable",
         )
         wsym = self._w_layout.symbols(sym)
+        rs = wsym["recovery_slacks"]
         xs, us, ss, sd = wsym["states"], wsym["inputs"], wsym["slacks"], wsym["dose_slack"]
         xp = ca.diag(sx) @ xs
         up = ca.diag(su) @ us
@@ -605,14 +630,12 @@ class NonlinearMPC:
                 span = np.full(n, r * h)
                 span[0] = r * c.sample_period_h
                 add(du[i, :] / su[i], -span / self.input_scale[i], span / self.input_scale[i])
-        # hard state limits on x_1..x_N, masked beyond the harvest, tightened by kappa*sigma
-        for name, hb in c.hard_bounds.items():
-            i = self.state_names.index(name)
-            si = float(self.state_scale[i])
-            if hb.high is not None:
-                add(par["mask"] * (xp[i, 1:] - hb.high) / si, -np.inf, 0.0)
-            if hb.low is not None:
-                add(par["mask"] * (hb.low - xp[i, 1:]) / si, -np.inf, 0.0)
+        # hard state limits on x_1..x_N, masked beyond the harvest (their kappa*sigma margin
+        # is a soft constraint below); the recovery slack is fixed at 0 outside recovery mode
+        for j, hd in enumerate(hards):
+            si = float(self.state_scale[hd.state])
+            viol = hd.sign * (xp[hd.state, 1:] - hd.limit)
+            add(par["mask"] * viol / si - rs[j, :], -np.inf, 0.0)
         for j, s in enumerate(softs):
             si = float(self.state_scale[s.state])
             viol = s.sign * (xp[s.state, 1:] - s.limit) + par["tightening"][s.state, :]
@@ -659,28 +682,34 @@ class NonlinearMPC:
             cost += ca.sum2((wgt * par["mask"] + _IDLE_MOVE_WEIGHT * (1 - par["mask"])) * dui**2)
         for j, s in enumerate(softs):
             cost += s.weight * ca.sumsqr(ss[j, :]) + s.weight_linear * ca.sum2(ss[j, :])
+        if nh:  # exact L1 penalty (plus a quadratic term that spreads it over the horizon)
+            cost += _RECOVERY_WEIGHT * (ca.sum1(ca.sum2(rs)) + ca.sumsqr(rs))
 
         w = self._w_layout.concat(wsym)
         p = self._p_layout.concat(par)
         nw = self._w_layout.size
 
-        def bounds(x_bound: float, u_bound: FloatArray, slack_bound: float) -> FloatArray:
+        def bounds(
+            x_bound: float, u_bound: FloatArray, slack_bound: float, recovery_bound: float
+        ) -> FloatArray:
             return self._w_layout.pack(
                 {
                     "states": np.full((nx, n + 1), x_bound),
                     "inputs": np.tile((u_bound / self.input_scale).reshape(-1, 1), (1, n)),
                     "slacks": np.full((ns, n), slack_bound),
                     "dose_slack": np.full(self._w_layout["dose_slack"].size, slack_bound),
+                    "recovery_slacks": np.full((nh, n), recovery_bound),
                 }
             )
 
-        self._lbw = bounds(-np.inf, self.u_low, 0.0)
-        self._ubw = bounds(np.inf, self.u_high, np.inf)
+        self._lbw = bounds(-np.inf, self.u_low, 0.0, 0.0)
+        self._ubw = bounds(np.inf, self.u_high, np.inf, 0.0)
+        self._ubw_recovery = bounds(np.inf, self.u_high, np.inf, np.inf)
         self._g_blocks = blocks
         # stage-ordered blocks of w (start, size, rows per stage), for shifting multipliers
         self._w_blocks = [
             (e.offset, e.size, e.shape[0])
-            for e in (self._w_layout[k] for k in ("states", "inputs", "slacks"))
+            for e in (self._w_layout[k] for k in ("states", "inputs", "slacks", "recovery_slacks"))
         ]
         self._lbg, self._ubg = np.concatenate(lbg), np.concatenate(ubg)
         self._nw, self._ng, self._np = nw, int(self._lbg.size), self._p_layout.size
@@ -985,16 +1014,29 @@ class NonlinearMPC:
         )
         w0 = self._pack(guess_states, guess_inputs, x, dose_target, term)
 
+        # recovery mode: a state already beyond a hard limit makes the strict problem
+        # infeasible; its limits become exact-penalty soft constraints (always feasible)
+        beyond = self.beyond_hard_limits(x) if self._hards else []
+        recovery = bool(beyond)
+        if recovery:
+            log.warning(
+                "MPC t=%.2f h: state beyond hard limit(s) %s: recovery mode", t, ", ".join(beyond)
+            )
+
         t_start = time.perf_counter()
         iterations = 0
-        attempts: list[tuple[Any, bool]] = []
-        if lam is not None and c.solver.warm_start:
-            attempts.append((self._solver_warm, True))
-        attempts.append((self._solver_cold, False))
+        attempts: list[tuple[Any, bool, bool]] = []
+        if lam is not None and c.solver.warm_start and not recovery:
+            attempts.append((self._solver_warm, True, False))
+        attempts.append((self._solver_cold, False, recovery))
+        if not recovery and self._hards:
+            # the strict problem may be infeasible from inside the limits too (a state that
+            # cannot be stopped in time): the last attempt relaxes the hard limits
+            attempts.append((self._solver_cold, False, True))
         status = "not solved"
         sol: Any = None
         accepted = False
-        for solver, warm in attempts:
+        for solver, warm, relaxed in attempts:
             if not warm and sol is not None:
                 # the cold retry must not push the step beyond the CPU budget
                 if time.perf_counter() - t_start > 0.5 * c.solver.max_cpu_time_s:
@@ -1003,7 +1045,7 @@ class NonlinearMPC:
                 "x0": w0,
                 "p": p,
                 "lbx": self._lbw,
-                "ubx": self._ubw,
+                "ubx": self._ubw_recovery if relaxed else self._ubw,
                 "lbg": self._lbg,
                 "ubg": self._ubg,
             }
@@ -1014,15 +1056,23 @@ class NonlinearMPC:
             status = str(stats.get("return_status", "unknown"))
             iterations += int(stats.get("iter_count", 0))
             accepted = self._accept(stats, sol)
+            recovery = relaxed
             if accepted:
                 break
-            log.info("MPC t=%.2f h: %s solve failed (%s)", t, "warm" if warm else "cold", status)
+            log.info(
+                "MPC t=%.2f h: %s%s solve failed (%s)",
+                t,
+                "warm" if warm else "cold",
+                " recovery" if relaxed else "",
+                status,
+            )
         elapsed = time.perf_counter() - t_start
         if not accepted:
             return self._fallback(t, up, f"solver status {status}", status, iterations, elapsed)
 
         wopt = np.asarray(sol["x"], dtype=float).reshape(-1)
         states, inputs, slack, sdose = self._unpack(wopt)
+        rec = self._w_layout.unpack(wopt)["recovery_slacks"]
         self._plan = _Plan(
             t,
             wopt,
@@ -1038,6 +1088,9 @@ class NonlinearMPC:
         }
         if c.objective == "dose-by-date":
             slacks["dose_shortfall"] = sdose
+        if recovery:
+            for j, hd in enumerate(self._hards):
+                slacks[hd.label] = float(np.max(rec[j]) * self.state_scale[hd.state]) if n else 0.0
         return MPCResult(
             u=dict(zip(self.input_names, (float(v) for v in move), strict=True)),
             success=True,
@@ -1056,6 +1109,7 @@ class NonlinearMPC:
             predicted_state_std=state_std,
             cost=float(sol["f"]),
             slacks=slacks,
+            recovery=recovery,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -1201,8 +1255,26 @@ class NonlinearMPC:
                 "inputs": (inputs / self.input_scale).T,
                 "slacks": np.zeros(self._w_layout["slacks"].shape),
                 "dose_slack": dose_slack,
+                "recovery_slacks": self._violations(states),
             }
         )
+
+    def _violations(self, states: FloatArray) -> FloatArray:
+        """(n_hard, N) scaled violations of the hard state limits along states (N+1, nx)."""
+        out = np.zeros((len(self._hards), self.horizon))
+        for j, hd in enumerate(self._hards):
+            viol = hd.sign * (states[1:, hd.state] - hd.limit) / self.state_scale[hd.state]
+            out[j] = np.maximum(np.nan_to_num(viol), 0.0)
+        return out
+
+    def beyond_hard_limits(self, x: FloatArray) -> list[str]:
+        """Labels of the hard state limits the state vector ``x`` is already beyond."""
+        out = []
+        for hd in self._hards:
+            viol = hd.sign * (float(x[hd.state]) - hd.limit) / self.state_scale[hd.state]
+            if viol > _RECOVERY_TOLERANCE:
+                out.append(hd.label.removesuffix("_recovery"))
+        return out
 
     def _unpack(self, w: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray, float]:
         """States (N+1, nx) and inputs (N, nu) in physical units, slacks (n_soft, N) and the

@@ -491,6 +491,29 @@ def _audit_frame(records: Sequence[AuditRecord]) -> Any:
     )
 
 
+def _safe_state_section(events: Sequence[Any]) -> list[str]:
+    """The plant's safe state on shed as checked at each engagement (the engagement events'
+    ``fallback`` data: what the plant published and what the site file declared)."""
+    rows = []
+    classes = []
+    for e in events:
+        fallback = (e.data or {}).get("fallback") if isinstance(e.data, dict) else None
+        if not (e.kind == "mode" and isinstance(fallback, dict)):
+            continue
+        for name, pair in fallback.items():
+            plant, site = pair.get("plant"), pair.get("site")
+            held = "held (none)" if plant is None else plant
+            ok = site is None or (plant is not None and abs(plant - site) <= 1e-9)
+            rows.append([e.process_time_h, name, held, "-" if site is None else site])
+            classes.append("" if ok else "alarm")
+    if not rows:
+        return []
+    return [
+        "<h3>Safe state on shed (checked at engagement)</h3>",
+        _table(["culture age [h]", "setpoint", "plant fallback", "site declares"], rows, classes),
+    ]
+
+
 def write_report(
     historian: Historian,
     batch_id: str,
@@ -598,6 +621,7 @@ def write_report(
                 annotate=False,
             ),
         ]
+        body += _safe_state_section(events)
         notable = [e for e in events if e.severity in ("warning", "alarm") or e.kind == "fallback"]
         body.append("<h3>Fallbacks, faults and alarms</h3>")
         body.append(

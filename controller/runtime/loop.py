@@ -30,6 +30,7 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 import numpy as np
@@ -58,6 +59,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _EPS = 1e-6
+#: BatchStartTime differences below this are clock noise, not another batch, s
+_START_TOLERANCE_S = 1.0
+#: After (re-)engagement a setpoint with no finite rate limit (neither the plant's nor the
+#: site file's) moves at most span / this many periods per cycle while this many periods
+#: pass (when no engagement ramp is configured): a resumed controller never jumps a
+#: setpoint across its whole range in one step.
+UNLIMITED_ENGAGE_PERIODS = 4
 
 #: TEST ONLY: ``HMPC_TEST_CRASH_AFTER=intent`` (the write intent is stored, nothing written)
 #: or ``=write`` (the plant accepted the bundle, nothing confirmed or recorded) makes the
@@ -228,6 +236,7 @@ class UnitLoop:
         self._generation = -1
         self._mode = ""
         self._hold_reason = ""
+        self._law_alarm = ""  # the control law's current fallback / recovery alarm
         self._step = 0
         self._next_t = math.nan
         self._last_clock = math.nan
@@ -252,6 +261,10 @@ class UnitLoop:
         #: the GMP audit trail (setpoint writes, mode changes) when the recorder is a
         #: historian; None for a test's memory recorder
         self.audit = AuditTrail(recorder) if isinstance(recorder, Historian) else None
+        #: the plant's batch as last seen (BatchId, BatchStartTime, latest process time):
+        #: a later status that contradicts it is a different plant (see _discontinuity)
+        self._plant_batch = ""
+        self._plant_mark: tuple[str, datetime | None, float] | None = None
         #: printer coordination (default: attached at start when the site has a [printer])
         self.printing = printing
         #: crash-safe restart (controller.runtime.restart.Checkpoint): state saved after
@@ -408,8 +421,13 @@ class UnitLoop:
         try:
             while not stop.is_set():
                 st = io.status()
-                if st.connected and st.batch_id != self.summary.batch_id:
-                    self.summary.batch_id = st.batch_id
+                jump = self._discontinuity(st) if st.connected else ""
+                if jump:
+                    await self._stop_at_discontinuity(jump, st)
+                    break
+                if st.connected and st.batch_id != self._plant_batch:
+                    self._plant_batch = st.batch_id
+                    self.summary.batch_id = self._record_id(st)
                     self._resume_numbering()
                     self._resume_due = self.checkpoint is not None
                 if self._resume_due and st.connected and math.isfinite(st.clock_h):
@@ -458,6 +476,142 @@ class UnitLoop:
                     "unit=%s %d record(s) could not be stored", io.unit, len(self._unsaved)
                 )
         return self.summary
+
+    # -- a restarted or replaced plant -----------------------------------------------------
+    def _discontinuity(self, st: PlantStatus) -> str:
+        """Why ``st`` cannot be the plant of the batch this loop controls ("" when it can):
+        its BatchId or BatchStartTime changed, or its process time went backwards."""
+        if not math.isfinite(st.clock_h):
+            return ""
+        if self._plant_mark is None:
+            self._plant_mark = (st.batch_id, st.batch_start, st.clock_h)
+            return ""
+        batch, start, clock = self._plant_mark
+        if st.batch_id != batch:
+            return f"the plant's BatchId changed from {batch!r} to {st.batch_id!r}"
+        if (
+            start is not None
+            and st.batch_start is not None
+            and abs((st.batch_start - start).total_seconds()) > _START_TOLERANCE_S
+        ):
+            return (
+                f"the plant's BatchStartTime changed from {start.isoformat()} to "
+                f"{st.batch_start.isoformat()} under BatchId {batch!r}"
+            )
+        if st.clock_h < clock - _EPS:
+            return (
+                f"the plant's process time went back from {clock:.3f} h to {st.clock_h:.3f} h "
+                f"under BatchId {batch!r}"
+            )
+        self._plant_mark = (batch, start or st.batch_start, max(clock, st.clock_h))
+        return ""
+
+    async def _stop_at_discontinuity(self, why: str, st: PlantStatus) -> None:
+        """A different plant: write nothing more, hand the unit back to Local, raise one
+        alarm in the batch record the loop was writing, and end this unit's loop (the
+        control law's state belongs to the old plant and is never fed the new one's data;
+        a restarted ``hmpc run`` starts a new batch record, see :meth:`_record_id`)."""
+        self._engaged = False
+        self._limiter = None
+        handed = "not in Remote"
+        if st.remote:
+            try:
+                handed = f"handed back to Local ({await self.io.hand_back()})"
+            except PlantIOError as exc:
+                handed = f"hand-back failed ({exc}); the plant's watchdog sheds it"
+        last_t = self._plant_mark[2] if self._plant_mark is not None else math.nan
+        self.summary.ended = "discontinuity"
+        self._event(
+            "discontinuity",
+            "alarm",
+            f"plant discontinuity on {self.io.unit}: {why} (plant restarted or replaced). "
+            f"The controller stopped writing ({handed}); its estimate belongs to the old "
+            f"plant. Restart hmpc run for this unit to control the new plant under a new "
+            f"batch record.",
+            last_t,
+            plant_batch_id=st.batch_id,
+            plant_batch_start=st.batch_start.isoformat() if st.batch_start else None,
+            plant_time_h=st.clock_h,
+        )
+
+    def _record_id(self, st: PlantStatus) -> str:
+        """The batch record to write for the plant's batch: its BatchId, unless the
+        historian already holds that batch for another lifetime of the plant (restarted
+        under the same BatchId while no controller ran: another BatchStartTime, or steps
+        later than the plant's process time now); then the first record ``BatchId~2``
+        (``~3``, ...) that is this plant's or new, announced by an alarm in the last one
+        that is not, so no record holds two plant lifetimes and no estimate is carried
+        across. Records the plant's BatchStartTime (a ``plant`` event) for the next start."""
+        batch = st.batch_id
+        record, n, previous, why = batch, 1, "", ""
+        while (other := self._other_plant(record, st)) is not None:
+            if not other:
+                break
+            previous, why = record, other
+            n += 1
+            record = f"{batch}~{n}"
+        if previous:
+            self.summary.batch_id = previous  # the alarm closes the old record
+            self._event(
+                "discontinuity",
+                "alarm",
+                f"plant discontinuity on {self.io.unit}: {why} (plant restarted under the "
+                f"same BatchId). Not resumed: this batch record ends here; the plant is "
+                f"recorded as {record!r}.",
+                st.clock_h,
+                plant_batch_id=batch,
+                plant_time_h=st.clock_h,
+                new_record=record,
+            )
+            log.critical("unit=%s batch %s: %s; recorded as %s", self.io.unit, batch, why, record)
+        self.summary.batch_id = record
+        self._event(
+            "plant",
+            "info",
+            f"plant batch {batch!r} (BatchStartTime "
+            f"{st.batch_start.isoformat() if st.batch_start else 'unknown'}) recorded as "
+            f"{record!r}",
+            st.clock_h,
+            plant_batch_id=batch,
+            plant_batch_start=st.batch_start.isoformat() if st.batch_start else None,
+        )
+        return record
+
+    def _other_plant(self, record: str, st: PlantStatus) -> str | None:
+        """Whether the stored batch ``record`` is of another plant lifetime than ``st``:
+        None when the recorder holds no such record (or cannot tell), "" when it is this
+        plant's, else why not."""
+        steps = getattr(self.recorder, "steps", None)
+        events = getattr(self.recorder, "events", None)
+        try:
+            rows = steps(record, self.io.unit) if callable(steps) else []
+            plants = events(record, self.io.unit, kind="plant") if callable(events) else []
+        except Exception as exc:  # a reader failure: the record is treated as this plant's
+            log.warning("unit=%s cannot read batch %s back: %r", self.io.unit, record, exc)
+            return ""
+        if not rows and not plants:
+            return None
+        starts = [e.data.get("plant_batch_start") for e in plants]
+        known = next((s for s in reversed(starts) if s), None)
+        if known and st.batch_start is not None:
+            recorded = datetime.fromisoformat(known)
+            if abs((st.batch_start - recorded).total_seconds()) > _START_TOLERANCE_S:
+                return (
+                    f"the plant's BatchStartTime {st.batch_start.isoformat()} is not the "
+                    f"recorded {recorded.isoformat()} of batch record {record!r}"
+                )
+        # steps recorded while disconnected carry an extrapolated time: left out
+        times = [
+            r.process_time_h
+            for r in rows
+            if r.mode != "disconnected" and math.isfinite(r.process_time_h)
+        ]
+        if times and math.isfinite(st.clock_h) and max(times) > st.clock_h + _EPS:
+            return (
+                f"the plant's process time {st.clock_h:.3f} h is before the last recorded "
+                f"step at {max(times):.3f} h of batch record {record!r}"
+            )
+        return ""
 
     def _resume_numbering(self) -> None:
         """Continue the step numbers of a batch the historian already holds (a restarted
@@ -544,7 +698,7 @@ class UnitLoop:
             self._event(
                 "fallback",
                 "alarm",
-                "the plant shed the controller (watchdog): Local with setpoints held; "
+                "the plant shed the controller (watchdog): Local, in its fallback state; "
                 "waiting for the operator to grant Remote",
                 t,
             )
@@ -594,7 +748,15 @@ class UnitLoop:
             elif ok and self._setpoints is not None and self._limiter is not None:
                 previous = dict(self._setpoints)
                 proposed, solve_s, failure = await self._solve(t, previous)
-                if failure:
+                safe = self._site_fallback()
+                if failure and not failure.startswith("step abandoned") and safe:
+                    # the control law failed: the declared fallback law (the site's safe
+                    # setpoints, rate-limited), never a silent hold
+                    self._law_fallback(f"{failure}: moving to the site's fallback setpoints", t)
+                    notes.append(f"{failure}: fallback setpoints")
+                    setpoints = await self._move(safe, previous, t, notes)
+                    stepped = True
+                elif failure:
                     notes.append(failure)
                     self._hold(failure, t)
                 else:
@@ -602,6 +764,7 @@ class UnitLoop:
                         self._event("fallback", "info", "resuming moves", t)
                         self._hold_reason = ""
                     solver, estimate, estimate_std, growth, predictions = self._law_details()
+                    proposed = self._check_law_result(proposed, t, notes)
                     records = self._estimator_decisions(records, t)
                     setpoints = await self._move(proposed, previous, t, notes)
                     stepped = True
@@ -797,6 +960,16 @@ class UnitLoop:
             notes.append(f"cannot engage: {exc}")
             self._hold(f"cannot engage: {exc}", t)
             return False
+        mismatch = self._fallback_mismatch(limits)
+        if mismatch:
+            reason = f"cannot engage: the plant's safe state differs from the site file: {mismatch}"
+            notes.append(reason)
+            self.summary.holds += 1
+            if reason != self._hold_reason:
+                self._hold_reason = reason
+                self._event("fallback", "alarm", reason, t, fallback=self._fallback_record(limits))
+            self._limiter = None
+            return False
         self._setpoints = dict(readback)
         self._engaged = True
         self._engaged_at = t
@@ -819,8 +992,44 @@ class UnitLoop:
             "engaged (bumpless): starting from the plant's setpoints",
             t,
             setpoints=dict(readback),
+            fallback=self._fallback_record(limits),
         )
         return True
+
+    def _site_fallback(self) -> dict[str, float]:
+        """The safe setpoints the site file declares (canonical units)."""
+        return {s.variable: s.fallback for s in self.site_setpoints if s.fallback is not None}
+
+    def _fallback_mismatch(self, limits: PlantLimits) -> str:
+        """Why the plant's published fallback does not match the site file's ("" if it does)."""
+        problems = []
+        for name, declared in self._site_fallback().items():
+            if name not in self.io.setpoint_names:
+                continue
+            plant = limits.fallback.get(name, math.nan)
+            low, high = limits.low.get(name, 0.0), limits.high.get(name, 1.0)
+            tol = max(limits.deadband.get(name, 0.0), 1e-6 * max(high - low, 1.0))
+            if not math.isfinite(plant):
+                what = "holds it" if name in limits.fallback else "publishes none"
+                problems.append(f"{name}: the site declares {declared:g}, the plant {what}")
+            elif abs(plant - declared) > tol:
+                problems.append(f"{name}: the site declares {declared:g}, the plant {plant:g}")
+        return "; ".join(problems)
+
+    def _fallback_record(self, limits: PlantLimits) -> dict[str, Any]:
+        """The safe state on shed as the plant publishes it and the site declares it (for the
+        historian's events: None = held / not published)."""
+        return {
+            name: {
+                "plant": (
+                    float(limits.fallback[name])
+                    if math.isfinite(limits.fallback.get(name, math.nan))
+                    else None
+                ),
+                "site": self._site_fallback().get(name),
+            }
+            for name in self.io.setpoint_names
+        }
 
     # -- the step --------------------------------------------------------------------------
     def _budget_s(self, st: PlantStatus) -> float:
@@ -868,6 +1077,50 @@ class UnitLoop:
             self._event("fault", "alarm", "the control law returned no setpoints", t)
             return {}, elapsed, "control law returned no setpoints"
         return {str(k): float(v) for k, v in proposal.items()}, elapsed, ""
+
+    def _law_fallback(self, reason: str, t: float, **data: Any) -> None:
+        """One alarm per episode of a control law that did not produce its own move."""
+        if reason != self._law_alarm:
+            self._law_alarm = reason
+            self._event("fallback", "alarm", reason, t, **data)
+
+    def _check_law_result(
+        self, proposed: dict[str, float], t: float, notes: list[str]
+    ) -> dict[str, float]:
+        """Alarms for an MPC that fell back or runs in recovery mode (one per episode, an
+        info event when normal moves resume); a fallback that would hold the setpoints is
+        replaced by the site's fallback setpoints where declared."""
+        result = getattr(self.law, "last_result", None)
+        if result is not None and math.isclose(float(result.time_h), t, abs_tol=_EPS):
+            if not result.success:
+                used = str(result.fallback_used)
+                safe = self._site_fallback()
+                if used == "hold" and safe:
+                    proposed = {**proposed, **safe}
+                    used = "site fallback setpoints"
+                notes.append(f"MPC failed ({result.fallback_reason}): {used} move")
+                self._law_fallback(
+                    f"the MPC failed ({result.fallback_reason}): applying the {used} move",
+                    t,
+                    status=str(result.status),
+                )
+                return proposed
+            if getattr(result, "recovery", False):
+                violations = {
+                    k: float(v) for k, v in dict(result.slacks).items() if k.endswith("_recovery")
+                }
+                notes.append("MPC recovery mode: a hard state limit is violated")
+                self._law_fallback(
+                    "MPC recovery mode: the estimated state is beyond a hard limit; the move "
+                    "drives it back",
+                    t,
+                    violations=violations,
+                )
+                return proposed
+        if self._law_alarm:
+            self._event("fallback", "info", "the control law is back to normal moves", t)
+            self._law_alarm = ""
+        return proposed
 
     def _late_result(self, future: asyncio.Future[dict[str, float]]) -> None:
         if self._running is future:
@@ -927,9 +1180,12 @@ class UnitLoop:
         period = self.settings.period_h
         request = dict(proposed)
         ramp = self.settings.engage_ramp_h
-        if ramp > 0 and t - self._engaged_at < ramp - _EPS:
+        ramped = set(limiter.bounds) if ramp > 0 else set(limiter.bounds) - set(limiter.rate_limits)
+        if ramp <= 0:  # no ramp configured: only setpoints without any rate limit ramp
+            ramp = UNLIMITED_ENGAGE_PERIODS * period
+        if ramped and t - self._engaged_at < ramp - _EPS:
             for n, (low, high) in limiter.bounds.items():
-                if n in request and math.isfinite(request[n]):
+                if n in ramped and n in request and math.isfinite(request[n]):
                     step = (high - low) * period / ramp
                     request[n] = min(max(request[n], previous[n] - step), previous[n] + step)
             notes.append("engagement ramp")

@@ -81,6 +81,7 @@ class PlantStatus:
         now_h: process time now (``clock_h`` extrapolated at the clock speed), h.
         speed: process hours per wall hour.
         batch_id: batch identifier (site file or the plant's ``BatchId``).
+        batch_start: the plant's ``BatchStartTime`` (read at each connect; None unknown).
     """
 
     connected: bool
@@ -91,6 +92,7 @@ class PlantStatus:
     now_h: float
     speed: float
     batch_id: str
+    batch_start: datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +111,18 @@ class InputState:
 
 @dataclasses.dataclass(frozen=True)
 class PlantLimits:
-    """Plant-side limits of each setpoint (canonical units, per process hour)."""
+    """Plant-side limits of each setpoint (canonical units, per process hour).
+
+    ``fallback``: the safe value the plant applies when its watchdog sheds the controller
+    (the APC interface's ``FallbackSetpoints``; NaN: the plant holds that setpoint where it
+    is); empty when the plant does not publish its fallback."""
 
     low: Mapping[str, float]
     high: Mapping[str, float]
     rate_up: Mapping[str, float]
     rate_down: Mapping[str, float]
     deadband: Mapping[str, float]
+    fallback: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 class PlantIO(Protocol):
@@ -605,6 +612,7 @@ class OpcUaPlantIO:
             now_h=c.clock.now_h(),
             speed=c.clock.speed,
             batch_id=self._batch_id or self.unit,
+            batch_start=c.clock.batch_start,
         )
 
     def inputs(self) -> Mapping[str, InputState]:
@@ -751,7 +759,24 @@ class OpcUaPlantIO:
             up[sp.variable] = span(arrays["RateUp"][sp.item], conv.scale)
             down[sp.variable] = span(arrays["RateDown"][sp.item], conv.scale)
             dead[sp.variable] = span(arrays["Deadband"][sp.item], conv.scale)
-        self._limits = PlantLimits(low, high, up, down, dead)
+        fallback: dict[str, float] = {}
+        try:  # the safe state on shed; a plant may not publish it (then it is unknown)
+            raw = dict(
+                zip(
+                    names,
+                    (float(v) for v in await c.read(apc.child("FallbackSetpoints"))),
+                    strict=True,
+                )
+            )
+        except PlantIOError as exc:
+            log.warning("%s: the plant publishes no FallbackSetpoints (%s)", self.unit, exc)
+        else:
+            for sp in self.config.setpoints:
+                value = raw[sp.item]
+                fallback[sp.variable] = (
+                    sp.conversion.to_canonical(value) if math.isfinite(value) else math.nan
+                )
+        self._limits = PlantLimits(low, high, up, down, dead, fallback)
 
     async def _beat(self) -> None:
         c = self.connection

@@ -533,9 +533,11 @@ class Checkpoint:
         failed in between) by reading the plant's setpoints back: each is closed as
         ``reconciled`` with the read-back, a verdict (``written``: the plant holds the
         intended values; ``not written``: it holds the previous ones; ``differs``: neither,
-        e.g. an operator changed them since) and a ``setpoint_write`` audit record, in one
-        transaction, and a ``reconcile`` event. Returns how many were settled; when the
-        plant cannot be read they stay pending (the next start tries again)."""
+        e.g. an operator changed them since; ``undetermined``: not written-looking while the
+        plant has shed to fallback setpoints, which hide what it held before) and a
+        ``setpoint_write`` audit record, in one transaction, and a ``reconcile`` event.
+        Returns how many were settled; when the plant cannot be read they stay pending (the
+        next start tries again)."""
         from controller.records.audit import AuditTrail
 
         batch, unit = unit_loop.summary.batch_id, unit_loop.io.unit
@@ -557,6 +559,12 @@ class Checkpoint:
                 exc,
             )
             return 0
+        status = unit_loop.io.status()
+        shed = bool(status.connected and status.fallback)
+        # the safe values the plant moves to on shed (none published: it holds them; the
+        # limits not known yet: assume it may have moved them)
+        limits = unit_loop.io.limits()
+        plant_fallback = dict(getattr(limits, "fallback", None) or {})
         trail = AuditTrail(self.historian)
         settled = 0
         for intent in pending:
@@ -581,7 +589,12 @@ class Checkpoint:
                 if verdicts
                 else "written"  # (no item changed: plant and intent agree)
             )
-            if not latest and verdict != "written":
+            moved = limits is None or any(n in plant_fallback for n in items)
+            if shed and moved and verdict != "written":
+                # the watchdog's shed moved the setpoints to the plant's fallback since:
+                # today's read-back cannot tell whether the bundle had reached the plant
+                verdict = f"undetermined (the plant has shed to its fallback; read-back {verdict})"
+            if not latest and verdict != "written" and not verdict.startswith("undetermined"):
                 # only the newest intent can be judged by today's read-back: an older
                 # one was followed by other writes
                 verdict = f"superseded ({verdict} by today's read-back)"

@@ -231,14 +231,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in units:
         site.unit(name)  # unknown names fail before anything starts
     laws = {name: make_control_law(site.unit(name)) for name in units}
+    site.security.check_files()
     url = args.historian or f"sqlite:///{(out / 'historian.sqlite').resolve()}"
     started = time.time()
     print(f"hmpc run: site {site.name} ({args.site}), units {', '.join(units)}", flush=True)
-    print(f"historian: {url}; log: {out / 'hmpc-run.log'}", flush=True)
     anchor_path = args.anchor or out / "historian.anchor.jsonl"
     anchor = Anchor(anchor_path, key_file=args.anchor_key)
-    print(f"anchor: {anchor_path} ({'signed' if anchor.signed else 'unsigned'})", flush=True)
     with Historian(url, anchor=anchor) as historian:
+        # the URL as shown: never its password (a PostgreSQL URL may carry one)
+        print(f"historian: {historian.display_url}; log: {out / 'hmpc-run.log'}", flush=True)
+        print(f"anchor: {anchor_path} ({'signed' if anchor.signed else 'unsigned'})", flush=True)
         _audit_config_loads(historian, site, args.site, units)
         summaries = asyncio.run(serve(site, laws, historian, units=units, signals=True))
         reports = _write_reports(historian, summaries, out, anchor=str(anchor_path))
@@ -258,7 +260,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'run_summary.json'}")
     for path in reports:
         print(f"batch report: {path}")
-    return 0 if all(not s.ended.startswith("failed") for s in summaries) else 1
+    for s in summaries:
+        if s.ended == "discontinuity":
+            print(
+                f"ALARM {s.unit}: the plant restarted or was replaced under batch {s.batch_id}; "
+                "nothing more was written. Check the plant, then start hmpc run again (a new "
+                "batch record is started)."
+            )
+    return 0 if all(not s.ended.startswith(("failed", "discontinuity")) for s in summaries) else 1
 
 
 def _audit_config_loads(

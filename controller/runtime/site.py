@@ -43,6 +43,8 @@ A site file (TOML, e.g. ``configs/site_sim.toml``)::
 
     [setpoints.perfusion_rate]         # outputs: model input -> bundle item, device unit
     unit = "1/d"
+    fallback = 0.5                     # the plant's safe value on shed (canonical unit);
+                                       # checked against the plant at engagement
 
     [units.BR01]                       # one control task per bioreactor
     model = 'tcell'                    # a process plug-in (plant_models.process)
@@ -66,6 +68,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -290,14 +293,53 @@ class SecurityConfig:
                 )
             return value
         if self.password_file is not None:
+            self._check_password_file()
             try:
-                return self.password_file.read_text().strip()
-            except OSError as exc:
+                return self.password_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
                 raise ConfigError(
                     f"{self.source} [security] password_file: cannot read "
-                    f"{self.password_file} ({exc.strerror})."
+                    f"{self.password_file} ({why})."
                 ) from None
         raise ConfigError(f"{self.source} [security]: give password_env or password_file.")
+
+    def _check_password_file(self) -> None:
+        """Refuse a password file that others than its owner may read (as ssh does with a
+        private key): the secret would not be a secret."""
+        if self.password_file is None:
+            return
+        w = f"{self.source} [security] password_file {self.password_file}"
+        try:
+            mode = self.password_file.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"{w}: cannot be read ({exc.strerror}).") from None
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{w}: not a regular file.")
+        if mode & 0o077:
+            raise ConfigError(
+                f"{w}: readable or writable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                f"restrict it with: chmod 600 {self.password_file}"
+            )
+
+    def check_files(self) -> None:
+        """Check, before anything connects, the files the security settings name: the
+        trust folder exists (a missing one would only show at connect, retried forever)
+        and the password file is private. The certificate and key are checked (or
+        created) at connect.
+
+        Raises:
+            ConfigError: naming the key, the path and the fix.
+        """
+        if self.trusted_servers is not None and not self.trusted_servers.is_dir():
+            raise ConfigError(
+                f"{self.source} [security] trusted_servers: folder {self.trusted_servers} does "
+                "not exist; create it and copy the plant server's certificate into it (or "
+                "remove the key to trust any server, development only)."
+            )
+        self._check_password_file()
+        if self.password_env is not None:
+            self.password()  # an unset variable fails now, not at the first connect
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,7 +405,13 @@ class InputTag:
 @dataclasses.dataclass(frozen=True)
 class SetpointTag:
     """One manipulated variable: model input -> bundle item in device units, with the
-    controller-side limits (canonical units; missing: the plant's advertised limits)."""
+    controller-side limits (canonical units; missing: the plant's advertised limits).
+
+    ``fallback`` is the safe value the plant is declared to apply when it sheds the
+    controller (its watchdog): the controller checks the plant's published fallback against
+    it at every engagement (refusing to engage on a mismatch) and moves there itself when
+    its control law fails (None: none declared; the plant's fallback is only recorded).
+    """
 
     variable: str
     item: str
@@ -372,6 +420,7 @@ class SetpointTag:
     high: float | None = None
     rate: float | None = None
     deadband: float | None = None
+    fallback: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,12 +528,24 @@ def _table(data: Mapping[str, Any], key: str, where: str, *, required: bool = Fa
     return value
 
 
+#: The longest string value a site file may give (names, node ids, paths, URIs).
+MAX_STRING = 512
+
+
 def _str(t: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
     value = t.get(key, default)
     if value is None:
         raise ConfigError(f"{where}: missing required key {key!r}.")
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where} {key} must be a non-empty string, got {value!r}.")
+        shown = repr(value) if len(repr(value)) <= 80 else f"{type(value).__name__} value"
+        raise ConfigError(f"{where} {key} must be a non-empty string, got {shown}.")
+    if len(value) > MAX_STRING:
+        raise ConfigError(
+            f"{where} {key}: {len(value)} characters, longer than {MAX_STRING} "
+            f"(starts {value[:40]!r})."
+        )
+    if any(ord(c) < 32 and c not in "\t" for c in value):
+        raise ConfigError(f"{where} {key}: contains control characters (starts {value[:40]!r}).")
     return value
 
 
@@ -945,11 +1006,22 @@ def _input(
 
 
 def _setpoint(variable: str, t: Mapping[str, Any], canonical: str, w: str) -> SetpointTag:
-    check_keys(t, ["item", "unit", "scale", "offset", "low", "high", "rate", "deadband"], w)
+    check_keys(
+        t, ["item", "unit", "scale", "offset", "low", "high", "rate", "deadband", "fallback"], w
+    )
     low = _num(t, "low", w, None, -math.inf, math.inf, canonical)
     high = _num(t, "high", w, None, -math.inf, math.inf, canonical)
     if low is not None and high is not None and low > high:
         raise ConfigError(f"{w}: low = {low} is above high = {high}.")
+    fallback = _num(
+        t,
+        "fallback",
+        w,
+        None,
+        -math.inf if low is None else low,
+        math.inf if high is None else high,
+        canonical,
+    )
     return SetpointTag(
         variable=variable,
         item=_str(t, "item", w, variable),
@@ -965,4 +1037,5 @@ def _setpoint(variable: str, t: Mapping[str, Any], canonical: str, w: str) -> Se
         high=high,
         rate=_num(t, "rate", w, None, 0.0, math.inf, f"{canonical} per h", low_open=True),
         deadband=_num(t, "deadband", w, None, 0.0, math.inf, canonical),
+        fallback=fallback,
     )

@@ -15,7 +15,13 @@ from typing import Any, ClassVar
 
 from plant_models.base import MechanisticModel
 from plant_models.cho import CHOFedBatchModel, CHOParameters, CHOProcess
-from plant_models.process import HardLimit, ProcessPlugin, SensorDefaults, SensorNoise
+from plant_models.process import (
+    EstimatorDefaults,
+    HardLimit,
+    ProcessPlugin,
+    SensorDefaults,
+    SensorNoise,
+)
 
 __all__ = ["PROCESS", "CHOPlugin", "CHORule"]
 
@@ -67,6 +73,30 @@ class CHOPlugin(ProcessPlugin):
         HardLimit("lactate_high", "lactate", "high", "lactate_high_hard"),
         HardLimit("volume_high", "volume", "high", "volume_max"),
         HardLimit("ammonia_high", "ammonia", "high", "ammonia_high_hard"),
+    )
+    estimator = EstimatorDefaults(
+        process_noise={
+            "viable_cells": (0.002, 0.01),
+            "total_cells": (0.002, 0.01),
+            "glucose": (0.05, 0.01),
+            "glutamine": (0.01, 0.01),
+            "lactate": (0.05, 0.01),
+            "ammonia": (0.01, 0.01),
+            "volume": (1e-4, 0.0),
+        },
+        physical_ranges={
+            "viable_cells": (0.0, 100.0),
+            "total_cells": (0.0, 200.0),
+            "glucose": (0.0, 500.0),
+            "glutamine": (0.0, 200.0),
+            "lactate": (0.0, 500.0),
+            "ammonia": (0.0, 100.0),
+            "volume": (0.0, 20000.0),
+            "viability": (0.0, 1.0),
+            "total_viable_cells": (0.0, 1e6),
+        },
+        parameter_factors=("mu_max",),
+        online_gains=("viable_cells",),
     )
     rate_limited_inputs: ClassVar[Mapping[str, str]] = {"feed_rate": "feed_rate_limit"}
     soft_limits: ClassVar[Mapping[str, str]] = {"lactate_high": "lactate_high_soft"}

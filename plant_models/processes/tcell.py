@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from plant_models.adaptation import AdaptedParameter
 from plant_models.config import ParameterFile, load_parameters, load_toml, param
 from plant_models.process import (
+    EstimatorDefaults,
     HardLimit,
     PatientLike,
     ProcessPlugin,
@@ -140,6 +141,31 @@ class TCellPlugin(ProcessPlugin):
         HardLimit("lactate_high", "lactate", "high", "lactate_high_hard"),
         HardLimit("volume_high", "volume", "high", "volume_max"),
         HardLimit("glucose_high", "glucose", "high", "glucose_high_hard"),
+    )
+    estimator = EstimatorDefaults(
+        # model error the filter expects, per sqrt(h)
+        process_noise={
+            "viable_cells": (0.002, 0.01),
+            "dead_cells": (0.002, 0.01),
+            "glucose": (0.05, 0.01),
+            "lactate": (0.05, 0.01),
+            "il2": (0.5, 0.01),
+            "inhibitor": (0.1, 0.005),
+            "volume": (1e-4, 0.0),
+        },
+        physical_ranges={
+            "viable_cells": (0.0, 500.0),
+            "dead_cells": (0.0, 500.0),
+            "glucose": (0.0, 200.0),
+            "lactate": (0.0, 200.0),
+            "il2": (0.0, 1e4),
+            "inhibitor": (0.0, 1e6),
+            "volume": (0.0, 1000.0),
+            "viability": (0.0, 1.0),
+            "total_viable_cells": (0.0, 1e6),
+        },
+        parameter_factors=("mu_max",),
+        online_gains=("viable_cells",),
     )
     rate_limited_inputs: ClassVar[Mapping[str, str]] = {"perfusion_rate": "perfusion_rate_limit"}
     soft_limits: ClassVar[Mapping[str, str]] = {

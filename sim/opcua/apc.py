@@ -26,6 +26,7 @@ __all__ = [
     "Role",
     "SetpointLimit",
     "default_apc_config",
+    "parse_fallback",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,14 @@ class ApcConfig:
         limits: setpoint name -> limits.
         heartbeat_timeout_s: wall seconds without a heartbeat change before the watchdog
             sheds Remote mode.
+        fallback: setpoint name -> the safe value the plant moves to when the watchdog
+            sheds the controller (SHED_RCAS-style fallback: the working setpoint ramps there
+            at the rate limits). A setpoint without one is held where it was at the shed.
     """
 
     limits: Mapping[str, SetpointLimit]
     heartbeat_timeout_s: float = 10.0
+    fallback: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (self.heartbeat_timeout_s > 0 and math.isfinite(self.heartbeat_timeout_s)):
@@ -103,6 +108,36 @@ class ApcConfig:
             )
         if not self.limits:
             raise ConfigError("an APC interface needs at least one setpoint")
+        for name, value in self.fallback.items():
+            lim = self.limits.get(name)
+            if lim is None:
+                raise ConfigError(
+                    f"fallback setpoint {name!r}: no such setpoint; "
+                    f"setpoints: {sorted(self.limits)}"
+                )
+            if not (math.isfinite(value) and lim.low <= value <= lim.high):
+                raise ConfigError(
+                    f"fallback setpoint {name}={value!r} is outside its limits "
+                    f"[{lim.low:g}, {lim.high:g}]"
+                )
+
+
+def parse_fallback(text: str) -> dict[str, float]:
+    """``NAME=VALUE[,NAME=VALUE...]`` (``hmpc-sim serve --fallback``), e.g.
+    ``glucose_feed=0,il2_addition=0``."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, raw = part.partition("=")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not sep or not name.strip() or not math.isfinite(value):
+            raise ConfigError(f"--fallback {text!r}: expected NAME=VALUE[,NAME=VALUE...]")
+        out[name.strip()] = value
+    return out
 
 
 def default_apc_config(
@@ -111,6 +146,7 @@ def default_apc_config(
     rate_limits: Mapping[str, float],
     *,
     heartbeat_timeout_s: float = 10.0,
+    fallback: Mapping[str, float] | None = None,
 ) -> ApcConfig:
     """Limits from the plant's operating bounds; deadband 0.1 % of the span."""
     limits = {
@@ -124,7 +160,9 @@ def default_apc_config(
         )
         for name, (low, high) in bounds.items()
     }
-    return ApcConfig(limits=limits, heartbeat_timeout_s=heartbeat_timeout_s)
+    return ApcConfig(
+        limits=limits, heartbeat_timeout_s=heartbeat_timeout_s, fallback=dict(fallback or {})
+    )
 
 
 class ApcInterface:
@@ -146,6 +184,10 @@ class ApcInterface:
         for name, lim in config.limits.items():
             self.targets[name] = min(max(float(initial[name]), lim.low), lim.high)
         self.working: dict[str, float] = dict(self.targets)
+        #: the safe state applied on shed (the operator/engineer may change it at run time)
+        self.fallback_setpoints: dict[str, float] = {
+            k: float(v) for k, v in config.fallback.items()
+        }
         self.heartbeat = 0  # the initial value of the Heartbeat node; a change is a beat
         self._last_beat = now - 2 * config.heartbeat_timeout_s  # unhealthy until a beat
 
@@ -160,22 +202,40 @@ class ApcInterface:
         return now - self._last_beat <= self.config.heartbeat_timeout_s
 
     def check_watchdog(self, now: float) -> bool:
-        """Shed to Local (holding the setpoints, raising the fallback flag) when the
-        heartbeat has timed out in Remote mode. Returns whether it shed now."""
+        """Shed to Local when the heartbeat has timed out in Remote mode: raise the
+        fallback flag and put the plant in its safe state (the configured fallback
+        setpoints, reached at the rate limits; a setpoint without one is held where its
+        working value stands). Returns whether it shed now."""
         if self.mode is Mode.REMOTE and not self.heartbeat_healthy(now):
             self.mode = Mode.LOCAL
             self.fallback = True
             self.shed_count += 1
-            # hold: the working setpoints stop where they are
             self.targets = dict(self.working)
+            self.targets.update(self.fallback_setpoints)
             log.warning(
-                "watchdog: heartbeat silent for %.1f s > %.1f s; shed to Local, holding %s",
+                "watchdog: heartbeat silent for %.1f s > %.1f s; shed to Local, fallback "
+                "setpoints %s (from %s)",
                 now - self._last_beat,
                 self.config.heartbeat_timeout_s,
+                self.targets,
                 self.working,
             )
             return True
         return False
+
+    def set_fallback(self, name: str, value: float, role: Role, user: str) -> ItemStatus:
+        """The operator or engineer changes a fallback setpoint (applies at the next shed)."""
+        if role not in (Role.OPERATOR, Role.ENGINEER):
+            log.warning("fallback: %s (%s) may not change fallback setpoints", user, role.value)
+            return ItemStatus.ACCESS_DENIED
+        lim = self.config.limits.get(name)
+        if lim is None:
+            return ItemStatus.UNKNOWN_ITEM
+        if not (math.isfinite(value) and lim.low <= value <= lim.high):
+            return ItemStatus.OUT_OF_RANGE
+        self.fallback_setpoints[name] = float(value)
+        log.info("fallback: %s (%s) set %s=%r", user, role.value, name, value)
+        return ItemStatus.GOOD
 
     # -- modes --------------------------------------------------------------------------
     def request_mode(self, mode: Mode, role: Role, now: float, user: str) -> ItemStatus:

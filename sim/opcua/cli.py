@@ -16,7 +16,7 @@ from plant_models.errors import ConfigError, PlantIOError
 from plant_models.process import DEFAULT_PROCESS, available_processes
 from sim.opcua.apc import Role
 from sim.opcua.faults import parse_fault
-from sim.opcua.security import write_user
+from sim.opcua.security import LoginPolicy, write_user
 from sim.opcua.server import SimulatorConfig, serve_simulators
 
 __all__ = ["register"]
@@ -65,6 +65,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--dev-insecure", action="store_true", help="also offer SecurityPolicy None (development)"
     )
     serve.add_argument("--heartbeat-timeout", type=float, default=10.0, help="watchdog, seconds")
+    serve.add_argument(
+        "--state-file",
+        type=Path,
+        default=None,
+        help="persist the plants' state here and continue the same batch (BatchId, "
+        "BatchStartTime, culture) when restarted with it; without it a restart is a new batch",
+    )
+    serve.add_argument(
+        "--fallback",
+        default="initial",
+        help="safe state applied when the watchdog sheds the controller: 'initial' (every "
+        "setpoint back to its batch-start value, the default), 'hold' (freeze the last "
+        "move) or NAME=VALUE,... (e.g. glucose_feed=0,il2_addition=0; others held)",
+    )
     serve.add_argument("--plant-step", type=float, default=0.1, help="plant grid, process hours")
     serve.add_argument("--nodesets", type=Path, default=None, help="node-opcua-nodesets folder")
     serve.add_argument(
@@ -76,6 +90,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=[],
         metavar="KIND[:TARGET[:START_H[:DURATION]]]",
         help="schedule a fault (stale, stuck, nan, bad, restart, printer); repeatable",
+    )
+    login = LoginPolicy()
+    serve.add_argument(
+        "--login-max-failures",
+        type=int,
+        default=login.max_failures,
+        help="wrong logins from one address that lock it out (default %(default)s; 0: never)",
+    )
+    serve.add_argument(
+        "--login-lockout",
+        type=float,
+        default=login.lockout_s,
+        help="lock-out, seconds (default %(default)s)",
+    )
+    serve.add_argument(
+        "--login-backoff",
+        type=float,
+        default=login.backoff_s,
+        help="delay of the first refusal, doubling per failure, seconds (default %(default)s)",
+    )
+    serve.add_argument(
+        "--login-workers",
+        type=int,
+        default=login.hash_workers,
+        help="password-hashing threads (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=login.max_unauthenticated,
+        help="connections without an activated session (default %(default)s)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -117,6 +162,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         nodesets=args.nodesets,
         hand_built=args.hand_built_model,
         faults=tuple(parse_fault(f) for f in args.fault),
+        fallback=args.fallback,
+        state_file=args.state_file,
+        login=LoginPolicy(
+            max_failures=args.login_max_failures,
+            lockout_s=args.login_lockout,
+            backoff_s=args.login_backoff,
+            hash_workers=args.login_workers,
+            max_unauthenticated=args.max_unauthenticated,
+        ),
     )
     if not config.users_path.exists():
         raise ConfigError(

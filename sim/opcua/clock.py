@@ -45,6 +45,16 @@ class ProcessClock:
         now = datetime.now(UTC) if self._fixed_epoch is None else self._fixed_epoch
         self.epoch = now.replace(microsecond=(now.microsecond // 1000) * 1000)
 
+    def continue_from(self, epoch: datetime) -> None:
+        """Continue a batch that started at ``epoch`` (a restarted simulator): the process
+        time is what it would be had the clock never stopped (``speed`` times the wall time
+        since the epoch), and the published BatchStartTime stays the same."""
+        if epoch.tzinfo is None:
+            epoch = epoch.replace(tzinfo=UTC)
+        elapsed = max((datetime.now(UTC) - epoch).total_seconds(), 0.0)
+        self._start = self._monotonic() - elapsed
+        self.epoch = epoch
+
     def wall(self) -> float:
         """Monotonic wall seconds (for heartbeats and time-outs)."""
         return self._monotonic()

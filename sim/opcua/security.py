@@ -24,15 +24,20 @@ Roles: viewer, operator, apc, engineer (see :class:`sim.opcua.apc.Role`).
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextvars
 import dataclasses
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import socket
+import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,11 +59,15 @@ __all__ = [
     "CALLING_USER",
     "FolderTrustList",
     "Identity",
+    "LoginGuard",
+    "LoginPolicy",
     "RoleUserManager",
     "UserEntry",
     "ensure_certificate",
+    "first_certificate",
     "hash_password",
     "load_users",
+    "thumbprint",
     "verify_password",
     "write_user",
 ]
@@ -191,20 +200,175 @@ class RoleUserManager:
         password: str | None = None,
         certificate: Any = None,
     ) -> User | None:
+        """Synchronous check (PBKDF2, ~0.2 s): the servers call :meth:`check` through
+        :class:`LoginGuard`, off the event loop, instead."""
         if not username or password is None:
             log.warning("login refused: anonymous or certificate user tokens are not accepted")
             return None
-        entry = self._users.get(username)
-        if entry is None or not verify_password(password, entry.password_hash):
+        user = self.check(username, password)
+        if user is None:
             log.warning("login refused for user %r: unknown user or wrong password", username)
+        return user
+
+    def check(self, username: str, password: str) -> User | None:
+        """The user if the password is right (no logging; safe to run in a worker thread).
+        An unknown user costs a hash too, so timing does not tell which names exist."""
+        entry = self._users.get(username)
+        if entry is None:
+            verify_password(password, _DUMMY_HASH)
             return None
-        log.info("login: %s (%s)", username, entry.role.value)
+        if not verify_password(password, entry.password_hash):
+            return None
         return User(role=UserRole.User, name=username)
 
     def identity(self, user: Any) -> Identity | None:
         name = getattr(user, "name", None)
         entry = self._users.get(name) if isinstance(name, str) else None
         return Identity(entry.name, entry.role) if entry is not None else None
+
+
+_DUMMY_HASH = (
+    f"{_PBKDF2}${DEFAULT_ITERATIONS}${'00' * 16}${'00' * 32}"  # never matches: 32 zero bytes
+)
+
+
+# -- login guard: off-loop hashing, back-off, lock-out ------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LoginPolicy:
+    """Limits on password logins (docs/opcua.md, Security).
+
+    Attributes:
+        max_failures: wrong logins from one address within ``failure_window_s`` that lock the
+            address out (0: never).
+        failure_window_s: how long a wrong login counts.
+        lockout_s: how long a locked-out address is refused, even with the right password.
+        backoff_s: the refusal of the first wrong login from an address is delayed this long,
+            doubling with each further one up to ``backoff_max_s`` (the delay is a sleep: it
+            costs the server nothing).
+        hash_workers: threads that run the password hash (PBKDF2 releases the GIL).
+        max_pending_logins: password checks waiting or running at once; more are refused at
+            once with BadTooManyOperations (no hash).
+        max_unauthenticated: TCP connections without an activated session; more are closed on
+            arrival.
+    """
+
+    max_failures: int = 5
+    failure_window_s: float = 300.0
+    lockout_s: float = 60.0
+    backoff_s: float = 0.25
+    backoff_max_s: float = 4.0
+    hash_workers: int = 2
+    max_pending_logins: int = 8
+    max_unauthenticated: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("failure_window_s", "lockout_s", "backoff_s", "backoff_max_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"login policy: {name} must be >= 0, got {value!r}")
+        if self.max_failures < 0:
+            raise ConfigError(f"login policy: max_failures must be >= 0, got {self.max_failures}")
+        for name in ("hash_workers", "max_pending_logins", "max_unauthenticated"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"login policy: {name} must be >= 1, got {getattr(self, name)}")
+
+
+class LoginGuard:
+    """Checks passwords in a bounded worker pool, delays refusals (back-off) and locks out an
+    address after repeated failures. One per server; :meth:`close` ends its threads.
+
+    Keyed by the client's IP address: a flood from one address cannot lock out a controller
+    on another one (a per-user lock-out would let anyone lock out ``apc``)."""
+
+    def __init__(
+        self,
+        users: RoleUserManager,
+        policy: LoginPolicy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.users = users
+        self.policy = policy
+        self._clock = clock
+        self._pool = ThreadPoolExecutor(policy.hash_workers, thread_name_prefix="hmpc-login")
+        self._failures: dict[str, collections.deque[float]] = {}
+        self._locked_until: dict[str, float] = {}
+        self._pending = 0
+        self.refused_busy = 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def locked(self, address: str) -> bool:
+        until = self._locked_until.get(address)
+        if until is None:
+            return False
+        if self._clock() >= until:
+            del self._locked_until[address]
+            self._failures.pop(address, None)
+            log.warning("login lock-out of %s ended", address)
+            return False
+        return True
+
+    def _recent_failures(self, address: str) -> collections.deque[float]:
+        times = self._failures.setdefault(address, collections.deque())
+        horizon = self._clock() - self.policy.failure_window_s
+        while times and times[0] < horizon:
+            times.popleft()
+        return times
+
+    async def login(
+        self, username: str, password: str, *, address: str, thumbprint: str
+    ) -> User | None:
+        """The user, or None (refused, logged). Raises ``ServiceError(BadTooManyOperations)``
+        when ``max_pending_logins`` checks are already under way."""
+        who = f"user {username!r} from {address} (certificate thumbprint {thumbprint})"
+        if self.locked(address):
+            log.warning("login refused for %s: address locked out", who)
+            return None
+        if self._pending >= self.policy.max_pending_logins:
+            self.refused_busy += 1
+            log.warning(
+                "login refused for %s: %d password checks already pending",
+                who,
+                self._pending,
+            )
+            raise ServiceError(ua.StatusCodes.BadTooManyOperations)
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            user = await loop.run_in_executor(self._pool, self.users.check, username, password)
+        finally:
+            self._pending -= 1
+        if self.locked(address):  # locked while this check ran: refuse even a right password
+            log.warning("login refused for %s: address locked out", who)
+            return None
+        if user is not None:
+            log.info("login: %s", who)
+            return user
+        failures = self._recent_failures(address)
+        failures.append(self._clock())
+        n = len(failures)
+        if self.policy.max_failures and n >= self.policy.max_failures:
+            self._locked_until[address] = self._clock() + self.policy.lockout_s
+            log.warning(
+                "login refused for %s: wrong password or unknown user; %d failures, address "
+                "locked out for %.0f s",
+                who,
+                n,
+                self.policy.lockout_s,
+            )
+            return None
+        delay = min(self.policy.backoff_s * 2 ** (n - 1), self.policy.backoff_max_s)
+        log.warning(
+            "login refused for %s: wrong password or unknown user (%d recent failures; "
+            "answered after %.2f s)",
+            who,
+            n,
+            delay,
+        )
+        await asyncio.sleep(delay)
+        return None
 
 
 # -- certificates ----------------------------------------------------------------------------
@@ -248,6 +412,24 @@ def certificate_uris(data: bytes) -> list[str]:
     return [str(u) for u in san.value.get_values_for_type(x509.UniformResourceIdentifier)]
 
 
+def first_certificate(der: bytes) -> bytes:
+    """The leading certificate of a DER blob that may hold a chain (OPC UA allows chains in
+    SenderCertificate and ClientCertificate)."""
+    if len(der) < 2 or der[0] != 0x30:
+        return der
+    first = der[1]
+    if first < 0x80:
+        return der[: 2 + first]
+    count = first & 0x7F
+    length = int.from_bytes(der[2 : 2 + count], "big")
+    return der[: 2 + count + length]
+
+
+def thumbprint(der: bytes) -> str:
+    """The OPC UA thumbprint of a certificate: SHA-1 of its DER, hex."""
+    return hashlib.sha1(first_certificate(der), usedforsecurity=False).hexdigest()
+
+
 class FolderTrustList:
     """Certificate validator for asyncua: a client certificate is accepted when the same
     certificate (SHA-256 fingerprint) is in the trusted folder, it is within its validity
@@ -269,6 +451,23 @@ class FolderTrustList:
             except ValueError:
                 log.warning("trust list: %s is not a certificate; ignored", path)
         return out
+
+    def is_trusted(self, der: bytes) -> bool:
+        """Whether this DER certificate is in the trusted folder (no other check)."""
+        try:
+            cert = _load_cert(der)
+        except ValueError:
+            return False
+        return cert.fingerprint(hashes.SHA256()) in self.fingerprints()
+
+    def reject(self, der: bytes, why: str) -> None:
+        """Log a refused certificate and copy it to the rejected folder."""
+        try:
+            cert = _load_cert(der)
+        except ValueError:
+            log.warning("client certificate refused: not a certificate (%s)", why)
+            return
+        self._reject(cert, why)
 
     async def __call__(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
         fingerprint = cert.fingerprint(hashes.SHA256())

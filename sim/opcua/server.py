@@ -17,24 +17,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from asyncua import Server, ua
 from asyncua.server.internal_session import InternalSession
 
 from plant_models.errors import ConfigError, PlantIOError
 from plant_models.process import DEFAULT_PROCESS, get_process
-from sim.opcua.apc import ApcInterface, ItemStatus, Mode, Role, default_apc_config
+from sim.opcua.apc import (
+    ApcInterface,
+    ItemStatus,
+    Mode,
+    Role,
+    default_apc_config,
+    parse_fallback,
+)
 from sim.opcua.clock import ProcessClock
 from sim.opcua.faults import Fault, FaultBook
+from sim.opcua.hardened import GuardedSession, HardenedServer, PreauthenticatedUsers
 from sim.opcua.lads import (
     DI_DEVICE_SET,
+    NAME_NODEID_DATATYPE,
+    Instantiator,
     NodeBuilder,
     argument,
     find_nodesets_dir,
@@ -48,6 +61,8 @@ from sim.opcua.security import (
     SECURE_POLICIES,
     FolderTrustList,
     Identity,
+    LoginGuard,
+    LoginPolicy,
     RoleUserManager,
     ensure_certificate,
     load_users,
@@ -106,6 +121,16 @@ class SimulatorConfig:
         plant_step_h: process-time grid on which the plant is integrated.
         nodesets: node-opcua-nodesets folder (default: auto-detected); ``hand_built``
             forces the hand-built subset.
+        fallback: what the watchdog's shed does to the setpoints (docs/opcua.md):
+            ``"initial"`` (default: every setpoint back to its value at the batch start,
+            the plant's low bound), ``"hold"`` (freeze the working setpoints) or
+            ``"NAME=VALUE,..."`` (the named setpoints go there, the others are held).
+        state_file: the plants' state is saved here (JSON, atomically, every
+            ``state_interval_s`` wall seconds and at a clean stop) and, when the file exists
+            at start, restored: the culture continues under the same BatchId and
+            BatchStartTime, caught up to the time it would have reached (a restart sheds the
+            controller: Local, fallback setpoints). None: every start is a new batch.
+        login: back-off, lock-out and hashing limits of password logins.
     """
 
     host: str = "127.0.0.1"
@@ -125,12 +150,18 @@ class SimulatorConfig:
     nodesets: Path | None = None
     hand_built: bool = False
     faults: tuple[Fault, ...] = ()
+    fallback: str = "initial"
+    state_file: Path | None = None
+    state_interval_s: float = 1.0
+    login: LoginPolicy = dataclasses.field(default_factory=LoginPolicy)
 
     def __post_init__(self) -> None:
+        if self.fallback not in ("hold", "initial"):
+            parse_fallback(self.fallback)  # a ConfigError naming the expected form
         if not 1 <= self.units <= 99:
             raise ConfigError(f"--units must be in 1..99, got {self.units}")
         get_process(self.model)  # a ConfigError naming the registered processes
-        for name in ("speed", "heartbeat_timeout_s", "plant_step_h", "tick_s"):
+        for name in ("speed", "heartbeat_timeout_s", "plant_step_h", "tick_s", "state_interval_s"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be positive, got {value!r}")
@@ -179,16 +210,26 @@ def _make_unit(config: SimulatorConfig, index: int, now: float) -> BioreactorUni
     plant = VirtualBioreactor.for_process(config.model, patient, seed=seed)
     rates = plant.plugin.rate_limits(plant.process)
     units = {v.name: v.unit for v in plant.model.inputs}
-    apc_config = default_apc_config(
-        plant.bounds, units, rates, heartbeat_timeout_s=config.heartbeat_timeout_s
-    )
     initial = {n: plant.bounds[n][0] for n in plant.model.input_names}
+    fallback: dict[str, float] = {}
+    if config.fallback == "initial":
+        fallback = dict(initial)
+    elif config.fallback != "hold":
+        fallback = parse_fallback(config.fallback)
+    apc_config = default_apc_config(
+        plant.bounds,
+        units,
+        rates,
+        heartbeat_timeout_s=config.heartbeat_timeout_s,
+        fallback=fallback,
+    )
     return BioreactorUnit(name, plant, ApcInterface(apc_config, initial, now))
 
 
 # -- sessions that know their user ----------------------------------------------------------------
-class _HmpcSession(InternalSession):
-    """InternalSession that exposes its identity to method handlers and guards writes."""
+class _HmpcSession(GuardedSession):
+    """Session that exposes its identity to method handlers and guards writes (and, from
+    :class:`GuardedSession`, keeps its certificate and revises publishing intervals)."""
 
     users: RoleUserManager
     write_roles: dict[ua.NodeId, frozenset[Role]]
@@ -202,6 +243,28 @@ class _HmpcSession(InternalSession):
             return await super().call(params)
         finally:
             CALLING_USER.reset(token)
+
+    async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
+        """UserAccessLevel says what this session's role may do: CurrentWrite only where
+        :meth:`write` would let it write."""
+        results = list(await super().read(params))
+        identity = self._identity()
+        write_bit = ua.AccessLevel.CurrentWrite.mask
+        for i, (item, dv) in enumerate(zip(params.NodesToRead, results, strict=True)):
+            if item.AttributeId != ua.AttributeIds.UserAccessLevel or dv.Value is None:
+                continue
+            level = dv.Value.Value
+            roles = self.write_roles.get(item.NodeId)
+            if (
+                isinstance(level, int)
+                and level & write_bit
+                and (roles is None or identity is None or identity.role not in roles)
+            ):
+                # a new DataValue: the one read is the address space's own
+                results[i] = dataclasses.replace(
+                    dv, Value=ua.Variant(level & ~write_bit, ua.VariantType.Byte)
+                )
+        return results
 
     async def write(self, params: ua.WriteParameters) -> list[ua.StatusCode]:
         identity = self._identity()
@@ -276,6 +339,7 @@ class _BaseServer:
         self.port = port
         self.sims = sims
         self.server: Server | None = None
+        self.guard: LoginGuard | None = None
         self.write_roles: dict[ua.NodeId, frozenset[Role]] = {}
         self.ns = 0
 
@@ -290,7 +354,11 @@ class _BaseServer:
     async def start(self) -> None:
         cfg = self.config
         users = RoleUserManager(load_users(cfg.users_path))
-        server = Server(user_manager=cast(Any, users))
+        server = HardenedServer(user_manager=cast(Any, PreauthenticatedUsers()))
+        trust = FolderTrustList(cfg.pki / "trusted", cfg.pki / "rejected")
+        self.guard = LoginGuard(users, cfg.login)
+        server.trust, server.guard = trust, self.guard
+        server.max_unauthenticated = cfg.login.max_unauthenticated
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name(f"hmpc simulated {self.kind}")
@@ -304,7 +372,7 @@ class _BaseServer:
             policies.insert(0, ua.SecurityPolicyType.NoSecurity)
         server.set_security_policy(policies)
         server.set_identity_tokens([ua.UserNameIdentityToken])
-        server.set_certificate_validator(FolderTrustList(cfg.pki / "trusted", cfg.pki / "rejected"))
+        server.set_certificate_validator(trust)
         _install_sessions(server, users, self.write_roles)
         self.server = server
         await self.build(server)
@@ -317,8 +385,13 @@ class _BaseServer:
 
     async def stop(self) -> None:
         server, self.server = self.server, None
-        if server is not None:
-            await server.stop()
+        guard, self.guard = self.guard, None
+        try:
+            if server is not None:
+                await server.stop()
+        finally:
+            if guard is not None:
+                guard.close()
 
     async def build(self, server: Server) -> None:
         raise NotImplementedError
@@ -405,10 +478,13 @@ def _folder() -> ua.NodeId:
 @dataclasses.dataclass
 class _UnitNodes:
     sensors: dict[tuple[str, str], ua.NodeId] = dataclasses.field(default_factory=dict)
+    raw: dict[tuple[str, str], ua.NodeId] = dataclasses.field(default_factory=dict)
     current: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     target: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     totals: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     states: list[ua.NodeId] = dataclasses.field(default_factory=list)
+    #: CurrentState.Id of the functional unit and control functions (official model only)
+    state_ids: list[ua.NodeId] = dataclasses.field(default_factory=list)
     apc: dict[str, ua.NodeId] = dataclasses.field(default_factory=dict)
     published: dict[tuple[str, str], tuple[float, float]] = dataclasses.field(default_factory=dict)
     stuck: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
@@ -421,6 +497,7 @@ class BioreactorServer(_BaseServer):
         super().__init__(config, port, sims)
         self.nodes: dict[str, _UnitNodes] = {}
         self.official_nodesets = False
+        self.states: dict[str, ua.NodeId] = {}  # FunctionalUnitStateMachineType's, by name
 
     async def build(self, server: Server) -> None:
         cfg = self.config
@@ -486,14 +563,18 @@ class BioreactorServer(_BaseServer):
             VT.LocalizedText,
             typedef=ua.ObjectIds.FiniteStateVariableType,
         )
+        inst = Instantiator(b)
+        preset: dict[str, Any] = {}  # values of children the completion creates, by NodeId
+        fsm_type = ns.lads_type("FunctionalUnitStateMachineType")
         for method in ("Start", "Stop", "Abort"):
+            inputs, outputs = inst.method_arguments(fsm_type, f"{L}:{method}")
             await b.method(
                 state,
                 f"{fu_path}.FunctionalUnitState.{method}",
                 ua.QualifiedName(method, L),
                 self._state_handler(unit, method),
-                [],
-                [],
+                inputs,
+                outputs,
             )
         fset = await b.object(
             fu,
@@ -526,6 +607,17 @@ class BioreactorServer(_BaseServer):
                     0.0,
                     high,
                 )
+                preset[f"{path}.IsEnabled"] = ua.Variant(True, VT.Boolean)
+                if ns.official:  # the simulated reading is also the raw one (no calibration)
+                    nodes.raw[(source, var)] = await b.analog(
+                        func,
+                        f"{path}.RawValue",
+                        ua.QualifiedName("RawValue", L),
+                        m.value if m is not None else math.nan,
+                        noise.unit,
+                        0.0,
+                        high,
+                    )
         for name, lim in unit.apc.config.limits.items():
             fname = _camel(name)
             path = f"{fu_path}.FunctionSet.{fname}"
@@ -537,6 +629,7 @@ class BioreactorServer(_BaseServer):
             func = await b.object(
                 fset, path, ua.QualifiedName(fname, ns.hmpc), ns.lads_type(typename)
             )
+            preset[f"{path}.IsEnabled"] = ua.Variant(True, VT.Boolean)
             cfs = await b.object(
                 func,
                 f"{path}.ControlFunctionState",
@@ -611,13 +704,28 @@ class BioreactorServer(_BaseServer):
             ua.QualifiedName("ActiveProgram", L),
             ns.lads_type("ActiveProgramType"),
         )
-        await b.variable(
-            active,
-            f"{fu_path}.ProgramManager.ActiveProgram.CurrentProgramTemplate",
-            ua.QualifiedName("CurrentProgramTemplate", L),
-            f"{unit.plant.kind}-expansion",
-            VT.String,
-        )
+        template = f"{unit.plant.kind}-expansion"
+        if ns.official:  # AMB's NameNodeIdDataType {Name, Id}, as LADS declares
+            await b.variable(
+                active,
+                f"{fu_path}.ProgramManager.ActiveProgram.CurrentProgramTemplate",
+                ua.QualifiedName("CurrentProgramTemplate", L),
+                ua.NameNodeIdDataType(  # type: ignore[attr-defined]
+                    Name=ua.LocalizedText(template), NodeId=ua.NodeId()
+                ),
+                VT.ExtensionObject,
+                typedef=ua.ObjectIds.PropertyType,
+                reference=ua.ObjectIds.HasProperty,
+                datatype=nodeid(NAME_NODEID_DATATYPE, ns.amb),
+            )
+        else:
+            await b.variable(
+                active,
+                f"{fu_path}.ProgramManager.ActiveProgram.CurrentProgramTemplate",
+                ua.QualifiedName("CurrentProgramTemplate", L),
+                template,
+                VT.String,
+            )
         await b.variable(
             active,
             f"{fu_path}.ProgramManager.ActiveProgram.SupervisoryJobId",
@@ -638,7 +746,27 @@ class BioreactorServer(_BaseServer):
             ua.QualifiedName("CurrentRuntime", L),
             0.0,
             VT.Double,
+            typedef=ua.ObjectIds.PropertyType,
+            reference=ua.ObjectIds.HasProperty,
+            datatype=nodeid(ua.ObjectIds.Duration),  # milliseconds
         )
+        if ns.official:  # every Mandatory child of the official types, recursively
+            self.states = inst.states(fsm_type)
+            device_states = inst.states(ns.lads_type("LADSDeviceStateMachineType"))
+            values = _device_values(u) | preset
+            values[f"{u}.DeviceState.CurrentState"] = ua.Variant(
+                ua.LocalizedText("Operate"), VT.LocalizedText
+            )
+            values[f"{u}.DeviceState.CurrentState.Id"] = ua.Variant(
+                device_states["Operate"], VT.NodeId
+            )
+            available = ua.Variant(list(self.states.values()), VT.NodeId, is_array=True)
+            machines = [f"{fu_path}.FunctionalUnitState"]
+            machines += [str(n.Identifier).rsplit(".", 1)[0] for n in nodes.states]
+            for machine in machines:
+                values[f"{machine}.AvailableStates"] = available
+                nodes.state_ids.append(b.nid(f"{machine}.CurrentState.Id"))
+            await inst.complete(device, values=values)
 
     async def _build_apc(
         self, b: NodeBuilder, root: ua.NodeId, unit: BioreactorUnit, nodes: _UnitNodes
@@ -673,12 +801,16 @@ class BioreactorServer(_BaseServer):
             VT.String,
             array=True,
         )
-        for key, values in (("Setpoints", apc.targets), ("WorkingSetpoints", apc.working)):
+        for key, values in (
+            ("Setpoints", apc.targets),
+            ("WorkingSetpoints", apc.working),
+            ("FallbackSetpoints", apc.fallback_setpoints),  # NaN: held on shed
+        ):
             nodes.apc[key] = await b.variable(
                 obj,
                 f"APC.{u}.{key}",
                 ua.QualifiedName(key, n),
-                [values[k] for k in names],
+                [values.get(k, math.nan) for k in names],
                 VT.Double,
                 array=True,
             )
@@ -722,6 +854,26 @@ class BioreactorServer(_BaseServer):
             ],
             [argument("Results", VT.StatusCode, "one status per item", array=True)],
         )
+
+        async def set_fallback(
+            parent: ua.NodeId, *args: ua.Variant
+        ) -> ua.StatusCode | list[ua.Variant]:
+            result = self._write_setpoints(unit, nodes, args, fallback=True)
+            if self.server is not None:
+                await self._publish_apc(self.server, unit, self.sims.clock.wall())
+            return result
+
+        await b.method(
+            obj,
+            f"APC.{u}.SetFallbackSetpoints",
+            ua.QualifiedName("SetFallbackSetpoints", n),
+            set_fallback,
+            [
+                argument("Names", VT.String, "setpoint names (SetpointNames)", array=True),
+                argument("Values", VT.Double, "safe values on shed, canonical units", array=True),
+            ],
+            [argument("Results", VT.StatusCode, "one status per item", array=True)],
+        )
         await b.method(
             obj,
             f"APC.{u}.RequestMode",
@@ -758,8 +910,15 @@ class BioreactorServer(_BaseServer):
         return handler
 
     def _write_setpoints(
-        self, unit: BioreactorUnit, nodes: _UnitNodes, args: Sequence[ua.Variant]
+        self,
+        unit: BioreactorUnit,
+        nodes: _UnitNodes,
+        args: Sequence[ua.Variant],
+        *,
+        fallback: bool = False,
     ) -> ua.StatusCode | list[ua.Variant]:
+        """WriteSetpoints (role apc), or with ``fallback`` SetFallbackSetpoints (operator,
+        engineer: the safe state applied at the next shed)."""
         caller = _caller()
         if len(args) != 2:
             return status(ua.StatusCodes.BadArgumentsMissing)
@@ -774,6 +933,11 @@ class BioreactorServer(_BaseServer):
             return status(ua.StatusCodes.BadInvalidArgument)
         if caller is None:
             statuses = [ItemStatus.ACCESS_DENIED] * len(names)
+        elif fallback:
+            statuses = [
+                unit.apc.set_fallback(str(n), float(v), caller.role, caller.name)
+                for n, v in zip(names, values, strict=True)
+            ]
         else:
             statuses = unit.apc.write_setpoints(
                 names, values, caller.role, self.sims.clock.wall(), caller.name
@@ -841,9 +1005,10 @@ class BioreactorServer(_BaseServer):
                 if nodes.published.get(key) == mark and kind is None:
                     continue
                 nodes.published[key] = mark
-                await server.write_attribute_value(
-                    node, _dv(value, VT.Double, clock.timestamp(sample), code)
-                )
+                dv = _dv(value, VT.Double, clock.timestamp(sample), code)
+                await server.write_attribute_value(node, dv)
+                if key in nodes.raw:
+                    await server.write_attribute_value(nodes.raw[key], dv)
             await self._publish_apc(server, unit, now_wall)
         await self._publish_clock(server)
 
@@ -868,11 +1033,14 @@ class BioreactorServer(_BaseServer):
             ("Fallback", apc.fallback, VT.Boolean),
             ("ShedCount", apc.shed_count, VT.UInt32),
             ("HeartbeatHealthy", apc.heartbeat_healthy(now_wall), VT.Boolean),
-            ("Runtime", t, VT.Double),
+            ("Runtime", t * 3.6e6, VT.Double),  # Duration: ms
             ("State", ua.LocalizedText(unit.state), VT.LocalizedText),
         )
         for label, val, vtype in apc_values:
             await server.write_attribute_value(nodes.apc[label], _dv(val, vtype, stamp))
+        state_id = self.states.get(unit.state)
+        for node in nodes.state_ids if state_id is not None else []:
+            await server.write_attribute_value(node, _dv(state_id, VT.NodeId, stamp))
         for node in nodes.states:  # control functions follow the functional unit
             await server.write_attribute_value(
                 node, _dv(ua.LocalizedText(unit.state), VT.LocalizedText, stamp)
@@ -886,6 +1054,18 @@ class BioreactorServer(_BaseServer):
             ),
         )
         await server.write_attribute_value(
+            nodes.apc["FallbackSetpoints"],
+            ua.DataValue(
+                Value=ua.Variant(
+                    [apc.fallback_setpoints.get(k, math.nan) for k in names],
+                    VT.Double,
+                    is_array=True,
+                ),
+                SourceTimestamp=_ts(stamp),
+                ServerTimestamp=_ts(datetime.now(UTC)),
+            ),
+        )
+        await server.write_attribute_value(
             nodes.apc["WorkingSetpoints"],
             ua.DataValue(
                 Value=ua.Variant([apc.working[k] for k in names], VT.Double, is_array=True),
@@ -893,6 +1073,31 @@ class BioreactorServer(_BaseServer):
                 ServerTimestamp=_ts(datetime.now(UTC)),
             ),
         )
+
+
+def _device_values(unit: str) -> dict[str, Any]:
+    """Values of the DI/Machinery identification of a simulated device (by NodeId)."""
+    text = {
+        "Manufacturer": ua.LocalizedText("hmpc simulator"),
+        "Model": ua.LocalizedText("virtual bioreactor"),
+        "ComponentName": ua.LocalizedText(unit),
+    }
+    plain = {
+        "SerialNumber": f"SIM-{unit}",
+        "ProductInstanceUri": f"urn:hmpc:sim:bioreactor:{unit}",
+        "HardwareRevision": "1",
+        "SoftwareRevision": "1",
+        "DeviceRevision": "1",
+        "AssetId": unit,
+    }
+    out: dict[str, Any] = {}
+    for prefix in (unit, f"{unit}.Identification"):
+        for key, label in text.items():
+            out[f"{prefix}.{key}"] = ua.Variant(label, VT.LocalizedText)
+        for key, value in plain.items():
+            out[f"{prefix}.{key}"] = ua.Variant(value, VT.String)
+        out[f"{prefix}.RevisionCounter"] = ua.Variant(0, VT.Int32)
+    return out
 
 
 def _quality(quality: str) -> int:
@@ -916,13 +1121,31 @@ class PrinterServer(_BaseServer):
         self.fault_node: ua.NodeId | None = None
         self.builder: NodeBuilder | None = None
         self.am = 0
+        self.official_nodesets = False
+        self.states: dict[str, ua.NodeId] = {}  # MachineryItemState_StateMachineType's
+        self.state_id_node: ua.NodeId | None = None
+        self.isa95_list: ua.NodeId | None = None  # ISA-95 JobOrderControl.JobOrderList
+        self.isa95_numbers: dict[str, int] = {}  # job state name -> ISA-95 StateNumber
+        self.isa95_published: list[Any] | None = None
 
     async def build(self, server: Server) -> None:
-        from sim.opcua.lads import AM_URI, HMPC_URI, JOBS_URI
+        from sim.opcua import lads
 
-        self.am = await server.register_namespace(AM_URI)
-        jobs_ns = await server.register_namespace(JOBS_URI)
-        self.ns = await server.register_namespace(HMPC_URI)
+        cfg = self.config
+        nodesets = None if cfg.hand_built else find_nodesets_dir(cfg.nodesets)
+        if nodesets is not None:  # DI, Machinery, ISA-95 job control, Machinery Jobs
+            await lads.import_nodesets(server, nodesets, lads.PRINTER_NODESET_FILES)
+        self.official_nodesets = nodesets is not None
+        self.am = await server.register_namespace(lads.AM_URI)
+        jobs_ns = await server.register_namespace(lads.JOBS_URI)
+        self.ns = await server.register_namespace(lads.HMPC_URI)
+        di = await server.register_namespace(lads.DI_URI)
+        machinery = await server.register_namespace(lads.MACHINERY_URI)
+        isa95 = await server.register_namespace(lads.ISA95_URI)
+
+        def official(ident: int, ns: int) -> ua.NodeId:
+            return nodeid(ident, ns) if nodesets is not None else _base_object()
+
         b = NodeBuilder(server, self.ns)
         self.builder = b
         objects = nodeid(ua.ObjectIds.ObjectsFolder)
@@ -943,21 +1166,48 @@ class PrinterServer(_BaseServer):
             _base_object(),
             reference=ua.ObjectIds.Organizes,
         )
+        if nodesets is not None:  # a machine of OPC 40001-1: listed in Machinery:Machines
+            await server.get_node(nodeid(lads.MACHINERY_MACHINES, machinery)).add_reference(
+                machine, nodeid(ua.ObjectIds.Organizes)
+            )
+        # Machinery identification AddIn (DI:Identification); its properties are in DI
         ident = await b.object(
             machine,
             "Printer.Identification",
-            ua.QualifiedName("Identification", am),
-            _base_object(),
+            ua.QualifiedName("Identification", di),
+            official(lads.MACHINERY_IDENTIFICATION_TYPE, machinery),
+            reference=17604 if nodesets is not None else ua.ObjectIds.HasComponent,  # HasAddIn
         )
+        for key, text in (("Manufacturer", "hmpc simulator"), ("Model", "virtual bioprinter")):
+            await b.variable(
+                ident,
+                f"Printer.Identification.{key}",
+                ua.QualifiedName(key, di),
+                ua.LocalizedText(text),
+                VT.LocalizedText,
+                typedef=ua.ObjectIds.PropertyType,
+                reference=ua.ObjectIds.HasProperty,
+            )
         for key, value in (
-            ("Manufacturer", "hmpc simulator"),
-            ("Model", "virtual bioprinter"),
-            ("AMTechnology", "MaterialExtrusion"),
             ("SerialNumber", "SIM-0001"),
+            ("ProductInstanceUri", "urn:hmpc:sim:printer:SIM-0001"),
         ):
             await b.variable(
-                ident, f"Printer.Identification.{key}", ua.QualifiedName(key, am), value, VT.String
+                ident,
+                f"Printer.Identification.{key}",
+                ua.QualifiedName(key, di),
+                value,
+                VT.String,
+                typedef=ua.ObjectIds.PropertyType,
+                reference=ua.ObjectIds.HasProperty,
             )
+        await b.variable(  # OPC 40540 is not available: the technology in the AM namespace
+            ident,
+            "Printer.Identification.AMTechnology",
+            ua.QualifiedName("AMTechnology", am),
+            "MaterialExtrusion",
+            VT.String,
+        )
         mon = await b.object(
             machine, "Printer.Monitoring", ua.QualifiedName("Monitoring", am), _base_object()
         )
@@ -982,8 +1232,9 @@ class PrinterServer(_BaseServer):
         state = await b.object(
             machine,
             "Printer.MachineryItemState",
-            ua.QualifiedName("MachineryItemState", am),
-            _base_object(),
+            ua.QualifiedName("MachineryItemState", machinery),
+            official(lads.MACHINERY_ITEM_STATE_TYPE, machinery),
+            reference=17604 if nodesets is not None else ua.ObjectIds.HasComponent,  # HasAddIn
         )
         self.state_node = await b.variable(
             state,
@@ -991,6 +1242,7 @@ class PrinterServer(_BaseServer):
             ua.QualifiedName("CurrentState", 0),
             ua.LocalizedText(self.sims.printer.machine_state()),
             VT.LocalizedText,
+            typedef=ua.ObjectIds.FiniteStateVariableType,
         )
         self.fault_node = await b.variable(
             machine, "Printer.Fault", ua.QualifiedName("Fault", self.ns), "", VT.String
@@ -999,13 +1251,14 @@ class PrinterServer(_BaseServer):
             machine,
             "Printer.JobManagement",
             ua.QualifiedName("JobManagement", jobs_ns),
-            _base_object(),
+            official(lads.JOB_MANAGEMENT_TYPE, jobs_ns),
+            reference=17604 if nodesets is not None else ua.ObjectIds.HasComponent,  # HasAddIn
         )
         control = await b.object(
             jm,
             "Printer.JobManagement.JobOrderControl",
             ua.QualifiedName("JobOrderControl", jobs_ns),
-            _base_object(),
+            official(lads.ISA95_JOB_ORDER_RECEIVER_TYPE, isa95),
         )
         self.jobs_folder = await b.object(
             jm,
@@ -1066,6 +1319,18 @@ class PrinterServer(_BaseServer):
             [],
             ret,
         )
+        if nodesets is not None:  # every Mandatory child of the official types
+            inst = Instantiator(b)
+            self.states = inst.states(official(lads.MACHINERY_ITEM_STATE_TYPE, machinery))
+            await inst.complete(machine)
+            self.state_id_node = b.nid("Printer.MachineryItemState.CurrentState.Id")
+            self.isa95_list = b.nid("Printer.JobManagement.JobOrderControl.JobOrderList")
+            self.isa95_numbers = {
+                name: inst.state_number(state)
+                for name, state in inst.states(
+                    official(lads.ISA95_JOB_ORDER_RECEIVER_TYPE, isa95)
+                ).items()
+            }
         for job in self.sims.printer.jobs.values():
             await self._add_job_nodes(job)
 
@@ -1195,6 +1460,29 @@ class PrinterServer(_BaseServer):
             )
         self.job_nodes[job.job_id] = nodes
 
+    def _isa95_order(self, job: JobOrder) -> Any:
+        """A job as OPC 10031-4's ISA95JobOrderAndStateDataType (the structure classes
+        asyncua built from the imported NodeSet)."""
+        clock = self.sims.clock
+        order = ua.ISA95JobOrderDataType(  # type: ignore[attr-defined]
+            JobOrderID=job.job_id,
+            StartTime=clock.timestamp(job.scheduled_start_h),
+            JobOrderParameters=[
+                _isa95_parameter("PatientId", job.patient_id, VT.String),
+                _isa95_parameter("BatchId", job.batch_id, VT.String),
+                _isa95_parameter("CellCount", job.cell_count, VT.Double),
+                _isa95_parameter("BioinkCellDensity", job.bioink_density, VT.Double),
+            ],
+        )
+        state = ua.ISA95StateDataType(  # type: ignore[attr-defined]
+            BrowsePath=ua.RelativePath(),
+            StateText=ua.LocalizedText(job.state.value),
+            StateNumber=self.isa95_numbers.get(job.state.value, 0),
+        )
+        return ua.ISA95JobOrderAndStateDataType(  # type: ignore[attr-defined]
+            JobOrder=order, State=[state]
+        )
+
     async def _remove_job_nodes(self, job_id: str) -> None:
         nodes = self.job_nodes.pop(job_id, None)
         if nodes is not None and self.server is not None:
@@ -1218,6 +1506,21 @@ class PrinterServer(_BaseServer):
             await server.write_attribute_value(
                 self.fault_node, _dv(printer.fault, VT.String, stamp)
             )
+        state_id = self.states.get(printer.machine_state())
+        if self.state_id_node is not None and state_id is not None:
+            await server.write_attribute_value(self.state_id_node, _dv(state_id, VT.NodeId, stamp))
+        if self.isa95_list is not None:
+            orders = [self._isa95_order(job) for job in printer.jobs.values()]
+            if orders != self.isa95_published:
+                self.isa95_published = orders
+                await server.write_attribute_value(
+                    self.isa95_list,
+                    ua.DataValue(
+                        Value=ua.Variant(orders, VT.ExtensionObject, is_array=True),
+                        SourceTimestamp=_ts(stamp),
+                        ServerTimestamp=_ts(datetime.now(UTC)),
+                    ),
+                )
         for job_id, job in printer.jobs.items():
             if job_id not in self.job_nodes:
                 await self._add_job_nodes(job)
@@ -1239,6 +1542,12 @@ class PrinterServer(_BaseServer):
                 for label, val, vtype in results:
                     await server.write_attribute_value(nodes[label], _dv(val, vtype, stamp))
         await self._publish_clock(server)
+
+
+def _isa95_parameter(name: str, value: Any, vtype: ua.VariantType) -> Any:
+    return ua.ISA95ParameterDataType(  # type: ignore[attr-defined]
+        ID=name, Value=ua.Variant(value, vtype)
+    )
 
 
 def _ret(code: ReturnCode) -> list[ua.Variant]:
@@ -1263,6 +1572,8 @@ class Simulators:
         self._task: asyncio.Task[None] | None = None
         self._restarts: set[asyncio.Task[None]] = set()
         self.restarting = False
+        self._saved_at = -math.inf
+        self.restarts_done = 0
 
     @property
     def servers(self) -> list[_BaseServer]:
@@ -1287,9 +1598,15 @@ class Simulators:
         raise ConfigError(f"no unit {name!r}; units: {[u.name for u in self.units]}")
 
     async def start(self) -> None:
+        saved = load_plant_state(self.config.state_file)
         for server in self.servers:
             await server.start()
-        self.clock.reset()  # the batch starts when the servers are up
+        if saved is None:
+            self.clock.reset()  # the batch starts when the servers are up
+        else:
+            restore_plant_state(self, saved)
+        self._saved_at = self.clock.wall()
+        self.save_state()
         for nodes in self.bioreactor.nodes.values():
             nodes.published.clear()  # re-stamp the initial values with the new epoch
         await self.publish()
@@ -1326,6 +1643,17 @@ class Simulators:
                 await task
         for server in self.servers:
             await server.stop()
+        self.save_state()
+
+    def save_state(self) -> None:
+        """Write the plants' state to the state file (if any), atomically."""
+        path = self.config.state_file
+        if path is None:
+            return
+        try:
+            save_plant_state(self, path)
+        except OSError as exc:  # the plant keeps running; the next save may succeed
+            log.error("cannot save the plant state to %s: %s", path, exc)
 
     async def publish(self) -> None:
         for server in self.servers:
@@ -1341,6 +1669,8 @@ class Simulators:
             await asyncio.sleep(down_s)
             for server in self.servers:
                 await server.start()
+            self.restarts_done += 1
+            log.warning("fault: OPC UA servers restarted")
         finally:
             self.restarting = False
         await self.publish()
@@ -1369,6 +1699,9 @@ class Simulators:
             for unit in self.units:
                 unit.apc.check_watchdog(now)
             self.step()
+            if now - self._saved_at >= self.config.state_interval_s:
+                self._saved_at = now
+                self.save_state()
             for fault in self.faults.due_events(self.process_h()):
                 if fault.kind == "restart":
                     task = asyncio.create_task(self.restart(fault.duration_h or 2.0))
@@ -1382,6 +1715,123 @@ class Simulators:
                 except (ua.UaError, OSError) as exc:
                     log.warning("publish failed: %s", exc)
             await asyncio.sleep(self.config.tick_s)
+
+
+# -- plant state across restarts -------------------------------------------------------------------
+STATE_VERSION = 1
+
+
+def _measurement_json(m: Measurement) -> dict[str, Any]:
+    return dataclasses.asdict(m)
+
+
+def save_plant_state(sims: Simulators, path: Path) -> None:
+    """The culture of every unit (truth state, time, sensors in transit, setpoints, totals,
+    batch id) and the batch epoch, as JSON, written atomically (a kill -9 leaves either the
+    previous file or the new one)."""
+    units = {}
+    for unit in sims.units:
+        plant = unit.plant
+        readings = plant.readings
+        units[unit.name] = {
+            "batch_id": unit.batch_id,
+            "time_h": plant.time_h,
+            "state": [float(v) for v in plant.state],
+            "state_names": list(plant.model.state_names),
+            "targets": dict(unit.apc.targets),
+            "working": dict(unit.apc.working),
+            "fallback_setpoints": dict(unit.apc.fallback_setpoints),
+            "shed_count": unit.apc.shed_count,
+            "totals": dict(unit.totals),
+            "functional_state": unit.state,
+            "rng": readings.rng.bit_generator.state,
+            "pending": [_measurement_json(m) for m in readings.pending],
+            "latest": [_measurement_json(m) for m in unit.latest.values()],
+            "next_assay": readings.next_assay,
+            "clamped_inputs": plant.clamped_inputs,
+        }
+    data = {
+        "version": STATE_VERSION,
+        "model": sims.config.model,
+        "epoch": sims.clock.epoch.isoformat(),
+        "saved_at": datetime.now(UTC).isoformat(),
+        "units": units,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_plant_state(path: Path | None) -> dict[str, Any] | None:
+    """The saved state (None: no state file given, or none written yet)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the plant state ({exc})") from exc
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        raise ConfigError(f"{path}: not a plant state file of version {STATE_VERSION}")
+    return data
+
+
+def restore_plant_state(sims: Simulators, data: dict[str, Any]) -> None:
+    """Continue the saved batch: same BatchId and BatchStartTime, each culture from its
+    saved state; the clock continues as if it had never stopped (the plant catches up on its
+    grid, with the fallback setpoints: the restart shed the controller)."""
+    path = sims.config.state_file
+    if data.get("model") != sims.config.model:
+        raise ConfigError(
+            f"{path}: the saved plant runs model {data.get('model')!r}, not "
+            f"{sims.config.model!r}; remove the file to start a new batch"
+        )
+    saved = data.get("units", {})
+    names = [u.name for u in sims.units]
+    if sorted(saved) != sorted(names):
+        raise ConfigError(
+            f"{path}: the saved plant has units {sorted(saved)}, not {names}; remove the "
+            f"file to start a new batch"
+        )
+    for unit in sims.units:
+        u = saved[unit.name]
+        plant = unit.plant
+        if list(u["state_names"]) != list(plant.model.state_names):
+            raise ConfigError(f"{path}: {unit.name}: the saved states are {u['state_names']}")
+        plant.state = np.asarray(u["state"], dtype=float)
+        plant.time_h = float(u["time_h"])
+        plant.clamped_inputs = int(u.get("clamped_inputs", 0))
+        readings = plant.readings
+        readings.rng.bit_generator.state = u["rng"]
+        readings.pending = [Measurement(**m) for m in u["pending"]]
+        readings.next_assay = float(u["next_assay"])
+        unit.batch_id = str(u["batch_id"])
+        unit.state = str(u.get("functional_state", unit.state))
+        unit.totals.update({k: float(v) for k, v in u["totals"].items()})
+        apc = unit.apc
+        apc.working.update({k: float(v) for k, v in u["working"].items()})
+        apc.targets.update({k: float(v) for k, v in u["targets"].items()})
+        apc.fallback_setpoints = {k: float(v) for k, v in u["fallback_setpoints"].items()}
+        apc.shed_count = int(u["shed_count"])
+        # the restart lost the controller's session: Local, in the safe state
+        apc.mode = Mode.LOCAL
+        apc.fallback = True
+        apc.targets.update(apc.fallback_setpoints)
+        unit.latest.clear()
+        for m in (Measurement(**d) for d in u["latest"]):
+            unit.latest[(m.source, m.name)] = m
+        log.warning(
+            "%s: batch %s continued from %s at %.2f h (restart: Local, fallback setpoints %s)",
+            unit.name,
+            unit.batch_id,
+            path,
+            plant.time_h,
+            apc.fallback_setpoints,
+        )
+    sims.clock.continue_from(datetime.fromisoformat(data["epoch"]))
 
 
 @contextlib.asynccontextmanager

@@ -471,8 +471,9 @@ def test_reference_growth_parameter_must_be_a_model_parameter(
 
 
 def infeasible_state(model: TCellExpansionModel) -> np.ndarray:
-    # lactate far above the 30 mM hard limit: no input can bring it down in one step
-    return state_at(model, viable_cells=10.0, lactate=80.0, glucose=10.0, inhibitor=500.0)
+    # a finite state on which the model overflows: no solver attempt (strict or recovery)
+    # can succeed. (A state beyond a hard limit is no longer one: recovery mode solves it.)
+    return state_at(model, viable_cells=1e300, lactate=10.0, glucose=10.0, inhibitor=500.0)
 
 
 U_PREV = {"perfusion_rate": 1.0, "glucose_feed": 0.5, "il2_addition": 0.0}
@@ -571,3 +572,34 @@ def test_variance_tightens_the_constraints(tcell: TCellExpansionModel) -> None:
     lac = res.predicted_states[1 : res.horizon_steps + 1, names.index("lactate")]
     tight = 30.0 - cfg.kappa * sd[1 : res.horizon_steps + 1]
     assert np.all(lac <= tight + 1e-5)
+
+
+# ----------------------------------------------------------------------------- recovery mode
+
+
+def test_from_beyond_a_hard_limit_the_mpc_recovers_instead_of_holding(
+    tcell: TCellExpansionModel,
+) -> None:
+    """Issue 22: glucose at 130 mM (hard limit 40) with the feed at its maximum. The strict
+    problem is infeasible (it used to return Infeasible_Problem_Detected and hold the feed
+    at 5 mL/h); recovery mode relaxes the hard limits by an exact penalty: a solved move
+    that stops the feed and a plan that drives glucose back under the limit."""
+    cfg = small_tcell_config(tcell)
+    high = cfg.hard_bounds["glucose"].high
+    assert high is not None and high < 130.0
+    mpc = NonlinearMPC(tcell, cfg)
+    x = state_at(tcell, viable_cells=8.0, lactate=10.0, glucose=130.0, inhibitor=300.0)
+    u_prev = {"perfusion_rate": 1.0, "glucose_feed": 5.0, "il2_addition": 0.0}
+    res = mpc.step(x, 100.0, u_prev)
+    assert res.success and res.recovery and not res.fallback_used, res.status
+    assert res.u["glucose_feed"] == pytest.approx(0.0, abs=1e-6)
+    rate = cfg.rate_limits["perfusion_rate"] * cfg.sample_period_h
+    assert abs(res.u["perfusion_rate"] - u_prev["perfusion_rate"]) <= rate + 1e-9
+    glucose = res.predicted_states[: res.horizon_steps + 1, list(res.state_names).index("glucose")]
+    assert np.all(np.diff(glucose) < 0)  # driven back, never away
+    assert glucose[-1] <= high  # and inside the limit within the horizon
+    assert res.slacks["glucose_high_recovery"] == pytest.approx(glucose[1] - high, rel=1e-3)
+    # inside the limits the hard limits stay hard (no recovery) and the plan respects them
+    inside = mpc.step(state_at(tcell, viable_cells=8.0, glucose=10.0), 100.0, u_prev)
+    assert inside.success and not inside.recovery
+    assert "glucose_high_recovery" not in inside.slacks

@@ -70,7 +70,7 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-9 + 1e-6 * abs(b)
 
 
-@pytest.mark.parametrize("crash", ["write", "intent"])
+@pytest.mark.parametrize("crash", ["write", "intent", "write+fallback"])
 def test_a_crash_between_write_and_record_is_reconciled_at_restart(
     crash: str,
     tmp_path: Path,
@@ -80,8 +80,11 @@ def test_a_crash_between_write_and_record_is_reconciled_at_restart(
 ) -> None:
     """``write``: the plant accepted the bundle -> reconciled as ``written``. ``intent``:
     the intent is stored but the process died before the write -> ``not written`` (a
-    record without a write: the safe side)."""
-    written = crash == "write"
+    record without a write: the safe side). Both with a plant that holds its setpoints when
+    it sheds the controller. ``write+fallback``: the plant sheds to its initial setpoints,
+    so the read-back cannot tell -> ``undetermined``, still a record of the write."""
+    written = crash.startswith("write")
+    fallback = "initial" if crash.endswith("+fallback") else "hold"
     (port,) = free_ports(1)
     config = SimulatorConfig(
         port=port,
@@ -93,6 +96,7 @@ def test_a_crash_between_write_and_record_is_reconciled_at_restart(
         heartbeat_timeout_s=1.5,
         plant_step_h=0.25,
         hand_built=True,
+        fallback=fallback,
     )
     plant = PlantThread(config).start()
     unit = plant.s.unit("BR01")
@@ -110,6 +114,12 @@ def test_a_crash_between_write_and_record_is_reconciled_at_restart(
             harvest_time_h=HARVEST_H,
             timing={"heartbeat_interval_s": 0.25, "solve_budget_s": 0.8},
         )
+        if fallback == "hold":  # the site file declares no safe values (none to check)
+            text = site.path.read_text(encoding="utf-8")
+            site.path.write_text(
+                "\n".join(x for x in text.splitlines() if not x.startswith("fallback =")) + "\n",
+                encoding="utf-8",
+            )
         command = [
             sys.executable,
             "-m",
@@ -139,7 +149,7 @@ def test_a_crash_between_write_and_record_is_reconciled_at_restart(
         def operator() -> str:
             return asyncio.run(grant_remote(site, "BR01", PASSWORDS["operator"], timeout_s=120))
 
-        first = start(1, HMPC_TEST_CRASH_AFTER=crash)
+        first = start(1, HMPC_TEST_CRASH_AFTER=crash.split("+")[0])
         assert operator() == "Good"
         assert first.wait(120) == 9, (tmp_path / "run1.err").read_text()[-3000:]
         crashed_writes = list(plant.writes)
@@ -179,8 +189,16 @@ def test_a_crash_between_write_and_record_is_reconciled_at_restart(
     reconciled = intents[0]
     assert reconciled.id == pending.id and reconciled.state == "reconciled"
     verdict = "written" if written else "not written"
-    assert reconciled.outcome["verdict"] == verdict
-    assert all(_close(reconciled.outcome["readback"][n], v) for n, v in sent.items())
+    undetermined = "undetermined (the plant has shed to its fallback; read-back not written)"
+    if fallback != "hold":
+        verdict = undetermined
+    # (a shed plant whose published fallback is not read yet at the restart may have moved
+    # its setpoints: "not written" is then reported as undetermined, on the safe side)
+    accepted = {verdict, undetermined} if verdict == "not written" else {verdict}
+    assert reconciled.outcome["verdict"] in accepted
+    verdict = reconciled.outcome["verdict"]
+    if fallback == "hold":
+        assert all(_close(reconciled.outcome["readback"][n], v) for n, v in sent.items())
     (event,) = [e for e in events if e.kind == "reconcile"]
     assert event.data["intent_id"] == pending.id and event.data["verdict"] == verdict
     assert math.isfinite(event.process_time_h)

@@ -250,3 +250,20 @@ def test_rule_feeds_by_cells_after_50_hours_within_its_band(plugin: ProcessPlugi
         "glucose_low",
         "ammonia_high",
     ]
+
+
+def test_the_estimator_defaults_are_the_plugins_own() -> None:
+    """The estimator asks the plug-in (its sensors' noise and EstimatorDefaults): a process
+    without ``mu_max`` gets no factor on it (was: "estimator parameter factor 'mu_max' is not
+    a model parameter", so mechanistic-mpc could not run on this process)."""
+    from controller.numerics.estimator import Estimator, EstimatorConfig
+    from plant_models.process import get_process, process_of
+
+    plugin = get_process("amribt")
+    model = plugin.build_model()
+    assert process_of(model) is plugin
+    config = EstimatorConfig.for_model(model)
+    assert config.parameter_factors == () and config.online_gains == ()
+    assert config.assay_noise["product"] == (0.02, 0.05)  # from the plug-in's assays
+    assert config.process_noise == dict(plugin.estimator.process_noise)
+    Estimator(model, config)  # builds: every name is one of the model's

@@ -27,7 +27,14 @@ from hmpc_amribt.model import (
     load_amribt_process,
 )
 from plant_models.base import MechanisticModel
-from plant_models.process import HardLimit, PatientLike, ProcessPlugin, SensorDefaults, SensorNoise
+from plant_models.process import (
+    EstimatorDefaults,
+    HardLimit,
+    PatientLike,
+    ProcessPlugin,
+    SensorDefaults,
+    SensorNoise,
+)
 
 __all__ = [
     "FMU_PATH",
@@ -91,6 +98,31 @@ class AmribtPlugin(ProcessPlugin):
             "lactate": SensorNoise("mM", 0.1, 0.01),
             "ammonia": SensorNoise("mM", 0.05, 0.02),
             "product": SensorNoise("mg/L", 0.02, 0.05),  # titre (ELISA / HPLC)
+        },
+    )
+    estimator = EstimatorDefaults(
+        # model error the filter expects, per sqrt(h); no estimated parameter factor or
+        # probe gain: with assays only every 24 h they would absorb the model's error
+        process_noise={
+            "viable_cells": (0.002, 0.01),
+            "dead_cells": (0.002, 0.01),
+            "glucose": (0.05, 0.01),
+            "glutamine": (0.01, 0.01),
+            "lactate": (0.05, 0.01),
+            "ammonia": (0.01, 0.01),
+            "product": (0.01, 0.01),
+            "volume": (1e-4, 0.0),
+        },
+        physical_ranges={
+            "viable_cells": (0.0, 100.0),
+            "dead_cells": (0.0, 100.0),
+            "glucose": (0.0, 500.0),
+            "glutamine": (0.0, 200.0),
+            "lactate": (0.0, 500.0),
+            "ammonia": (0.0, 100.0),
+            "product": (0.0, 1e5),
+            "volume": (0.0, 20000.0),
+            "viability": (0.0, 1.0),
         },
     )
     hard_limits = (

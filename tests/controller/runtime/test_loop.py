@@ -10,6 +10,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -51,6 +52,8 @@ class ScriptedPlant:
         self.sensor_value = 5.0
         self.sensor_quality = "good"
         self.sensor_frozen = False
+        self.batch_id = "B1"
+        self.batch_start: datetime | None = datetime(2026, 12, 1, tzinfo=UTC)
         self._sample = 0.0
         self._pending: list[Measurement] = []
         self._publish()
@@ -80,7 +83,8 @@ class ScriptedPlant:
             self.clock,
             self.clock,
             3600.0,
-            "B1",
+            self.batch_id,
+            self.batch_start,
         )
 
     def inputs(self) -> Mapping[str, InputState]:
@@ -208,7 +212,10 @@ def test_moves_within_limits_one_bundle_per_cycle_and_hand_back() -> None:
     # bumpless from the read-back flow 1.0, ramped at 0.5 per h, capped at 4.0
     flows = [v["flow"] for _, v in plant.writes]
     assert flows == pytest.approx([1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
-    assert all(v["feed"] == 2.0 for _, v in plant.writes)
+    # feed has no rate limit anywhere: after engagement it still ramps (span / 4 periods per
+    # cycle, UNLIMITED_ENGAGE_PERIODS), never jumping across its range in one step
+    feeds = [v["feed"] for _, v in plant.writes]
+    assert feeds == pytest.approx([1.25, 2.0, 2.0, 2.0, 2.0, 2.0])
     cycle_times = [s.process_time_h for s in rec.steps]
     assert cycle_times == [float(t) for t in range(10)]  # one cycle per period
     assert sum(1 for s in rec.steps if s.setpoints[0].status == "Good") == len(plant.writes)
@@ -296,6 +303,72 @@ def test_failing_law_holds_and_raises_an_alarm() -> None:
     assert any(e.kind == "fault" and e.severity == "alarm" for e in rec.events)
 
 
+class FallbackPlant(ScriptedPlant):
+    """Publishes its safe state on shed (``FallbackSetpoints``)."""
+
+    def __init__(self, fallback: Mapping[str, float], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.fallback_setpoints = dict(fallback)
+
+    def limits(self) -> PlantLimits:
+        base = super().limits()
+        return PlantLimits(
+            base.low, base.high, base.rate_up, base.rate_down, base.deadband,
+            self.fallback_setpoints,
+        )  # fmt: skip
+
+
+SAFE = (
+    SetpointTag("flow", "flow", UnitConversion("1/d", "1/d"), fallback=0.5),
+    SetpointTag("feed", "feed", UnitConversion("mL/h", "mL/h"), fallback=0.0),
+)
+
+
+def run_site(
+    plant: ScriptedPlant, law: Law, site: Sequence[SetpointTag], **settings: Any
+) -> tuple[Any, Recorder]:
+    rec = Recorder()
+    options = {"period_h": 1.0, "harvest_time_h": 6.0, "poll_s": 0.01, **settings}
+    loop = UnitLoop(plant, law, rec, LoopSettings(**options), site_setpoints=site)
+    summary = asyncio.run(asyncio.wait_for(loop.run(asyncio.Event()), 60))
+    return summary, rec
+
+
+def test_engagement_checks_and_records_the_plants_safe_state() -> None:
+    """The site file declares the fallback setpoints; a plant whose published fallback
+    differs (or holds) is never engaged: one alarm, nothing written."""
+    plant = FallbackPlant({"flow": 0.5, "feed": math.nan})  # feed held on shed
+    summary, rec = run_site(plant, Law({"flow": 1.5, "feed": 1.0}), SAFE)
+    assert plant.writes == [] and summary.engagements == 0
+    alarms = [e for e in rec.events if e.severity == "alarm" and e.kind == "fallback"]
+    assert len(alarms) == 1 and "feed: the site declares 0, the plant holds it" in alarms[0].message
+    assert alarms[0].data["fallback"]["feed"] == {"plant": None, "site": 0.0}
+
+    plant = FallbackPlant({"flow": 0.5, "feed": 0.0})
+    summary, rec = run_site(plant, Law({"flow": 1.5, "feed": 1.0}), SAFE)
+    assert plant.writes and summary.engagements == 1
+    (engaged,) = [e for e in rec.events if e.message.startswith("engaged")]
+    assert engaged.data["fallback"] == {
+        "flow": {"plant": 0.5, "site": 0.5},
+        "feed": {"plant": 0.0, "site": 0.0},
+    }
+
+
+def test_failing_law_moves_to_the_declared_fallback_setpoints_with_an_alarm() -> None:
+    plant = FallbackPlant({"flow": 0.5, "feed": 0.0})
+    plant.targets = {"flow": 2.0, "feed": 0.0}
+    law = Law({"flow": 2.0, "feed": 4.0})
+    law.fail_at = 4.0
+    summary, rec = run_site(plant, law, SAFE, harvest_time_h=8.0)
+    assert summary.ended == "harvest"
+    after = [v for t, v in plant.writes if t >= 4.0]
+    # rate-limited (flow 0.5 per h) from the last move towards the safe state, not held
+    assert [v["flow"] for v in after] == pytest.approx([1.5, 1.0, 0.5])
+    assert all(v["feed"] == 0.0 for v in after)
+    alarms = [e for e in rec.events if e.kind == "fallback" and e.severity == "alarm"]
+    assert len(alarms) == 1 and "fallback setpoints" in alarms[0].message
+
+
 def test_recorder_failure_loses_no_record() -> None:
     plant = ScriptedPlant()
     failing = Recorder(fail_first=3)
@@ -343,3 +416,94 @@ def test_run_control_loop_reports_a_failed_unit() -> None:
     summaries = asyncio.run(run_control_loop(loops))
     assert summaries[0].ended == "harvest"
     assert summaries[1].ended.startswith("failed") and broken.alive is False
+
+
+# ------------------------------------------- a restarted or replaced plant (issue 22 §2)
+
+
+def _restart_at(when: float, change: Callable[[ScriptedPlant], None]) -> Any:
+    def script(plant: ScriptedPlant, t: float) -> None:
+        if not getattr(plant, "restarted", False) and t >= when:
+            plant.restarted = True  # type: ignore[attr-defined]
+            change(plant)
+
+    return script
+
+
+def _back_to_zero(plant: ScriptedPlant) -> None:
+    plant.clock = 0.0
+
+
+def _new_batch_id(plant: ScriptedPlant) -> None:
+    plant.batch_id = "B2"
+
+
+def _new_batch_start(plant: ScriptedPlant) -> None:
+    plant.batch_start = (plant.batch_start or datetime.now(UTC)) + timedelta(hours=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (_back_to_zero, "process time went back from 4.500 h to 0.000 h"),
+        (_new_batch_id, "BatchId changed from 'B1' to 'B2'"),
+        (_new_batch_start, "BatchStartTime changed"),
+    ],
+)
+def test_a_restarted_plant_stops_the_writes_with_one_alarm(
+    change: Callable[[ScriptedPlant], None], said: str
+) -> None:
+    plant = ScriptedPlant(_restart_at(5.0, change))
+    law = Law({"flow": 2.0, "feed": 1.0})
+    summary, rec, _ = run(plant, law)
+    assert summary.ended == "discontinuity"
+    alarms = [e for e in rec.events if e.kind == "discontinuity"]
+    assert len(alarms) == 1 and alarms[0].severity == "alarm" and said in alarms[0].message
+    assert alarms[0].batch_id == "B1"  # in the record of the plant it controlled
+    # nothing was written to, and nothing learnt from, the new plant
+    assert plant.writes and all(t < 5.0 for t, _ in plant.writes)
+    assert all(t < 5.0 for t, _, _ in law.calls)
+    assert all(s.process_time_h < 5.0 for s in rec.steps)
+    assert plant.remote is False and plant.alive is False
+
+
+class HistoryRecorder:
+    """A recorder with a reader, that already holds batch ``B1`` up to 70 h (a controller
+    that ran before the plant restarted under the same BatchId; the step at 75 h was
+    recorded while disconnected, at an extrapolated time)."""
+
+    def __init__(self) -> None:
+        self.stored = [
+            StepRecord("B1", "BR01", i, t, 0.0, mode)
+            for i, (t, mode) in enumerate(
+                [(69.0, "remote"), (70.0, "remote"), (75.0, "disconnected")]
+            )
+        ]
+        self.events: list[EventRecord] = []
+
+    def append_step(self, record: StepRecord) -> None:
+        self.stored.append(record)
+
+    def append_event(self, record: EventRecord) -> None:
+        self.events.append(record)
+
+    def steps(self, batch_id: str, unit: str) -> list[StepRecord]:
+        return [s for s in self.stored if s.batch_id == batch_id and s.unit == unit]
+
+
+def test_a_plant_restarted_while_no_controller_ran_gets_a_new_batch_record() -> None:
+    plant = ScriptedPlant()
+    plant.clock = 7.0
+    plant._publish()
+    rec = HistoryRecorder()
+    loop = UnitLoop(
+        plant, Law({"flow": 2.0, "feed": 1.0}), rec, LoopSettings(poll_s=0.01, harvest_time_h=12.0)
+    )
+    summary = asyncio.run(asyncio.wait_for(loop.run(asyncio.Event()), 60))
+    assert summary.ended == "harvest" and summary.batch_id == "B1~2"
+    alarms = [e for e in rec.events if e.kind == "discontinuity"]
+    assert len(alarms) == 1 and alarms[0].batch_id == "B1"
+    assert "before the last recorded step at 70.000 h" in alarms[0].message
+    new = rec.stored[3:]
+    assert new and {s.batch_id for s in new} == {"B1~2"} and new[0].step == 0
+    assert plant.writes  # the new plant is controlled, from a fresh start

@@ -69,6 +69,10 @@ def test_example_site_file_loads() -> None:
     assert site.security.certificate.parent.name == "trusted"  # relative to configs/
     assert site.printer is not None and site.printer.endpoint.endswith(":4841/hmpc/printer")
     assert site.timing.period_h == 1.0
+    # the safe state the simulator applies on shed (hmpc-sim serve --fallback initial)
+    assert {s.variable: s.fallback for s in br01.setpoints} == dict.fromkeys(
+        ("perfusion_rate", "glucose_feed", "il2_addition"), 0.0
+    )
 
 
 def test_minimal_site_defaults(tmp_path: Path) -> None:
@@ -120,6 +124,13 @@ def test_minimal_site_defaults(tmp_path: Path) -> None:
             r"setpoints: 'feed_rate' is not an input of the tcell model",
         ),
         (("{unit}.Bio", "{reactor}.Bio"), r"unknown placeholder"),
+        (
+            (
+                "[units.BR01]",
+                "[setpoints.glucose_feed]\nhigh = 4.0\nfallback = 4.5\n\n[units.BR01]",
+            ),
+            r"\[setpoints.glucose_feed\].* fallback = 4.5 mL/h is outside \[-inf, 4\]",
+        ),
         (
             ("[units.BR01]", "[units.BR01]\ncontroller_kind = 1"),
             r"\[units.BR01\]: unknown key 'controller_kind'",
@@ -192,3 +203,86 @@ def test_node_refs() -> None:
     assert parse_node_ref("i=2258", "w").uri == ""
     with pytest.raises(ConfigError, match="not a node id"):
         parse_node_ref("Heartbeat", "w")
+
+
+# ------------------------------------------------ hostile or careless files (issue 22 §4)
+
+
+def test_a_non_utf8_site_file_names_the_file_and_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_bytes(MINIMAL.encode() + b"\n# Sch\xf6ne Gr\xfc\xdfe\n")
+    with pytest.raises(ConfigError) as err:
+        load_site(path)
+    message = str(err.value)
+    assert str(path) in message and "not UTF-8" in message and "line" in message
+
+
+def test_a_huge_site_file_is_refused_before_it_is_parsed_or_echoed(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(MINIMAL + "\n# " + "x" * 50_000_000 + "\n")
+    with pytest.raises(ConfigError, match="larger than") as err:
+        load_site(path)
+    assert len(str(err.value)) < 500
+
+
+def test_a_huge_or_control_character_name_is_refused_and_not_echoed(tmp_path: Path) -> None:
+    long_name = "A" * 500_000
+    with pytest.raises(ConfigError, match="longer than") as err:
+        load_site(_site(tmp_path, MINIMAL + f'\n[site]\nname = "{long_name}"\n'))
+    assert len(str(err.value)) < 500
+    with pytest.raises(ConfigError, match="control characters"):
+        load_site(_site(tmp_path, MINIMAL + '\n[site]\nname = "BR\\u001b[2J"\n'))
+
+
+def _secured(tmp_path: Path, lines: str) -> Path:
+    text = MINIMAL.replace('password_env = "HMPC_APC_PASSWORD"\n', lines)
+    return _site(tmp_path, text)
+
+
+def test_a_password_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "apc.pw"
+    secret.write_text("s3cr3t\n")
+    secret.chmod(0o644)
+    site = load_site(_secured(tmp_path, 'password_file = "apc.pw"\n'))
+    with pytest.raises(ConfigError, match="chmod 600") as err:
+        site.security.check_files()
+    assert "s3cr3t" not in str(err.value)
+    with pytest.raises(ConfigError, match="group or others"):
+        site.security.password()
+    secret.chmod(0o600)
+    site.security.check_files()
+    assert site.security.password() == "s3cr3t"
+
+
+def test_a_missing_trust_folder_fails_before_connecting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HMPC_APC_PASSWORD", "pw")
+    path = _secured(
+        tmp_path, 'password_env = "HMPC_APC_PASSWORD"\ntrusted_servers = "pki/trusted"\n'
+    )
+    site = load_site(path)
+    with pytest.raises(ConfigError, match="trusted_servers: folder .* does not exist"):
+        site.security.check_files()
+    (tmp_path / "pki" / "trusted").mkdir(parents=True)
+    site.security.check_files()
+    monkeypatch.delenv("HMPC_APC_PASSWORD")
+    with pytest.raises(ConfigError, match="is not set"):
+        site.security.check_files()
+
+
+def test_hmpc_run_never_prints_the_historian_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The database is unreachable (port 1): ``hmpc run`` stops with an error, and neither
+    what it printed before nor the error shows the URL's password."""
+    from controller.cli import main
+
+    monkeypatch.setenv("HMPC_APC_PASSWORD", "pw")
+    site = _site(tmp_path, MINIMAL)
+    url = "postgresql://apc:Tr0ub4dor-s3cr3t@127.0.0.1:1/hmpc"
+    code = main(["run", "--site", str(site), "--out", str(tmp_path / "out"), "--historian", url])
+    out = capsys.readouterr()
+    assert code != 0
+    assert "Tr0ub4dor-s3cr3t" not in out.out + out.err
+    assert "127.0.0.1" in out.out + out.err  # the error still says which database

@@ -7,7 +7,15 @@ import math
 import pytest
 
 from plant_models.errors import ConfigError
-from sim.opcua.apc import ApcConfig, ApcInterface, ItemStatus, Mode, Role, SetpointLimit
+from sim.opcua.apc import (
+    ApcConfig,
+    ApcInterface,
+    ItemStatus,
+    Mode,
+    Role,
+    SetpointLimit,
+    parse_fallback,
+)
 
 
 def make(timeout: float = 5.0) -> ApcInterface:
@@ -117,3 +125,50 @@ def test_invalid_configuration_is_a_config_error() -> None:
         ApcConfig(limits={"a": SetpointLimit(0.0, 1.0)}, heartbeat_timeout_s=0.0)
     with pytest.raises(ConfigError):
         ApcInterface(ApcConfig(limits={"a": SetpointLimit(0.0, 1.0)}), {}, now=0.0)
+
+
+def test_shed_applies_the_fallback_setpoints_at_the_rate_limits() -> None:
+    """SHED_RCAS-style fallback: the shed does not freeze the last move; the configured
+    setpoints are the new targets and the working values ramp there."""
+    config = ApcConfig(
+        limits={
+            "perfusion_rate": SetpointLimit(0.0, 2.0, rate_up=0.5, rate_down=1.0),
+            "glucose_feed": SetpointLimit(0.0, 10.0),
+        },
+        heartbeat_timeout_s=5.0,
+        fallback={"perfusion_rate": 0.5, "glucose_feed": 0.0},
+    )
+    apc = ApcInterface(config, {"perfusion_rate": 0.0, "glucose_feed": 0.0}, now=0.0)
+    remote(apc)
+    apc.write_setpoints(["perfusion_rate", "glucose_feed"], [2.0, 10.0], Role.APC, 0.0, "apc")
+    apc.advance(4.0)
+    assert apc.working == {"perfusion_rate": 2.0, "glucose_feed": 10.0}  # the last move
+    assert apc.check_watchdog(5.5)
+    assert apc.targets == {"perfusion_rate": 0.5, "glucose_feed": 0.0}
+    apc.advance(1.0)  # glucose at once (no rate limit), perfusion 1.0 per h down
+    assert apc.working == pytest.approx({"perfusion_rate": 1.0, "glucose_feed": 0.0})
+    apc.advance(1.0)
+    assert apc.working == pytest.approx({"perfusion_rate": 0.5, "glucose_feed": 0.0})
+
+
+def test_fallback_setpoints_are_validated_and_changed_by_operator_or_engineer() -> None:
+    limits = {"a": SetpointLimit(0.0, 1.0), "b": SetpointLimit(0.0, 1.0)}
+    with pytest.raises(ConfigError, match="outside its limits"):
+        ApcConfig(limits=limits, fallback={"a": 2.0})
+    with pytest.raises(ConfigError, match="no such setpoint"):
+        ApcConfig(limits=limits, fallback={"c": 0.0})
+    apc = ApcInterface(ApcConfig(limits=limits, fallback={"a": 0.0}), {"a": 1, "b": 1}, now=0.0)
+    assert apc.set_fallback("b", 0.2, Role.APC, "apc") is ItemStatus.ACCESS_DENIED
+    assert apc.set_fallback("b", 2.0, Role.ENGINEER, "eng") is ItemStatus.OUT_OF_RANGE
+    assert apc.set_fallback("b", 0.2, Role.OPERATOR, "op") is ItemStatus.GOOD
+    assert apc.fallback_setpoints == {"a": 0.0, "b": 0.2}
+
+
+def test_parse_fallback() -> None:
+    assert parse_fallback("glucose_feed=0, il2_addition=0.5") == {
+        "glucose_feed": 0.0,
+        "il2_addition": 0.5,
+    }
+    for bad in ("glucose_feed", "=1", "a=x", "a=nan"):
+        with pytest.raises(ConfigError):
+            parse_fallback(bad)

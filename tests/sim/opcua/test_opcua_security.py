@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from plant_models.errors import ConfigError
 from sim.opcua.apc import Role
 from sim.opcua.security import (
     FolderTrustList,
+    LoginGuard,
+    LoginPolicy,
     RoleUserManager,
     certificate_uris,
     ensure_certificate,
@@ -107,3 +110,98 @@ def test_folder_trust_list_empty_trusted_and_uri(tmp_path: Path) -> None:
     asyncio.run(check(cert, app))  # trusted now, without a restart
     with pytest.raises(ServiceError):
         asyncio.run(check(cert, ua.ApplicationDescription(ApplicationUri="urn:someone-else")))
+
+
+# -- login guard (no network: the real hashing in worker threads, a hand-driven clock) --------
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _guard(tmp_path: Path, **policy: float) -> tuple[LoginGuard, _Clock]:
+    path = tmp_path / "users.toml"
+    write_user(path, "apc", Role.APC, "right", iterations=1000)
+    clock = _Clock()
+    settings = {"max_failures": 3, "lockout_s": 60.0, "backoff_s": 0.0, **policy}
+    guard = LoginGuard(
+        RoleUserManager(load_users(path)),
+        LoginPolicy(**settings),  # type: ignore[arg-type]
+        clock=clock,
+    )
+    return guard, clock
+
+
+def test_lockout_refuses_the_right_password_then_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard, clock = _guard(tmp_path)
+
+    async def go() -> list[bool]:
+        try:
+            out = []
+            for password in ("w1", "w2", "w3", "right"):
+                user = await guard.login("apc", password, address="10.0.0.9", thumbprint="ab")
+                out.append(user is not None)
+            # another address is not locked out by this one's failures
+            other = await guard.login("apc", "right", address="10.0.0.7", thumbprint="cd")
+            out.append(other is not None)
+            clock.t += 61.0  # the lock-out period has passed
+            again = await guard.login("apc", "right", address="10.0.0.9", thumbprint="ab")
+            out.append(again is not None)
+            return out
+        finally:
+            guard.close()
+
+    with caplog.at_level(logging.WARNING, logger="sim.opcua.security"):
+        assert asyncio.run(go()) == [False, False, False, False, True, True]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("locked out for 60 s" in m and "10.0.0.9" in m for m in messages)
+    assert any("address locked out" in m and "10.0.0.9" in m for m in messages)
+    assert any("lock-out of 10.0.0.9 ended" in m for m in messages)
+
+
+def test_failures_expire_and_backoff_doubles(tmp_path: Path) -> None:
+    guard, clock = _guard(tmp_path, max_failures=3, failure_window_s=100.0, backoff_s=0.01)
+
+    async def go() -> bool:
+        try:
+            for _ in range(2):
+                await guard.login("apc", "wrong", address="a", thumbprint="t")
+            clock.t += 101.0  # both failures out of the window: no lock-out at the third
+            await guard.login("apc", "wrong", address="a", thumbprint="t")
+            return await guard.login("apc", "right", address="a", thumbprint="t") is not None
+        finally:
+            guard.close()
+
+    assert asyncio.run(go())
+
+
+def test_pending_login_cap_refuses_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "users.toml"
+    write_user(path, "apc", Role.APC, "right", iterations=400_000)  # slow on purpose
+    guard = LoginGuard(
+        RoleUserManager(load_users(path)),
+        LoginPolicy(max_failures=0, backoff_s=0.0, hash_workers=1, max_pending_logins=2),
+    )
+
+    async def go() -> list[object]:
+        try:
+            calls = [guard.login("apc", "wrong", address=f"h{i}", thumbprint="t") for i in range(5)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            guard.close()
+
+    results = asyncio.run(go())
+    busy = [r for r in results if isinstance(r, ServiceError)]
+    assert len(busy) == 3 and all(r.code == ua.StatusCodes.BadTooManyOperations for r in busy)
+    assert results[:2] == [None, None]
+
+
+def test_login_policy_validates() -> None:
+    with pytest.raises(ConfigError, match="hash_workers"):
+        LoginPolicy(hash_workers=0)
+    with pytest.raises(ConfigError, match="lockout_s"):
+        LoginPolicy(lockout_s=float("nan"))

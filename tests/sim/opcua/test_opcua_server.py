@@ -26,6 +26,19 @@ async def call(client: Client, obj: str, method: str, *args: ua.Variant) -> Any:
     return await (await node(client, obj)).call_method(await node(client, f"{obj}.{method}"), *args)
 
 
+#: The Properties argument of LADS FunctionalUnitState.Start (KeyValuePair[]), empty.
+NO_PROPERTIES = ua.Variant([], ua.VariantType.ExtensionObject, is_array=True)
+
+
+async def _status(pending: Any) -> Any:
+    """The status code a method call ends with (Good when it returns)."""
+    try:
+        await pending
+    except ua.UaStatusCodeError as exc:
+        return exc.code
+    return ua.StatusCodes.Good
+
+
 def strings(values: list[str]) -> ua.Variant:
     return ua.Variant(values, ua.VariantType.String, is_array=True)
 
@@ -308,7 +321,9 @@ def test_viewer_and_engineer_cannot_write(sim: SimThread, pki: Pki) -> None:
     assert sim.s.unit("BR02").apc.heartbeat == 0
 
 
-def test_watchdog_sheds_and_holds_when_the_heartbeat_stops(sim: SimThread, pki: Pki) -> None:
+def test_watchdog_sheds_to_the_fallback_setpoints_when_the_heartbeat_stops(
+    sim: SimThread, pki: Pki
+) -> None:
     unit = sim.s.unit("BR02")
     timeout = sim.s.config.heartbeat_timeout_s
 
@@ -353,7 +368,8 @@ def test_watchdog_sheds_and_holds_when_the_heartbeat_stops(sim: SimThread, pki: 
     assert out["write"] == [ua.StatusCode(ua.StatusCodes.Good)]
     assert out["shed_after"] <= timeout + 0.5  # within the time-out (+ one plant tick)
     assert out["fallback"] is True and out["mode"] == 0
-    assert out["held"][NAMES.index("glucose_feed")] == pytest.approx(4.0)
+    # the safe state (the batch-start values, the default --fallback), not the last move 4.0
+    assert out["held"][NAMES.index("glucose_feed")] == pytest.approx(0.0)
     assert out["held_later"] == out["held"]
     assert out["late"] == [ua.StatusCode(ua.StatusCodes.BadInvalidState)]
     assert out["regrant"] == ua.StatusCode(ua.StatusCodes.BadInvalidState)
@@ -543,7 +559,9 @@ def test_functional_unit_stop_and_start(sim: SimThread, pki: Pki) -> None:
             out["remote"] = await call(
                 op, "APC.BR02", "RequestMode", ua.Variant(1, ua.VariantType.Int32)
             )
-            await call(op, fus, "Start")
+            out["extra"] = await _status(call(op, fus, "Start", NO_PROPERTIES, NO_PROPERTIES))
+            out["missing"] = await _status(call(op, fus, "Start"))
+            await call(op, fus, "Start", NO_PROPERTIES)  # LADS: Start(Properties)
             out["started"] = (await state.read_value()).Text
         return out
 
@@ -552,4 +570,6 @@ def test_functional_unit_stop_and_start(sim: SimThread, pki: Pki) -> None:
     assert out["stopped"] == "Stopped" and out["pump_state"] == "Stopped"
     assert out["setpoints"] == [0.0, 0.0, 0.0]  # pumps off
     assert out["remote"] == ua.StatusCode(ua.StatusCodes.BadInvalidState)
+    assert out["extra"] == ua.StatusCodes.BadTooManyArguments
+    assert out["missing"] == ua.StatusCodes.BadArgumentsMissing
     assert out["started"] == "Running"
