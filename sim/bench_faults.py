@@ -108,6 +108,8 @@ class _Controller:
         self.starts = 0
 
     def start(self) -> None:
+        if self.proc is not None:  # reap the previous (killed) process
+            self.proc.wait()
         self.starts += 1
         log = (self.out / f"hmpc-run-{self.starts}.out").open("wb")
         command = [sys.executable, "-m", "controller.cli", "run", "--site", str(self.site)]
@@ -419,9 +421,9 @@ def tamper_cases() -> dict[str, Callable[[sqlite3.Connection], None]]:
     }
 
 
-def _verify(db: Path) -> bool:
-    """True when ``hmpc audit verify`` passes on ``db`` (exit 0)."""
-    command = [sys.executable, "-m", "controller.cli", "audit", "verify"]
+def _verify(db: Path, anchor: Path) -> bool:
+    """True when ``hmpc audit verify`` passes on ``db`` with the run's external anchor."""
+    command = [sys.executable, "-m", "controller.cli", "audit", "verify", "--anchor", str(anchor)]
     proc = subprocess.run(  # noqa: S603 - our own module with our own arguments
         [*command, "--historian", f"sqlite:///{db}"],
         capture_output=True,
@@ -433,8 +435,11 @@ def _verify(db: Path) -> bool:
 
 
 def _tamper(db: Path, folder: Path, figures: BatchFigures) -> None:
+    """Each edit on a copy of the historian; the anchor is the one ``hmpc run`` wrote
+    beside it (outside the database, where the edits do not reach)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if not _verify(db):
+    anchor = db.parent / "historian.anchor.jsonl"
+    if not _verify(db, anchor):
         figures.notes.append("the untouched historian failed verification")
     for name, edit in tamper_cases().items():
         copy = folder / f"{name.replace(' ', '_')}.sqlite"
@@ -447,7 +452,7 @@ def _tamper(db: Path, folder: Path, figures: BatchFigures) -> None:
                 figures.notes.append(f"tamper {name!r} could not be applied: {exc}")
                 continue
         figures.tamper_tried += 1
-        if not _verify(copy):
+        if not _verify(copy, anchor):
             figures.tamper_detected += 1
         else:
             figures.notes.append(f"tamper {name!r} NOT detected")
