@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from controller.runtime.loop import UNLIMITED_ENGAGE_PERIODS
 from sim.bench_loop import PASSWORD_ENV, _free_port, grant_remote, prepare_pki, write_sim_site
 from sim.opcua.faults import Fault
 from sim.opcua.recording import PlantThread
@@ -313,13 +314,19 @@ def _compare(plant: PlantThread, db: Path, figures: BatchFigures, resumes: Seque
             recorded[(str(name), round(float(value), 9))] += 1
     figures.writes_without_record = sum((accepted - recorded).values())
     figures.records_without_write = sum((recorded - accepted).values())
-    # first move after each resume: against the working setpoint before it
+    # first move after each resume, against the working setpoint before it; allowed: the
+    # plant's rate limit over one control period, or for a setpoint without one the
+    # controller's engagement rule (range / UNLIMITED_ENGAGE_PERIODS per period)
     period_h = 1.0
     allowed = 0.0
     for lim in limits.values():
         span = lim.high - lim.low
         if span > 0:
-            allowed = max(allowed, min(1.0, max(lim.rate_up, lim.rate_down) * period_h / span))
+            rate = max(lim.rate_up, lim.rate_down)
+            fraction = rate * period_h / span if math.isfinite(rate) else math.nan
+            if not math.isfinite(fraction):
+                fraction = 1.0 / UNLIMITED_ENGAGE_PERIODS
+            allowed = max(allowed, min(fraction, 1.0))
     figures.allowed_first_move = allowed
     steps = plant.steps.get(unit.name, [])
     for resumed in resumes:
