@@ -3,7 +3,7 @@
 #   postgresql          a real PostgreSQL server; tests/controller start a throwaway cluster
 #                       (initdb + pg_ctl on a free loopback port in a temporary folder)
 #   chromium            the headless browser that renders the batch report in
-#                       tests/controller/test_report.py (driven by playwright from PyPI,
+#                       tests/controller/records/test_report.py (driven by playwright from PyPI,
 #                       which is given this executable: no browser download)
 # Safe to re-run: a no-op when both are installed. As root it installs with apt-get; as
 # another user it uses `sudo -n` when allowed, else says what to run and exits 0 (the

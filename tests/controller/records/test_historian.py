@@ -232,7 +232,7 @@ def test_unit_tasks_share_one_historian_from_threads(tmp_path: Path, pg_url: str
 WRITER = textwrap.dedent(
     """
     import dataclasses, sys
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = {tests!r}
     from test_historian import awkward_step
     from controller.records.historian import Historian
     hist = Historian({url!r})
@@ -254,7 +254,8 @@ def test_every_acknowledged_step_survives_kill_9(
         if backend == "sqlite"
         else str(request.getfixturevalue("pg_url"))
     )
-    code = WRITER.format(tests=str(Path(__file__).parent), url=url)
+    here = Path(__file__).resolve()
+    code = WRITER.format(tests=[str(here.parent), str(here.parents[1])], url=url)
     acknowledged = -1
     with subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=tmp_path

@@ -26,7 +26,7 @@ from controller.numerics.mpc_config import (
 from plant_models.errors import ConfigError, SolverFailedError
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TCELL_CONFIG = REPO / "configs" / "mpc_tcell.toml"
 
 

@@ -15,7 +15,7 @@ from sim.closed_loop import run_closed_loop
 from sim.patients import VirtualPatient, load_cohort_spec
 from sim.plant import VirtualBioreactor
 
-HOURLY = Path(__file__).resolve().parents[2] / "configs" / "mpc_tcell_hourly.toml"
+HOURLY = Path(__file__).resolve().parents[3] / "configs" / "mpc_tcell_hourly.toml"
 
 
 def _batch_effect_residual(path: Path) -> Path:

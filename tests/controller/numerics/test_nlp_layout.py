@@ -16,7 +16,7 @@ from controller.numerics.mpc_config import SoftBound, load_mpc_config, with_proc
 from plant_models.errors import ModelError
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 SHAPES: dict[str, int | tuple[int, int]] = {
     "column": 3,

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sim" / "opcua"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sim" / "opcua"))
 from opcua_testkit import Pki, free_ports, session
 from opcua_testkit import pki as pki  # the session-scoped PKI fixture
 
