@@ -12,12 +12,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from sim.opcua.clock import ProcessClock
 from sim.opcua.server import SimulatorConfig, Simulators
 
-__all__ = ["GatedMonotonic", "PlantStep", "PlantThread", "PlantWrite"]
+__all__ = ["GatedMonotonic", "PlantStep", "PlantThread", "PlantWrite", "SimulatorThread"]
 
 T = TypeVar("T")
 
@@ -69,31 +69,92 @@ class PlantStep:
     truth: dict[str, float]
 
 
-class PlantThread:
-    """The simulators on their own event loop in a thread, recording the plant side."""
+class SimulatorThread:
+    """The simulators on their own event loop in a background thread: :meth:`start`,
+    coroutines run on that loop with :meth:`run`, :meth:`close`. Subclasses prepare the
+    simulators before they start (:meth:`_prepare`)."""
 
-    def __init__(self, config: SimulatorConfig, *, paused: bool = False) -> None:
+    def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
-        self.gate = GatedMonotonic(paused)
         self.loop = asyncio.new_event_loop()
         self.sims: Simulators | None = None
-        self.writes: list[PlantWrite] = []
-        self.steps: dict[str, list[PlantStep]] = {}
-        self.initial: dict[str, dict[str, float]] = {}
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="plant", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="opcua-sims", daemon=True)
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_until_complete(self._serve())
-        except BaseException as exc:  # reported to the test thread
+        except BaseException as exc:  # reported to the calling thread
             self._error = exc
             self._ready.set()
         finally:
             self.loop.close()
+
+    def _prepare(self, sims: Simulators) -> None:
+        """Called with the simulators before they start (nothing by default)."""
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        sims = Simulators(self.config)
+        self._prepare(sims)
+        try:
+            await sims.start()
+            self.sims = sims
+            self._ready.set()
+            await self._stop.wait()
+        finally:
+            await sims.stop()
+            # a server stopped by a restart fault leaves asyncua's session tasks behind
+            leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in leftover:
+                task.cancel()
+            await asyncio.gather(*leftover, return_exceptions=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        if not self._ready.wait(60) or self._error is not None:
+            self.close()
+            raise RuntimeError(f"simulators did not start: {self._error!r}")
+        return self
+
+    def run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a coroutine on the simulators' loop (to inspect or change the plant side)."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(fn(), self.loop)  # type: ignore[arg-type]
+        return future.result(60)
+
+    def close(self) -> None:
+        if self._stop is not None and self.loop.is_running():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+
+    @property
+    def s(self) -> Simulators:
+        if self.sims is None:
+            raise RuntimeError("the simulators are not running (call start() first)")
+        return self.sims
+
+    @property
+    def endpoint(self) -> str:
+        return self.s.endpoint
+
+
+class PlantThread(SimulatorThread):
+    """The simulators in a thread, recording the plant side, on a process clock that can be
+    held (:class:`GatedMonotonic`)."""
+
+    def __init__(self, config: SimulatorConfig, *, paused: bool = False) -> None:
+        super().__init__(config)
+        self.gate = GatedMonotonic(paused)
+        self.writes: list[PlantWrite] = []
+        self.steps: dict[str, list[PlantStep]] = {}
+        self.initial: dict[str, dict[str, float]] = {}
+
+    def _prepare(self, sims: Simulators) -> None:
+        sims.clock = ProcessClock(self.config.speed, monotonic=self.gate)
+        self._instrument(sims)
 
     def _instrument(self, sims: Simulators) -> None:
         for unit in sims.units:
@@ -136,47 +197,3 @@ class PlantThread:
 
             unit.apc.write_setpoints = recorded_write  # type: ignore[method-assign]
             unit.advance = recorded_advance  # type: ignore[method-assign]
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        sims = Simulators(self.config)
-        sims.clock = ProcessClock(self.config.speed, monotonic=self.gate)
-        self._instrument(sims)
-        try:
-            await sims.start()
-            self.sims = sims
-            self._ready.set()
-            await self._stop.wait()
-        finally:
-            await sims.stop()
-            # a server stopped by a restart fault leaves asyncua's session tasks behind
-            leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in leftover:
-                task.cancel()
-            await asyncio.gather(*leftover, return_exceptions=True)
-
-    def start(self) -> PlantThread:
-        self._thread.start()
-        if not self._ready.wait(60) or self._error is not None:
-            self.close()
-            raise RuntimeError(f"simulators did not start: {self._error!r}")
-        return self
-
-    def run(self, fn: Callable[[], Awaitable[T]]) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(fn(), self.loop)  # type: ignore[arg-type]
-        return future.result(60)
-
-    def close(self) -> None:
-        if self._stop is not None and self.loop.is_running():
-            self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
-
-    @property
-    def s(self) -> Simulators:
-        if self.sims is None:
-            raise RuntimeError("the simulators are not running (call start() first)")
-        return self.sims
-
-    @property
-    def endpoint(self) -> str:
-        return self.s.endpoint

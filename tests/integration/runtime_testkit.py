@@ -3,7 +3,11 @@ ports, the PKI, and the recorded plant side (:mod:`sim.opcua.recording`, re-expo
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sim.bench_loop import prepare_pki
@@ -17,6 +21,9 @@ __all__ = [
     "PlantWrite",
     "free_ports",
     "make_pki",
+    "stop_process",
+    "wait_ready",
+    "wait_until",
 ]
 
 PASSWORDS = {"apc": "apc-secret", "operator": "op-secret"}
@@ -36,3 +43,40 @@ def free_ports(n: int) -> list[int]:
 
 def make_pki(folder: Path) -> Path:
     return prepare_pki(folder, PASSWORDS)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` until true; an AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_ready(proc: subprocess.Popen[str], timeout_s: float = 120.0) -> None:
+    """Read ``hmpc-sim serve``'s stdout until it prints ``ready``."""
+    deadline = time.monotonic() + timeout_s
+    if proc.stdout is None:
+        raise AssertionError("hmpc-sim serve was started without stdout=PIPE")
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"hmpc-sim serve ended early (exit {proc.poll()})")
+        if line.strip() == "ready":
+            return
+    raise AssertionError("hmpc-sim serve did not become ready")
+
+
+def stop_process(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` (if still running), wait up to 30 s, then kill; close its pipes."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()

@@ -12,12 +12,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from runtime_testkit import PASSWORDS, free_ports
+from runtime_testkit import PASSWORDS, free_ports, stop_process, wait_ready, wait_until
 
 from controller.records.historian import Historian
 from sim.bench_loop import PASSWORD_ENV, grant_remote, write_sim_site
@@ -36,15 +34,8 @@ def _serve(port: int, pki: Path) -> subprocess.Popen[str]:
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"hmpc-sim serve ended early (exit {proc.poll()})")
-        if line.strip() == "ready":
-            return proc
-    raise AssertionError("hmpc-sim serve did not become ready")
+    wait_ready(proc)
+    return proc
 
 
 def _run(site: Path, out: Path) -> subprocess.Popen[str]:
@@ -55,28 +46,6 @@ def _run(site: Path, out: Path) -> subprocess.Popen[str]:
         text=True,
         env={**os.environ, PASSWORD_ENV: PASSWORDS["apc"]},
     )
-
-
-def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-
-
-def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _remote_writes(db: Path) -> int:
@@ -112,9 +81,9 @@ def test_a_plant_restarted_under_the_same_batch_id_is_never_controlled_as_the_ol
         )
         run = _run(site.path, out)
         assert asyncio.run(grant_remote(site, "BR01", PASSWORDS["operator"])) == "Good"
-        _wait(lambda: _remote_writes(db) >= 3, 120, "three accepted writes")
+        wait_until(lambda: _remote_writes(db) >= 3, 120, "three accepted writes")
         # the plant restarts: same BatchId, process time from 0 again
-        _stop(server, signal.SIGKILL)
+        stop_process(server, signal.SIGKILL)
         server = _serve(port, pki)
         stdout, stderr = run.communicate(timeout=120)  # the unit's loop ends by itself
         assert run.returncode == 1, stderr[-2000:]
@@ -145,8 +114,8 @@ def test_a_plant_restarted_under_the_same_batch_id_is_never_controlled_as_the_ol
                     if b == f"{batch}~2"
                 )
 
-        _wait(new_record_written, 120, "writes under the new batch record")
-        _stop(run)
+        wait_until(new_record_written, 120, "writes under the new batch record")
+        stop_process(run)
         assert run.returncode == 0
         with Historian(str(db), create=False) as historian:
             assert sorted(historian.batches()) == [batch, f"{batch}~2"]
@@ -157,5 +126,5 @@ def test_a_plant_restarted_under_the_same_batch_id_is_never_controlled_as_the_ol
             assert f"{batch}~2" in old_alarms[1].message
     finally:
         if run is not None:
-            _stop(run)
-        _stop(server)
+            stop_process(run)
+        stop_process(server)

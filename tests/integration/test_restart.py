@@ -15,14 +15,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from runtime_testkit import PASSWORDS, PlantThread, free_ports
+from runtime_testkit import PASSWORDS, PlantThread, free_ports, wait_until
 
 from controller.records.audit import AuditTrail
 from controller.records.historian import Historian, record_json
@@ -36,14 +34,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 HARVEST_H = 30.0
 KILL_AFTER_H = 10.0
 RAMP_H = 4.0
-
-
-def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _records(db: Path) -> tuple[str, list[Any], list[Any], list[Any]]:
@@ -120,7 +110,7 @@ def test_kill_9_mid_batch_then_the_same_command_resumes_without_a_bump(
 
         first = start(1)
         assert operator() == "Good"
-        _wait(
+        wait_until(
             lambda: (
                 sum(w.mode == "REMOTE" for w in plant.writes) >= 3
                 and unit.plant.time_h >= KILL_AFTER_H
@@ -133,7 +123,7 @@ def test_kill_9_mid_batch_then_the_same_command_resumes_without_a_bump(
         assert first.wait(30) == -signal.SIGKILL
         batch, steps_at_kill, events_at_kill, states_at_kill = _records(db)
         writes_before = [w for w in plant.writes]
-        _wait(lambda: unit.apc.fallback, 30, "the watchdog's shed")  # no heartbeat: Local
+        wait_until(lambda: unit.apc.fallback, 30, "the watchdog's shed")  # no heartbeat: Local
         held = dict(unit.apc.targets)
 
         second = start(2)  # the same command again

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runtime_testkit import PASSWORDS, free_ports
+from runtime_testkit import PASSWORDS, free_ports, stop_process, wait_ready
 
 from controller.records.audit import AuditTrail, verify_historian
 from controller.records.historian import Historian
@@ -21,31 +21,6 @@ from sim.bench_loop import PASSWORD_ENV, grant_remote, write_sim_site
 from sim.cli import main as sim_main
 
 pytestmark = pytest.mark.integration
-
-
-def _wait_ready(proc: subprocess.Popen[str], timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"hmpc-sim serve ended early (exit {proc.poll()})")
-        if line.strip() == "ready":
-            return
-    raise AssertionError("hmpc-sim serve did not become ready")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
 
 
 def test_hmpc_run_drives_two_units_and_stops_cleanly_on_sigterm(tmp_path: Path, pki: Path) -> None:
@@ -76,7 +51,7 @@ def test_hmpc_run_drives_two_units_and_stops_cleanly_on_sigterm(tmp_path: Path, 
     )
     run: subprocess.Popen[str] | None = None
     try:
-        _wait_ready(server)
+        wait_ready(server)
         site = write_sim_site(
             tmp_path / "site.toml",
             endpoint=f"opc.tcp://127.0.0.1:{port}/hmpc/bioreactor",
@@ -114,8 +89,8 @@ def test_hmpc_run_drives_two_units_and_stops_cleanly_on_sigterm(tmp_path: Path, 
         assert run.returncode == 0, stderr[-2000:]
     finally:
         if run is not None:
-            _stop(run)
-        _stop(server)
+            stop_process(run)
+        stop_process(server)
 
     assert "BR01" in stdout and "ended: stopped" in stdout
     summary = json.loads((out / "run_summary.json").read_text())

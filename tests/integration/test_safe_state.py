@@ -19,11 +19,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from runtime_testkit import PASSWORDS, PlantThread, free_ports
+from runtime_testkit import PASSWORDS, PlantThread, free_ports, wait_until
 
 from controller.records.historian import Historian
 from controller.runtime.loop import UNLIMITED_ENGAGE_PERIODS
@@ -33,14 +32,6 @@ from sim.opcua.server import SimulatorConfig
 pytestmark = pytest.mark.integration
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Run:
@@ -125,16 +116,16 @@ def test_kill_9_sheds_to_the_fallback_setpoints_and_the_resumed_first_move_is_bu
                 abs(apc.targets[n] - fallback[n]) > 10 * limits[n].deadband for n in limits
             )
 
-        _wait(moved_off_the_safe_state, 120, "moves away from the safe state")
+        wait_until(moved_off_the_safe_state, 120, "moves away from the safe state")
         first.send_signal(signal.SIGKILL)
         assert first.wait(30) == -signal.SIGKILL
         last_move = dict(apc.targets)  # what the old plant side froze at the shed
         killed_at = time.monotonic()
-        _wait(lambda: apc.fallback, 30, "the watchdog's shed")
+        wait_until(lambda: apc.fallback, 30, "the watchdog's shed")
         shed_after_s = time.monotonic() - killed_at
         at_shed = dict(apc.targets)
         # the plant reaches the safe state (working setpoints, at its own rate limits)
-        _wait(
+        wait_until(
             lambda: all(abs(apc.working[n] - fallback[n]) < 1e-9 for n in limits),
             60,
             "the working setpoints reaching the fallback",
@@ -144,7 +135,7 @@ def test_kill_9_sheds_to_the_fallback_setpoints_and_the_resumed_first_move_is_bu
 
         second = run.start()
         assert run.grant() == "Good"
-        _wait(lambda: len(plant.writes) > writes_before, 120, "the first move after resume")
+        wait_until(lambda: len(plant.writes) > writes_before, 120, "the first move after resume")
         resumed = plant.writes[writes_before]
         second.send_signal(signal.SIGTERM)
         assert second.wait(60) == 0, run.err(2)

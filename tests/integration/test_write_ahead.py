@@ -19,12 +19,11 @@ import math
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from runtime_testkit import PASSWORDS, PlantThread, free_ports
+from runtime_testkit import PASSWORDS, PlantThread, free_ports, wait_until
 
 from controller.cli import main
 from controller.records.audit import AuditTrail
@@ -56,14 +55,6 @@ def historian_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'out' / 'historian.sqlite'}"
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.create_database()
-
-
-def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _close(a: float, b: float) -> bool:
@@ -167,7 +158,7 @@ def test_a_crash_between_write_and_record_is_reconciled_at_restart(
             assert all(_close(sent[n], pending.target[n]) for n in sent)
         else:
             sent = dict(pending.previous)  # what the plant still holds
-        _wait(lambda: unit.apc.fallback, 30, "the watchdog's shed")
+        wait_until(lambda: unit.apc.fallback, 30, "the watchdog's shed")
 
         second = start(2)
         assert operator() == "Good"

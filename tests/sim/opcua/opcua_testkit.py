@@ -10,9 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,8 +27,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sim.opcua.apc import Role
 from sim.opcua.lads import HMPC_URI
+from sim.opcua.recording import SimulatorThread
 from sim.opcua.security import write_user
-from sim.opcua.server import SimulatorConfig, Simulators, serve_simulators
+from sim.opcua.server import SimulatorConfig
 
 T = TypeVar("T")
 
@@ -102,56 +101,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(folder, cert, key, bad_cert, bad_key, other_cert, other_key)
 
 
-class SimThread:
-    """Simulators on an event loop in a background thread."""
-
-    def __init__(self, config: SimulatorConfig) -> None:
-        self.config = config
-        self.loop = asyncio.new_event_loop()
-        self.sims: Simulators | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="opcua-sims", daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._serve())
-        except BaseException as exc:  # reported to the test thread
-            self._error = exc
-            self._ready.set()
-        finally:
-            self.loop.close()
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        async with serve_simulators(self.config) as sims:
-            self.sims = sims
-            self._ready.set()
-            await self._stop.wait()
-
-    def start(self) -> SimThread:
-        self._thread.start()
-        if not self._ready.wait(60) or self._error is not None:
-            self.close()
-            raise RuntimeError(f"simulators did not start: {self._error!r}")
-        return self
-
-    def run(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run a coroutine on the simulators' loop (to inspect or change the plant side)."""
-        future: Future[T] = asyncio.run_coroutine_threadsafe(fn(), self.loop)  # type: ignore[arg-type]
-        return future.result(30)
-
-    def close(self) -> None:
-        if self._stop is not None and self.loop.is_running():
-            self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-
-    @property
-    def s(self) -> Simulators:
-        assert self.sims is not None
-        return self.sims
+#: The simulators on an event loop in a background thread (sim.opcua.recording).
+SimThread = SimulatorThread
 
 
 @pytest.fixture(scope="session")
