@@ -930,7 +930,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print(
             f"record chain intact: {records.entries} entries; head #{records.head_seq} "
             f"{records.head_hash}{anchored}"
-            + ("" if args.anchor else " (no --anchor: a cut tail or a wipe is not detectable)")
+            + ("" if args.anchor else " (no --anchor: a cut tail, a wipe or a re-computed chain")
+            + ("" if args.anchor else " is not detectable)")
         )
         return 0
     if not result.ok:

@@ -277,8 +277,11 @@ class LoginGuard:
     """Checks passwords in a bounded worker pool, delays refusals (back-off) and locks out an
     address after repeated failures. One per server; :meth:`close` ends its threads.
 
-    Keyed by the client's IP address: a flood from one address cannot lock out a controller
-    on another one (a per-user lock-out would let anyone lock out ``apc``)."""
+    Keyed by the client: its IP address and the thumbprint of its (trusted, channel-checked)
+    certificate. A flood cannot lock out a controller on another machine, nor one on the
+    same machine with its own certificate (seen with an address-only key: a second trusted
+    client on the controller's host kept ``apc`` out for as long as it sent wrong
+    passwords); a per-user lock-out would let anyone lock out ``apc``."""
 
     def __init__(
         self,
@@ -299,19 +302,20 @@ class LoginGuard:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def locked(self, address: str) -> bool:
-        until = self._locked_until.get(address)
+    def locked(self, client: str) -> bool:
+        """Whether ``client`` (address and certificate thumbprint) is locked out now."""
+        until = self._locked_until.get(client)
         if until is None:
             return False
         if self._clock() >= until:
-            del self._locked_until[address]
-            self._failures.pop(address, None)
-            log.warning("login lock-out of %s ended", address)
+            del self._locked_until[client]
+            self._failures.pop(client, None)
+            log.warning("login lock-out of %s ended", client)
             return False
         return True
 
-    def _recent_failures(self, address: str) -> collections.deque[float]:
-        times = self._failures.setdefault(address, collections.deque())
+    def _recent_failures(self, client: str) -> collections.deque[float]:
+        times = self._failures.setdefault(client, collections.deque())
         horizon = self._clock() - self.policy.failure_window_s
         while times and times[0] < horizon:
             times.popleft()
@@ -323,8 +327,9 @@ class LoginGuard:
         """The user, or None (refused, logged). Raises ``ServiceError(BadTooManyOperations)``
         when ``max_pending_logins`` checks are already under way."""
         who = f"user {username!r} from {address} (certificate thumbprint {thumbprint})"
-        if self.locked(address):
-            log.warning("login refused for %s: address locked out", who)
+        client = f"{address} with certificate {thumbprint}" if thumbprint else address
+        if self.locked(client):
+            log.warning("login refused for %s: client locked out", who)
             return None
         if self._pending >= self.policy.max_pending_logins:
             self.refused_busy += 1
@@ -340,19 +345,19 @@ class LoginGuard:
             user = await loop.run_in_executor(self._pool, self.users.check, username, password)
         finally:
             self._pending -= 1
-        if self.locked(address):  # locked while this check ran: refuse even a right password
-            log.warning("login refused for %s: address locked out", who)
+        if self.locked(client):  # locked while this check ran: refuse even a right password
+            log.warning("login refused for %s: client locked out", who)
             return None
         if user is not None:
             log.info("login: %s", who)
             return user
-        failures = self._recent_failures(address)
+        failures = self._recent_failures(client)
         failures.append(self._clock())
         n = len(failures)
         if self.policy.max_failures and n >= self.policy.max_failures:
-            self._locked_until[address] = self._clock() + self.policy.lockout_s
+            self._locked_until[client] = self._clock() + self.policy.lockout_s
             log.warning(
-                "login refused for %s: wrong password or unknown user; %d failures, address "
+                "login refused for %s: wrong password or unknown user; %d failures, client "
                 "locked out for %.0f s",
                 who,
                 n,

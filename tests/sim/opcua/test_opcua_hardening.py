@@ -305,7 +305,7 @@ def test_login_flood_locks_out_and_the_legitimate_client_stays_connected(
     assert out["more_notifications"]
     messages = [r.getMessage() for r in caplog.records]
     assert any("locked out for 600 s" in m and "127.0.0.1" in m for m in messages)
-    assert any("apc" in m and "address locked out" in m for m in messages)
+    assert any("apc" in m and "client locked out" in m for m in messages)
 
 
 def test_connections_without_a_session_are_capped(

@@ -148,6 +148,9 @@ def test_lockout_refuses_the_right_password_then_ends(
             # another address is not locked out by this one's failures
             other = await guard.login("apc", "right", address="10.0.0.7", thumbprint="cd")
             out.append(other is not None)
+            # nor another certificate on the same address (a second client on the host)
+            same_host = await guard.login("apc", "right", address="10.0.0.9", thumbprint="ef")
+            out.append(same_host is not None)
             clock.t += 61.0  # the lock-out period has passed
             again = await guard.login("apc", "right", address="10.0.0.9", thumbprint="ab")
             out.append(again is not None)
@@ -156,11 +159,11 @@ def test_lockout_refuses_the_right_password_then_ends(
             guard.close()
 
     with caplog.at_level(logging.WARNING, logger="sim.opcua.security"):
-        assert asyncio.run(go()) == [False, False, False, False, True, True]
+        assert asyncio.run(go()) == [False, False, False, False, True, True, True]
     messages = [r.getMessage() for r in caplog.records]
     assert any("locked out for 60 s" in m and "10.0.0.9" in m for m in messages)
-    assert any("address locked out" in m and "10.0.0.9" in m for m in messages)
-    assert any("lock-out of 10.0.0.9 ended" in m for m in messages)
+    assert any("client locked out" in m and "10.0.0.9" in m for m in messages)
+    assert any("lock-out of 10.0.0.9 with certificate ab ended" in m for m in messages)
 
 
 def test_failures_expire_and_backoff_doubles(tmp_path: Path) -> None:
