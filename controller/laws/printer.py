@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plant_models.config import check_keys, load_toml
+from plant_models.config import load_fields, load_toml, setting
 from plant_models.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -100,16 +100,18 @@ class PrintPolicyConfig:
             side only).
     """
 
-    schedule_probability: float = 0.9
-    revoke_probability: float = 0.5
-    cell_tolerance: float = 0.15
-    start_tolerance_h: float = 2.0
-    bioink_cell_density: float = 20.0
-    printed_fraction: float = 0.02
-    max_printed_cells: float = 0.6
-    harvest_to_print_h: float = 2.0
-    job_prefix: str = "PRINT"
-    namespace_uri: str = "urn:hmpc:sim"
+    schedule_probability: float = setting(0.9, low=0.0, high=1.0, low_open=True)
+    revoke_probability: float = setting(0.5, low=0.0, high=1.0)
+    cell_tolerance: float = setting(0.15, low=0.0, high=10.0, low_open=True)
+    start_tolerance_h: float = setting(2.0, low=0.0, high=240.0, low_open=True, unit="h")
+    bioink_cell_density: float = setting(
+        20.0, low=0.0, high=1000.0, low_open=True, unit="1e6 cells/mL"
+    )
+    printed_fraction: float = setting(0.02, low=0.0, high=1.0, low_open=True)
+    max_printed_cells: float = setting(0.6, low=0.0, high=1e4, low_open=True, unit="1e9 cells")
+    harvest_to_print_h: float = setting(2.0, low=0.0, high=240.0, unit="h")
+    job_prefix: str = setting("PRINT", description="job ids are <prefix>-<batch id>-<n>")
+    namespace_uri: str = setting("urn:hmpc:sim", description="namespace of the job nodes")
 
     def __post_init__(self) -> None:
         ranges: dict[str, tuple[float, float, bool]] = {
@@ -159,38 +161,13 @@ class PrintPolicyConfig:
         Raises:
             ConfigError: unknown key (with close matches), wrong type, value out of range.
         """
-        check_keys(table, sorted(_FIELDS), where)
-        values = typed_settings(table, where)
+        values = load_fields(cls, table, where)
         if "namespace_uri" not in values and namespace_uri:
             values["namespace_uri"] = namespace_uri
         try:
             return cls(**values)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(PrintPolicyConfig)}
-
-
-def typed_settings(section: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The values of a printer settings table with their types checked: ``job_prefix`` and
-    ``namespace_uri`` strings, every other key a number (as float).
-
-    Raises:
-        ConfigError: a value of the wrong type (the message names ``where`` and the key).
-    """
-    values: dict[str, Any] = {}
-    for key, value in section.items():
-        at = f"{where} {key}"
-        if key in ("job_prefix", "namespace_uri"):
-            if not isinstance(value, str):
-                raise ConfigError(f"{at}: expected a string, got {value!r}.")
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{at}: expected a number, got {value!r}.")
-        else:
-            value = float(value)
-        values[key] = value
-    return values
 
 
 def load_printer_config(path: str | Path) -> PrintPolicyConfig:

@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from plant_models.base import CASADI_OPS, rk4
-from plant_models.config import check_keys, load_toml
+from plant_models.config import check_keys, load_fields, load_toml, setting
 from plant_models.errors import ConfigError, ModelError
 
 __all__ = [
@@ -79,15 +79,21 @@ class ForecastConfig:
         seed: seed of the ensemble draws (the same inputs give the same forecast).
     """
 
-    members: int = 64
-    level: float = 0.9
-    step_h: float = 1.0
-    max_substep_h: float = 0.1
-    horizon_h: float = 240.0
-    factor_random_walk: float = 0.01
-    process_noise: NoiseTable = dataclasses.field(default_factory=dict)
-    gp_variance: bool = True
-    seed: int = 0
+    members: int = setting(64, low=2, high=4096, description="ensemble size (even)")
+    level: float = setting(0.9, low=0.0, high=1.0, low_open=True, description="interval level")
+    step_h: float = setting(1.0, low=0.0, low_open=True, unit="h", description="grid step")
+    max_substep_h: float = setting(
+        0.1, low=0.0, low_open=True, unit="h", description="longest RK4 sub-step"
+    )
+    horizon_h: float = setting(240.0, low=0.0, low_open=True, unit="h", description="horizon")
+    factor_random_walk: float = setting(
+        0.01, low=0.0, unit="1/sqrt(h)", description="log-factor random walk"
+    )
+    process_noise: NoiseTable = setting(
+        default_factory=dict, low=0.0, description="[absolute, relative]"
+    )
+    gp_variance: bool = setting(True, description="use the GP residual variance")
+    seed: int = setting(0, description="seed of the ensemble draws")
 
     def __post_init__(self) -> None:
         if isinstance(self.members, bool) or not isinstance(self.members, int):
@@ -140,16 +146,8 @@ class ForecastConfig:
         )
 
 
-_SCALARS = {
-    "members": int,
-    "level": float,
-    "step_h": float,
-    "max_substep_h": float,
-    "horizon_h": float,
-    "factor_random_walk": float,
-    "gp_variance": bool,
-    "seed": int,
-}
+#: the settings of the ``[forecast]`` table (``process_noise`` is a table of its own)
+_SCALARS = tuple(f.name for f in dataclasses.fields(ForecastConfig) if f.name != "process_noise")
 
 
 def load_forecast_config(path: str | Path) -> ForecastConfig:
@@ -168,34 +166,11 @@ def load_forecast_config(path: str | Path) -> ForecastConfig:
 
 def forecast_config_from_dict(data: Mapping[str, Any], where: str) -> ForecastConfig:
     """:func:`load_forecast_config` on an already parsed document (``where`` names it)."""
-    section = data.get("forecast", {})
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{where}: [forecast] must be a table.")
-    check_keys(section, sorted(_SCALARS), f"{where} [forecast]")
-    values: dict[str, Any] = {}
-    for key, value in section.items():
-        kind = _SCALARS[key]
-        at = f"{where} [forecast] {key}"
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"{at}: expected true or false, got {value!r}.")
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{at}: expected a number, got {value!r}.")
-        elif kind is int and not isinstance(value, int):
-            raise ConfigError(f"{at}: expected a whole number, got {value!r}.")
-        values[key] = kind(value)
-    noise = data.get("process_noise", {})
-    if not isinstance(noise, Mapping):
-        raise ConfigError(f"{where}: [process_noise] must be a table of name = [abs, rel].")
-    table: dict[str, tuple[float, float]] = {}
-    for name, pair in noise.items():
-        ok = isinstance(pair, list) and len(pair) == 2
-        if not ok or any(isinstance(v, bool) or not isinstance(v, int | float) for v in pair):
-            raise ConfigError(
-                f"{where} [process_noise] {name}: expected [absolute, relative], got {pair!r}."
-            )
-        table[name] = (float(pair[0]), float(pair[1]))
-    values["process_noise"] = table
+    values = load_fields(
+        ForecastConfig, data.get("forecast", {}), f"{where} [forecast]", names=_SCALARS
+    )
+    noise = {"process_noise": data.get("process_noise", {})}
+    values.update(load_fields(ForecastConfig, noise, where, names=("process_noise",), root=True))
     try:
         return ForecastConfig(**values)
     except ConfigError as exc:

@@ -75,7 +75,7 @@ from types import MappingProxyType
 from typing import Any
 
 from controller.laws.printer import PrintPolicyConfig
-from plant_models.config import check_keys, load_toml, suggest
+from plant_models.config import check_keys, load_fields, load_toml, setting, suggest
 from plant_models.errors import ConfigError
 from plant_models.process import available_processes, get_process
 
@@ -360,14 +360,14 @@ class TimingConfig:
             by this per process hour (0: only the rate limits).
     """
 
-    period_h: float = 1.0
-    max_input_age_h: float = 1.5
-    solve_budget_s: float | None = None
-    heartbeat_interval_s: float = 1.0
-    request_timeout_s: float = 5.0
-    reconnect_interval_s: float = 1.0
-    publishing_interval_ms: float = 50.0
-    engage_ramp_h: float = 0.0
+    period_h: float = setting(1.0, low=0.0, high=48.0, low_open=True, unit="h")
+    max_input_age_h: float = setting(1.5, low=0.0, high=1e4, low_open=True, unit="h")
+    solve_budget_s: float | None = setting(None, low=0.0, high=86400.0, low_open=True, unit="s")
+    heartbeat_interval_s: float = setting(1.0, low=0.0, high=600.0, low_open=True, unit="s")
+    request_timeout_s: float = setting(5.0, low=0.0, high=600.0, low_open=True, unit="s")
+    reconnect_interval_s: float = setting(1.0, low=0.0, high=600.0, low_open=True, unit="s")
+    publishing_interval_ms: float = setting(50.0, low=0.0, high=60000.0, low_open=True, unit="ms")
+    engage_ramp_h: float = setting(0.0, low=0.0, high=1000.0, unit="h")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -803,45 +803,11 @@ def _security(t: Mapping[str, Any], base: Path, src: str) -> SecurityConfig:
 
 
 def _timing(t: Mapping[str, Any], src: str) -> TimingConfig:
-    w = f"{src} [timing]"
-    fields = [f.name for f in dataclasses.fields(TimingConfig)]
-    check_keys(t, fields, w)
-    d = TimingConfig()
-    period = _req_num(t, "period_h", w, d.period_h, 0.0, 48.0, "h", low_open=True)
-    return TimingConfig(
-        period_h=period,
-        max_input_age_h=_req_num(
-            t,
-            "max_input_age_h",
-            w,
-            max(d.max_input_age_h, 1.5 * period),
-            0.0,
-            1e4,
-            "h",
-            low_open=True,
-        ),
-        solve_budget_s=_num(t, "solve_budget_s", w, None, 0.0, 86400.0, "s", low_open=True),
-        heartbeat_interval_s=_req_num(
-            t, "heartbeat_interval_s", w, d.heartbeat_interval_s, 0.0, 600.0, "s", low_open=True
-        ),
-        request_timeout_s=_req_num(
-            t, "request_timeout_s", w, d.request_timeout_s, 0.0, 600.0, "s", low_open=True
-        ),
-        reconnect_interval_s=_req_num(
-            t, "reconnect_interval_s", w, d.reconnect_interval_s, 0.0, 600.0, "s", low_open=True
-        ),
-        publishing_interval_ms=_req_num(
-            t,
-            "publishing_interval_ms",
-            w,
-            d.publishing_interval_ms,
-            0.0,
-            60000.0,
-            "ms",
-            low_open=True,
-        ),
-        engage_ramp_h=_req_num(t, "engage_ramp_h", w, d.engage_ramp_h, 0.0, 1000.0, "h"),
-    )
+    values = load_fields(TimingConfig, t, f"{src} [timing]")
+    # an input may be a period and a half old before it is stale (at least the default)
+    period = values.get("period_h", TimingConfig.period_h)
+    values.setdefault("max_input_age_h", max(TimingConfig.max_input_age_h, 1.5 * period))
+    return TimingConfig(**values)
 
 
 def _clock(t: Mapping[str, Any], src: str) -> ClockConfig:
