@@ -39,8 +39,6 @@ __all__ = [
     "AdaptationResult",
     "AdaptedParameter",
     "PatientAdaptation",
-    "default_adapted_parameters",
-    "default_simulated_states",
     "with_parameters",
 ]
 
@@ -83,21 +81,6 @@ class AdaptedParameter:
             )
 
 
-def default_adapted_parameters(model_name: str) -> tuple[AdaptedParameter, ...]:
-    """The patient parameters of a process, with their cohort spreads: the process
-    plug-in's :meth:`~plant_models.process.ProcessPlugin.adapted_parameters`."""
-    from plant_models.process import get_process  # the plug-ins import this module
-
-    return get_process(model_name).adapted_parameters()
-
-
-def default_simulated_states(model_name: str) -> tuple[str, ...]:
-    """States a process's adaptation simulates: the cells and what integrates them."""
-    from plant_models.process import get_process
-
-    return get_process(model_name).simulated_states
-
-
 def with_parameters(model: MechanisticModel[Any], values: Mapping[str, float]) -> Any:
     """A copy of ``model`` (mechanistic or hybrid) whose parameters have ``values``.
 
@@ -134,7 +117,7 @@ class PatientAdaptation:
 
     Args:
         model: the model to adapt (mechanistic or hybrid).
-        parameters: the adapted parameters (:func:`default_adapted_parameters`).
+        parameters: the adapted parameters (a process plug-in's ``adapted_parameters()``).
         simulated: states simulated in the fit; the first is the cell number whose log is
             fitted, the others are states driven by it (the T-cell inhibitor, its integral).
             Every other state is taken from the measurements.

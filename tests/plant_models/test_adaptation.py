@@ -10,12 +10,11 @@ import pytest
 from plant_models.adaptation import (
     AdaptedParameter,
     PatientAdaptation,
-    default_adapted_parameters,
-    default_simulated_states,
     with_parameters,
 )
 from plant_models.errors import ConfigError, ModelError
 from plant_models.hybrid import discretize
+from plant_models.process import get_process
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
 
 TRUE = {"mu_max": 0.036 * 0.8, "exhaustion_threshold": 1800.0 * 1.3, "lag_time": 30.0}
@@ -48,8 +47,8 @@ def _batch(model: TCellExpansionModel, values: dict[str, float], hours: int, see
 def _fitter(model: TCellExpansionModel, window_h: float = 400.0) -> PatientAdaptation:
     return PatientAdaptation(
         model,
-        default_adapted_parameters("tcell"),
-        simulated=default_simulated_states("tcell"),
+        get_process("tcell").adapted_parameters(),
+        simulated=get_process("tcell").simulated_states,
         window_h=window_h,
     )
 
@@ -64,7 +63,7 @@ def test_fit_recovers_the_patient_of_a_matched_model(model: TCellExpansionModel)
     )
     assert fit.values["lag_time"] == pytest.approx(TRUE["lag_time"], abs=2.0)
     # the posterior is much narrower than the prior
-    prior = np.array([p.prior_sd for p in default_adapted_parameters("tcell")])
+    prior = np.array([p.prior_sd for p in get_process("tcell").adapted_parameters()])
     assert np.all(np.sqrt(np.diag(fit.covariance)) < 0.5 * prior)
 
 
@@ -134,9 +133,11 @@ def test_bad_configuration_and_records_are_refused(model: TCellExpansionModel) -
     with pytest.raises(ConfigError, match="twice"):
         PatientAdaptation(model, [AdaptedParameter("mu_max", "factor", 0.2)] * 2)
     with pytest.raises(ConfigError, match="simulated states"):
-        PatientAdaptation(model, default_adapted_parameters("tcell"), simulated=("viable_cell",))
+        PatientAdaptation(
+            model, get_process("tcell").adapted_parameters(), simulated=("viable_cell",)
+        )
     with pytest.raises(ConfigError, match="not registered"):
-        default_adapted_parameters("yeast")
+        get_process("yeast")
     t, x, u, y, sd = _batch(model, TRUE, 50)
     fitter = _fitter(model, window_h=48.0)
     t_bad = t.copy()

@@ -158,12 +158,12 @@ def test_patient_parameters_are_fitted_causally(
     """Each prediction's patient parameters come from the measurements up to its start:
     changing later readings changes no earlier prediction."""
     from controller.training.fitting import training_observations as _training_observations
-    from plant_models.adaptation import default_adapted_parameters
+    from plant_models.process import get_process
 
     base = nominal_model("tcell")
     recs = load_batch_records(str(records / "*" / "trajectory.csv"), base)
     features = ["lactate", "culture_age"]
-    adapt = default_adapted_parameters("tcell")
+    adapt = get_process("tcell").adapted_parameters()
     simulated = ("viable_cells", "inhibitor")
     # the residual learns what each training batch's own patient parameters leave
     obs = _training_observations(recs[:3], base, features, adapt, simulated, min_model_rate=0.01)
