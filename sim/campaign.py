@@ -38,9 +38,11 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
+import traceback
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -523,13 +525,52 @@ RUN_ATTEMPTS = 2
 FAILURES = "failures.csv"
 
 
+class RunError(HmpcError):
+    """A run raised on its node: the error's one-line form and its traceback there, as
+    text (any exception reaches the driver this way, also one Ray cannot unpickle)."""
+
+    def __init__(self, error: str, trace: str) -> None:
+        super().__init__(error, trace)
+        self.error = error
+        self.trace = trace
+
+    def __str__(self) -> str:
+        return self.error
+
+
+def _guarded(function: Callable[..., Any], **kwargs: Any) -> Any:
+    """``function(**kwargs)``, its exceptions turned into :class:`RunError` (the body of
+    every campaign task)."""
+    try:
+        return function(**kwargs)
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        raise RunError(error, f"on {_node_label()}:\n{traceback.format_exc()}") from None
+
+
+def _node_label() -> str:
+    import socket
+
+    node = _node_id()
+    where = f"host {socket.gethostname()}, pid {os.getpid()}"
+    return where + (f", Ray node {node}" if node else "")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _describe(exc: BaseException) -> tuple[str, str]:
     """(one-line error, traceback) of a failed Ray task."""
     cause = getattr(exc, "cause", None)
+    if isinstance(cause, RunError):
+        return cause.error, cause.trace
     shown = cause if isinstance(cause, BaseException) else exc
     first = str(shown).strip().splitlines()
     line = f"{type(shown).__name__}: {first[0] if first else ''}"
-    return line, str(exc)
+    # a task that raised: Ray's text names the task, its worker's pid and node, and the
+    # frames of the task's traceback on that node (colour codes removed)
+    return line, _ANSI.sub("", str(exc)).strip()
 
 
 class _Pool:
@@ -561,7 +602,7 @@ class _Pool:
             self.started = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.in_flight = max(1, min(workers, cpus) if workers else cpus)
-        self._remotes: dict[Any, Any] = {}
+        self.remote = ray.remote(num_cpus=1, max_retries=0)(_guarded)
 
     def put(self, value: Any) -> Any:
         """``value`` in the Ray object store (sent to each node once, not with every task)."""
@@ -586,9 +627,7 @@ class _Pool:
         from tqdm import tqdm
 
         ray = self.ray
-        remote = self._remotes.get(function)
-        if remote is None:
-            remote = self._remotes[function] = ray.remote(num_cpus=1, max_retries=0)(function)
+        remote = self.remote
         queue = [(label, kwargs, 1) for label, kwargs in jobs]
         pending: dict[Any, tuple[str, dict[str, Any], int]] = {}
         failures: list[RunFailure] = []
@@ -599,7 +638,7 @@ class _Pool:
                 while queue or pending:
                     while queue and len(pending) < self.in_flight:
                         label, kwargs, attempt = queue.pop(0)
-                        pending[remote.remote(**kwargs)] = (label, kwargs, attempt)
+                        pending[remote.remote(function, **kwargs)] = (label, kwargs, attempt)
                     ready, _ = ray.wait(list(pending), num_returns=1)
                     for ref in ready:
                         label, kwargs, attempt = pending.pop(ref)
@@ -782,10 +821,16 @@ def run_campaign(
     truth = (
         get_process(DEFAULT_PROCESS).load_truth_parameters(spec.truth)[0] if spec.truth else None
     )
+    uses_mpc = any(c not in BASELINES for c in spec.controllers)
+    mpc_config = b""
+    if uses_mpc:
+        from controller.numerics.mpc_config import load_mpc_config
+
+        # refused here, naming the file, rather than on every node under a temporary name
+        load_mpc_config(spec.mpc_config_path())
+        mpc_config = spec.mpc_config_path().read_bytes()
     check_manifest(out, spec)
     cohort = PatientCohort(spec.patients, spec.seed, load_cohort_spec(spec.cohort)[0])
-    uses_mpc = any(c not in BASELINES for c in spec.controllers)
-    mpc_config = spec.mpc_config_path().read_bytes() if uses_mpc else b""
     # patient-major: an interrupted campaign has whole patients across the controllers
     keys = [(c, i, p) for i, p in enumerate(cohort) for c in spec.controllers]
     todo = [(c, i, p) for c, i, p in keys if _read_run(out / "runs" / c / p.patient_id) is None]
