@@ -518,3 +518,20 @@ def test_failed_runs_go_to_failures_csv_and_the_others_are_kept(
     # the baseline alone in another folder: no failures, no failures.csv
     ok = run_campaign(dataclasses.replace(spec, controllers=("recipe",)), tmp_path / "ok")
     assert ok.executed == 1 and not (tmp_path / "ok" / "failures.csv").exists()
+
+
+def test_result_overhead_bench_prints_its_parts(local_ray: None) -> None:
+    """``hmpc-sim bench campaign-results``' figures: sizes and the three timed parts (no
+    claim about their values: the machine is shared)."""
+    from sim.bench_campaign import measure_result_overhead
+    from sim.campaign import run_one
+    from sim.patients import PatientCohort
+
+    patient = next(iter(PatientCohort(1, 1)))
+    output = run_one("rule", patient, 0, COHORT_STRIDE, 1.0, 1.0, b"", None)
+    figures = measure_result_overhead(output, repeats=3, address=None)
+    assert 0 < figures["compressed_bytes"] < figures["raw_bytes"]
+    for key in ("compress_s", "write_s", "task_with_files_median_s", "task_empty_median_s"):
+        assert figures[key] > 0, key
+    assert figures["ray_nodes"] == 1 and figures["task_on_another_node"] is False
+    assert ray.is_initialized()  # the shared instance was used, not shut down
