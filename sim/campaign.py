@@ -600,9 +600,15 @@ class _Pool:
                     runtime_env=runtime_env,
                 )
             self.started = True
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.in_flight = max(1, min(workers, cpus) if workers else cpus)
+        self.workers = workers
         self.remote = ray.remote(num_cpus=1, max_retries=0)(_guarded)
+
+    @property
+    def in_flight(self) -> int:
+        """Runs to keep in flight: the cluster's CPUs now (nodes may join or leave while
+        a campaign runs), at most ``workers``."""
+        cpus = int(self.ray.cluster_resources().get("CPU", 0))
+        return max(1, min(self.workers, cpus) if self.workers else cpus)
 
     def put(self, value: Any) -> Any:
         """``value`` in the Ray object store (sent to each node once, not with every task)."""
@@ -636,7 +642,8 @@ class _Pool:
             bar.set_postfix(failed=0, retried=0)
             try:
                 while queue or pending:
-                    while queue and len(pending) < self.in_flight:
+                    capacity = self.in_flight
+                    while queue and len(pending) < capacity:
                         label, kwargs, attempt = queue.pop(0)
                         pending[remote.remote(function, **kwargs)] = (label, kwargs, attempt)
                     ready, _ = ray.wait(list(pending), num_returns=1)

@@ -535,3 +535,22 @@ def test_result_overhead_bench_prints_its_parts(local_ray: None) -> None:
         assert figures[key] > 0, key
     assert figures["ray_nodes"] == 1 and figures["task_on_another_node"] is False
     assert ray.is_initialized()  # the shared instance was used, not shut down
+
+
+def test_runtime_env_option_takes_a_json_object() -> None:
+    from sim.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["campaign", "--out", "x", "--runtime-env", '{"py_modules": ["sim"]}'])
+    assert args.runtime_env == {"py_modules": ["sim"]}
+    for bad in ('["sim"]', "{py_modules: sim}"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["campaign", "--out", "x", "--runtime-env", bad])
+
+
+def test_runs_in_flight_follow_the_cluster(local_ray: None) -> None:
+    """At most ``--workers`` runs at once, and never more than the cluster's CPUs (read
+    again while a campaign runs: a node may join)."""
+    assert _Pool(1, None).in_flight == 1
+    assert _Pool(None, None).in_flight == 2
+    assert _Pool(8, None).in_flight == 2
