@@ -255,6 +255,8 @@ def test_campaign_on_a_two_node_cluster_equals_the_local_run(
         remote = _cli(driver / "cluster", tuning, env, "--address", cluster.address)
         assert remote.returncode == 0, remote.stderr[-3000:]
         assert "6 runs (6 run now, 0 already complete)" in remote.stdout
+        assert "6/6" in remote.stderr and "failed=0" in remote.stderr  # the progress bar
+        assert not (driver / "cluster" / "failures.csv").exists()
         if cluster.hiding is not None:
             # the worker node's view of the driver's folder: the empty tmpfs
             assert list(Path(f"/proc/{raylet_pid}/root{driver}").iterdir()) == []
