@@ -10,9 +10,13 @@ Pipeline (``run_campaign``):
    with the held-out cohort): the rule controller runs each historical patient, the batch
    records go to ``DIR/historical/<patient>/``, and the residual is fitted by the same code
    as ``hmpc fit`` (:func:`controller.training.fitting.fit_residual`) into ``DIR/residual.npz``.
-3. Each (controller, patient) run is a Ray task writing ``DIR/runs/<controller>/<patient>/``
-   (``trajectory.csv``, ``assays.csv``, then ``summary.json`` last, each atomically). A run
-   whose ``summary.json`` exists is complete and is skipped on a re-run.
+3. Each (controller, patient) run is a Ray task (:func:`run_one`). It gets the MPC tuning and
+   the residual as bytes through the Ray object store and sends its files back, compressed
+   (:class:`RunOutput`): the driver alone writes ``DIR/runs/<controller>/<patient>/``
+   (``trajectory.csv``, ``assays.csv``, then ``summary.json`` last, each atomically), so
+   the nodes of a cluster need no file system shared with it (docs/campaigns.md). A run
+   whose ``summary.json`` exists is complete and is skipped on a re-run. A failed run is
+   retried once, then listed with its traceback in ``DIR/failures.csv``.
 4. The per-run summaries are aggregated into ``DIR/patients/<controller>.csv`` (one row per
    patient), ``DIR/summary.csv`` and ``DIR/summary.md`` (one row per controller), and
    ``DIR/distributions.png``. Wall times go to ``DIR/timing.csv`` only, so the summary of a
@@ -34,10 +38,13 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import traceback
+import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +66,8 @@ __all__ = [
     "CONTROLLERS",
     "CampaignResult",
     "CampaignSpec",
+    "RunFailure",
+    "RunOutput",
     "add_campaign_command",
     "check_targets",
     "paired_comparisons",
@@ -250,17 +259,11 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def _write_record(df: pd.DataFrame, folder: Path) -> None:
-    """``assays.csv`` then ``trajectory.csv`` (headers ``name [unit]``, the batch-record
-    format ``hmpc fit`` reads), each atomically."""
-    units: dict[str, str] = df.attrs.get("units", {})
-    header = [f"{c} [{units[c]}]" if c in units else c for c in df.columns]
-    assays = df.attrs.get("assays")
-    if isinstance(assays, pd.DataFrame):
-        _atomic_write(folder / "assays.csv", assays.to_csv(index=False, float_format="%.6g"))
-    _atomic_write(
-        folder / "trajectory.csv", df.to_csv(index=False, header=header, float_format="%.6g")
-    )
+def write_run(folder: Path, output: RunOutput) -> None:
+    """The driver writes a run's files into ``folder``, each atomically, in the order they
+    came (``summary.json``, the completion marker, last)."""
+    for name, text in output.texts():
+        _atomic_write(folder / name, text)
 
 
 def check_manifest(out: Path, spec: CampaignSpec) -> None:
@@ -329,40 +332,111 @@ def _at_harvest(df: pd.DataFrame, harvest_h: float) -> pd.Series:
     return sel.iloc[-1] if len(sel) else df.iloc[0]
 
 
+#: zlib level of the files a run sends back (CSV and JSON text compress 4-6x at level 6).
+RESULT_COMPRESSION = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutput:
+    """What one run sends back to the driver through Ray: its files, zlib-compressed, in
+    the order the driver writes them (the completion marker ``summary.json`` last).
+
+    Attributes:
+        files: (file name, zlib-compressed UTF-8 text) pairs.
+        node_id: the Ray node that ran it (recorded in ``timing.csv``).
+    """
+
+    files: tuple[tuple[str, bytes], ...]
+    node_id: str = ""
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(len(data) for _, data in self.files)
+
+    def texts(self) -> list[tuple[str, str]]:
+        """The files as (name, text)."""
+        return [(name, zlib.decompress(data).decode("utf-8")) for name, data in self.files]
+
+
+def _record_texts(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """``assays.csv`` and ``trajectory.csv`` (headers ``name [unit]``, the batch-record
+    format ``hmpc fit`` reads) as text."""
+    units: dict[str, str] = df.attrs.get("units", {})
+    header = [f"{c} [{units[c]}]" if c in units else c for c in df.columns]
+    files = []
+    assays = df.attrs.get("assays")
+    if isinstance(assays, pd.DataFrame):
+        files.append(("assays.csv", assays.to_csv(index=False, float_format="%.6g")))
+    files.append(("trajectory.csv", df.to_csv(index=False, header=header, float_format="%.6g")))
+    return files
+
+
+def _node_id() -> str:
+    """The Ray node this runs on ("" outside Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return ""
+    return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""
+
+
 def run_one(
-    out: str,
     controller: str,
     patient: VirtualPatient,
     index: int,
     sensor_seed: int,
     days: float,
     step_h: float,
-    mpc_config: str,
-    residual: str | None,
+    mpc_config: bytes,
+    residual: bytes | None,
     record_only: bool = False,
     patient_parameters: Sequence[str] = (),
     truth: TCellTruthParameters | None = None,
-) -> dict[str, Any]:
+) -> RunOutput:
     """One batch of one patient under one controller (the body of a Ray task).
 
-    Writes ``out/trajectory.csv`` and ``out/assays.csv``; unless ``record_only``, also
-    ``out/summary.json`` last (the completion marker). Returns the flat summary row.
+    It takes no path and writes nothing the driver reads: the MPC tuning (``mpc_config``)
+    and the hybrid MPC's residual (``residual``, an ``.npz``) come as the files' bytes
+    (through the Ray object store) and are unpacked into a temporary folder of the node
+    running it, removed afterwards. Returns ``trajectory.csv``, ``assays.csv`` and, unless
+    ``record_only``, ``summary.json`` (the flat summary row and the timing), compressed;
+    the driver writes them.
     """
-    folder = Path(out)
     t0 = time.perf_counter()
     plant = VirtualBioreactor.for_process(DEFAULT_PROCESS, patient, seed=sensor_seed, truth=truth)
-    ctl = _controller(
-        controller,
-        plant,
-        Path(residual) if residual else None,
-        Path(mpc_config),
-        patient_parameters,
-    )
-    df = run_closed_loop(plant, ctl, days=days, step_h=step_h)
+    with tempfile.TemporaryDirectory(prefix="hmpc-run-") as tmp:
+        config_path = Path(tmp) / "mpc.toml"
+        config_path.write_bytes(mpc_config)
+        residual_path = None
+        if residual is not None:
+            residual_path = Path(tmp) / "residual.npz"
+            residual_path.write_bytes(residual)
+        ctl = _controller(controller, plant, residual_path, config_path, patient_parameters)
+        df = run_closed_loop(plant, ctl, days=days, step_h=step_h)
     wall = time.perf_counter() - t0
-    _write_record(df, folder)
-    if record_only:
-        return {"patient": patient.patient_id, "controller": controller}
+    files = _record_texts(df)
+    node = _node_id()
+    if not record_only:
+        row, timing = _summary_row(controller, patient, index, df, plant, ctl)
+        timing = {"wall_time_s": wall, **timing, "node": node}
+        files.append(("summary.json", json.dumps({"row": row, "timing": timing}, indent=2) + "\n"))
+    return RunOutput(
+        tuple(
+            (name, zlib.compress(text.encode("utf-8"), RESULT_COMPRESSION)) for name, text in files
+        ),
+        node,
+    )
+
+
+def _summary_row(
+    controller: str,
+    patient: VirtualPatient,
+    index: int,
+    df: pd.DataFrame,
+    plant: VirtualBioreactor,
+    ctl: Controller,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's flat summary row (``patients/<controller>.csv``) and its solver timing."""
     s = summarize(df, plant)
     proc: Any = plant.process
     harvest = _at_harvest(df, float(proc.harvest_time))
@@ -395,7 +469,7 @@ def run_one(
         "hard_constraint_violations": int(s["hard_constraint_violations"]),
         "plant_clamped_inputs": int(s["plant_clamped_inputs"]),
     }
-    timing: dict[str, Any] = {"wall_time_s": wall}
+    timing: dict[str, Any] = {}
     if controller not in BASELINES:
         from controller.laws.control import EstimatingMPC
         from sim.mpc_controllers import MPCController, mpc_statistics
@@ -408,10 +482,7 @@ def run_one(
                 solve_time_median_s=stats["solve_time_median_s"],
                 solve_time_max_s=stats["solve_time_max_s"],
             )
-    _atomic_write(
-        folder / "summary.json", json.dumps({"row": row, "timing": timing}, indent=2) + "\n"
-    )
-    return row
+    return row, timing
 
 
 def _read_run(folder: Path) -> dict[str, Any] | None:
@@ -432,10 +503,84 @@ def _read_run(folder: Path) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------ Ray
 
 
-class _Pool:
-    """Runs :func:`run_one` calls as Ray tasks (local Ray started by us, or a cluster)."""
+@dataclasses.dataclass(frozen=True)
+class RunFailure:
+    """A run that failed on every attempt.
 
-    def __init__(self, workers: int | None, address: str | None) -> None:
+    Attributes:
+        label: ``<controller>/<patient>`` or ``historical/<patient>``.
+        attempts: how often it ran (:data:`RUN_ATTEMPTS`).
+        error: the last attempt's exception, one line.
+        traceback: the last attempt's traceback (from the node that ran it).
+    """
+
+    label: str
+    attempts: int
+    error: str
+    traceback: str
+
+
+#: A run is tried this often (a failed run is retried once) before it counts as failed.
+RUN_ATTEMPTS = 2
+FAILURES = "failures.csv"
+
+
+class RunError(HmpcError):
+    """A run raised on its node: the error's one-line form and its traceback there, as
+    text (any exception reaches the driver this way, also one Ray cannot unpickle)."""
+
+    def __init__(self, error: str, trace: str) -> None:
+        super().__init__(error, trace)
+        self.error = error
+        self.trace = trace
+
+    def __str__(self) -> str:
+        return self.error
+
+
+def _guarded(function: Callable[..., Any], **kwargs: Any) -> Any:
+    """``function(**kwargs)``, its exceptions turned into :class:`RunError` (the body of
+    every campaign task)."""
+    try:
+        return function(**kwargs)
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        raise RunError(error, f"on {_node_label()}:\n{traceback.format_exc()}") from None
+
+
+def _node_label() -> str:
+    import socket
+
+    node = _node_id()
+    where = f"host {socket.gethostname()}, pid {os.getpid()}"
+    return where + (f", Ray node {node}" if node else "")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    """(one-line error, traceback) of a failed Ray task."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, RunError):
+        return cause.error, cause.trace
+    shown = cause if isinstance(cause, BaseException) else exc
+    first = str(shown).strip().splitlines()
+    line = f"{type(shown).__name__}: {first[0] if first else ''}"
+    # a task that raised: Ray's text names the task, its worker's pid and node, and the
+    # frames of the task's traceback on that node (colour codes removed)
+    return line, _ANSI.sub("", str(exc)).strip()
+
+
+class _Pool:
+    """Runs jobs (by default :func:`run_one` calls) as Ray tasks on a local Ray started
+    here or on a cluster. Each job's result comes back through Ray to this (driver)
+    process; a failed job is retried once."""
+
+    def __init__(
+        self, workers: int | None, address: str | None, runtime_env: dict[str, Any] | None = None
+    ) -> None:
         try:
             import ray
         except ImportError as exc:
@@ -446,43 +591,79 @@ class _Pool:
         self.started = False
         if not ray.is_initialized():
             if address:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
             else:
                 ray.init(
                     num_cpus=workers or os.cpu_count() or 1,
                     include_dashboard=False,
                     log_to_driver=False,
+                    runtime_env=runtime_env,
                 )
             self.started = True
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.in_flight = max(1, min(workers, cpus) if workers else cpus)
-        self.remote = ray.remote(num_cpus=1, max_retries=0)(run_one)
+        self.workers = workers
+        self.remote = ray.remote(num_cpus=1, max_retries=0)(_guarded)
+
+    @property
+    def in_flight(self) -> int:
+        """Runs to keep in flight: the cluster's CPUs now (nodes may join or leave while
+        a campaign runs), at most ``workers``."""
+        cpus = int(self.ray.cluster_resources().get("CPU", 0))
+        return max(1, min(self.workers, cpus) if self.workers else cpus)
+
+    def put(self, value: Any) -> Any:
+        """``value`` in the Ray object store (sent to each node once, not with every task)."""
+        return self.ray.put(value)
 
     def run(
-        self, jobs: Sequence[tuple[str, dict[str, Any]]], *, desc: str, total: int, done: int
-    ) -> list[tuple[str, BaseException]]:
-        """Run ``(label, kwargs of run_one)`` jobs, at most ``in_flight`` at a time, with a
-        progress bar on stderr. Returns the failures (label, error); the others completed."""
+        self,
+        jobs: Sequence[tuple[str, dict[str, Any]]],
+        *,
+        desc: str,
+        total: int,
+        done: int,
+        on_result: Callable[[str, Any], None],
+        function: Callable[..., Any] = run_one,
+    ) -> list[RunFailure]:
+        """Run ``(label, kwargs of function)`` jobs, at most ``in_flight`` at a time, and
+        hand each result to ``on_result(label, result)`` here, in the driver, as it
+        arrives. A job that raises (or whose worker dies) is retried once; one that fails
+        :data:`RUN_ATTEMPTS` times is returned as a :class:`RunFailure`. A progress bar on
+        stderr shows the runs done of ``total`` (``done`` of them before this call), the
+        ETA, and the retried and failed runs."""
         from tqdm import tqdm
 
         ray = self.ray
-        queue = list(jobs)
-        pending: dict[Any, str] = {}
-        failures: list[tuple[str, BaseException]] = []
+        remote = self.remote
+        queue = [(label, kwargs, 1) for label, kwargs in jobs]
+        pending: dict[Any, tuple[str, dict[str, Any], int]] = {}
+        failures: list[RunFailure] = []
+        retried = 0
         with tqdm(total=total, initial=done, desc=desc, unit="run", file=sys.stderr) as bar:
+            bar.set_postfix(failed=0, retried=0)
             try:
                 while queue or pending:
-                    while queue and len(pending) < self.in_flight:
-                        label, kwargs = queue.pop(0)
-                        pending[self.remote.remote(**kwargs)] = label
+                    capacity = self.in_flight
+                    while queue and len(pending) < capacity:
+                        label, kwargs, attempt = queue.pop(0)
+                        pending[remote.remote(function, **kwargs)] = (label, kwargs, attempt)
                     ready, _ = ray.wait(list(pending), num_returns=1)
                     for ref in ready:
-                        label = pending.pop(ref)
+                        label, kwargs, attempt = pending.pop(ref)
                         try:
-                            ray.get(ref)
+                            result = ray.get(ref)
                         except ray.exceptions.RayError as exc:
-                            log.error("run %s failed: %s", label, exc)
-                            failures.append((label, exc))
+                            error, trace = _describe(exc)
+                            if attempt < RUN_ATTEMPTS:
+                                log.warning("run %s failed (%s); retrying it", label, error)
+                                retried += 1
+                                queue.insert(0, (label, kwargs, attempt + 1))
+                            else:
+                                log.error("run %s failed %d times: %s", label, attempt, error)
+                                failures.append(RunFailure(label, attempt, error, trace))
+                                bar.update(1)
+                            bar.set_postfix(failed=len(failures), retried=retried)
+                            continue
+                        on_result(label, result)
                         bar.update(1)
             finally:
                 for ref in pending:
@@ -493,6 +674,19 @@ class _Pool:
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def write_failures(out: Path, failures: Sequence[RunFailure]) -> Path | None:
+    """``out/failures.csv`` (run, attempts, error, traceback) of this call's failed runs;
+    an older one is removed when none failed. Returns its path, or None."""
+    path = out / FAILURES
+    if not failures:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return None
+    table = pd.DataFrame([dataclasses.asdict(f) for f in failures])
+    _atomic_write(path, table.rename(columns={"label": "run"}).to_csv(index=False))
+    return path
 
 
 # ------------------------------------------------------------------------ residual
@@ -546,25 +740,31 @@ def train_historical_residual(
             (
                 f"historical/{patient.patient_id}",
                 {
-                    "out": str(folder.resolve()),
                     "controller": "rule",
                     "patient": patient,
                     "index": i,
                     "sensor_seed": spec.historical_seed * COHORT_STRIDE + i,
                     "days": spec.days,
                     "step_h": spec.step_h,
-                    "mpc_config": str(spec.mpc_config_path()),
+                    "mpc_config": b"",  # the rule controller has no tuning file
                     "residual": None,
                     "record_only": True,
                     "truth": truth,
                 },
             )
         )
-    failures = pool.run(jobs, desc="historical cohort", total=len(cohort), done=done)
+    failures = pool.run(
+        jobs,
+        desc="historical cohort",
+        total=len(cohort),
+        done=done,
+        on_result=lambda label, output: write_run(out / label, output),
+    )
     if failures:
+        path = write_failures(out, failures)
         raise HmpcError(
-            f"{len(failures)} historical batch(es) failed ({failures[0][0]}: {failures[0][1]}); "
-            "re-run the same command to retry them."
+            f"{len(failures)} historical batch(es) failed twice (first: {failures[0].label}: "
+            f"{failures[0].error}; tracebacks in {path}); re-run the same command to retry them."
         )
     from controller.training.fitting import FitSpec, fit_residual
 
@@ -602,6 +802,7 @@ def run_campaign(
     *,
     workers: int | None = None,
     address: str | None = None,
+    runtime_env: dict[str, Any] | None = None,
 ) -> CampaignResult:
     """Run (or resume) a campaign into ``out`` and write its tables and plots.
 
@@ -610,7 +811,14 @@ def run_campaign(
         out: campaign folder (created; a folder with another manifest is refused).
         workers: Ray CPUs of the local instance (default: all cores), and the most runs in
             flight at once on a cluster.
-        address: an existing Ray cluster (``ray://host:port`` or ``auto``); default local.
+        address: an existing Ray cluster (``host:port`` of the head's GCS, ``ray://host:port``
+            or ``auto``); default local. The nodes need the package installed (or shipped
+            with ``runtime_env``), nothing else: the runs get the tuning and residual
+            through Ray and send their files back to this process, which alone writes
+            ``out``.
+        runtime_env: Ray runtime environment of the campaign's tasks (e.g.
+            ``{"py_modules": ["dist/hmpc-....whl"]}``), used when this call starts or
+            connects to Ray.
     Raises:
         ConfigError: a manifest with other arguments. HmpcError: runs failed (re-run to
             retry them; the completed ones are kept).
@@ -620,35 +828,44 @@ def run_campaign(
     truth = (
         get_process(DEFAULT_PROCESS).load_truth_parameters(spec.truth)[0] if spec.truth else None
     )
+    uses_mpc = any(c not in BASELINES for c in spec.controllers)
+    mpc_config = b""
+    if uses_mpc:
+        from controller.numerics.mpc_config import load_mpc_config
+
+        # refused here, naming the file, rather than on every node under a temporary name
+        load_mpc_config(spec.mpc_config_path())
+        mpc_config = spec.mpc_config_path().read_bytes()
     check_manifest(out, spec)
     cohort = PatientCohort(spec.patients, spec.seed, load_cohort_spec(spec.cohort)[0])
-    mpc_config = str(spec.mpc_config_path().resolve())
     # patient-major: an interrupted campaign has whole patients across the controllers
     keys = [(c, i, p) for i, p in enumerate(cohort) for c in spec.controllers]
     todo = [(c, i, p) for c, i, p in keys if _read_run(out / "runs" / c / p.patient_id) is None]
     skipped = len(keys) - len(todo)
     if skipped:
         log.info("resuming %s: %d of %d runs already complete", out, skipped, len(keys))
-    failures: list[tuple[str, BaseException]] = []
+    failures: list[RunFailure] = []
     if todo:
-        pool = _Pool(workers, address)
+        pool = _Pool(workers, address, runtime_env)
         try:
             residual: Path | None = None
             if any(c == "hybrid-mpc" for c, _, _ in todo):
                 residual = train_historical_residual(spec, out, pool, truth)
+            # the files go to the object store once; each task gets them from there
+            config_ref = pool.put(mpc_config)
+            residual_ref = pool.put(residual.read_bytes()) if residual else None
             jobs = [
                 (
                     f"{c}/{p.patient_id}",
                     {
-                        "out": str(out.resolve() / "runs" / c / p.patient_id),
                         "controller": c,
                         "patient": p,
                         "index": i,
                         "sensor_seed": spec.seed * COHORT_STRIDE + i,
                         "days": spec.days,
                         "step_h": spec.step_h,
-                        "mpc_config": mpc_config,
-                        "residual": str(residual.resolve()) if residual else None,
+                        "mpc_config": config_ref,
+                        "residual": residual_ref if c == "hybrid-mpc" else None,
                         "patient_parameters": (
                             HYBRID_PATIENT_PARAMETERS
                             if spec.hybrid_adapt and c == "hybrid-mpc"
@@ -659,14 +876,21 @@ def run_campaign(
                 )
                 for c, i, p in todo
             ]
-            failures = pool.run(jobs, desc="campaign", total=len(keys), done=skipped)
+            failures = pool.run(
+                jobs,
+                desc="campaign",
+                total=len(keys),
+                done=skipped,
+                on_result=lambda label, output: write_run(out / "runs" / label, output),
+            )
         finally:
             pool.close()
+    failures_path = write_failures(out, failures)
     if failures:
         raise HmpcError(
-            f"{len(failures)} of {len(keys)} runs failed (first: {failures[0][0]}: "
-            f"{failures[0][1]}); the others are saved in {out}/runs. Re-run the same command "
-            "to retry the failed runs."
+            f"{len(failures)} of {len(keys)} runs failed twice (first: {failures[0].label}: "
+            f"{failures[0].error}); their tracebacks are in {failures_path}, the other runs "
+            f"are saved in {out}/runs. Re-run the same command to retry the failed runs."
         )
     rows, timing = [], []
     for c, _, p in keys:
@@ -1121,6 +1345,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object {{...}}")
+    return value
+
+
 def add_campaign_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``hmpc-sim campaign``."""
     p = sub.add_parser(
@@ -1139,7 +1373,18 @@ def add_campaign_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "--workers", type=_positive_int, default=None, help="Ray workers (default: all cores)"
     )
     p.add_argument(
-        "--address", default=None, help="existing Ray cluster address (default: local Ray)"
+        "--address",
+        default=None,
+        help="existing Ray cluster: HEAD:6379, ray://HEAD:10001 or auto (default: a local Ray "
+        "started and stopped here); the nodes need only the package (docs/campaigns.md)",
+    )
+    p.add_argument(
+        "--runtime-env",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='Ray runtime environment of the runs, e.g. \'{"py_modules": ["dist/hmpc.whl"]}\' '
+        "to ship the package to nodes that lack it (docs/campaigns.md)",
     )
     p.add_argument(
         "--days",
@@ -1192,7 +1437,13 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         truth=str(args.truth) if args.truth else None,
     )
     try:
-        result = run_campaign(spec, args.out, workers=args.workers, address=args.address)
+        result = run_campaign(
+            spec,
+            args.out,
+            workers=args.workers,
+            address=args.address,
+            runtime_env=args.runtime_env,
+        )
     except KeyboardInterrupt:
         print(
             f"interrupted; completed runs are kept in {args.out}/runs: re-run the same command "

@@ -186,6 +186,12 @@ def _bench_login_flood(bench_sub: argparse._SubParsersAction[argparse.ArgumentPa
     add_bench_login_flood(bench_sub)
 
 
+def _bench_campaign(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sim.bench_campaign import add_bench_campaign
+
+    add_bench_campaign(bench_sub)
+
+
 #: Benchmarks under ``hmpc-sim bench``: callables that take the bench sub-parsers.
 BENCHMARKS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _bench_estimation,
@@ -194,6 +200,7 @@ BENCHMARKS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]],
     _bench_loop,
     _bench_faults,
     _bench_login_flood,
+    _bench_campaign,
 ]
 
 

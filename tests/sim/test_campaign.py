@@ -408,3 +408,149 @@ def test_hybrid_adapt_campaign_fits_patient_parameters(tmp_path: Path, local_ray
     )
     with pytest.raises(ConfigError, match="hybrid_patient_parameters"):
         run_campaign(plain, tmp_path, workers=2)
+
+
+# ------------------------------------------------------------------ failures and results
+
+
+def test_runs_take_no_path_and_send_their_files_back(tmp_path: Path) -> None:
+    """A run is given no path of the driver's: the tuning and residual arrive as bytes, and
+    its files come back compressed for the driver to write (here: without Ray at all)."""
+    import inspect
+    import zlib
+
+    from sim.campaign import RunOutput, run_one, write_run
+    from sim.patients import PatientCohort
+
+    params = inspect.signature(run_one).parameters
+    assert not {"out", "folder", "path"} & set(params)
+    patient = next(iter(PatientCohort(1, 3)))
+    output = run_one("rule", patient, 0, 3 * COHORT_STRIDE, 1.0, 1.0, b"", None)
+    assert isinstance(output, RunOutput)
+    assert [name for name, _ in output.files] == ["assays.csv", "trajectory.csv", "summary.json"]
+    raw = sum(len(zlib.decompress(data)) for _, data in output.files)
+    assert output.compressed_bytes < raw / 2  # compressed
+    write_run(tmp_path, output)
+    trajectory = pd.read_csv(tmp_path / "trajectory.csv")
+    assert len(trajectory) == 25 and trajectory.columns[0].startswith("time")
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes left no temporary file
+
+
+def test_pool_retries_a_failed_run_once_then_records_it(
+    tmp_path: Path, local_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job that fails once is retried and its result arrives; one that fails every time
+    is returned with its traceback after the second attempt, never dropped; the progress
+    bar counts them."""
+    marker = tmp_path / "attempted"
+
+    def flaky(n: int) -> int:
+        # fails on its first attempt only (the marker survives the worker)
+        if not marker.exists():
+            marker.touch()
+            raise RuntimeError("first attempt fails")
+        return n * 10
+
+    def broken(n: int) -> int:
+        raise ValueError(f"run {n} cannot work")
+
+    pool = _Pool(2, None)
+    results: dict[str, int] = {}
+    failures = pool.run(
+        [("flaky/a", {"n": 1})],
+        desc="test",
+        total=1,
+        done=0,
+        on_result=results.__setitem__,
+        function=flaky,
+    )
+    assert failures == [] and results == {"flaky/a": 10}
+    failures = pool.run(
+        [("broken/b", {"n": 2}), ("flaky/c", {"n": 3})],
+        desc="test",
+        total=2,
+        done=0,
+        on_result=results.__setitem__,
+        function=broken,
+    )
+    assert results == {"flaky/a": 10}  # nothing of the broken jobs
+    assert sorted(f.label for f in failures) == ["broken/b", "flaky/c"]
+    (b, _) = sorted(failures, key=lambda f: f.label)
+    assert b.attempts == 2
+    assert b.error == "ValueError: run 2 cannot work"
+    assert b.traceback.count("Traceback (most recent call last)") == 1
+    assert "in broken" in b.traceback and 'raise ValueError(f"run {n}' in b.traceback
+    err = capsys.readouterr().err
+    assert "failed=2" in err and "retried=" in err
+
+
+def test_failed_runs_go_to_failures_csv_and_the_others_are_kept(
+    tmp_path: Path, local_ray: None
+) -> None:
+    """A run that fails on the node (here the oracle's solver, allowed one iteration with
+    ``on_failure = "raise"``) is tried twice, then listed in failures.csv with the node's
+    traceback; the other runs are saved and no summary is written over a partial cohort.
+    A later successful call removes failures.csv."""
+    from plant_models.errors import HmpcError
+
+    config = Path(__file__).parents[2] / "configs" / "mpc_tcell_hourly.toml"
+    strict = tmp_path / "strict.toml"
+    strict.write_text(
+        config.read_text()
+        .replace('on_failure = "shift"', 'on_failure = "raise"')
+        .replace("max_iter = 300", "max_iter = 1")
+    )
+    spec = CampaignSpec(
+        patients=1, controllers=("recipe", "oracle"), seed=3, days=0.5, mpc_config=str(strict)
+    )
+    out = tmp_path / "campaign"
+    with pytest.raises(HmpcError, match=r"1 of 2 runs failed twice.*failures\.csv"):
+        run_campaign(spec, out, workers=2)
+    failures = pd.read_csv(out / "failures.csv")
+    assert list(failures["run"]) == ["oracle/S3-P000"]
+    assert list(failures["attempts"]) == [2]
+    assert "SolverFailedError" in failures.loc[0, "error"]
+    assert "Traceback (most recent call last)" in failures.loc[0, "traceback"]
+    assert "SolverFailedError" in failures.loc[0, "traceback"]
+    assert (out / "runs" / "recipe" / "S3-P000" / "summary.json").exists()
+    assert not (out / "runs" / "oracle" / "S3-P000").exists()
+    assert not (out / "summary.csv").exists()
+    # the baseline alone in another folder: no failures, no failures.csv
+    ok = run_campaign(dataclasses.replace(spec, controllers=("recipe",)), tmp_path / "ok")
+    assert ok.executed == 1 and not (tmp_path / "ok" / "failures.csv").exists()
+
+
+def test_result_overhead_bench_prints_its_parts(local_ray: None) -> None:
+    """``hmpc-sim bench campaign-results``' figures: sizes and the three timed parts (no
+    claim about their values: the machine is shared)."""
+    from sim.bench_campaign import measure_result_overhead
+    from sim.campaign import run_one
+    from sim.patients import PatientCohort
+
+    patient = next(iter(PatientCohort(1, 1)))
+    output = run_one("rule", patient, 0, COHORT_STRIDE, 1.0, 1.0, b"", None)
+    figures = measure_result_overhead(output, repeats=3, address=None)
+    assert 0 < figures["compressed_bytes"] < figures["raw_bytes"]
+    for key in ("compress_s", "write_s", "task_with_files_median_s", "task_empty_median_s"):
+        assert figures[key] > 0, key
+    assert figures["ray_nodes"] == 1 and figures["task_on_another_node"] is False
+    assert ray.is_initialized()  # the shared instance was used, not shut down
+
+
+def test_runtime_env_option_takes_a_json_object() -> None:
+    from sim.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["campaign", "--out", "x", "--runtime-env", '{"py_modules": ["sim"]}'])
+    assert args.runtime_env == {"py_modules": ["sim"]}
+    for bad in ('["sim"]', "{py_modules: sim}"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["campaign", "--out", "x", "--runtime-env", bad])
+
+
+def test_runs_in_flight_follow_the_cluster(local_ray: None) -> None:
+    """At most ``--workers`` runs at once, and never more than the cluster's CPUs (read
+    again while a campaign runs: a node may join)."""
+    assert _Pool(1, None).in_flight == 1
+    assert _Pool(None, None).in_flight == 2
+    assert _Pool(8, None).in_flight == 2
