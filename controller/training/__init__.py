@@ -12,6 +12,11 @@ from controller.training.batches import (
     read_batch_record,
     reconstruct_states,
 )
+from controller.training.record_units import (
+    RecordMapping,
+    load_record_mapping,
+    read_export,
+)
 from controller.training.fitting import (
     FitResult,
     FitSpec,
@@ -24,11 +29,14 @@ __all__ = [
     "BatchRecord",
     "FitResult",
     "FitSpec",
+    "RecordMapping",
     "fit_residual",
     "growth_rate_observations",
     "load_batch_records",
+    "load_record_mapping",
     "nominal_model",
     "read_batch_record",
+    "read_export",
     "reconstruct_states",
     "validate_24h",
 ]
