@@ -51,6 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.numerics.measurements import Measurement
+from controller.numerics.units import known_conversion
 from controller.numerics.validation import (
     MeasurementDecision,
     MeasurementValidator,
@@ -419,6 +420,11 @@ class Estimator:
             ),
             frozenset(self.output_names),
         )
+        #: canonical unit of every measurable variable the model declares a unit for
+        self.units: dict[str, str] = {
+            s.name: s.unit for s in getattr(model, "states", ()) if getattr(s, "unit", "")
+        }
+        self.units.setdefault("viability", "1")
         self._history: list[_Step] = []
         self._alarms_logged: set[tuple[str, float]] = set()
         #: probe variable -> (time from which its gain is estimated, i.e. the start of the
@@ -720,7 +726,11 @@ class Estimator:
         now = self._history[-1].time_h
         rejected_early: list[MeasurementDecision] = []
         placed: list[Measurement] = []
-        for m in measurements:
+        for received in measurements:
+            m, problem = self._canonical(received)
+            if problem:
+                rejected_early.append(MeasurementDecision(received, False, "unit", problem, now))
+                continue
             ok, reason, detail = self.validator.check(m, now, self._history[0].time_h)
             if not ok:
                 rejected_early.append(MeasurementDecision(m, False, reason, detail, now))
@@ -738,6 +748,21 @@ class Estimator:
             decisions.update(step.decisions)
         self._prune()
         return self._result(placed, reprocessed, rejected_early, decisions)
+
+    def _canonical(self, m: Measurement) -> tuple[Measurement, str]:
+        """``m`` in its variable's canonical unit (the same object when it is in it
+        already; a converted copy when the conversion table knows the pair) and ``""``, or
+        ``m`` and why its unit is refused. A value never enters the filter in another unit."""
+        canonical = self.units.get(m.name)
+        if canonical is None or m.unit == canonical:
+            return m, ""
+        factor = known_conversion(m.name, m.unit, canonical)
+        if factor is None:
+            return m, (
+                f"unit {m.unit!r} of {m.name} cannot be converted to its canonical unit "
+                f"{canonical!r}"
+            )
+        return dataclasses.replace(m, value=m.value * factor, unit=canonical), ""
 
     # -- history -----------------------------------------------------------------------
     def _place(self, m: Measurement) -> int:

@@ -12,11 +12,6 @@ from controller.training.batches import (
     read_batch_record,
     reconstruct_states,
 )
-from controller.training.record_units import (
-    RecordMapping,
-    load_record_mapping,
-    read_export,
-)
 from controller.training.fitting import (
     FitResult,
     FitSpec,
@@ -24,12 +19,19 @@ from controller.training.fitting import (
     nominal_model,
     validate_24h,
 )
+from controller.training.process_check import check_records_fit_process
+from controller.training.record_units import (
+    RecordMapping,
+    load_record_mapping,
+    read_export,
+)
 
 __all__ = [
     "BatchRecord",
     "FitResult",
     "FitSpec",
     "RecordMapping",
+    "check_records_fit_process",
     "fit_residual",
     "growth_rate_observations",
     "load_batch_records",
