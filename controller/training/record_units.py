@@ -50,6 +50,7 @@ Variables are the model's states (with ``source`` online or assay), its inputs a
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -311,13 +312,11 @@ def _read_table(path: Path, mapping: RecordMapping) -> pd.DataFrame:
             return pd.read_csv(path)
         if kind == "parquet":
             return pd.read_parquet(path)
-        try:
-            import openpyxl  # noqa: F401  (pandas' reader of .xlsx)
-        except ImportError:
+        if importlib.util.find_spec("openpyxl") is None:  # pandas' reader of .xlsx
             raise ConfigError(
                 f"{path}: reading Excel files needs openpyxl: pip install 'hmpc[excel]' "
                 "(or export the sheet as CSV)."
-            ) from None
+            )
         return pd.read_excel(path, sheet_name=mapping.sheet if mapping.sheet else 0)
     except ConfigError:
         raise
