@@ -12,7 +12,8 @@ CHO FMU the viable-cell probe's gain drifted to 1.3-1.5 while the model under-pr
 growth. A probe gain further than ``gain_drift_alarm`` from 1 raises the second alarm.
 
 Alarms are per episode: logged once at warning level when one starts, at info level when
-it clears (:class:`MismatchMonitor`); :class:`MismatchReport` carries the figures of every
+it clears (with hysteresis: a statistic clears below the middle of 1 and its band's upper
+end, a gain within 75 % of the drift limit) (:class:`MismatchMonitor`); :class:`MismatchReport` carries the figures of every
 update (``values()`` for the historian). The window starts empty after a restart from a
 snapshot (the statistics are a diagnostic, not part of the filter state).
 """
@@ -136,14 +137,19 @@ class MismatchMonitor:
             n = len(recent)
             mean = sum(recent) / n
             nis[key], samples[key], band[key] = mean, n, self._band(n)
-            if n >= window and mean > band[key][1]:
+            # hysteresis: an active alarm clears only below the middle of 1 and the band's
+            # upper end (a statistic near the band does not start a new episode every hour)
+            upper = band[key][1]
+            limit = 1.0 + 0.5 * (upper - 1.0) if f"nis.{key}" in self._active else upper
+            if n >= window and mean > limit:
                 alarms[f"nis.{key}"] = (
                     f"{source} {name}: mean normalised innovation squared {mean:.2f} over the "
                     f"last {n} values, above its band {band[key][1]:.2f} (chi-square, "
                     f"alpha {self.alpha:g}): the model does not explain these measurements"
                 )
         for name, gain in gains.items():
-            if self.gain_drift > 0 and abs(gain - 1.0) > self.gain_drift:
+            drift = self.gain_drift * (0.75 if f"gain.{name}" in self._active else 1.0)
+            if self.gain_drift > 0 and abs(gain - 1.0) > drift:
                 alarms[f"gain.{name}"] = (
                     f"the {name} probe's estimated gain is {gain:.3f} (more than "
                     f"{self.gain_drift:.0%} from 1): a drifting gain can be the model's error "
