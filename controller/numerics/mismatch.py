@@ -11,10 +11,11 @@ A filter can also hide its model's error in a slow state that nothing else obser
 CHO FMU the viable-cell probe's gain drifted to 1.3-1.5 while the model under-predicted the
 growth. A probe gain further than ``gain_drift_alarm`` from 1 raises the second alarm.
 
-Alarms are per episode: logged once at warning level when one starts, at info level when
-it clears (with hysteresis: a statistic clears below the middle of 1 and its band's upper
-end, a gain within 75 % of the drift limit) (:class:`MismatchMonitor`); :class:`MismatchReport` carries the figures of every
-update (``values()`` for the historian). The window starts empty after a restart from a
+Alarms are per episode (:class:`MismatchMonitor`): logged once at warning level when one
+starts, at info level when it clears, with hysteresis (a statistic clears below the middle
+of 1 and its band's upper end, a gain within 75 % of the drift limit).
+:class:`MismatchReport` carries the figures of every update (``values()`` for the
+historian). The window starts empty after a restart from a
 snapshot (the statistics are a diagnostic, not part of the filter state).
 """
 
