@@ -713,6 +713,7 @@ class Estimator:
             )
         self._history = steps
         self._gain_start = gain_start
+        self.mismatch.forget()  # the diagnostic's windows are not part of the snapshot
         self._alarms_logged = alarms
         self.validator = validator
         self.events = []
