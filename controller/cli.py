@@ -112,7 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--iterations", type=int, default=150, help="hyperparameter iterations")
     fit.add_argument("--parameters", type=Path, default=None, help="model parameter file")
-    fit.add_argument("--process", type=Path, default=None, help="process specification file")
+    fit.add_argument(
+        "--process",
+        type=Path,
+        default=None,
+        help="process specification file the batches ran under (default: the plug-in's; the "
+        "records' start volume and declared feed composition are checked against it)",
+    )
+    fit.add_argument(
+        "--mapping",
+        type=Path,
+        default=None,
+        help="mapping file of vendor exports (CSV, Excel, Parquet): columns, units, time base "
+        "(docs/records.md); --data then matches the exports",
+    )
     fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(func=cmd_fit)
     add_audit_parser(sub)
@@ -156,6 +169,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         parameters=args.parameters,
         process=args.process,
         seed=args.seed,
+        mapping=args.mapping,
     )
     result = fit_residual(spec)
     summary = result.save(args.out, args.report)
@@ -191,6 +205,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 else ""
             )
         )
+    for warning in result.process_warnings:  # also logged; repeated beside the figures
+        print(f"warning: {warning}")
     print(f"wrote {args.out}, {args.report}/validation.json, {args.report}/validation.png")
     return 0
 

@@ -153,6 +153,9 @@ class ProcessPlugin(abc.ABC):
         soft_limits: limit name -> process field, for plots and reports.
         dose_field: process field of the patient dose (1e9 viable cells), if any.
         truth_variants: name -> truth parameter file the simulator can run.
+        feed_composition: process fields that say what the inputs add (feed and media
+            concentrations); batch records are checked against them
+            (``controller.training.check_records_fit_process``).
     """
 
     name: str = ""
@@ -168,6 +171,7 @@ class ProcessPlugin(abc.ABC):
     soft_limits: ClassVar[Mapping[str, str]] = {}
     dose_field: str | None = None
     truth_variants: ClassVar[Mapping[str, Path]] = {}
+    feed_composition: ClassVar[tuple[str, ...]] = ()
 
     #: the model class, called as ``model_type(parameters, process)``
     model_type: ClassVar[type[MechanisticModel[Any]] | None] = None

@@ -191,10 +191,9 @@ class RunningRecord:
         previous: Mapping[str, float],
     ) -> bool:
         """Add one step; False while the online cells, glucose or lactate are still unseen."""
-        accepted = {id(d.measurement) for d in estimate.accepted}
-        for m in measurements:
-            if id(m) not in accepted:
-                continue
+        # the estimator's accepted measurements (``measurements`` in arrival order, those in
+        # another unit converted to the canonical one)
+        for m in (d.measurement for d in estimate.accepted):
             if m.source == "assay":
                 self.assays.append({"name": m.name, "value": m.value, "sample_time": m.sample_time})
             else:

@@ -51,6 +51,8 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.numerics.measurements import Measurement
+from controller.numerics.mismatch import MismatchMonitor, MismatchReport
+from controller.numerics.units import known_conversion
 from controller.numerics.validation import (
     MeasurementDecision,
     MeasurementValidator,
@@ -141,6 +143,14 @@ class EstimatorConfig:
         time_tolerance_h: timestamps closer than this are the same time.
         uncertain_variance_factor: measurement variance multiplier for values whose source
             flags their quality ``uncertain`` (``bad`` ones are rejected).
+        mismatch_window_online: the model-mismatch diagnostic
+            (:mod:`controller.numerics.mismatch`) averages the normalised innovations
+            squared of each online variable over this many values.
+        mismatch_window_assay: the same for each assay.
+        mismatch_alpha: false-alarm probability of the diagnostic's chi-square band per
+            window.
+        gain_drift_alarm: a probe gain further than this (relative) from 1 raises the
+            diagnostic's drift alarm; 0: off.
     """
 
     process_noise: NoiseTable = dataclasses.field(default_factory=dict)
@@ -169,6 +179,10 @@ class EstimatorConfig:
     substeps_per_call: int = 10
     time_tolerance_h: float = 1e-6
     uncertain_variance_factor: float = 4.0
+    mismatch_window_online: int = 24
+    mismatch_window_assay: int = 4
+    mismatch_alpha: float = 0.001
+    gain_drift_alarm: float = 0.2
 
     def __post_init__(self) -> None:
         positive = {
@@ -217,9 +231,20 @@ class EstimatorConfig:
             ("gate_reset_after", self.gate_reset_after),
             ("stuck_samples", self.stuck_samples),
             ("substeps_per_call", self.substeps_per_call),
+            ("mismatch_window_online", self.mismatch_window_online),
+            ("mismatch_window_assay", self.mismatch_window_assay),
         ):
             if ival < 1:
                 raise ConfigError(f"estimator config: {key} must be at least 1, got {ival!r}.")
+        if not 0.0 < self.mismatch_alpha < 0.5:
+            raise ConfigError(
+                "estimator config: mismatch_alpha must lie in (0, 0.5), "
+                f"got {self.mismatch_alpha!r}."
+            )
+        if not (math.isfinite(self.gain_drift_alarm) and self.gain_drift_alarm >= 0):
+            raise ConfigError(
+                f"estimator config: gain_drift_alarm must be >= 0, got {self.gain_drift_alarm!r}."
+            )
         for table_name in ("process_noise", "online_noise", "assay_noise"):
             for name, (absolute, relative) in getattr(self, table_name).items():
                 if not (absolute >= 0 and relative >= 0 and absolute + relative > 0):
@@ -321,6 +346,8 @@ class EstimatorResult:
             (None when only the present step was updated).
         gains_estimated: online variable -> whether its probe gain is being estimated
             (the assays disagreed with the probe; False while it passes the check).
+        mismatch: the model-mismatch diagnostic (innovation statistics, probe-gain drift;
+            :class:`controller.numerics.mismatch.MismatchReport`).
     """
 
     time_h: float
@@ -336,6 +363,7 @@ class EstimatorResult:
     rejected: tuple[MeasurementDecision, ...]
     reprocessed_from_h: float | None
     gains_estimated: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+    mismatch: MismatchReport = dataclasses.field(default_factory=MismatchReport)
 
     def state_vector(self, names: Sequence[str]) -> FloatArray:
         """State means ordered as ``names`` (e.g. ``model.state_names``) -> (len(names),)."""
@@ -360,6 +388,8 @@ class _Step:
     decisions: dict[int, tuple[bool, str, str]]
     checks_before: _Checks = dataclasses.field(default_factory=dict)
     checks_after: _Checks = dataclasses.field(default_factory=dict)
+    #: (source, variable, normalised innovation squared) of the measurements fused here
+    innovations: list[tuple[str, str, float]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def start(cls, time_h: float, inputs: FloatArray, prev: _Step) -> _Step:
@@ -419,6 +449,11 @@ class Estimator:
             ),
             frozenset(self.output_names),
         )
+        #: canonical unit of every measurable variable the model declares a unit for
+        self.units: dict[str, str] = {
+            s.name: s.unit for s in getattr(model, "states", ()) if getattr(s, "unit", "")
+        }
+        self.units.setdefault("viability", "1")
         self._history: list[_Step] = []
         self._alarms_logged: set[tuple[str, float]] = set()
         #: probe variable -> (time from which its gain is estimated, i.e. the start of the
@@ -426,6 +461,13 @@ class Estimator:
         self._gain_start: dict[str, tuple[float, float]] = {}
         #: Every decision taken, oldest first (bounded to the last 10 000).
         self.events: list[MeasurementDecision] = []
+        #: the model-mismatch diagnostic (innovation windows, alarm episodes)
+        self.mismatch = MismatchMonitor(
+            {"online": cfg.mismatch_window_online, "assay": cfg.mismatch_window_assay},
+            cfg.mismatch_alpha,
+            {"online": cfg.innovation_gate**2, "assay": cfg.assay_innovation_gate**2},
+            cfg.gain_drift_alarm,
+        )
 
     # -- construction ------------------------------------------------------------------
     def _nominal_parameters(self) -> FloatArray:
@@ -580,6 +622,7 @@ class Estimator:
                 cov[:, j] = 0.0
         self._alarms_logged.clear()
         self._gain_start = {}
+        self.mismatch.forget()
         self.validator = MeasurementValidator(
             self.validator.settings, self.validator.known_variables
         )
@@ -670,6 +713,7 @@ class Estimator:
             )
         self._history = steps
         self._gain_start = gain_start
+        self.mismatch.forget()  # the diagnostic's windows are not part of the snapshot
         self._alarms_logged = alarms
         self.validator = validator
         self.events = []
@@ -720,7 +764,11 @@ class Estimator:
         now = self._history[-1].time_h
         rejected_early: list[MeasurementDecision] = []
         placed: list[Measurement] = []
-        for m in measurements:
+        for received in measurements:
+            m, problem = self._canonical(received)
+            if problem:
+                rejected_early.append(MeasurementDecision(received, False, "unit", problem, now))
+                continue
             ok, reason, detail = self.validator.check(m, now, self._history[0].time_h)
             if not ok:
                 rejected_early.append(MeasurementDecision(m, False, reason, detail, now))
@@ -737,7 +785,25 @@ class Estimator:
         for step in self._history[changed:]:
             decisions.update(step.decisions)
         self._prune()
+        for step in self._history:  # re-processed steps replace their earlier values
+            for source, name, nis in step.innovations:
+                self.mismatch.record(source, name, step.time_h, nis)
         return self._result(placed, reprocessed, rejected_early, decisions)
+
+    def _canonical(self, m: Measurement) -> tuple[Measurement, str]:
+        """``m`` in its variable's canonical unit (the same object when it is in it
+        already; a converted copy when the conversion table knows the pair) and ``""``, or
+        ``m`` and why its unit is refused. A value never enters the filter in another unit."""
+        canonical = self.units.get(m.name)
+        if canonical is None or m.unit == canonical:
+            return m, ""
+        factor = known_conversion(m.name, m.unit, canonical)
+        if factor is None:
+            return m, (
+                f"unit {m.unit!r} of {m.name} cannot be converted to its canonical unit "
+                f"{canonical!r}"
+            )
+        return dataclasses.replace(m, value=m.value * factor, unit=canonical), ""
 
     # -- history -----------------------------------------------------------------------
     def _place(self, m: Measurement) -> int:
@@ -783,6 +849,7 @@ class Estimator:
                 step.gate_counts_after,
                 step.checks_after,
                 step.decisions,
+                step.innovations,
             ) = self._correct(
                 step.prior_mean,
                 step.prior_cov,
@@ -893,7 +960,7 @@ class Estimator:
         measurements: Sequence[Measurement],
         gate_counts: _GateCounts,
         gain_checks: _Checks,
-    ) -> tuple[FloatArray, FloatArray, _GateCounts, _Checks, _Decisions]:
+    ) -> tuple[FloatArray, FloatArray, _GateCounts, _Checks, _Decisions, list[Any]]:
         cfg = self.config
         x = mean.copy()
         p = cov.copy()
@@ -907,6 +974,7 @@ class Estimator:
                 checks[name] = check._replace(estimated=True)
                 p = self._release_gain(name, x, p, cfg.gain_initial_std)
         decisions: _Decisions = {}
+        innovations: list[tuple[str, str, float]] = []
         index = self._rows
         # canonical order, so the result does not depend on arrival order
         for m in sorted(measurements, key=lambda m: (m.source, m.name, m.value)):
@@ -932,6 +1000,7 @@ class Estimator:
                     pc = p @ c_row
                     s = float(c_row @ pc) + r
                     sigmas = abs(nu) / math.sqrt(s)
+            innovations.append((m.source, m.name, sigmas**2))
             if sigmas > gate:
                 times = (*counts.get(key, ()), time_h)[-cfg.gate_reset_after :]
                 counts[key] = times
@@ -968,7 +1037,7 @@ class Estimator:
             p = ikc @ p @ ikc.T + r * np.outer(gain, gain)
             p = 0.5 * (p + p.T)
             decisions[id(m)] = (True, "accepted", detail)
-        return x, p, counts, checks, decisions
+        return x, p, counts, checks, decisions, innovations
 
     def _check_probe(
         self,
@@ -1120,6 +1189,7 @@ class Estimator:
             rejected=tuple(rejected),
             reprocessed_from_h=reprocessed,
             gains_estimated={n: bool(now.checks_after[n].estimated) for n in self.gain_names},
+            mismatch=self.mismatch.report(now.time_h, gains),
         )
 
 

@@ -35,6 +35,7 @@ REASONS = (
     "bad_quality",  # the source flagged it "bad"
     "unknown_variable",  # not something the estimator can predict
     "unknown_source",  # neither "online" nor "assay"
+    "unit",  # its unit cannot be converted to the variable's canonical unit
     "out_of_range",  # outside the physical range of the variable
     "stuck",  # online value unchanged for too many samples
     "stale",  # online sample older than the allowed age

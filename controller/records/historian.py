@@ -199,6 +199,12 @@ def step_digest(record: StepRecord) -> str:
             ],
             "estimate": [[k, _fl(v)] for k, v in record.estimate.items()],
             "estimate_std": [[k, _fl(v)] for k, v in record.estimate_std.items()],
+            # only when present: the digests of records written before they existed hold
+            **(
+                {"diagnostics": [[k, _fl(v)] for k, v in record.diagnostics.items()]}
+                if record.diagnostics
+                else {}
+            ),
         }
     )
 
@@ -1119,7 +1125,11 @@ class Historian:
                 "INSERT INTO estimates (step_id, kind, idx, name, value) VALUES (?, ?, ?, ?, ?)",
                 [
                     (step_id, kind, i, name, float(value))
-                    for kind, values in (("mean", record.estimate), ("std", record.estimate_std))
+                    for kind, values in (
+                        ("mean", record.estimate),
+                        ("std", record.estimate_std),
+                        ("diagnostic", record.diagnostics),
+                    )
                     for i, (name, value) in enumerate(values.items())
                 ],
             )
@@ -1339,6 +1349,7 @@ class Historian:
                     setpoints=tuple(by_setp.get(sid, ())),
                     estimate=by_est.get((sid, "mean"), {}),
                     estimate_std=by_est.get((sid, "std"), {}),
+                    diagnostics=by_est.get((sid, "diagnostic"), {}),
                 )
             )
         return out
@@ -1387,6 +1398,8 @@ class Historian:
                 row[name] = value
             for name, value in s.estimate_std.items():
                 row[f"{name}_std"] = value
+            for name, value in s.diagnostics.items():  # the estimator's mismatch figures
+                row[f"diagnostic.{name}"] = value
             for sp in s.setpoints:
                 row[sp.name] = sp.value
                 row[f"{sp.name}_requested"] = sp.requested

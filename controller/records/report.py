@@ -5,7 +5,8 @@ resources) and exports the batch's tables to ``DIR/<table>.csv`` and ``DIR/<tabl
 What a process engineer reads at a glance, per unit: the state trajectories (estimates with
 their uncertainty band, measurements accepted and rejected, MPC predictions with their
 bands at a few steps, limits), the setpoints written and requested within their bounds, the
-solver's health (status, iterations, solve time, fallbacks), the alarms and events, the
+solver's health (status, iterations, solve time, fallbacks), the estimator's model-mismatch
+diagnostic (innovation statistics, probe gains), the alarms and events, the
 printer timeline, and the audit trail of the batch with the chain's verification.
 """
 
@@ -323,6 +324,56 @@ def _solver_plot(unit: str, steps: Sequence[StepRecord]) -> str:
     return _img(fig, f"{unit} solver health", f"solver-{unit}")
 
 
+def _mismatch_section(unit: str, steps: Sequence[StepRecord]) -> str:
+    """The estimator's model-mismatch diagnostic (controller.numerics.mismatch): each
+    innovation statistic over its band's upper end (above 1: the model does not explain
+    those measurements), the probe gains, and the alarms seen."""
+    with_diag = [s for s in steps if s.diagnostics]
+    if not with_diag:
+        return "<p>No model-mismatch figures recorded (control law without an estimator).</p>"
+    t = _days([s.process_time_h for s in with_diag])
+    keys = sorted({k[4:] for s in with_diag for k in s.diagnostics if k.startswith("nis.")})
+    gains = sorted({k[5:] for s in with_diag for k in s.diagnostics if k.startswith("gain.")})
+    fig, axes = _figure(2, 1, 2.2)
+    for key in keys:
+        ratio = [
+            s.diagnostics.get(f"nis.{key}", math.nan)
+            / s.diagnostics.get(f"nis_high.{key}", math.nan)
+            for s in with_diag
+        ]
+        axes[0].plot(t, ratio, lw=1.2, label=key)
+    axes[0].axhline(1.0, color="#d62728", ls="--", lw=1, label="band (alarm above)")
+    axes[0].set_ylabel("NIS / upper band")
+    axes[0].set_title(f"{unit}: innovation statistics (windowed, chi-square band)", fontsize=10)
+    for name in gains:
+        gain = [s.diagnostics.get(f"gain.{name}", math.nan) for s in with_diag]
+        axes[1].plot(t, gain, label=name)
+    axes[1].axhline(1.0, color="grey", ls=":", lw=1)
+    axes[1].set_ylabel("probe gain")
+    axes[1].set_xlabel("culture age [d]")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for s in with_diag:
+        for k in s.diagnostics:
+            if k.startswith("alarm."):
+                first.setdefault(k[6:], s.process_time_h)
+                last[k[6:]] = s.process_time_h
+    alarms = (
+        _table(
+            ["alarm", "first seen [h]", "last seen [h]"],
+            [[k, first[k], last[k]] for k in sorted(first)],
+            ["warning"] * len(first),
+        )
+        if first
+        else "<p>No model-mismatch alarm.</p>"
+    )
+    return _img(fig, f"{unit} model mismatch", f"mismatch-{unit}") + alarms
+
+
 def _timeline_plot(
     title: str, events: Sequence[EventRecord], plot_id: str, *, annotate: bool
 ) -> str:
@@ -613,6 +664,8 @@ def write_report(
             _setpoint_plot(unit, steps, bounds),
             "<h3>Solver health</h3>",
             _solver_plot(unit, steps),
+            "<h3>Model mismatch</h3>",
+            _mismatch_section(unit, steps),
             "<h3>Events</h3>",
             _timeline_plot(
                 f"{unit}: events",

@@ -87,6 +87,9 @@ class StepRecord:
         setpoints: the bundle of the cycle.
         overhead_s: loop time excluding the solve, s.
         notes: free-form remarks of the cycle (e.g. why nothing was written).
+        diagnostics: the estimator's model-mismatch figures
+            (:meth:`controller.numerics.mismatch.MismatchReport.values`: ``nis.<source>.<var>``,
+            ``nis_high.<...>``, ``gain.<probe>``, ``alarm.<key>``); empty without an estimator.
     """
 
     batch_id: str
@@ -104,6 +107,7 @@ class StepRecord:
     setpoints: tuple[SetpointRecord, ...] = ()
     overhead_s: float = 0.0
     notes: tuple[str, ...] = ()
+    diagnostics: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

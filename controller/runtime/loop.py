@@ -728,6 +728,7 @@ class UnitLoop:
         solver: dict[str, Any] = {}
         estimate: dict[str, float] = {}
         estimate_std: dict[str, float] = {}
+        diagnostics: dict[str, float] = {}
         growth = 1.0
         predictions: dict[str, tuple[float, ...]] = {}
         setpoints: tuple[SetpointRecord, ...] = ()
@@ -764,6 +765,7 @@ class UnitLoop:
                         self._event("fallback", "info", "resuming moves", t)
                         self._hold_reason = ""
                     solver, estimate, estimate_std, growth, predictions = self._law_details()
+                    diagnostics = self._mismatch(t)
                     proposed = self._check_law_result(proposed, t, notes)
                     records = self._estimator_decisions(records, t)
                     setpoints = await self._move(proposed, previous, t, notes)
@@ -793,6 +795,7 @@ class UnitLoop:
                 setpoints=setpoints,
                 overhead_s=overhead,
                 notes=tuple(notes),
+                diagnostics=diagnostics,
             )
         )
         if self.checkpoint is not None and solve_s > 0 and self._running is None:
@@ -1165,6 +1168,16 @@ class UnitLoop:
             estimate_std = {str(k): float(v) for k, v in dict(est.std).items()}
             growth = float(est.growth_factor)
         return solver, estimate, estimate_std, growth, predictions
+
+    def _mismatch(self, t: float) -> dict[str, float]:
+        """The estimator's model-mismatch figures for the step record; an alarm that
+        started at this step also becomes an ``alarm`` event (once per episode)."""
+        report = getattr(getattr(self.law, "last_estimate", None), "mismatch", None)
+        if report is None:
+            return {}
+        for key in report.started:
+            self._event("model_mismatch", "warning", report.messages.get(key, key), t, alarm=key)
+        return {str(k): float(v) for k, v in report.values().items()}
 
     # -- the move --------------------------------------------------------------------------
     async def _move(

@@ -75,6 +75,12 @@ from types import MappingProxyType
 from typing import Any
 
 from controller.laws.printer import PrintPolicyConfig
+from controller.numerics.units import (  # the one conversion table, re-exported here
+    CONVERSIONS,
+    MOLAR_MASSES,
+    UnitConversion,
+    conversion_for,
+)
 from plant_models.config import check_keys, load_fields, load_toml, setting, suggest
 from plant_models.errors import ConfigError
 from plant_models.process import available_processes, get_process
@@ -82,6 +88,7 @@ from plant_models.process import available_processes, get_process
 __all__ = [
     "CONTROLLER_KINDS",
     "CONVERSIONS",
+    "MOLAR_MASSES",
     "ClockConfig",
     "InputTag",
     "NodeRef",
@@ -94,6 +101,7 @@ __all__ = [
     "UnitConversion",
     "canonical_units",
     "check_printer_settings",
+    "conversion_for",
     "load_site",
     "parse_node_ref",
     "printer_forecast_overrides",
@@ -105,36 +113,6 @@ CONTROLLER_KINDS = ("recipe", "rule", "mechanistic-mpc", "hybrid-mpc")
 POLICIES = ("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss", "None")
 MODES = ("Sign", "SignAndEncrypt")
 SOURCES = ("online", "assay")
-
-#: (device unit, canonical unit) -> factor: canonical = factor * device.
-CONVERSIONS: Mapping[tuple[str, str], float] = MappingProxyType(
-    {
-        ("cells/mL", "1e6 cells/mL"): 1e-6,
-        ("1e5 cells/mL", "1e6 cells/mL"): 0.1,
-        ("1e9 cells/L", "1e6 cells/mL"): 1.0,
-        ("cells/L", "1e9 cells/L"): 1e-9,
-        ("1e6 cells/mL", "1e9 cells/L"): 1.0,
-        ("%", "1"): 0.01,
-        ("1/h", "1/d"): 24.0,
-        ("vvd", "1/d"): 1.0,
-        ("L/h", "mL/h"): 1000.0,
-        ("mL/min", "mL/h"): 60.0,
-        ("uL/min", "mL/h"): 0.06,
-        ("mL/h", "L/h"): 1e-3,
-        ("L/d", "L/h"): 1.0 / 24.0,
-        ("mL/min", "L/h"): 0.06,
-        ("IU/h", "kIU/h"): 1e-3,
-        ("U/mL", "IU/mL"): 1.0,
-        ("kIU/L", "IU/mL"): 1.0,
-        ("mmol/L", "mM"): 1.0,
-        ("mL", "L"): 1e-3,
-    }
-)
-
-#: Molar masses (g/mol) for mass concentrations (g/L -> mM).
-MOLAR_MASSES: Mapping[str, float] = MappingProxyType(
-    {"glucose": 180.156, "lactate": 90.078, "glutamine": 146.146, "ammonia": 17.031}
-)
 
 _NODE_RE = re.compile(r"^nsu=(?P<uri>[^;]+);(?P<kind>[sig])=(?P<id>.+)$")
 _NS0_RE = re.compile(r"^(?:ns=0;)?i=(?P<id>\d+)$")
@@ -184,56 +162,6 @@ def parse_node_ref(text: str, where: str, *, unit: str | None = None) -> NodeRef
         f"{where}: {text!r} is not a node id of the form 'nsu=URI;s=Name' "
         f"(or 'i=N' in namespace 0).{hint}"
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitConversion:
-    """``canonical = scale * device + offset``."""
-
-    device_unit: str
-    canonical_unit: str
-    scale: float = 1.0
-    offset: float = 0.0
-
-    def to_canonical(self, value: float) -> float:
-        return self.scale * value + self.offset
-
-    def to_device(self, value: float) -> float:
-        return (value - self.offset) / self.scale
-
-
-def conversion_for(
-    variable: str,
-    device_unit: str,
-    canonical_unit: str,
-    where: str,
-    *,
-    scale: float | None = None,
-    offset: float | None = None,
-) -> UnitConversion:
-    """The conversion of one tag: explicit scale/offset, else a known unit pair."""
-    if scale is not None or offset is not None:
-        s = 1.0 if scale is None else float(scale)
-        o = 0.0 if offset is None else float(offset)
-        if not (math.isfinite(s) and s != 0.0 and math.isfinite(o)):
-            raise ConfigError(f"{where}: scale must be finite and non-zero, offset finite.")
-        return UnitConversion(device_unit, canonical_unit, s, o)
-    if device_unit == canonical_unit:
-        return UnitConversion(device_unit, canonical_unit)
-    factor = CONVERSIONS.get((device_unit, canonical_unit))
-    if factor is None and (canonical_unit, device_unit) in CONVERSIONS:
-        factor = 1.0 / CONVERSIONS[(canonical_unit, device_unit)]
-    if factor is None and device_unit == "g/L" and canonical_unit == "mM":
-        mass = MOLAR_MASSES.get(variable)
-        if mass is not None:
-            factor = 1000.0 / mass
-    if factor is None:
-        raise ConfigError(
-            f"{where}: no known conversion from {device_unit!r} to the canonical unit "
-            f"{canonical_unit!r} of {variable}; state the device unit as {canonical_unit!r} "
-            f"or give scale (and offset) with canonical = scale * device + offset."
-        )
-    return UnitConversion(device_unit, canonical_unit, factor)
 
 
 def canonical_units(model: str) -> dict[str, str]:

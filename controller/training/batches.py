@@ -1,7 +1,10 @@
 """Training data for the residuals, from batch records.
 
 A batch record is a CSV with one row per control step (the format ``hmpc-sim simulate``
-writes, column headers ``name [unit]``) and optionally an ``assays.csv`` beside it. Only
+writes, column headers ``name [unit]``; the units are checked and converted to the model's
+canonical ones, :mod:`controller.training.record_units`) and optionally an ``assays.csv``
+and a ``record.toml`` (the process values it ran with) beside it, or a vendor export read
+through a mapping file (docs/records.md). Only
 what a real plant records is used: online measurements (``measured_viable_cells``,
 ``measured_glucose``, ``measured_lactate``), the applied inputs, the volume, and the daily
 assays (IL-2, viability); never the simulator's true states.
@@ -25,14 +28,24 @@ import glob
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from controller.training.record_units import (
+    ProcessValue,
+    RecordMapping,
+    canonical_record_units,
+    column_factor,
+    load_record_mapping,
+    process_values,
+    read_export,
+)
 from plant_models.base import MechanisticModel
+from plant_models.config import check_keys, load_toml
 from plant_models.errors import ConfigError, ModelError
 
 __all__ = [
@@ -61,26 +74,135 @@ _HEADER = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(\[.*\])?\s*$")
 
 
 class BatchRecord:
-    """One batch: its step table and assays (columns name, value, sample_time)."""
+    """One batch: its step table and assays (columns name, value, sample_time), in the
+    model's canonical units.
 
-    def __init__(self, name: str, steps: pd.DataFrame, assays: pd.DataFrame) -> None:
+    Attributes:
+        name: the batch's name (the record's folder for ``trajectory.csv``, else its stem).
+        steps: ``time`` (h), ``measured_<state>``, ``volume``, the inputs (and
+            ``true_viable_cells`` for simulated records).
+        assays: ``name``, ``value``, ``sample_time`` (and ``unit``, canonical).
+        process: process values the record declares (``record.toml`` beside it, or the
+            mapping file's ``[process]``): name -> :class:`ProcessValue`.
+        path: the file it was read from (None when built in memory).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        steps: pd.DataFrame,
+        assays: pd.DataFrame,
+        *,
+        process: Mapping[str, ProcessValue] | None = None,
+        path: Path | None = None,
+    ) -> None:
         self.name = name
         self.steps = steps
         self.assays = assays
+        self.process: dict[str, ProcessValue] = dict(process or {})
+        self.path = path
 
 
-def read_batch_record(path: str | Path, model: MechanisticModel[object]) -> BatchRecord:
-    """Read a batch-record CSV (and ``assays.csv`` beside it, when present)."""
-    p = Path(path)
-    try:
-        raw = pd.read_csv(p)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot be read as CSV ({exc}).") from None
-    names = []
+def _declared_process(p: Path) -> dict[str, ProcessValue]:
+    """The ``[process]`` table of the record's ``record.toml`` (``trajectory.csv``) or
+    ``<stem>.toml`` (other names) beside it; empty when there is none."""
+    meta = p.with_name("record.toml") if p.name == "trajectory.csv" else p.with_suffix(".toml")
+    if not meta.exists():
+        return {}
+    data = load_toml(meta)
+    check_keys(data, ["process", "meta"], str(meta))
+    return process_values(data.get("process", {}), f"{meta} [process]")
+
+
+def _canonical_columns(raw: pd.DataFrame, p: Path, model: MechanisticModel[object]) -> pd.DataFrame:
+    """Strip the ``name [unit]`` headers to names, checking each stated unit against the
+    canonical unit of its variable (``measured_X`` is X's) and converting the column; a
+    column whose unit cannot be converted is refused, naming it. Columns that are no model
+    variable keep their values; a header without a unit is taken as canonical."""
+    units = canonical_record_units(model)
+    names, factors = [], []
     for col in raw.columns:
         m = _HEADER.match(str(col))
-        names.append(m.group(1) if m else str(col))
+        name = m.group(1) if m else str(col)
+        unit = m.group(2)[1:-1].strip() if m and m.group(2) else None
+        variable = name.removeprefix("measured_")
+        factor = 1.0
+        if unit is not None and variable in units:
+            factor = column_factor(variable, unit, units[variable], f"{p}: column {str(col)!r}")
+        names.append(name)
+        factors.append(factor)
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"{p}: column(s) {dup} appear more than once.")
     raw.columns = names
+    for name, factor in zip(names, factors, strict=True):
+        if factor != 1.0:
+            raw[name] = pd.to_numeric(raw[name], errors="coerce") * factor
+    return raw
+
+
+def _canonical_assays(
+    assays: pd.DataFrame, where: Path, model: MechanisticModel[object]
+) -> pd.DataFrame:
+    """Check (and convert) the ``unit`` of every assay row whose name is a model variable;
+    a unit that cannot be converted is refused, naming the file, the assay and the unit."""
+    if "unit" not in assays.columns or len(assays) == 0:
+        return assays
+    units = canonical_record_units(model)
+    out = assays.copy()
+    values = out["value"].astype(float).to_numpy().copy()
+    unit_col = out["unit"].astype(str).to_numpy().copy()
+    for i, (name, unit) in enumerate(zip(out["name"].astype(str), unit_col, strict=True)):
+        if name not in units or unit in ("", "nan"):
+            continue
+        values[i] *= column_factor(name, unit, units[name], f"{where}: assay {name!r}")
+        unit_col[i] = units[name]
+    out["value"] = values
+    out["unit"] = unit_col
+    return out
+
+
+def read_batch_record(
+    path: str | Path,
+    model: MechanisticModel[object],
+    *,
+    mapping: str | Path | RecordMapping | None = None,
+) -> BatchRecord:
+    """Read one batch record, in the model's canonical units.
+
+    Without ``mapping``: hmpc's own layout, a CSV whose headers are ``name [unit]`` (what
+    ``hmpc-sim`` writes), with ``assays.csv`` (name, value, unit, sample_time) and
+    ``record.toml`` (``[process]``) beside it when present. Every stated unit is checked
+    against its variable's canonical unit and converted, or refused naming the column.
+    With ``mapping`` (a mapping file or a loaded :class:`RecordMapping`): a vendor export
+    (CSV, Excel, Parquet) read through it (:func:`read_export`).
+
+    Raises:
+        ConfigError: unreadable file, missing columns, a unit that cannot be converted
+            (naming the file and the column), too few rows, time not increasing.
+    """
+    p = Path(path)
+    if mapping is not None:
+        rmap = (
+            mapping if isinstance(mapping, RecordMapping) else load_record_mapping(mapping, model)
+        )
+        raw, assays = read_export(p, rmap, model)
+        process = dict(rmap.process)
+    else:
+        try:
+            raw = pd.read_csv(p)
+        except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: cannot be read as CSV ({exc}).") from None
+        raw = _canonical_columns(raw, p, model)
+        assay_path = p.with_name("assays.csv")
+        if assay_path.exists():
+            assays = pd.read_csv(assay_path)
+            if not {"name", "value", "sample_time"} <= set(assays.columns):
+                raise ConfigError(f"{assay_path}: needs columns name, value, sample_time.")
+            assays = _canonical_assays(assays, assay_path, model)
+        else:
+            assays = pd.DataFrame(columns=["name", "value", "sample_time"])
+        process = _declared_process(p)
     needed = list(REQUIRED) + list(model.input_names)
     missing = [c for c in needed if c not in raw.columns]
     if missing:
@@ -92,23 +214,28 @@ def read_batch_record(path: str | Path, model: MechanisticModel[object]) -> Batc
         steps[TRUE_CELLS_KEY] = raw[TRUE_CELLS].astype(float)
     if not np.all(np.diff(steps["time"].to_numpy()) > 0):
         raise ConfigError(f"{p}: time must increase strictly from row to row.")
-    assay_path = p.with_name("assays.csv")
-    if assay_path.exists():
-        assays = pd.read_csv(assay_path)
-        if not {"name", "value", "sample_time"} <= set(assays.columns):
-            raise ConfigError(f"{assay_path}: needs columns name, value, sample_time.")
-    else:
-        assays = pd.DataFrame(columns=["name", "value", "sample_time"])
-    return BatchRecord(p.parent.name if p.name == "trajectory.csv" else p.stem, steps, assays)
+    name = p.parent.name if p.name == "trajectory.csv" else p.stem
+    return BatchRecord(name, steps, assays, process=process, path=p)
 
 
-def load_batch_records(pattern: str, model: MechanisticModel[object]) -> list[BatchRecord]:
-    """All batch records matching a glob pattern (``DIR/*.csv``, ``runs/*/trajectory.csv``).
+def load_batch_records(
+    pattern: str,
+    model: MechanisticModel[object],
+    *,
+    mapping: str | Path | RecordMapping | None = None,
+) -> list[BatchRecord]:
+    """All batch records matching a glob pattern (``DIR/*.csv``, ``runs/*/trajectory.csv``,
+    ``exports/*.parquet`` with a ``mapping``), in canonical units (:func:`read_batch_record`).
     ``assays.csv`` files are companions, not records, and are skipped."""
     paths = sorted(p for p in glob.glob(pattern) if Path(p).name != "assays.csv")
     if not paths:
         raise ConfigError(f"no batch records match {pattern!r}.")
-    return [read_batch_record(p, model) for p in paths]
+    rmap = (
+        load_record_mapping(mapping, model)
+        if mapping is not None and not isinstance(mapping, RecordMapping)
+        else mapping
+    )
+    return [read_batch_record(p, model, mapping=rmap) for p in paths]
 
 
 def _assay_series(record: BatchRecord, name: str, times: FloatArray, default: float) -> FloatArray:

@@ -99,6 +99,8 @@ class FitSpec:
         parameters: model parameter file (None: the packaged one).
         process: process specification file (None: the packaged one).
         seed: seed of the GP fit.
+        mapping: mapping file of vendor exports (``data`` then matches the exports;
+            docs/records.md); None: hmpc's own record layout.
     """
 
     data: str
@@ -123,6 +125,7 @@ class FitSpec:
     parameters: Path | None = None
     process: Path | None = None
     seed: int = 0
+    mapping: Path | None = None
 
     def __post_init__(self) -> None:
         if self.features is not None:
@@ -211,6 +214,8 @@ class FitResult:
         cross_validation: with ``spec.folds``: ``folds`` (per fold: held-out batches and
             figures) and the figures pooled over all batches; else None.
         records: how many batch records ``spec.data`` matched.
+        process_warnings: what :func:`check_records_fit_process` warned of (the records'
+            fit to the process).
     """
 
     spec: FitSpec
@@ -224,6 +229,7 @@ class FitResult:
     validation: dict[str, Any]
     cross_validation: dict[str, Any] | None
     records: int
+    process_warnings: tuple[str, ...] = ()
 
     def summary(self, residual_file: str | Path) -> dict[str, Any]:
         """The content of ``validation.json`` (non-finite numbers still as floats), for the
@@ -276,6 +282,7 @@ class FitResult:
             },
             "predictions": len(validation["rows"]),
             "residual_file": str(residual_file),
+            "process_warnings": list(self.process_warnings),
         }
         if self.cross_validation is not None:
             summary["cross_validation"] = self.cross_validation
@@ -313,6 +320,7 @@ def fit_residual(spec: FitSpec) -> FitResult:
         FitError: the GP fit failed.
     """
     from controller.training.batches import load_batch_records
+    from controller.training.process_check import check_records_fit_process
 
     base = nominal_model(spec.model, spec.parameters, spec.process)
     features = spec.feature_names
@@ -325,7 +333,8 @@ def fit_residual(spec: FitSpec) -> FitResult:
         raise ConfigError(
             f"--batch-feature {batch_feature!r} must be one of the features {list(features)}"
         )
-    records = load_batch_records(spec.data, base)
+    records = load_batch_records(spec.data, base, mapping=spec.mapping)
+    process_warnings = check_records_fit_process(records, base, spec.process)
     if len(records) < 2:
         raise ConfigError(
             f"--data matches {len(records)} batch; at least 2 are needed (training and held-out)"
@@ -369,6 +378,7 @@ def fit_residual(spec: FitSpec) -> FitResult:
         validation=validation,
         cross_validation=cross,
         records=len(records),
+        process_warnings=process_warnings,
     )
 
 

@@ -52,6 +52,7 @@ class CHOPlugin(ProcessPlugin):
     title = "CHO fed-batch, concentrated feed"
     default_mpc_config = "mpc_cho.toml"
     gp_features = ("glucose", "lactate", "ammonia", "culture_age")
+    feed_composition = ("feed_glucose", "feed_glutamine")
     simulated_states = ("viable_cells",)
     sensors = SensorDefaults(
         online={

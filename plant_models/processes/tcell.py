@@ -121,6 +121,7 @@ class TCellPlugin(ProcessPlugin):
     title = "T-cell / CAR-T expansion, perfusion with cell retention"
     default_mpc_config = "mpc_tcell.toml"
     gp_features = ("lactate", "il2", "inhibitor", "culture_age")
+    feed_composition = ("media_glucose", "media_il2", "glucose_stock")
     simulated_states = ("viable_cells", "inhibitor")
     sensors = SensorDefaults(
         online={

@@ -319,6 +319,8 @@ def closed_loop_batch(
                 ),
                 overhead_s=0.01,
                 notes=(),
+                # the estimator's model-mismatch figures, as the runtime loop stores them
+                diagnostics=ctrl.estimates[k].mismatch.values() if ctrl.estimates else {},
             )
         )
         if result.fallback_used:

@@ -82,6 +82,7 @@ class AmribtPlugin(ProcessPlugin):
     title = "CHO fed-batch, Amribt 2013 overflow kinetics with product (BPL example)"
     default_mpc_config = str(Path(str(DATA / "mpc_amribt.toml")))
     gp_features = ("glucose", "glutamine", "lactate", "culture_age")
+    feed_composition = ("feed_glucose", "feed_glutamine")
     correctable_rates = ("growth_rate",)
     simulated_states = ("viable_cells",)
     sensors = SensorDefaults(

@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,6 +40,8 @@ ASSAY_NOISE = {
     "il2": (1.0, 0.1),
 }
 INPUTS = {"perfusion_rate": 1.0, "glucose_feed": 0.0, "il2_addition": 0.0}
+#: canonical units of the T-cell model's measurable variables
+UNIT = {s.name: s.unit for s in TCellExpansionModel.states} | {"viability": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,7 @@ def simulate(
         truth.append(values)
         online.append(
             [
-                Measurement(n, _noisy(values[n], a, r, rng, math.inf), "u", t, t, "online")
+                Measurement(n, _noisy(values[n], a, r, rng, math.inf), UNIT[n], t, t, "online")
                 for n, (a, r) in ONLINE_NOISE.items()
             ]
         )
@@ -99,7 +102,7 @@ def simulate(
                 Measurement(
                     n,
                     _noisy(values[n], a, r, rng, 1.0 if n == "viability" else math.inf),
-                    "u",
+                    UNIT[n],
                     t,
                     t + assay_delay,
                     "assay",
@@ -206,7 +209,7 @@ def test_assay_after_newer_online_samples_is_applied_at_its_sample_time(
 def test_assay_between_update_times_is_inserted(model: TCellExpansionModel) -> None:
     batch = simulate(model, hours=30, seed=3)
     truth_mid = batch.truth[20]["viable_cells"]
-    assay = Measurement("viable_cells", truth_mid * 1.1, "u", 20.5, 26.0, "assay")
+    assay = Measurement("viable_cells", truth_mid * 1.1, UNIT["viable_cells"], 20.5, 26.0, "assay")
     late, in_order = start(model), start(model)
     for k, t in enumerate(batch.times):
         late.update(t, INPUTS, batch.online[k] + ([assay] if k == 26 else []))
@@ -255,7 +258,7 @@ def test_assay_older_than_history_is_rejected(model: TCellExpansionModel) -> Non
     run(est, batch, assays="none")
     assert est.history_times[0] >= 30.0 - 12.0 - 1e-9
     assert len(est.history_times) <= 14
-    old = Measurement("viable_cells", 1.0, "u", 10.0, 30.0, "assay")
+    old = Measurement("viable_cells", 1.0, UNIT["viable_cells"], 10.0, 30.0, "assay")
     result = est.update(30.0, INPUTS, [old])
     assert [d.reason for d in result.rejected] == ["older_than_history"]
 
@@ -325,7 +328,7 @@ def test_each_invalid_online_value_is_rejected_and_the_estimate_goes_on(
     name: str,
     reason: str,
 ) -> None:
-    bad = Measurement(name, value, "u", sample_time, 30.0, "online", quality)
+    bad = Measurement(name, value, UNIT.get(name, "1"), sample_time, 30.0, "online", quality)
     clean, faulty, batch = _clean_and_faulty(model, 30, [bad], drop_clean=name)
     decisions = [d for d in faulty[30].rejected if d.measurement is bad]
     assert [d.reason for d in decisions] == [reason]
@@ -530,7 +533,7 @@ def test_estimates_never_go_negative(model: TCellExpansionModel) -> None:
     assert r.state["dead_cells"] >= 0.0
     batch = simulate(model, hours=48, seed=10)
     for k, t in enumerate(batch.times[1:], start=1):
-        zeros = [Measurement(n, 0.0, "u", t, t, "online") for n in ("glucose", "lactate")]
+        zeros = [Measurement(n, 0.0, UNIT[n], t, t, "online") for n in ("glucose", "lactate")]
         r = est.update(t, INPUTS, [batch.online[k][0], *zeros])
         assert min(r.state.values()) >= 0.0
         assert min(r.outputs.values()) >= 0.0
@@ -557,7 +560,7 @@ def test_estimator_runs_on_the_cho_model() -> None:
         r = est.update(
             float(t),
             {"feed_rate": 0.0},
-            [Measurement("viable_cells", 0.23 * math.exp(0.03 * t), "u", t, t, "online")],
+            [Measurement("viable_cells", 0.23 * math.exp(0.03 * t), "1e9 cells/L", t, t, "online")],
         )
     assert set(r.state) == set(cho.state_names)
     assert all(np.isfinite(list(r.state.values())))
@@ -644,3 +647,40 @@ def test_invalid_configuration_and_calls_raise_typed_errors(model: TCellExpansio
         est.update(1.0, INPUTS, [])
     with pytest.raises(ModelError, match="missing"):
         est.update(3.0, {"perfusion_rate": 1.0}, [])
+
+
+def _glucose_run(model: TCellExpansionModel, readings: Sequence[Measurement]) -> list[Any]:
+    """An estimator started at 20 mM glucose fed one glucose reading per hour."""
+    est = Estimator(model)
+    est.initialize(model.initial_state(), np.diag(np.full(len(model.state_names), 1e-4)))
+    return [est.update(m.sample_time, INPUTS, [m]) for m in readings]
+
+
+def test_a_measurement_in_another_unit_is_converted_before_the_estimator_uses_it(
+    model: TCellExpansionModel,
+) -> None:
+    """Glucose sent in g/L (3.6 g/L = 20 mM) is converted: the estimate stays near 20 mM and
+    the decisions carry the canonical value; before, it was rejected twice by the gate and
+    then taken as 3.6 mM."""
+    grams = [Measurement("glucose", 3.6, "g/L", t, t, "online") for t in (1.0, 2.0, 3.0, 4.0)]
+    results = _glucose_run(model, grams)
+    for r in results:
+        (d,) = r.accepted
+        assert d.measurement.unit == "mM"
+        assert d.measurement.value == pytest.approx(3.6 * 1000.0 / 180.156)
+    assert results[-1].state["glucose"] == pytest.approx(20.0, abs=0.5)
+
+
+def test_a_measurement_in_a_unit_that_cannot_be_converted_never_reaches_the_filter(
+    model: TCellExpansionModel,
+) -> None:
+    wrong = [Measurement("glucose", 3.6, "cells/mL", t, t, "online") for t in (1.0, 2.0, 3.0)]
+    wrong += [Measurement("viable_cells", 3.6, "", 4.0, 4.0, "online")]
+    results = _glucose_run(model, wrong)
+    for r, m in zip(results, wrong, strict=True):
+        assert not r.accepted
+        (d,) = r.rejected
+        assert d.reason == "unit" and d.measurement is m
+        assert repr(m.unit) in d.detail and repr(UNIT[m.name]) in d.detail
+    # the gate never re-admitted it: the state is the model's, not pulled to 3.6
+    assert results[-1].state["glucose"] == pytest.approx(20.0, abs=0.5)

@@ -74,12 +74,18 @@ def estimate_at(
     sd = np.array([0.05, 0.01, 1.0, 0.3, 10.0, 1.0, 0.01])
     result = est.initialize(model.initial_state(), sd**2)
     names = model.state_names
+    units = {s.name: s.unit for s in model.states}
     for i, t in enumerate(times[1:], start=1):
         if t > until_h:
             break
         ms = [
             Measurement(
-                n, float(states[i, names.index(n)] * (1 + 0.05 * rng.normal())), "", t, t, "online"
+                n,
+                float(states[i, names.index(n)] * (1 + 0.05 * rng.normal())),
+                units[n],
+                t,
+                t,
+                "online",
             )
             for n in ("viable_cells", "glucose", "lactate")
         ]

@@ -83,6 +83,11 @@ def test_report_and_exports_are_written(report_dir: Path, batch_records: Batch) 
     assert not re.search(r"""(src|href)\s*=\s*["'](https?:|//|file:)""", page)
     assert "<script" not in page
     assert "Hash chain intact" in page
+    # the estimator's model-mismatch diagnostic, stored per step and drawn
+    assert all(s.diagnostics for s in steps)
+    assert "Model mismatch" in page and "mismatch-R1" in page
+    table = pd.read_parquet(report_dir / "steps.parquet")
+    assert "diagnostic.nis.online.viable_cells" in table.columns
     assert "CR-118" in page  # the tuning change with its reason
     n_printer = sum(1 for e in events if e.kind == "printer")
     assert page.count("printer accepted job") >= 1 and n_printer == 3
@@ -144,6 +149,7 @@ def test_report_renders_in_a_headless_browser(report_dir: Path) -> None:
         "trajectories-R1",
         "setpoints-R1",
         "solver-R1",
+        "mismatch-R1",
         "events-R1",
         "printer-timeline",
     }
