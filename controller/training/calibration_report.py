@@ -282,12 +282,12 @@ def _estimates_table(result: CalibrationResult) -> str:
     )
 
 
-def _profile_plot(result: CalibrationResult) -> str:
-    from controller.records.report import _figure, _img
+def _profile_plot(result: CalibrationResult) -> Any:
+    from controller.records.report import _figure
 
     estimates = [e for e in result.estimates if e.name in result.profiles]
     if not estimates:
-        return "<p>No profiles computed.</p>"
+        return None
     cols = min(3, len(estimates))
     rows = math.ceil(len(estimates) / cols)
     fig, axes = _figure(rows, cols, 3.4)
@@ -313,11 +313,11 @@ def _profile_plot(result: CalibrationResult) -> str:
         ax.set_title(e.name + (f"  (flat: {e.flat})" if e.flat else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    return _img(fig, "profile likelihoods", "profiles")
+    return fig
 
 
-def _correlation_plot(result: CalibrationResult) -> str:
-    from controller.records.report import _figure, _img
+def _correlation_plot(result: CalibrationResult) -> Any:
+    from controller.records.report import _figure
 
     names = [e.name for e in result.estimates]
     size = max(3.0, 0.6 * len(names) + 2.0)
@@ -331,11 +331,11 @@ def _correlation_plot(result: CalibrationResult) -> str:
             ax.text(j, i, f"{result.correlation[i, j]:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(image, ax=ax, shrink=0.8)
     ax.set_title("Laplace correlation of ln(parameters)")
-    return _img(fig, "correlation matrix", "correlation")
+    return fig
 
 
-def _fit_plot(result: CalibrationResult, max_batches: int = 6) -> str:
-    from controller.records.report import _figure, _img
+def _fit_plot(result: CalibrationResult, max_batches: int = 6) -> Any:
+    from controller.records.report import _figure
 
     batches = result.batches[:max_batches]
     names: list[str] = []
@@ -370,11 +370,11 @@ def _fit_plot(result: CalibrationResult, max_batches: int = 6) -> str:
                 ax.set_xlabel("culture age [d]")
             if r == 0 and c == 0:
                 ax.legend(fontsize=6)
-    return _img(fig, "fits of the training batches", "fits")
+    return fig
 
 
-def _validation_plot(validation: Mapping[str, Any]) -> str:
-    from controller.records.report import _figure, _img
+def _validation_plot(validation: Mapping[str, Any]) -> Any:
+    from controller.records.report import _figure
 
     rows = validation["rows"]
     models = list(validation["models"])
@@ -402,7 +402,7 @@ def _validation_plot(validation: Mapping[str, Any]) -> str:
         ax.set_ylabel("viable cells [1e6 cells/mL]")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    return _img(fig, "24 h-ahead predictions on held-out batches", "validation")
+    return fig
 
 
 def write_report(
@@ -415,8 +415,19 @@ def write_report(
     command: str,
     parameter_file_out: str | None,
 ) -> Path:
-    """Write the HTML report (module docstring) and return its path."""
-    from controller.records.report import _CSS, _table
+    """Write the HTML report (module docstring) and return its path; each figure is also
+    saved beside it as ``<report stem>-<figure>.png`` (profiles, correlation, fits,
+    validation)."""
+    from controller.records.report import _CSS, _img, _table
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def figure(fig: Any, alt: str, plot_id: str) -> str:
+        if fig is None:
+            return f"<p>No {html.escape(alt)}.</p>"
+        fig.savefig(out.with_name(f"{out.stem}-{plot_id}.png"), dpi=90)
+        return _img(fig, alt, plot_id)
 
     e = html.escape
     body = [
@@ -452,7 +463,7 @@ def write_report(
         "explain the data within the declared measurement noise (model error): the intervals "
         "are then too narrow.</p>",
         "<h2>Identifiability</h2>",
-        _correlation_plot(result),
+        figure(_correlation_plot(result), "correlation matrix", "correlation"),
     ]
     if result.flagged_pairs:
         body.append(
@@ -468,8 +479,12 @@ def write_report(
         )
     else:
         body.append("<p>No pair has |correlation| above the threshold.</p>")
-    body += ["<h2>Profile likelihoods</h2>", _profile_plot(result)]
-    body += ["<h2>Training batches: prior centre and calibrated</h2>", _fit_plot(result)]
+    body += [
+        "<h2>Profile likelihoods</h2>",
+        figure(_profile_plot(result), "profile likelihoods", "profiles"),
+        "<h2>Training batches: prior centre and calibrated</h2>",
+        figure(_fit_plot(result), "fits of the training batches", "fits"),
+    ]
     if validation is not None:
         models = list(validation["models"])
         body += [
@@ -490,7 +505,11 @@ def write_report(
             f"<p>{validation['predictions']} predictions (every 12 h from day 1, each from the "
             "state reconstructed from the measurements up to its start, as hmpc fit's "
             "validation).</p>",
-            _validation_plot(validation),
+            figure(
+                _validation_plot(validation),
+                "24 h-ahead predictions on held-out batches",
+                "validation",
+            ),
         ]
     else:
         body.append("<h2>Held-out batches</h2><p>None given (--holdout).</p>")
@@ -510,7 +529,5 @@ def write_report(
         + "\n".join(body)
         + "</body></html>\n"
     )
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return out
