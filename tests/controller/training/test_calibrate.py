@@ -193,3 +193,25 @@ def test_calibrate_refuses_bad_options(
     empty.mkdir()
     rc = main(["calibrate", "--process", "cho", "--data", str(empty), "--parameters", "mu_max"])
     assert rc == 2 and "no batch records match" in capsys.readouterr().err
+
+
+def test_a_parameter_the_data_cannot_see_has_a_flat_profile(records: Path) -> None:
+    """Without the viability assays nothing measured depends on the lysis of dead cells
+    (it moves the total cells only): its profile stays flat over the prior's range."""
+    plugin = get_process("cho")
+    model = plugin.build_model()
+    recs = load_batch_records(str(records / "train" / "*" / "trajectory.csv"), model)
+    for rec in recs:
+        rec.assays = rec.assays[rec.assays["name"] != "viability"]
+    result = calibrate(plugin, model, recs, CalibrationSettings(("mu_max", "lysis_rate")))
+    by_name = {e.name: e for e in result.estimates}
+    assert by_name["lysis_rate"].flat == "both" and not by_name["lysis_rate"].identifiable
+    assert result.flat_parameters == ("lysis_rate",)
+    assert by_name["mu_max"].identifiable
+    profile = result.profiles["lysis_rate"]
+    assert np.max(np.abs(profile.delta_data)) < 0.5  # the data do not move
+    # its interval is the prior's: the profile reaches the prior's 95 % range
+    low, high = by_name["lysis_rate"].prior.range95
+    assert by_name["lysis_rate"].profile is not None
+    assert by_name["lysis_rate"].profile[0] == pytest.approx(low, rel=0.1)
+    assert by_name["lysis_rate"].profile[1] == pytest.approx(high, rel=0.1)
