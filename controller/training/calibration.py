@@ -1006,10 +1006,13 @@ def _profile(
 
 
 def _crossing(x0: float, y0: float, x1: float, y1: float) -> float:
-    """Where the straight line through (x0, y0), (x1, y1) reaches :data:`CHI2_95`."""
-    if y1 == y0:
+    """Where the profile between (x0, y0) and (x1, y1) reaches :data:`CHI2_95`, by linear
+    interpolation of ``sqrt(y)`` (exact for a quadratic profile; ``y`` itself, convex near
+    the MAP, would put the crossing too close to it)."""
+    r0, r1, target = math.sqrt(max(y0, 0.0)), math.sqrt(max(y1, 0.0)), math.sqrt(CHI2_95)
+    if r1 == r0:
         return x1
-    return x0 + (CHI2_95 - y0) * (x1 - x0) / (y1 - y0)
+    return x0 + (target - r0) * (x1 - x0) / (r1 - r0)
 
 
 def _sides(sides: Sequence[str]) -> str:

@@ -295,18 +295,28 @@ def _profile_plot(result: CalibrationResult) -> Any:
         ax.set_visible(False)
     for ax, e in zip(axes, estimates, strict=False):
         prof = result.profiles[e.name]
+        top = 3.0 * CHI2_95
+        # the part of the profile below the plot's top, and its neighbours
+        near = np.flatnonzero(prof.delta <= top)
+        lo_i, hi_i = max(int(near.min()) - 1, 0), min(int(near.max()) + 1, prof.values.size - 1)
+        x_lo, x_hi = float(prof.values[lo_i]), float(prof.values[hi_i])
         ax.plot(prof.values, prof.delta, "o-", color="C0", ms=3, label="profile (posterior)")
         ax.plot(prof.values, prof.delta_data, "s:", color="C2", ms=3, label="data's part")
-        grid = np.exp(np.linspace(np.log(prof.values.min()), np.log(prof.values.max()), 100))
+        grid = np.exp(np.linspace(math.log(x_lo), math.log(x_hi), 100))
         if e.sd_log > 0:
             quad = ((np.log(grid) - math.log(e.value)) / e.sd_log) ** 2
             ax.plot(grid, quad, "--", color="C1", label="Laplace (quadratic)")
         ax.axhline(CHI2_95, color="C3", lw=0.8, label="chi2 95 % (3.84)")
         lo95, hi95 = e.prior.range95
-        ax.axvspan(lo95, hi95, color="0.9", zorder=0, label="prior 95 %")
+        ax.axvspan(lo95, hi95, color="0.92", zorder=0, label="prior 95 % range")
         ax.axvline(e.value, color="k", lw=0.8)
-        ax.set_xscale("log")
-        top = max(3.0 * CHI2_95, 1.0)
+        if x_hi / x_lo > 3.0:
+            ax.set_xscale("log")
+        margin = 0.05 * (x_hi - x_lo)
+        ax.set_xlim(
+            x_lo - margin if x_hi / x_lo <= 3.0 else x_lo / 1.1,
+            x_hi + margin if x_hi / x_lo <= 3.0 else x_hi * 1.1,
+        )
         ax.set_ylim(-0.5, top)
         ax.set_xlabel(f"{e.name} [{e.prior.unit}]")
         ax.set_ylabel("2 (cost - cost at MAP)")
