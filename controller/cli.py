@@ -331,11 +331,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         dataclasses.replace(parameters, **result.values), plugin.load_process(process_file)[0]
     )
     validation = None
+    before = "shipped" if args.parameter_file is None else "input"  # the prior centre
     if held_paths:
         held = [read_batch_record(p, model) for p in held_paths]
-        validation = cal.validate_24h_mechanistic(
-            {"shipped": model, "calibrated": calibrated}, held
-        )
+        validation = cal.validate_24h_mechanistic({before: model, "calibrated": calibrated}, held)
     date = datetime.datetime.now(datetime.UTC).date().isoformat()
     command = "hmpc calibrate " + " ".join(
         [f"--process {args.process}", "--data " + " ".join(args.data)]
@@ -369,8 +368,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if validation is not None:
         print(
             f"24 h-ahead viable-cell RMSE on {len(held_paths)} held-out batches "
-            f"({validation['predictions']} predictions): shipped {validation['rmse_shipped']:.4g}, "
-            f"calibrated {validation['rmse_calibrated']:.4g} 1e6 cells/mL"
+            f"({validation['predictions']} predictions): {before} "
+            f"{validation[f'rmse_{before}']:.4g}, calibrated {validation['rmse_calibrated']:.4g} "
+            "1e6 cells/mL"
         )
     if args.out is not None:
         files.write_parameter_file(args.out, provenance, result, data, date=date, command=command)

@@ -23,12 +23,15 @@ The problem (docs/calibration.md):
   it); ``initial="measured"`` fixes them all that way.
 * **Measurements**: the online probes (record columns ``measured_<name>``) and the assays
   (``assays.csv``) that the plug-in declares in its ``sensors``, with their noise
-  ``sd = absolute + relative * |measured value|``. A measurement is a model state, or
-  ``viability`` (viable over viable + dead, or over total cells).
+  ``sd = absolute + relative * |value|``, first at the measured values, then (twice) at the
+  fitted model's predictions and the fit repeated (weights from the noisy readings favour
+  low readings). A measurement is a model state, or ``viability`` (viable over viable +
+  dead, or over total cells).
 * **Model**: the plug-in's model with the recorded inputs held over each record step,
-  RK4 (as :func:`plant_models.hybrid.discretize`), states kept >= 0; CasADi gives the exact
-  Jacobian of every prediction, ``scipy.optimize.least_squares`` (trust-region reflective,
-  bounds) minimises ``0.5 * |r|^2`` with ``r`` the normalised misfits and the prior terms.
+  RK4 (as :func:`plant_models.hybrid.discretize`), states kept >= 0; the sensitivities to
+  the initial states and ``l`` are carried along the steps (CasADi), and
+  Levenberg-Marquardt with bound projection minimises ``0.5 * |r|^2`` with ``r`` the
+  normalised misfits and the prior terms.
 
 The **Laplace** interval is ``l_hat +- 1.96 sd`` with the covariance ``(J^T J)^-1`` at the
 MAP (Gauss-Newton Hessian, initial states included and marginalised). The **profile** of a
@@ -913,7 +916,7 @@ def calibrate(
 
 
 def _inside(z: FloatArray, lo: FloatArray, hi: FloatArray) -> FloatArray:
-    """``z`` moved strictly inside the bounds (scipy refuses a start on a bound)."""
+    """``z`` moved just inside the bounds."""
     eps_lo = np.where(np.isfinite(lo), 1e-9 * (1.0 + np.abs(lo)), 0.0)
     eps_hi = np.where(np.isfinite(hi), 1e-9 * (1.0 + np.abs(hi)), 0.0)
     return np.asarray(np.clip(z, lo + eps_lo, hi - eps_hi), dtype=np.float64)
