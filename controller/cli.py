@@ -7,11 +7,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from controller.records.audit import add_audit_parser
 from controller.records.report import add_report_parser
+from controller.training.calibration import INITIAL_MODES
 from controller.training.fitting import FitSpec, fit_residual
-from plant_models.errors import HmpcError
+from plant_models.config import load_toml
+from plant_models.errors import ConfigError, HmpcError
 from plant_models.process import DEFAULT_PROCESS, available_processes
 
 __all__ = ["main", "run_cli"]
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(func=cmd_fit)
+    _add_calibrate_parser(sub)
     add_audit_parser(sub)
     add_report_parser(sub)
     from controller.runtime.service import register as add_run_parser
@@ -208,6 +212,207 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for warning in result.process_warnings:  # also logged; repeated beside the figures
         print(f"warning: {warning}")
     print(f"wrote {args.out}, {args.report}/validation.json, {args.report}/validation.png")
+    return 0
+
+
+def _add_calibrate_parser(sub: Any) -> None:
+    cal = sub.add_parser(
+        "calibrate",
+        help="calibrate the model's population parameters to batch records (docs/calibration.md)",
+    )
+    cal.add_argument(
+        "--process",
+        required=True,
+        help="the process plug-in's name (its packaged process file) or a process file "
+        "(whose [meta] model names the plug-in)",
+    )
+    cal.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="batch records: folders (DIR/trajectory.csv or DIR/*/trajectory.csv), files or "
+        "quoted globs",
+    )
+    cal.add_argument(
+        "--parameters", required=True, help="comma-separated parameters, e.g. mu_max,k_glucose"
+    )
+    cal.add_argument(
+        "--parameter-file",
+        type=Path,
+        default=None,
+        help="parameter file whose values centre the priors and fill the rest (default: the "
+        "plug-in's packaged one)",
+    )
+    cal.add_argument(
+        "--holdout",
+        nargs="+",
+        default=None,
+        help="held-out batches for the 24 h-ahead check: records as for --data, or a "
+        "fraction of the --data batches (the last in name order)",
+    )
+    cal.add_argument(
+        "--initial",
+        choices=INITIAL_MODES,
+        default="estimate",
+        help="per-batch initial states: estimated (default) or fixed at the first measurements",
+    )
+    cal.add_argument("--no-profiles", action="store_true", help="skip the profile likelihoods")
+    cal.add_argument("--out", type=Path, default=None, help="calibrated parameter file (TOML)")
+    cal.add_argument(
+        "--report", type=Path, default=None, help="HTML report (and its .json beside it)"
+    )
+    cal.set_defaults(func=cmd_calibrate)
+
+
+def _record_paths(items: Sequence[str]) -> list[str]:
+    """Batch-record files of ``--data`` items: a folder (its trajectory.csv, else
+    */trajectory.csv), a file or a glob; each item must match at least one record."""
+    import glob
+
+    out: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            pattern = str(path / "trajectory.csv")
+            if not path.joinpath("trajectory.csv").exists():
+                pattern = str(path / "*" / "trajectory.csv")
+        else:
+            pattern = item
+        found = sorted(p for p in glob.glob(pattern) if Path(p).name != "assays.csv")
+        if not found:
+            raise ConfigError(f"no batch records match {item!r} (looked for {pattern!r})")
+        out += [p for p in found if p not in out]
+    return out
+
+
+def _process_argument(text: str) -> tuple[str, Path | None]:
+    """``--process``: a registered plug-in name, or a process file naming its plug-in."""
+    if text in available_processes():
+        return text, None
+    path = Path(text)
+    if not path.is_file():
+        raise ConfigError(
+            f"--process {text!r}: neither a registered process "
+            f"({', '.join(available_processes())}) nor a process file"
+        )
+    model = str(load_toml(path).get("meta", {}).get("model", ""))
+    if not model.endswith("-process"):
+        raise ConfigError(
+            f"--process {path}: [meta] model = {model!r}; a process file says "
+            'model = "<plug-in>-process"'
+        )
+    return model.removesuffix("-process"), path
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``hmpc calibrate``: records -> :func:`controller.training.calibration.calibrate`, the
+    24 h-ahead check on the held-out batches, the files written, a summary printed."""
+    import dataclasses
+    import datetime
+    import json
+
+    from controller.training import calibration as cal
+    from controller.training import calibration_report as files
+    from controller.training.batches import read_batch_record
+    from plant_models.process import get_process
+
+    name, process_file = _process_argument(args.process)
+    plugin = get_process(name)
+    parameters, provenance = plugin.load_parameters(args.parameter_file)
+    model = plugin.model(parameters, plugin.load_process(process_file)[0])
+    settings = cal.CalibrationSettings(
+        parameters=tuple(p.strip() for p in args.parameters.split(",") if p.strip()),
+        initial=args.initial,
+        profiles=not args.no_profiles,
+    )
+    paths = _record_paths(args.data)
+    held_paths: list[str] = []
+    if args.holdout:
+        try:
+            fraction = float(args.holdout[0]) if len(args.holdout) == 1 else None
+        except ValueError:
+            fraction = None
+        if fraction is not None:
+            if not 0.0 < fraction < 1.0 or len(paths) < 2:
+                raise ConfigError(
+                    f"--holdout {fraction}: a fraction lies in (0, 1) and needs 2+ records"
+                )
+            n_held = min(len(paths) - 1, max(1, round(fraction * len(paths))))
+            paths, held_paths = paths[:-n_held], paths[-n_held:]
+        else:
+            held_paths = [p for p in _record_paths(args.holdout) if p not in paths]
+    records = [read_batch_record(p, model) for p in paths]
+    result = cal.calibrate(plugin, model, records, settings)
+    calibrated = plugin.model(
+        dataclasses.replace(parameters, **result.values), plugin.load_process(process_file)[0]
+    )
+    validation = None
+    before = "shipped" if args.parameter_file is None else "input"  # the prior centre
+    if held_paths:
+        held = [read_batch_record(p, model) for p in held_paths]
+        validation = cal.validate_24h_mechanistic({before: model, "calibrated": calibrated}, held)
+    date = datetime.datetime.now(datetime.UTC).date().isoformat()
+    command = "hmpc calibrate " + " ".join(
+        [f"--process {args.process}", "--data " + " ".join(args.data)]
+        + [f"--parameters {args.parameters}"]
+        + ([f"--parameter-file {args.parameter_file}"] if args.parameter_file else [])
+        + (["--holdout " + " ".join(args.holdout)] if args.holdout else [])
+        + [f"--initial {args.initial}"]
+        + (["--no-profiles"] if args.no_profiles else [])
+    )
+    data = files.data_files(paths)
+    for e in result.estimates:
+        profile = (
+            f", profile [{e.profile[0]:.4g}, {e.profile[1]:.4g}]" if e.profile is not None else ""
+        )
+        flags = ([f"flat profile ({e.flat})"] if e.flat else []) + (
+            ["at a search bound"] if e.at_bound else []
+        )
+        print(
+            f"{e.name} = {e.value:.4g} {e.prior.unit} (prior {e.prior.centre:.4g}; 95 % Laplace "
+            f"[{e.laplace[0]:.4g}, {e.laplace[1]:.4g}]{profile})"
+            + (f" NOT IDENTIFIED: {', '.join(flags)}" if flags else "")
+        )
+    for a, b, c in result.flagged_pairs:
+        print(f"flagged pair: {a} and {b}, correlation {c:+.3f} (only a combination is identified)")
+    print(
+        f"{len(records)} batches, {result.observations} measurements; chi-square per "
+        f"measurement {result.chi2_data / result.observations:.3g} calibrated, "
+        f"{result.chi2_data_nominal / result.observations:.3g} at the prior centre; "
+        f"{result.message}"
+    )
+    if validation is not None:
+        print(
+            f"24 h-ahead viable-cell RMSE on {len(held_paths)} held-out batches "
+            f"({validation['predictions']} predictions): {before} "
+            f"{validation[f'rmse_{before}']:.4g}, calibrated {validation['rmse_calibrated']:.4g} "
+            "1e6 cells/mL"
+        )
+    if args.out is not None:
+        files.write_parameter_file(args.out, provenance, result, data, date=date, command=command)
+        plugin.load_parameters(args.out)  # the written file loads like any parameter file
+        print(f"wrote {args.out}")
+    if args.report is not None:
+        files.write_report(
+            args.report,
+            result,
+            validation,
+            data,
+            title=f"hmpc calibrate: {name}, {', '.join(settings.parameters)}",
+            command=command,
+            parameter_file_out=str(args.out) if args.out is not None else None,
+        )
+        report_json = args.report.with_suffix(".json")
+        figures = files.summary(
+            result,
+            validation,
+            data,
+            process=name,
+            parameter_file=provenance.path,
+            date=date,
+        )
+        report_json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {args.report}, {report_json}")
     return 0
 
 
