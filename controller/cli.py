@@ -256,6 +256,13 @@ def _add_calibrate_parser(sub: Any) -> None:
         default="estimate",
         help="per-batch initial states: estimated (default) or fixed at the first measurements",
     )
+    cal.add_argument(
+        "--mapping",
+        type=Path,
+        default=None,
+        help="mapping file of vendor exports (docs/records.md); --data and --holdout then "
+        "name the exports (files or quoted globs)",
+    )
     cal.add_argument("--no-profiles", action="store_true", help="skip the profile likelihoods")
     cal.add_argument("--out", type=Path, default=None, help="calibrated parameter file (TOML)")
     cal.add_argument(
@@ -314,6 +321,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from controller.training import calibration as cal
     from controller.training import calibration_report as files
     from controller.training.batches import read_batch_record
+    from controller.training.process_check import check_records_fit_process
     from plant_models.process import get_process
 
     name, process_file = _process_argument(args.process)
@@ -341,15 +349,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             paths, held_paths = paths[:-n_held], paths[-n_held:]
         else:
             held_paths = [p for p in _record_paths(args.holdout) if p not in paths]
-    records = [read_batch_record(p, model) for p in paths]
+    records = [read_batch_record(p, model, mapping=args.mapping) for p in paths]
+    held = [read_batch_record(p, model, mapping=args.mapping) for p in held_paths]
+    # the records must have run under the process the model is built for (start volume,
+    # declared feed composition): an error, or warnings printed and kept in the report
+    for warning in check_records_fit_process([*records, *held], model, process_file):
+        print(f"warning: {warning}", file=sys.stderr)
     result = cal.calibrate(plugin, model, records, settings)
     calibrated = plugin.model(
         dataclasses.replace(parameters, **result.values), plugin.load_process(process_file)[0]
     )
     validation = None
     before = "shipped" if args.parameter_file is None else "input"  # the prior centre
-    if held_paths:
-        held = [read_batch_record(p, model) for p in held_paths]
+    if held:
         validation = cal.validate_24h_mechanistic({before: model, "calibrated": calibrated}, held)
     date = datetime.datetime.now(datetime.UTC).date().isoformat()
     command = "hmpc calibrate " + " ".join(

@@ -193,6 +193,12 @@ def test_calibrate_refuses_bad_options(
     empty.mkdir()
     rc = main(["calibrate", "--process", "cho", "--data", str(empty), "--parameters", "mu_max"])
     assert rc == 2 and "no batch records match" in capsys.readouterr().err
+    # records run at 1 L do not fit a process that starts at 0.35 L: refused before fitting
+    small = tmp_path / "small_process.toml"
+    text = (DATA / "cho_process.toml").read_text()
+    small.write_text(_replace(text, "initial_volume", "1.0", "0.35"))
+    assert main([*base, "--process", str(small), "--parameters", "mu_max"]) == 2
+    assert "start at another volume" in capsys.readouterr().err
 
 
 def test_a_parameter_the_data_cannot_see_has_a_flat_profile(records: Path) -> None:
