@@ -61,6 +61,7 @@ from sim.closed_loop import run_closed_loop, summarize
 from sim.patients import DATA as COHORT_DATA
 from sim.patients import PatientCohort, VirtualPatient, load_cohort_spec
 from sim.plant import VirtualBioreactor
+from sim.report import record_toml
 
 __all__ = [
     "CONTROLLERS",
@@ -358,12 +359,12 @@ class RunOutput:
         return [(name, zlib.decompress(data).decode("utf-8")) for name, data in self.files]
 
 
-def _record_texts(df: pd.DataFrame) -> list[tuple[str, str]]:
-    """``assays.csv`` and ``trajectory.csv`` (headers ``name [unit]``, the batch-record
-    format ``hmpc fit`` reads) as text."""
+def _record_texts(df: pd.DataFrame, plant: Any) -> list[tuple[str, str]]:
+    """``record.toml``, ``assays.csv`` and ``trajectory.csv`` (headers ``name [unit]``,
+    the batch-record format ``hmpc fit`` reads) as text."""
     units: dict[str, str] = df.attrs.get("units", {})
     header = [f"{c} [{units[c]}]" if c in units else c for c in df.columns]
-    files = []
+    files = [("record.toml", record_toml(plant.plugin, plant.process))]
     assays = df.attrs.get("assays")
     if isinstance(assays, pd.DataFrame):
         files.append(("assays.csv", assays.to_csv(index=False, float_format="%.6g")))
@@ -414,7 +415,7 @@ def run_one(
         ctl = _controller(controller, plant, residual_path, config_path, patient_parameters)
         df = run_closed_loop(plant, ctl, days=days, step_h=step_h)
     wall = time.perf_counter() - t0
-    files = _record_texts(df)
+    files = _record_texts(df, plant)
     node = _node_id()
     if not record_only:
         row, timing = _summary_row(controller, patient, index, df, plant, ctl)

@@ -17,7 +17,7 @@ from sim.closed_loop import run_closed_loop, summarize
 from sim.fmu import FMUPlant
 from sim.patients import VirtualPatient, load_cohort_spec
 from sim.plant import VirtualBioreactor
-from sim.report import write_batch
+from sim.report import record_toml, write_batch
 
 __all__ = ["main"]
 
@@ -300,7 +300,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         summary.update(mpc_statistics(controller))
     summary["wall_time_s"] = round(elapsed, 3)
     title = f"{args.model} batch, patient {plant.plant_id}, controller {args.controller}"
-    write_batch(df, summary, args.out, title=title)
+    write_batch(df, summary, args.out, title=title, record=record_toml(plugin, proc))
     print(
         f"{title}: fold expansion {summary['fold_expansion']:.1f}, final viability "
         f"{summary['final_viability']:.1%}, peak lactate {summary['peak_lactate']:.1f} mM, "
@@ -342,6 +342,7 @@ def cmd_cohort(args: argparse.Namespace) -> int:
             summary,
             args.out / patient.patient_id,
             title=f"{args.model} batch, patient {patient.patient_id}, {args.controller}",
+            record=record_toml(plant.plugin, plant.process),
         )
         rows.append({k: v for k, v in summary.items() if not isinstance(v, dict)})
     table = pd.DataFrame(rows)

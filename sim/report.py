@@ -3,6 +3,7 @@ summary.json and trajectory.png."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,34 @@ import pandas as pd
 __all__ = ["plot_trajectory", "write_batch"]
 
 
-def write_batch(df: pd.DataFrame, summary: dict[str, Any], out: Path, *, title: str) -> None:
-    """Write the batch's files into ``out`` (created if needed)."""
+def record_toml(plugin: Any, process: Any) -> str:
+    """``record.toml`` of a simulated batch: the process values it ran with that batch
+    records declare (the plug-in's ``feed_composition`` and the start volume), so
+    ``hmpc fit`` / ``hmpc calibrate`` can check them against the process they are given."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(process)}
+    names = [*plugin.feed_composition, "initial_volume"]
+    lines = ["# process values this batch ran with (hmpc-sim)", "[process]"]
+    for name in names:
+        if name in meta:
+            value = float(getattr(process, name))
+            unit = str(meta[name].get("unit", ""))
+            lines.append(f'{name} = {{ value = {value!r}, unit = "{unit}" }}')
+    return "\n".join(lines) + "\n"
+
+
+def write_batch(
+    df: pd.DataFrame,
+    summary: dict[str, Any],
+    out: Path,
+    *,
+    title: str,
+    record: str | None = None,
+) -> None:
+    """Write the batch's files into ``out`` (created if needed); ``record``: the text of
+    its ``record.toml`` (:func:`record_toml`)."""
     out.mkdir(parents=True, exist_ok=True)
+    if record is not None:
+        (out / "record.toml").write_text(record)
     units: dict[str, str] = df.attrs.get("units", {})
     header = [f"{c} [{units[c]}]" if c in units else c for c in df.columns]
     df.to_csv(out / "trajectory.csv", index=False, header=header, float_format="%.6g")

@@ -427,7 +427,8 @@ def test_runs_take_no_path_and_send_their_files_back(tmp_path: Path) -> None:
     patient = next(iter(PatientCohort(1, 3)))
     output = run_one("rule", patient, 0, 3 * COHORT_STRIDE, 1.0, 1.0, b"", None)
     assert isinstance(output, RunOutput)
-    assert [name for name, _ in output.files] == ["assays.csv", "trajectory.csv", "summary.json"]
+    names = [name for name, _ in output.files]
+    assert names == ["record.toml", "assays.csv", "trajectory.csv", "summary.json"]
     raw = sum(len(zlib.decompress(data)) for _, data in output.files)
     assert output.compressed_bytes < raw / 2  # compressed
     write_run(tmp_path, output)

@@ -147,3 +147,26 @@ def test_hmpc_fit_without_process_on_records_of_another_volume_says_so(
     err = capsys.readouterr().err
     assert "default process of 'tcell'" in err and "pass --process" in err
     assert not (tmp_path / "r.npz").exists()
+
+
+def test_simulated_records_declare_what_they_ran_with(tmp_path: Path) -> None:
+    """``hmpc-sim simulate`` writes record.toml (feed composition, start volume): its
+    records pass the check without a warning for their own process and fail for another."""
+    from sim.cli import main as sim_main
+
+    out = tmp_path / "b1"
+    args = ["simulate", "--model", "cho", "--controller", "rule", "--days", "1"]
+    assert sim_main([*args, "--out", str(out)]) == 0
+    model = nominal_model("cho")
+    records = load_batch_records(str(tmp_path / "*" / "trajectory.csv"), model)
+    assert set(records[0].process) >= {"feed_glucose", "feed_glutamine", "initial_volume"}
+    assert check_records_fit_process(records, model) == ()
+    other = tmp_path / "other.toml"
+    text = get_process("cho").process_file().read_text()
+    line = 'feed_glucose = { value = 500.0, unit = "mM"'
+    assert line in text
+    other.write_text(text.replace(line, 'feed_glucose = { value = 300.0, unit = "mM"'))
+    plugin = get_process("cho")
+    other_model = plugin.model(plugin.load_parameters()[0], plugin.load_process(other)[0])
+    with pytest.raises(ConfigError, match="feed_glucose"):
+        check_records_fit_process(records, other_model, other)
