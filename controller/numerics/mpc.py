@@ -53,6 +53,8 @@ _MARGIN_WEIGHT = 1e3
 #: limit in recovery mode: large enough that any plan which meets the limits is preferred,
 #: so the recovery move drives the state back as fast as the inputs allow.
 _RECOVERY_WEIGHT = 1e5
+#: Largest residual stage (scalar instructions) evaluated as SX rather than MX.
+_EXPAND_LIMIT = 50_000
 #: A state this far beyond a hard limit (relative to the state's scale) starts recovery.
 _RECOVERY_TOLERANCE = 1e-6
 
@@ -749,7 +751,7 @@ class NonlinearMPC:
         stage = self._res_fn
         if stage is None:
             return None
-        n, nx, nu, h = self.horizon, self.nx, self.nu, self.config.step_h
+        n, nx, nu = self.horizon, self.nx, self.nu
         spread = self._has_std and self._map_fn is not None and self.config.kappa > 0
         linear = self._linearized and self._has_mean
         if not (spread or linear):
@@ -765,6 +767,16 @@ class NonlinearMPC:
         if linear:
             outs1.append(ca.vertcat(mean1, ca.vec(ca.jacobian(mean1, x1)), x1))
         per_stage = ca.Function("residual_stage", [t1, x1, u1, d1], outs1)
+        if self.config.solver.expand:
+            # scalar code where that is small (a sparse GP, a few hundred points): the
+            # matrix nodes of a large exact GP stay MX, which evaluates them faster
+            try:
+                expanded = per_stage.expand()
+            except RuntimeError as exc:
+                log.info("MPC: residual stage kept as MX (%s)", exc)
+            else:
+                if expanded.n_instructions() <= _EXPAND_LIMIT:
+                    per_stage = expanded
         tt = ca.MX.sym("t", 1, n)
         xx = ca.MX.sym("x", nx, n)
         uu = ca.MX.sym("u", nu, n)
@@ -777,20 +789,36 @@ class NonlinearMPC:
         if spread and self._map_fn is not None:
             a_all = self._jac_fn.map(n)(tt, xx, uu, ca.repmat(pm, 1, n))  # nx x nx*n
             g_all = self._map_fn.map(n)(tt, xx, uu)  # nx x n_r*n
-            cov = ca.MX(nx, nx)
-            cols = [ca.MX(nx, 1)]
-            for k in range(n):
-                a = a_all[:, k * nx : (k + 1) * nx]
-                g = g_all[:, k * n_r : (k + 1) * n_r] * (h * ca.repmat(std[:, k].T, nx, 1))
-                cov = ca.mtimes(ca.mtimes(a, cov), a.T) + ca.mtimes(g, g.T)
-                cols.append(ca.sqrt(ca.fmax(ca.diag(cov), 0.0)))
-            state_std = ca.horzcat(*cols)
+            state_std = self._propagation(n_r)(a_all, g_all, std)
         return ca.Function(
             "residual_per_step",
             [tt, xx, uu, pm, data],
             [std, state_std, q],
             ["t", "x", "u", "p", "data"],
             ["rate_std", "state_std", "q"],
+        )
+
+    def _propagation(self, n_r: int) -> ca.Function:
+        """``(A (nx x nx N), G (nx x n_r N), std (n_r x N)) -> state std (nx x N+1)``:
+        ``cov_{k+1} = A_k cov_k A_k^T + h^2 G_k diag(std_k^2) G_k^T`` from ``cov_0 = 0``
+        (scalar code: small dense matrices)."""
+        n, nx, h = self.horizon, self.nx, self.config.step_h
+        a_all = ca.SX.sym("A", nx, nx * n)
+        g_all = ca.SX.sym("G", nx, n_r * n)
+        std = ca.SX.sym("std", n_r, n)
+        cov = ca.SX(nx, nx)
+        cols = [ca.SX(nx, 1)]
+        for k in range(n):
+            a = a_all[:, k * nx : (k + 1) * nx]
+            g = g_all[:, k * n_r : (k + 1) * n_r] * (h * ca.repmat(std[:, k].T, nx, 1))
+            cov = ca.mtimes(ca.mtimes(a, cov), a.T) + ca.mtimes(g, g.T)
+            cols.append(ca.sqrt(ca.fmax(ca.diag(cov), 0.0)))
+        return ca.Function(
+            "spread_propagation",
+            [a_all, g_all, std],
+            [ca.horzcat(*cols)],
+            ["A", "G", "std"],
+            ["state_std"],
         )
 
     def refresh_residual(self) -> None:

@@ -133,11 +133,18 @@ def _assert_same(
     np.testing.assert_allclose(q, q_ref, rtol=1e-9, atol=1e-12)
     for k in (0, 5):
         mean, sd = mpc.residual_at(times[k], states[k], inputs[k])
-        assert mean[0] == pytest.approx(float(ref["mean"](times[k], states[k], inputs[k])), rel=1e-9)
+        assert mean[0] == pytest.approx(
+            float(ref["mean"](times[k], states[k], inputs[k])), rel=1e-9
+        )
         assert sd[0] == pytest.approx(float(ref["std"](times[k], states[k], inputs[k])), rel=1e-9)
 
 
-def test_refresh_swaps_data_and_matches_the_symbolic_path(base, factor) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("scalar", [True, False], ids=["sx-stage", "mx-stage"])
+def test_refresh_swaps_data_and_matches_the_symbolic_path(  # type: ignore[no-untyped-def]
+    base, factor, scalar, monkeypatch
+) -> None:
+    if not scalar:  # the matrix form a large exact GP keeps
+        monkeypatch.setattr("controller.numerics.mpc._EXPAND_LIMIT", 0)
     mpc, hybrid = _mpc(base, copy.deepcopy(factor))
     per_step, residual_fn = mpc._lin_fn, mpc._res_fn
     assert per_step is not None and residual_fn is not None
