@@ -980,7 +980,8 @@ class GPResidual:
         ``hyper`` (2 d + 6: feature shift x_mean, inverse feature scale 1 / (x_scale l),
         output scale, y_mean, prior variance (s2 + sb2) y_scale^2, noise variance
         sigma2 y_scale^2, batch variance, batch-drift scale), ``basis`` (d n, column-major
-        d x n, length-scale units), ``alpha`` (n), ``w1`` (n (n+1) / 2, lower triangle
+        d x n, length-scale units), ``alpha`` (n: the weights of k(x) in the mean, with the
+        running batch's ``-G^T W k`` term folded in), ``w1`` (n (n+1) / 2, lower triangle
         column-major), sparse also ``w2`` (the same), and with a batch effect the running
         batch's K = ``batch_capacity`` slots: ``running_basis`` (d K), ``running_cross``
         (n K), ``running_alpha`` (K), ``running_factor`` (K (K+1) / 2). The layout depends
@@ -1029,10 +1030,17 @@ class GPResidual:
             ]
         )
         lower = np.triu_indices(n)
+        # the mean is linear in k(x): the running batch's  -run_alpha^T G^T W k  is folded
+        # into the weights of k, so the mean needs neither W nor G (O(n d) per point)
+        weights = consts["alpha"].reshape(-1)
+        if capacity:
+            weights = weights - (state.y_scale * state.w1).T @ (
+                consts["running_cross"] @ consts["running_alpha"].reshape(-1)
+            )
         blocks = [
             hyper,
             consts["basis"].T.reshape(-1),  # column-major d x n = row-major n x d
-            consts["alpha"].reshape(-1),
+            weights,
             (state.y_scale * state.w1).T[lower],
         ]
         if self.sparse:
@@ -1082,10 +1090,9 @@ class GPResidual:
         basis = ca.reshape(blocks["basis"], d, n)
         k = outputscale * ca.exp(-0.5 * ca.sum1((basis - ca.repmat(x_t, 1, n)) ** 2)).T  # n x 1
         mean = y_mean + ca.dot(blocks["alpha"], k)
-        w1 = ca.MX(ca.Sparsity.lower(n), blocks["w1"])
-        w1k = ca.mtimes(w1, k)
-        c = None
         capacity = self.batch_capacity if self.has_batch_effect else 0
+        outputs: list[ca.MX] = [mean]
+        output_names = ["mean"]
         if capacity:
             run_basis = ca.reshape(blocks["running_basis"], d, capacity)
             k_o = (
@@ -1095,18 +1102,18 @@ class GPResidual:
             j = max(state.batch_column, 0)  # structural (the batch feature); 0: offset
             diff = (ca.repmat(x_t[j], 1, capacity) - run_basis[j, :]) * batch_scale
             k_b = batch_var * ca.exp(-0.5 * diff**2).T
-            cross = ca.reshape(blocks["running_cross"], n, capacity)
-            c = k_o - ca.mtimes(cross.T, w1k) + k_b
-            mean = mean + ca.dot(blocks["running_alpha"], c)
-        outputs: list[ca.MX] = [mean]
-        output_names = ["mean"]
+            # (the -G^T W k part of c(x) is folded into "alpha", see casadi_data)
+            outputs[0] = mean + ca.dot(blocks["running_alpha"], k_o + k_b)
         if variance:
+            w1k = ca.mtimes(ca.MX(ca.Sparsity.lower(n), blocks["w1"]), k)
             var = prior - ca.sumsqr(w1k)
             if include_noise:
                 var = var + noise_var
             if self.sparse:
                 var = var + ca.sumsqr(ca.mtimes(ca.MX(ca.Sparsity.lower(n), blocks["w2"]), k))
-            if c is not None:
+            if capacity:
+                cross = ca.reshape(blocks["running_cross"], n, capacity)
+                c = k_o - ca.mtimes(cross.T, w1k) + k_b
                 factor = ca.MX(ca.Sparsity.lower(capacity), blocks["running_factor"])
                 var = var - ca.sumsqr(ca.mtimes(factor, c))
             outputs.append(var)

@@ -167,6 +167,7 @@ class HybridModel(MechanisticModel[Any]):
             self._correction_fn = None
             self._layouts = layouts
         self._gp_data = [c.residual.casadi_data() for c in self.corrections]
+        self._gp_data_dm = [ca.DM(data) for data in self._gp_data]  # converted once
         self._data = (
             np.concatenate(self._gp_data) if self._gp_data else np.zeros(0, dtype=np.float64)
         )
@@ -252,10 +253,12 @@ class HybridModel(MechanisticModel[Any]):
     # -- the equations -------------------------------------------------------------------
     def rates(self, t: Any, x: Sequence[Any], u: Sequence[Any], p: Any, ops: Any) -> dict[str, Any]:
         r = self.base.rates(t, x, u, p, ops)
-        for c, f, data in zip(self.corrections, self._gp_mean_data_fn, self._gp_data, strict=True):
+        for c, f, data in zip(
+            self.corrections, self._gp_mean_data_fn, self._gp_data_dm, strict=True
+        ):
             feats = self.features(t, x, u, c.residual.feature_names)
             if ops is CASADI_OPS:
-                mean = f(ca.vertcat(*feats), ca.DM(data))
+                mean = f(ca.vertcat(*feats), data)
             else:
                 mean = float(f(np.array(feats, dtype=float), data))
             r[c.rate] = r[c.rate] + mean if c.mode == "additive" else r[c.rate] * (1.0 + mean)
@@ -276,9 +279,9 @@ class HybridModel(MechanisticModel[Any]):
         us = [u[i] for i in range(self.nu)]
         base_rates = self.base.rates(t, xs, us, self.parameters, CASADI_OPS)
         out = []
-        for c, f, data in zip(self.corrections, self._gp_data_fn, self._gp_data, strict=True):
+        for c, f, data in zip(self.corrections, self._gp_data_fn, self._gp_data_dm, strict=True):
             feats = ca.vertcat(*self.features(t, xs, us, c.residual.feature_names))
-            var = f(feats, ca.DM(data))[1]
+            var = f(feats, data)[1]
             out.append(var if c.mode == "additive" else var * base_rates[c.rate] ** 2)
         v = ca.vertcat(*out) if out else ca.SX(0, 1)
         return ca.Function(

@@ -53,8 +53,9 @@ _MARGIN_WEIGHT = 1e3
 #: limit in recovery mode: large enough that any plan which meets the limits is preferred,
 #: so the recovery move drives the state back as fast as the inputs allow.
 _RECOVERY_WEIGHT = 1e5
-#: Largest residual stage (scalar instructions) evaluated as SX rather than MX.
-_EXPAND_LIMIT = 50_000
+#: Largest residual data vector (values; an exact GP of N points has about N^2/2) whose
+#: per-stage function is expanded to scalar code (SX) rather than kept as MX.
+_EXPAND_LIMIT = 10_000
 #: A state this far beyond a hard limit (relative to the state's scale) starts recovery.
 _RECOVERY_TOLERANCE = 1e-6
 
@@ -322,6 +323,7 @@ class NonlinearMPC:
     # the residual (set by _setup_residual, swapped by refresh_residual)
     _res_fn: ca.Function | None
     _res_data: FloatArray
+    _res_data_dm: ca.DM
     _parametric: bool
     _has_mean: bool
     _has_std: bool
@@ -767,15 +769,16 @@ class NonlinearMPC:
         if linear:
             outs1.append(ca.vertcat(mean1, ca.vec(ca.jacobian(mean1, x1)), x1))
         per_stage = ca.Function("residual_stage", [t1, x1, u1, d1], outs1)
-        if self.config.solver.expand:
-            # scalar code where that is small (a sparse GP, a few hundred points): the
-            # matrix nodes of a large exact GP stay MX, which evaluates them faster
+        if self.config.solver.expand and stage.size1_in(3) <= _EXPAND_LIMIT:
+            # scalar code where that is small (a sparse GP, a small exact one): the matrix
+            # nodes of a large exact GP stay MX, which evaluates them faster in less memory
+            # (its scalar form would hold every entry of its triangular factor)
             try:
                 expanded = per_stage.expand()
             except RuntimeError as exc:
                 log.info("MPC: residual stage kept as MX (%s)", exc)
             else:
-                if expanded.n_instructions() <= _EXPAND_LIMIT:
+                if expanded.n_instructions() <= 5 * _EXPAND_LIMIT:
                     per_stage = expanded
         tt = ca.MX.sym("t", 1, n)
         xx = ca.MX.sym("x", nx, n)
@@ -849,6 +852,7 @@ class NonlinearMPC:
                 self._lin_fn = self._linearisation_function()
                 return
             self._res_data = data
+            self._res_data_dm = ca.DM(data)  # converted once here, not at every call
             return
         self._setup_residual()
         self._lin_fn = self._linearisation_function()
@@ -862,7 +866,7 @@ class NonlinearMPC:
         if self._res_fn is None:
             return np.zeros(n_r), np.zeros(n_r)
         mean, std = self._res_fn(
-            t, np.asarray(x, dtype=float), np.asarray(u, dtype=float), self._res_data
+            t, np.asarray(x, dtype=float), np.asarray(u, dtype=float), self._res_data_dm
         )
         return np.asarray(mean, dtype=float).reshape(-1), np.asarray(std, dtype=float).reshape(-1)
 
@@ -968,6 +972,7 @@ class NonlinearMPC:
         self.residual_names: tuple[str, ...] = ()
         self._res_fn = None
         self._res_data = np.zeros(0)
+        self._res_data_dm = ca.DM(0, 1)
         self._parametric = False
         self._has_mean = False
         self._has_std = False
@@ -1025,6 +1030,7 @@ class NonlinearMPC:
             self._res_fn, self._res_data = fn, data
         else:
             self._res_fn = self._legacy_residual(fns, n_r)
+        self._res_data_dm = ca.DM(self._res_data)
         # read by _build: the margins of the hard bounds exist when the spread is propagated
         self._std_fn = self._res_fn if self._has_std else None
 
@@ -1399,7 +1405,7 @@ class NonlinearMPC:
         if self._lin_fn is None:  # guarded by the callers
             raise ModelError("no residual per-step function")
         std, state_std, q = self._lin_fn(
-            times[:n].reshape(1, -1), states[:n].T, inputs.T, self._pvals, self._res_data
+            times[:n].reshape(1, -1), states[:n].T, inputs.T, self._pvals, self._res_data_dm
         )
         out = (
             np.nan_to_num(np.asarray(std, dtype=float).reshape(-1, n).T),
