@@ -200,11 +200,20 @@ class HybridModel(MechanisticModel[Any]):
         us = [u[i] for i in range(self.nu)]
         means, variances = [], []
         offset = 0
-        for c, f, size in zip(
-            self.corrections, self._gp_data_fn, (g.size for g in self._gp_data), strict=True
+        single = len(self.corrections) == 1  # no slice: the data are not copied per call
+        for c, f_mean, f, size in zip(
+            self.corrections,
+            self._gp_mean_data_fn,
+            self._gp_data_fn,
+            (g.size for g in self._gp_data),
+            strict=True,
         ):
             feats = ca.vertcat(*self.features(t, xs, us, c.residual.feature_names))
-            mean, var = f(feats, data[offset : offset + size])
+            block = data if single else data[offset : offset + size]
+            # the mean from the mean-only function: its derivatives (the MPC's
+            # linearisation) then never touch the variance's triangular factors
+            mean = f_mean(feats, block)
+            var = f(feats, block)[1]
             offset += size
             if c.mode == "additive":
                 means.append(mean)

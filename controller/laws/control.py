@@ -157,7 +157,7 @@ class HybridPredictionModel:
         x = ca.MX.sym("x", len(self.state_names))
         u = ca.MX.sym("u", len(self.input_names))
         data = ca.MX.sym("data", fn.size1_in(3))
-        mean, var = fn(t, x, u, data)
+        mean, var = fn.call([t, x, u, data], True, False)  # inlined: mean and std stay apart
         return ca.Function(
             "residual",
             [t, x, u, data],

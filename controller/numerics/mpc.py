@@ -764,7 +764,8 @@ class NonlinearMPC:
         x1 = ca.MX.sym("x", nx)
         u1 = ca.MX.sym("u", nu)
         d1 = ca.MX.sym("data", stage.size1_in(3))
-        mean1, std1 = stage(t1, x1, u1, d1)
+        # inlined, so that the mean's Jacobian differentiates the mean's nodes only
+        mean1, std1 = stage.call([t1, x1, u1, d1], True, False)
         outs1 = [ca.fmax(std1, 0.0)]
         if linear:
             outs1.append(ca.vertcat(mean1, ca.vec(ca.jacobian(mean1, x1)), x1))
