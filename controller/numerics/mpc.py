@@ -323,7 +323,6 @@ class NonlinearMPC:
     # the residual (set by _setup_residual, swapped by refresh_residual)
     _res_fn: ca.Function | None
     _res_data: FloatArray
-    _res_data_dm: ca.DM
     _parametric: bool
     _has_mean: bool
     _has_std: bool
@@ -797,7 +796,7 @@ class NonlinearMPC:
         return ca.Function(
             "residual_per_step",
             [tt, xx, uu, pm, data],
-            [std, state_std, q],
+            [ca.densify(std), ca.densify(state_std), ca.densify(q)],
             ["t", "x", "u", "p", "data"],
             ["rate_std", "state_std", "q"],
         )
@@ -852,8 +851,7 @@ class NonlinearMPC:
                 self._setup_residual()
                 self._lin_fn = self._linearisation_function()
                 return
-            self._res_data = data
-            self._res_data_dm = ca.DM(data)  # converted once here, not at every call
+            self._res_data = data  # read in place at each step (Function.buffer)
             return
         self._setup_residual()
         self._lin_fn = self._linearisation_function()
@@ -867,7 +865,7 @@ class NonlinearMPC:
         if self._res_fn is None:
             return np.zeros(n_r), np.zeros(n_r)
         mean, std = self._res_fn(
-            t, np.asarray(x, dtype=float), np.asarray(u, dtype=float), self._res_data_dm
+            t, np.asarray(x, dtype=float), np.asarray(u, dtype=float), ca.DM(self._res_data)
         )
         return np.asarray(mean, dtype=float).reshape(-1), np.asarray(std, dtype=float).reshape(-1)
 
@@ -973,7 +971,6 @@ class NonlinearMPC:
         self.residual_names: tuple[str, ...] = ()
         self._res_fn = None
         self._res_data = np.zeros(0)
-        self._res_data_dm = ca.DM(0, 1)
         self._parametric = False
         self._has_mean = False
         self._has_std = False
@@ -1031,7 +1028,6 @@ class NonlinearMPC:
             self._res_fn, self._res_data = fn, data
         else:
             self._res_fn = self._legacy_residual(fns, n_r)
-        self._res_data_dm = ca.DM(self._res_data)
         # read by _build: the margins of the hard bounds exist when the spread is propagated
         self._std_fn = self._res_fn if self._has_std else None
 
@@ -1403,15 +1399,37 @@ class NonlinearMPC:
             and np.array_equal(cached[4], self._pvals)
         ):
             return cached[5]
-        if self._lin_fn is None:  # guarded by the callers
+        fn = self._lin_fn
+        if fn is None:  # guarded by the callers
             raise ModelError("no residual per-step function")
-        std, state_std, q = self._lin_fn(
-            times[:n].reshape(1, -1), states[:n].T, inputs.T, self._pvals, self._res_data_dm
-        )
+        # zero-copy evaluation: the arguments are read in place (a numpy argument of a
+        # plain call is converted element by element, milliseconds for a large GP's data)
+        buffer = getattr(self, "_per_step_buffer", None)
+        if buffer is None or buffer[0] is not fn:
+            buffer = (fn, *fn.buffer())
+            self._per_step_buffer = buffer
+        _, buf, evaluate = buffer
+        args = [
+            np.ascontiguousarray(times[:n], dtype=np.float64),
+            np.ascontiguousarray(states[:n], dtype=np.float64),  # (N, nx) = column-major x
+            np.ascontiguousarray(inputs, dtype=np.float64),
+            np.ascontiguousarray(self._pvals, dtype=np.float64),
+            np.ascontiguousarray(self._res_data, dtype=np.float64),
+        ]
+        results = [np.zeros(fn.numel_out(i)) for i in range(3)]
+        for i, arg in enumerate(args):
+            if arg.size != fn.numel_in(i):
+                raise ModelError(f"residual per-step input {i}: {arg.size} != {fn.numel_in(i)}")
+            buf.set_arg(i, memoryview(arg))
+        for i, res in enumerate(results):
+            buf.set_res(i, memoryview(res))
+        evaluate()
+        std, state_std, q = results
+        n_r = fn.size1_out(0)
         out = (
-            np.nan_to_num(np.asarray(std, dtype=float).reshape(-1, n).T),
-            np.nan_to_num(np.asarray(state_std, dtype=float).T),
-            np.nan_to_num(np.asarray(q, dtype=float).reshape(-1, n)),
+            np.nan_to_num(std.reshape(n, n_r)),  # column-major (n_r, N) = (N, n_r) rows
+            np.nan_to_num(state_std.reshape(n + 1, self.nx)),
+            np.nan_to_num(q.reshape(n, -1).T) if q.size else np.zeros((0, n)),
         )
         self._per_step_cache = (
             self._res_data,
