@@ -31,6 +31,7 @@ import numpy as np
 
 from controller.config_files import config_file
 from controller.numerics import mpc as mpc_module
+from plant_models.process import DEFAULT_PROCESS
 from sim.closed_loop import run_closed_loop
 from sim.mpc_controllers import make_mpc_controller
 from sim.patients import VirtualPatient, load_cohort_spec
@@ -60,7 +61,7 @@ def batch_figures(controller: str, residual: Path | None, days: float = 10.0) ->
         setattr(cls, name, _timed(times[name], originals[name]))
     try:
         plant = VirtualBioreactor.for_process(
-            "tcell", VirtualPatient.draw(7, load_cohort_spec()[0])
+            DEFAULT_PROCESS, VirtualPatient.draw(7, load_cohort_spec()[0])
         )
         start = time.perf_counter()
         law = make_mpc_controller(
@@ -110,7 +111,7 @@ def memory_figures(controller: str, units: int, residual: Path | None) -> dict[s
     keep: list[Any] = []
     rss = [_rss_mb()]
     for _ in range(units):
-        plant = VirtualBioreactor.for_process("tcell", VirtualPatient.nominal())
+        plant = VirtualBioreactor.for_process(DEFAULT_PROCESS, VirtualPatient.nominal())
         law = make_mpc_controller(
             controller, plant, config_file("mpc_tcell_hourly.toml"), residual=residual
         )

@@ -785,9 +785,11 @@ class NonlinearMPC:
         uu = ca.MX.sym("u", nu, n)
         pm = ca.MX.sym("p", npar)
         data = ca.MX.sym("data", stage.size1_in(3))
-        mapped = per_stage.map("residual_stages", "serial", n, [3], []).call([tt, xx, uu, data])
-        std = mapped[0]
-        q = mapped[1] if linear else ca.MX(0, n)
+        # one call per stage, all reading the same data symbol (a map with the data as a
+        # non-repeated input would copy them N times into its workspace)
+        calls = [per_stage.call([tt[:, k], xx[:, k], uu[:, k], data]) for k in range(n)]
+        std = ca.horzcat(*[out[0] for out in calls])
+        q = ca.horzcat(*[out[1] for out in calls]) if linear else ca.MX(0, n)
         state_std = ca.MX(nx, n + 1)
         if spread and self._map_fn is not None:
             a_all = self._jac_fn.map(n)(tt, xx, uu, ca.repmat(pm, 1, n))  # nx x nx*n
@@ -1408,7 +1410,9 @@ class NonlinearMPC:
         if buffer is None or buffer[0] is not fn:
             buffer = (fn, *fn.buffer())
             self._per_step_buffer = buffer
-        _, buf, evaluate = buffer
+        # (CasADi's stub wants (i, buffer, size); its typemap takes the size from the buffer)
+        buf: Any = buffer[1]
+        evaluate = buffer[2]
         args = [
             np.ascontiguousarray(times[:n], dtype=np.float64),
             np.ascontiguousarray(states[:n], dtype=np.float64),  # (N, nx) = column-major x
@@ -1420,9 +1424,9 @@ class NonlinearMPC:
         for i, arg in enumerate(args):
             if arg.size != fn.numel_in(i):
                 raise ModelError(f"residual per-step input {i}: {arg.size} != {fn.numel_in(i)}")
-            buf.set_arg(i, memoryview(arg))
+            buf.set_arg(i, arg.data)
         for i, res in enumerate(results):
-            buf.set_res(i, memoryview(res))
+            buf.set_res(i, res.data)
         evaluate()
         std, state_std, q = results
         n_r = fn.size1_out(0)
