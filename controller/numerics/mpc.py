@@ -1395,6 +1395,7 @@ class NonlinearMPC:
         if (
             cached is not None
             and cached[0] is self._res_data
+            and cached[6] is self._lin_fn
             and np.array_equal(cached[1], states)
             and np.array_equal(cached[2], inputs)
             and np.array_equal(cached[3], times)
@@ -1442,6 +1443,7 @@ class NonlinearMPC:
             times.copy(),
             self._pvals.copy(),
             out,
+            fn,
         )
         return out
 
