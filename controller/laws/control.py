@@ -125,7 +125,6 @@ class HybridPredictionModel:
         self.rate_names: tuple[str, ...] = tuple(hybrid.rate_names)
         self.parameters = hybrid.parameters
         self.residual_names: tuple[str, ...] = tuple(c.rate for c in hybrid.corrections)
-        self._rate_index = [self.rate_names.index(r) for r in self.residual_names]
 
     def __getattr__(self, name: str) -> Any:
         # process specification helpers (initial_state, operating_bounds, process, ...)
