@@ -896,15 +896,7 @@ class GPResidual:
                 NLP built once can take them as per-step parameters.
         """
         state = self._fitted()
-        if (
-            not isinstance(name, str)
-            or not _CASADI_NAME.fullmatch(name)
-            or name in ("null", "jac", "hess")
-        ):
-            raise ConfigError(
-                f"CasADi function name {name!r} is not valid: use a letter followed by letters, "
-                "digits or single underscores (not 'null', 'jac' or 'hess')"
-            )
+        _check_casadi_name(name)
         consts = _casadi_constants(state, self.batch_capacity if parametric else None)
         d = self.n_features
         features = ca.MX.sym("features", d, 1)
@@ -980,6 +972,153 @@ class GPResidual:
         """
         consts = _casadi_constants(self._fitted(), self.batch_capacity)
         return {key: consts[key].copy() for key in self._parameter_names(variance)}
+
+    # ------------------------------------------------------------------ numeric-data export
+    def data_layout(self) -> tuple[tuple[str, int], ...]:
+        """Blocks of :meth:`casadi_data`, in order: ``(name, length)``.
+
+        ``hyper`` (2 d + 6: feature shift x_mean, inverse feature scale 1 / (x_scale l),
+        output scale, y_mean, prior variance (s2 + sb2) y_scale^2, noise variance
+        sigma2 y_scale^2, batch variance, batch-drift scale), ``basis`` (d n, column-major
+        d x n, length-scale units), ``alpha`` (n: the weights of k(x) in the mean, with the
+        running batch's ``-G^T W k`` term folded in), ``w1`` (n (n+1) / 2, lower triangle
+        column-major), sparse also ``w2`` (the same), and with a batch effect the running
+        batch's K = ``batch_capacity`` slots: ``running_basis`` (d K), ``running_cross``
+        (n K), ``running_alpha`` (K), ``running_factor`` (K (K+1) / 2). The layout depends
+        only on the settings and the number of basis points n, which :meth:`update` never
+        changes, and :meth:`observe` fills at most K slots.
+        """
+        state = self._fitted()
+        return _data_layout(
+            int(state.basis.shape[0]),
+            self.n_features,
+            self.batch_capacity if self.has_batch_effect else 0,
+            self.sparse,
+        )
+
+    @property
+    def data_size(self) -> int:
+        """Length of :meth:`casadi_data` (the ``data`` input of :meth:`to_casadi_data`)."""
+        return sum(size for _, size in self.data_layout())
+
+    def casadi_data(self) -> FloatArray:
+        """Everything the posterior depends on as one flat vector (n_data,), the ``data``
+        input of :meth:`to_casadi_data` (blocks: :meth:`data_layout`). Call again after
+        :meth:`update`, :meth:`observe` or :meth:`begin_batch`; no CasADi object is built.
+        Unused running-batch slots are zero, which switches them off."""
+        state = self._fitted()
+        capacity = self.batch_capacity if self.has_batch_effect else 0
+        consts = _casadi_constants(state, capacity if capacity else None)
+        n = int(state.basis.shape[0])
+        batch_scale = (
+            float(state.lengthscales[state.batch_column] * state.batch_inv_lengthscale)
+            if state.batch_column >= 0
+            else 0.0
+        )
+        hyper = np.concatenate(
+            [
+                state.x_mean,
+                1.0 / (state.x_scale * state.lengthscales),
+                [
+                    state.outputscale,
+                    state.y_mean,
+                    (state.outputscale + state.batch_variance) * state.y_scale**2,
+                    state.noise * state.y_scale**2,
+                    state.batch_variance,
+                    batch_scale,
+                ],
+            ]
+        )
+        lower = np.triu_indices(n)
+        # the mean is linear in k(x): the running batch's  -run_alpha^T G^T W k  is folded
+        # into the weights of k, so the mean needs neither W nor G (O(n d) per point)
+        weights = consts["alpha"].reshape(-1)
+        if capacity:
+            weights = weights - (state.y_scale * state.w1).T @ (
+                consts["running_cross"] @ consts["running_alpha"].reshape(-1)
+            )
+        blocks = [
+            hyper,
+            consts["basis"].T.reshape(-1),  # column-major d x n = row-major n x d
+            weights,
+            (state.y_scale * state.w1).T[lower],
+        ]
+        if self.sparse:
+            blocks.append((state.y_scale * state.w2).T[lower])
+        if capacity:
+            blocks += [
+                consts["running_basis"].T.reshape(-1),
+                consts["running_cross"].T.reshape(-1),
+                consts["running_alpha"].reshape(-1),
+                consts["running_factor"].T[np.triu_indices(capacity)],
+            ]
+        return np.ascontiguousarray(np.concatenate(blocks), dtype=np.float64)
+
+    def to_casadi_data(
+        self, name: str = "gp_residual", *, variance: bool = True, include_noise: bool = False
+    ) -> ca.Function:
+        """The posterior as a CasADi function of the features *and* of its numeric data,
+        built once: inputs ``["features", "data"]`` (d x 1, and :attr:`data_size` x 1 from
+        :meth:`casadi_data`), outputs ``["mean", "variance"]`` (or ``["mean"]``), target
+        units, the same values as :meth:`to_casadi` with the data embedded.
+
+        Learning (:meth:`update`, :meth:`observe`, :meth:`begin_batch`) changes only the
+        data vector, never its length, so a caller swaps arrays instead of rebuilding
+        functions or their derivatives. Cost per evaluation as :meth:`to_casadi`
+        (triangular factors are kept sparse). A residual re-fitted on another number of
+        points (or with another ``batch_capacity``) has another layout and needs a new
+        function: compare :meth:`data_layout`.
+        """
+        state = self._fitted()
+        _check_casadi_name(name)
+        layout = self.data_layout()
+        d = self.n_features
+        n = int(state.basis.shape[0])
+        features = ca.MX.sym("features", d, 1)
+        data = ca.MX.sym("data", sum(size for _, size in layout), 1)
+        blocks: dict[str, ca.MX] = {}
+        offset = 0
+        for key, size in layout:
+            blocks[key] = data[offset : offset + size]
+            offset += size
+        hyper = blocks["hyper"]
+        shift, inv_scale = hyper[:d], hyper[d : 2 * d]
+        outputscale, y_mean, prior, noise_var, batch_var, batch_scale = (
+            hyper[2 * d + i] for i in range(6)
+        )
+        x_t = (features - shift) * inv_scale
+        basis = ca.reshape(blocks["basis"], d, n)
+        k = outputscale * ca.exp(-0.5 * ca.sum1((basis - ca.repmat(x_t, 1, n)) ** 2)).T  # n x 1
+        mean = y_mean + ca.dot(blocks["alpha"], k)
+        capacity = self.batch_capacity if self.has_batch_effect else 0
+        outputs: list[ca.MX] = [mean]
+        output_names = ["mean"]
+        if capacity:
+            run_basis = ca.reshape(blocks["running_basis"], d, capacity)
+            k_o = (
+                outputscale
+                * ca.exp(-0.5 * ca.sum1((run_basis - ca.repmat(x_t, 1, capacity)) ** 2)).T
+            )
+            j = max(state.batch_column, 0)  # structural (the batch feature); 0: offset
+            diff = (ca.repmat(x_t[j], 1, capacity) - run_basis[j, :]) * batch_scale
+            k_b = batch_var * ca.exp(-0.5 * diff**2).T
+            # (the -G^T W k part of c(x) is folded into "alpha", see casadi_data)
+            outputs[0] = mean + ca.dot(blocks["running_alpha"], k_o + k_b)
+        if variance:
+            w1k = ca.mtimes(ca.MX(ca.Sparsity.lower(n), blocks["w1"]), k)
+            var = prior - ca.sumsqr(w1k)
+            if include_noise:
+                var = var + noise_var
+            if self.sparse:
+                var = var + ca.sumsqr(ca.mtimes(ca.MX(ca.Sparsity.lower(n), blocks["w2"]), k))
+            if capacity:
+                cross = ca.reshape(blocks["running_cross"], n, capacity)
+                c = k_o - ca.mtimes(cross.T, w1k) + k_b
+                factor = ca.MX(ca.Sparsity.lower(capacity), blocks["running_factor"])
+                var = var - ca.sumsqr(ca.mtimes(factor, c))
+            outputs.append(var)
+            output_names.append("variance")
+        return ca.Function(name, [features, data], outputs, ["features", "data"], output_names)
 
     def _parameter_names(self, variance: bool) -> list[str]:
         names = ["alpha"] if self.sparse else ["basis", "alpha"]
@@ -1790,6 +1929,34 @@ def _casadi_constants(state: _State, capacity: int | None = None) -> dict[str, F
         "running_alpha": run_alpha,
         "running_factor": run_factor,
     }
+
+
+def _check_casadi_name(name: object) -> None:
+    if (
+        not isinstance(name, str)
+        or not _CASADI_NAME.fullmatch(name)
+        or name in ("null", "jac", "hess")
+    ):
+        raise ConfigError(
+            f"CasADi function name {name!r} is not valid: use a letter followed by letters, "
+            "digits or single underscores (not 'null', 'jac' or 'hess')"
+        )
+
+
+def _data_layout(n: int, d: int, capacity: int, sparse: bool) -> tuple[tuple[str, int], ...]:
+    """Blocks of :meth:`GPResidual.casadi_data` for n basis points, d features and
+    ``capacity`` running-batch slots (0: no batch effect)."""
+    blocks = [("hyper", 2 * d + 6), ("basis", d * n), ("alpha", n), ("w1", n * (n + 1) // 2)]
+    if sparse:
+        blocks.append(("w2", n * (n + 1) // 2))
+    if capacity:
+        blocks += [
+            ("running_basis", d * capacity),
+            ("running_cross", n * capacity),
+            ("running_alpha", capacity),
+            ("running_factor", capacity * (capacity + 1) // 2),
+        ]
+    return tuple(blocks)
 
 
 def _lower_dm(matrix: FloatArray) -> ca.DM:

@@ -14,17 +14,21 @@ feature names and units must match the model's, or construction fails.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import casadi as ca
 import numpy as np
+import numpy.typing as npt
 
 from plant_models.base import CASADI_OPS, MechanisticModel, rk4
 from plant_models.errors import ConfigError, ModelError
 from plant_models.gp import GPResidual
 
 __all__ = ["HybridModel", "RateCorrection", "feature_units"]
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["additive", "multiplicative"]
 
@@ -66,6 +70,8 @@ class HybridModel(MechanisticModel[Any]):
         self.process = getattr(base, "process", None)
         self.corrections = tuple(self._resolve_mode(c) for c in corrections)
         self._check()
+        self._layouts: tuple[tuple[tuple[str, int], ...], ...] | None = None
+        self._correction_fn: ca.Function | None = None
         self.refresh()
 
     def _resolve_mode(self, c: RateCorrection) -> RateCorrection:
@@ -136,11 +142,94 @@ class HybridModel(MechanisticModel[Any]):
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-export the residuals (call after :meth:`GPResidual.update` or ``observe``)."""
-        self._gp = [c.residual.to_casadi(name=f"gp_{c.rate}") for c in self.corrections]
-        self._gp_mean = [
-            c.residual.to_casadi(name=f"gp_{c.rate}_mean", variance=False) for c in self.corrections
-        ]
+        """Re-read the residuals' numeric data (call after :meth:`GPResidual.update` or
+        ``observe``). Only arrays are swapped: the CasADi functions of the residuals take
+        their data as an input (:meth:`GPResidual.to_casadi_data`) and are built once. A
+        residual whose data layout changed (re-fitted on another number of points, another
+        ``batch_capacity``) gets its functions rebuilt once, with a log line."""
+        layouts = tuple(c.residual.data_layout() for c in self.corrections)
+        if self._layouts != layouts:
+            if self._layouts is not None:
+                log.warning(
+                    "%s: a residual's data layout changed (%s -> %s); its CasADi functions "
+                    "are rebuilt",
+                    self.name,
+                    [sum(n for _, n in lay) for lay in self._layouts],
+                    [sum(n for _, n in lay) for lay in layouts],
+                )
+            self._gp_data_fn = [
+                c.residual.to_casadi_data(name=f"gp_{c.rate}") for c in self.corrections
+            ]
+            self._gp_mean_data_fn = [
+                c.residual.to_casadi_data(name=f"gp_{c.rate}_mean", variance=False)
+                for c in self.corrections
+            ]
+            self._correction_fn = None
+            self._layouts = layouts
+        self._gp_data = [c.residual.casadi_data() for c in self.corrections]
+        self._gp_data_dm = [ca.DM(data) for data in self._gp_data]  # converted once
+        self._data = (
+            np.concatenate(self._gp_data) if self._gp_data else np.zeros(0, dtype=np.float64)
+        )
+
+    def residual_data(self) -> npt.NDArray[np.float64]:
+        """The residuals' numeric data as of the last :meth:`refresh`, concatenated in
+        corrections order: the ``data`` input of :meth:`rate_correction` (a copy)."""
+        return self._data.copy()
+
+    @property
+    def residual_data_size(self) -> int:
+        """Length of :meth:`residual_data`."""
+        return int(self._data.size)
+
+    def rate_correction(self) -> ca.Function:
+        """``(t, x, u, data) -> (mean, variance)``: the correction added to each corrected
+        rate (corrected minus mechanistic rate: ``r`` additive, ``rate_mech * r``
+        multiplicative) and its variance (``var_r``, or ``var_r * rate_mech^2``), in
+        corrections order, rate units. ``data`` is :meth:`residual_data`; the function is
+        built once (MX, nominal parameters) and stays valid while the layout does."""
+        if self._correction_fn is not None:
+            return self._correction_fn
+        t = ca.MX.sym("t")
+        x = ca.MX.sym("x", self.nx)
+        u = ca.MX.sym("u", self.nu)
+        data = ca.MX.sym("data", self.residual_data_size)
+        base_rates = self.base.dynamics()(t, x, u)[1]
+        rate_names = self.base.rate_names
+        xs = [x[i] for i in range(self.nx)]
+        us = [u[i] for i in range(self.nu)]
+        means, variances = [], []
+        offset = 0
+        single = len(self.corrections) == 1  # no slice: the data are not copied per call
+        for c, f_mean, f, size in zip(
+            self.corrections,
+            self._gp_mean_data_fn,
+            self._gp_data_fn,
+            (g.size for g in self._gp_data),
+            strict=True,
+        ):
+            feats = ca.vertcat(*self.features(t, xs, us, c.residual.feature_names))
+            block = data if single else data[offset : offset + size]
+            # the mean from the mean-only function: its derivatives (the MPC's
+            # linearisation) then never touch the variance's triangular factors
+            mean = f_mean(feats, block)
+            var = f(feats, block)[1]
+            offset += size
+            if c.mode == "additive":
+                means.append(mean)
+                variances.append(var)
+            else:
+                rate = base_rates[rate_names.index(c.rate)]
+                means.append(rate * mean)
+                variances.append(var * rate**2)
+        self._correction_fn = ca.Function(
+            f"{self.name}_rate_correction",
+            [t, x, u, data],
+            [ca.vertcat(*means), ca.vertcat(*variances)],
+            ["t", "x", "u", "data"],
+            ["mean", "variance"],
+        )
+        return self._correction_fn
 
     # -- features ------------------------------------------------------------------------
     def features(
@@ -173,12 +262,14 @@ class HybridModel(MechanisticModel[Any]):
     # -- the equations -------------------------------------------------------------------
     def rates(self, t: Any, x: Sequence[Any], u: Sequence[Any], p: Any, ops: Any) -> dict[str, Any]:
         r = self.base.rates(t, x, u, p, ops)
-        for c, f in zip(self.corrections, self._gp_mean, strict=True):
+        for c, f, data in zip(
+            self.corrections, self._gp_mean_data_fn, self._gp_data_dm, strict=True
+        ):
             feats = self.features(t, x, u, c.residual.feature_names)
             if ops is CASADI_OPS:
-                mean = f(ca.vertcat(*feats))
+                mean = f(ca.vertcat(*feats), data)
             else:
-                mean = float(f(np.array(feats, dtype=float)))
+                mean = float(f(np.array(feats, dtype=float), data))
             r[c.rate] = r[c.rate] + mean if c.mode == "additive" else r[c.rate] * (1.0 + mean)
         return r
 
@@ -197,8 +288,9 @@ class HybridModel(MechanisticModel[Any]):
         us = [u[i] for i in range(self.nu)]
         base_rates = self.base.rates(t, xs, us, self.parameters, CASADI_OPS)
         out = []
-        for c, f in zip(self.corrections, self._gp, strict=True):
-            var = f(ca.vertcat(*self.features(t, xs, us, c.residual.feature_names)))[1]
+        for c, f, data in zip(self.corrections, self._gp_data_fn, self._gp_data_dm, strict=True):
+            feats = ca.vertcat(*self.features(t, xs, us, c.residual.feature_names))
+            var = f(feats, data)[1]
             out.append(var if c.mode == "additive" else var * base_rates[c.rate] ** 2)
         v = ca.vertcat(*out) if out else ca.SX(0, 1)
         return ca.Function(

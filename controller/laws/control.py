@@ -125,7 +125,6 @@ class HybridPredictionModel:
         self.rate_names: tuple[str, ...] = tuple(hybrid.rate_names)
         self.parameters = hybrid.parameters
         self.residual_names: tuple[str, ...] = tuple(c.rate for c in hybrid.corrections)
-        self._rate_index = [self.rate_names.index(r) for r in self.residual_names]
 
     def __getattr__(self, name: str) -> Any:
         # process specification helpers (initial_state, operating_bounds, process, ...)
@@ -134,7 +133,7 @@ class HybridPredictionModel:
         return getattr(self.base, name)
 
     def refresh(self) -> None:
-        """Re-export the residual after it learned (same function sizes)."""
+        """Re-read the residual's data after it learned (arrays only, nothing is rebuilt)."""
         self.hybrid.refresh()
 
     def dynamics(self, symbolic_parameters: Sequence[str] = ()) -> ca.Function:
@@ -143,23 +142,44 @@ class HybridPredictionModel:
     def base_dynamics(self, symbolic_parameters: Sequence[str] = ()) -> ca.Function:
         return self.base.dynamics(symbolic_parameters=symbolic_parameters)
 
-    def residual_mean(self) -> ca.Function:
+    def residual_data(self) -> FloatArray:
+        """Numeric data of the residual (``data`` of :meth:`residual_parametric`), as of the
+        hybrid model's last refresh."""
+        return self.hybrid.residual_data()
+
+    def residual_parametric(self) -> ca.Function:
+        """``(t, x, u, data) -> (mean, std)`` of the corrected rates' residual, built once;
+        the MPC passes :meth:`residual_data` as ``data`` (no rebuild when the residual
+        learns)."""
+        fn = self.hybrid.rate_correction()
         t = ca.MX.sym("t")
         x = ca.MX.sym("x", len(self.state_names))
         u = ca.MX.sym("u", len(self.input_names))
-        corrected = self.hybrid.dynamics()(t, x, u)[1]
-        nominal = self.base.dynamics()(t, x, u)[1]
-        diff = ca.vertcat(*[corrected[i] - nominal[i] for i in self._rate_index])
-        return ca.Function("residual_mean", [t, x, u], [diff], ["t", "x", "u"], ["mean"])
+        data = ca.MX.sym("data", fn.size1_in(3))
+        mean, var = fn.call([t, x, u, data], True, False)  # inlined: mean and std stay apart
+        return ca.Function(
+            "residual",
+            [t, x, u, data],
+            [mean, ca.sqrt(ca.fmax(var, 0.0))],
+            ["t", "x", "u", "data"],
+            ["mean", "std"],
+        )
+
+    def residual_mean(self) -> ca.Function:
+        """``(t, x, u) -> mean`` with the current data embedded."""
+        return self._embedded(0, "residual_mean", "mean")
 
     def residual_std(self) -> ca.Function:
+        """``(t, x, u) -> std`` with the current data embedded."""
+        return self._embedded(1, "residual_std", "std")
+
+    def _embedded(self, index: int, name: str, output: str) -> ca.Function:
+        fn = self.residual_parametric()
         t = ca.MX.sym("t")
         x = ca.MX.sym("x", len(self.state_names))
         u = ca.MX.sym("u", len(self.input_names))
-        var = self.hybrid.rate_variance()(t, x, u)
-        return ca.Function(
-            "residual_std", [t, x, u], [ca.sqrt(ca.fmax(var, 0.0))], ["t", "x", "u"], ["std"]
-        )
+        value = fn(t, x, u, ca.DM(self.residual_data()))[index]
+        return ca.Function(name, [t, x, u], [value], ["t", "x", "u"], [output])
 
 
 # ------------------------------------------------------------------ the estimator-fed MPC

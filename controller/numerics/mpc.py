@@ -53,6 +53,9 @@ _MARGIN_WEIGHT = 1e3
 #: limit in recovery mode: large enough that any plan which meets the limits is preferred,
 #: so the recovery move drives the state back as fast as the inputs allow.
 _RECOVERY_WEIGHT = 1e5
+#: Largest residual data vector (values; an exact GP of N points has about N^2/2) whose
+#: per-stage function is expanded to scalar code (SX) rather than kept as MX.
+_EXPAND_LIMIT = 10_000
 #: A state this far beyond a hard limit (relative to the state's scale) starts recovery.
 _RECOVERY_TOLERANCE = 1e-6
 
@@ -72,7 +75,12 @@ class PredictionModel(Protocol):
       parameters), so its cost does not grow with the GP;
     - ``residual_state_map()`` -> ``ca.Function (t, x, u) -> d xdot / d rate`` (nx, n_r)
       (derived from ``balances`` when the model has them, as a
-      :class:`~plant_models.base.MechanisticModel` does).
+      :class:`~plant_models.base.MechanisticModel` does);
+    - ``residual_parametric()`` -> ``ca.Function (t, x, u, data) -> (mean, std)`` and
+      ``residual_data()`` -> its numeric ``data`` vector: the residual with its learned
+      data as an input (a :class:`~controller.laws.control.HybridPredictionModel` offers
+      them). Then :meth:`NonlinearMPC.refresh_residual` only swaps ``data``; without them
+      it rebuilds the functions from ``residual_mean()``/``residual_std()``.
     """
 
     @property
@@ -311,6 +319,14 @@ class NonlinearMPC:
             suggestion), or the objective lacks what it needs.
         ModelError: the model does not offer the interface above.
     """
+
+    # the residual (set by _setup_residual, swapped by refresh_residual)
+    _res_fn: ca.Function | None
+    _res_data: FloatArray
+    _parametric: bool
+    _has_mean: bool
+    _has_std: bool
+    _linearized: bool
 
     def __init__(
         self,
@@ -723,44 +739,137 @@ class NonlinearMPC:
         log.debug("MPC built: %d variables, %d constraints, %d parameters", nw, self._ng, self._np)
 
     def _linearisation_function(self) -> ca.Function | None:
-        """(t, x, u) -> [residual mean; vec(d mean / dx); x] for the linearised residual."""
-        if not self._linearized or self._mean_fn is None:
+        """The residual's work of one MPC step as ONE function, evaluated once per step:
+        ``(t (1 x N), x (nx x N), u (nu x N), p (npar), data) -> (rate_std (n_r x N),
+        state_std (nx x N+1), q (nq x N))`` along a plan.
+
+        ``rate_std``/``state_std``: zero-order spread propagation (``cov_{k+1} = A_k cov_k
+        A_k^T + h^2 G_k diag(std_k^2) G_k^T``, A the state Jacobian of the step, G the
+        rates' state map) when tightening is on (``kappa > 0`` and a ``residual_std``);
+        ``q``: the residual mean, its state Jacobian and the state at each stage
+        (``residual = "linearized"``). The residual's data are an input, so the function
+        (with its derivatives) is built once; None when there is nothing to compute."""
+        stage = self._res_fn
+        if stage is None:
             return None
-        t = ca.MX.sym("t")
-        x = ca.MX.sym("x", self.nx)
-        u = ca.MX.sym("u", self.nu)
-        mean = self._mean_fn(t, x, u)
-        fn = ca.Function(
-            "residual_linearisation",
-            [t, x, u],
-            [ca.vertcat(mean, ca.vec(ca.jacobian(mean, x)), x)],
-            ["t", "x", "u"],
-            ["q"],
-        )
-        if self.config.solver.expand:
+        n, nx, nu = self.horizon, self.nx, self.nu
+        spread = self._has_std and self._map_fn is not None and self.config.kappa > 0
+        linear = self._linearized and self._has_mean
+        if not (spread or linear):
+            return None
+        n_r = len(self.residual_names)
+        npar = len(self.parameter_names)
+        t1 = ca.MX.sym("t")
+        x1 = ca.MX.sym("x", nx)
+        u1 = ca.MX.sym("u", nu)
+        d1 = ca.MX.sym("data", stage.size1_in(3))
+        # inlined, so that the mean's Jacobian differentiates the mean's nodes only
+        mean1, std1 = stage.call([t1, x1, u1, d1], True, False)
+        outs1 = [ca.fmax(std1, 0.0)]
+        if linear:
+            outs1.append(ca.vertcat(mean1, ca.vec(ca.jacobian(mean1, x1)), x1))
+        per_stage = ca.Function("residual_stage", [t1, x1, u1, d1], outs1)
+        if self.config.solver.expand and stage.size1_in(3) <= _EXPAND_LIMIT:
+            # scalar code where that is small (a sparse GP, a small exact one): the matrix
+            # nodes of a large exact GP stay MX, which evaluates them faster in less memory
+            # (its scalar form would hold every entry of its triangular factor)
             try:
-                fn = fn.expand()
+                expanded = per_stage.expand()
             except RuntimeError as exc:
-                log.info("MPC: residual linearisation kept as MX (%s)", exc)
-        return fn
+                log.info("MPC: residual stage kept as MX (%s)", exc)
+            else:
+                if expanded.n_instructions() <= 5 * _EXPAND_LIMIT:
+                    per_stage = expanded
+        tt = ca.MX.sym("t", 1, n)
+        xx = ca.MX.sym("x", nx, n)
+        uu = ca.MX.sym("u", nu, n)
+        pm = ca.MX.sym("p", npar)
+        data = ca.MX.sym("data", stage.size1_in(3))
+        # one call per stage, all reading the same data symbol (a map with the data as a
+        # non-repeated input would copy them N times into its workspace)
+        calls = [per_stage.call([tt[:, k], xx[:, k], uu[:, k], data]) for k in range(n)]
+        std = ca.horzcat(*[out[0] for out in calls])
+        q = ca.horzcat(*[out[1] for out in calls]) if linear else ca.MX(0, n)
+        state_std = ca.MX(nx, n + 1)
+        if spread and self._map_fn is not None:
+            a_all = self._jac_fn.map(n)(tt, xx, uu, ca.repmat(pm, 1, n))  # nx x nx*n
+            g_all = self._map_fn.map(n)(tt, xx, uu)  # nx x n_r*n
+            state_std = self._propagation(n_r)(a_all, g_all, std)
+        return ca.Function(
+            "residual_per_step",
+            [tt, xx, uu, pm, data],
+            [ca.densify(std), ca.densify(state_std), ca.densify(q)],
+            ["t", "x", "u", "p", "data"],
+            ["rate_std", "state_std", "q"],
+        )
+
+    def _propagation(self, n_r: int) -> ca.Function:
+        """``(A (nx x nx N), G (nx x n_r N), std (n_r x N)) -> state std (nx x N+1)``:
+        ``cov_{k+1} = A_k cov_k A_k^T + h^2 G_k diag(std_k^2) G_k^T`` from ``cov_0 = 0``
+        (scalar code: small dense matrices)."""
+        n, nx, h = self.horizon, self.nx, self.config.step_h
+        a_all = ca.SX.sym("A", nx, nx * n)
+        g_all = ca.SX.sym("G", nx, n_r * n)
+        std = ca.SX.sym("std", n_r, n)
+        cov = ca.SX(nx, nx)
+        cols = [ca.SX(nx, 1)]
+        for k in range(n):
+            a = a_all[:, k * nx : (k + 1) * nx]
+            g = g_all[:, k * n_r : (k + 1) * n_r] * (h * ca.repmat(std[:, k].T, nx, 1))
+            cov = ca.mtimes(ca.mtimes(a, cov), a.T) + ca.mtimes(g, g.T)
+            cols.append(ca.sqrt(ca.fmax(ca.diag(cov), 0.0)))
+        return ca.Function(
+            "spread_propagation",
+            [a_all, g_all, std],
+            [ca.horzcat(*cols)],
+            ["A", "G", "std"],
+            ["state_std"],
+        )
 
     def refresh_residual(self) -> None:
-        """Re-read the model's residual functions after its residual learned in the batch
-        (e.g. :meth:`plant_models.gp.GPResidual.update` then ``HybridModel.refresh()``).
+        """Take the model's residual as it is now, after it learned in the batch (e.g.
+        :meth:`plant_models.gp.GPResidual.observe` through ``HybridModel.observe``).
 
-        With ``residual = "linearized"`` (and for the tightening in any mode) the residual is
-        evaluated outside the NLP, so the NLP itself is unchanged and nothing is rebuilt but
-        these small functions. With ``residual = "exact"`` the residual is inside the NLP:
-        a changed residual needs a new :class:`NonlinearMPC`.
+        A model with ``residual_parametric()``/``residual_data()`` only hands over its new
+        data vector: no CasADi function is built (the layout of the data is fixed, see
+        :meth:`plant_models.gp.GPResidual.data_layout`; if it did change, the functions
+        are rebuilt once, logged). Other models' ``residual_mean``/``residual_std`` are
+        re-read and the per-step function rebuilt. The NLP itself is never rebuilt: with
+        ``residual = "linearized"`` the residual enters it as parameters; with
+        ``residual = "exact"`` the residual inside the NLP stays as built (only the
+        tightening follows the learned residual) and a new :class:`NonlinearMPC` is needed
+        to change it.
         """
-        for attr, slot in (("residual_mean", "_mean_fn"), ("residual_std", "_std_fn")):
-            factory = getattr(self.model, attr, None)
-            if callable(factory) and getattr(self, slot) is not None:
-                fn = factory()
-                if not isinstance(fn, ca.Function) or fn.n_in() != 3:
-                    raise ModelError(f"model.{attr}() must return a ca.Function of (t, x, u).")
-                setattr(self, slot, fn)
+        if self._res_fn is None:
+            return
+        if self._parametric:
+            data = self._read_residual_data()
+            if data.size != self._res_data.size:
+                log.warning(
+                    "MPC: the residual's data length changed (%d -> %d); its functions are rebuilt",
+                    self._res_data.size,
+                    data.size,
+                )
+                self._setup_residual()
+                self._lin_fn = self._linearisation_function()
+                return
+            self._res_data = data  # read in place at each step (Function.buffer)
+            return
+        self._setup_residual()
         self._lin_fn = self._linearisation_function()
+
+    def residual_at(
+        self, t: float, x: Sequence[float] | FloatArray, u: Sequence[float] | FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """The residual (mean, std) of the corrected rates at one point, as the MPC sees it
+        now (after the last :meth:`refresh_residual`); zeros for what the model lacks."""
+        n_r = len(self.residual_names)
+        if self._res_fn is None:
+            return np.zeros(n_r), np.zeros(n_r)
+        mean, std = self._res_fn(
+            t, np.asarray(x, dtype=float), np.asarray(u, dtype=float), ca.DM(self._res_data)
+        )
+        return np.asarray(mean, dtype=float).reshape(-1), np.asarray(std, dtype=float).reshape(-1)
 
     def _rk4(self, rhs: Callable[[Any, Any], Any], t: Any, x: Any) -> Any:
         """State after one ``step_h`` of RK4 (``integrator_substeps`` sub-steps) of ``rhs``."""
@@ -856,35 +965,59 @@ class NonlinearMPC:
         return fn
 
     def _setup_residual(self) -> None:
-        """Optional residual interface of a hybrid model (see :class:`PredictionModel`)."""
+        """Optional residual interface of a hybrid model (see :class:`PredictionModel`).
+
+        Leaves ``_res_fn`` = ``(t, x, u, data) -> (mean, std)`` (None without a residual)
+        and ``_res_data``: the model's numeric data for a parametric model, an empty vector
+        for a model whose ``residual_mean``/``residual_std`` embed them."""
         self.residual_names: tuple[str, ...] = ()
+        self._res_fn = None
+        self._res_data = np.zeros(0)
+        self._parametric = False
+        self._has_mean = False
+        self._has_std = False
         self._std_fn: ca.Function | None = None
-        self._mean_fn: ca.Function | None = None
         self._base_fn: ca.Function | None = None
         self._map_fn: ca.Function | None = None
-        fns: dict[str, ca.Function] = {}
         base = self._model_function("base_dynamics")
-        if base is not None:
-            fns["base_dynamics"] = base
-        for attr in ("residual_std", "residual_mean"):
-            factory = getattr(self.model, attr, None)
-            if callable(factory):
-                fn = factory()
-                if not isinstance(fn, ca.Function) or fn.n_in() != 3:
-                    raise ModelError(f"model.{attr}() must return a ca.Function of (t, x, u).")
-                fns[attr] = fn
+        fns: dict[str, ca.Function] = {}
+        parametric = getattr(self.model, "residual_parametric", None)
+        if callable(parametric) and callable(getattr(self.model, "residual_data", None)):
+            fn = parametric()
+            if not isinstance(fn, ca.Function) or fn.n_in() != 4 or fn.n_out() != 2:
+                raise ModelError(
+                    "model.residual_parametric() must return a ca.Function (t, x, u, data) -> "
+                    "(mean, std)."
+                )
+            data = self._read_residual_data()
+            if data.size != fn.size1_in(3) * fn.size2_in(3):
+                raise ModelError(
+                    f"model.residual_data() has {data.size} values but residual_parametric() "
+                    f"takes {fn.size1_in(3) * fn.size2_in(3)}."
+                )
+            self._parametric, self._has_mean, self._has_std = True, True, True
+            n_r = int(fn.size1_out(1)) * int(fn.size2_out(1))
+        else:
+            for attr in ("residual_std", "residual_mean"):
+                factory = getattr(self.model, attr, None)
+                if callable(factory):
+                    fn = factory()
+                    if not isinstance(fn, ca.Function) or fn.n_in() != 3:
+                        raise ModelError(f"model.{attr}() must return a ca.Function of (t, x, u).")
+                    fns[attr] = fn
+            self._has_mean, self._has_std = "residual_mean" in fns, "residual_std" in fns
+            ref = fns.get("residual_std", fns.get("residual_mean"))
+            n_r = 0 if ref is None else int(ref.size1_out(0)) * int(ref.size2_out(0))
         # "linearized" applies to hybrid models; a purely mechanistic model has nothing to
         # linearise and is solved exactly
-        self._linearized = self.config.residual == "linearized" and "residual_mean" in fns
-        if self._linearized and "base_dynamics" not in fns:
+        self._linearized = self.config.residual == "linearized" and self._has_mean
+        if self._linearized and base is None:
             raise ConfigError(
                 f"{self.config.source} [mpc] residual = 'linearized' needs the model's "
                 "base_dynamics() (mechanistic part) as well; add it or use residual = 'exact'."
             )
-        ref = fns.get("residual_std", fns.get("residual_mean"))
-        if ref is None:
+        if not (self._has_mean or self._has_std):
             return
-        n_r = int(ref.size1_out(0)) * int(ref.size2_out(0))
         names = tuple(getattr(self.model, "residual_names", ()) or ())
         if not names:
             names = tuple(f"residual_{i}" for i in range(n_r))
@@ -892,10 +1025,35 @@ class NonlinearMPC:
             raise ModelError(f"residual_names {names} do not match {n_r} residual outputs.")
         map_factory = getattr(self.model, "residual_state_map", None)
         map_fn = map_factory() if callable(map_factory) else self._derive_state_map(names)
-        self.residual_names, self._map_fn = names, map_fn
-        self._std_fn = fns.get("residual_std")
-        self._mean_fn = fns.get("residual_mean")
-        self._base_fn = fns.get("base_dynamics")
+        self.residual_names, self._map_fn, self._base_fn = names, map_fn, base
+        if self._parametric:
+            self._res_fn, self._res_data = fn, data
+        else:
+            self._res_fn = self._legacy_residual(fns, n_r)
+        # read by _build: the margins of the hard bounds exist when the spread is propagated
+        self._std_fn = self._res_fn if self._has_std else None
+
+    def _read_residual_data(self) -> FloatArray:
+        reader: Any = self.model
+        data: FloatArray = np.asarray(reader.residual_data(), dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(data)):
+            raise ModelError("model.residual_data() holds NaN or inf values.")
+        return data
+
+    def _legacy_residual(self, fns: Mapping[str, ca.Function], n_r: int) -> ca.Function:
+        """``(t, x, u, data[0]) -> (mean, std)`` from a model's (t, x, u) functions (what it
+        lacks is zero)."""
+        t = ca.MX.sym("t")
+        x = ca.MX.sym("x", self.nx)
+        u = ca.MX.sym("u", self.nu)
+        data = ca.MX.sym("data", 0)
+        outs = []
+        for attr in ("residual_mean", "residual_std"):
+            fn = fns.get(attr)
+            outs.append(ca.vec(fn(t, x, u)) if fn is not None else ca.MX.zeros(n_r, 1))
+        return ca.Function(
+            "residual", [t, x, u, data], outs, ["t", "x", "u", "data"], ["mean", "std"]
+        )
 
     def _derive_state_map(self, names: tuple[str, ...]) -> ca.Function:
         """d xdot / d rate for the residual rates, from the model's mass balances."""
@@ -1206,38 +1364,88 @@ class NonlinearMPC:
     def _uncertainty(
         self, states: FloatArray, inputs: FloatArray, times: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
-        """Zero-order propagation of the residual std along a given plan.
+        """Zero-order propagation of the residual std along a given plan (one evaluation of
+        the per-step function, which also yields the linearisation for
+        :meth:`_linearisation` on the same plan).
 
         Returns (rate std (N, n_r), state std (N+1, nx)).
         """
-        n, h = self.horizon, self.config.step_h
-        if self._std_fn is None or self._map_fn is None or self.config.kappa <= 0:
+        n = self.horizon
+        if not self._has_std or self._map_fn is None or self.config.kappa <= 0:
             return np.zeros((n, len(self.residual_names))), np.zeros((n + 1, self.nx))
-        tt, xx, uu = times[:n].reshape(1, -1), states[:n].T, inputs.T
-        std = np.asarray(self._std_fn.map(n)(tt, xx, uu), dtype=float).reshape(-1, n).T
-        std = np.nan_to_num(np.maximum(std, 0.0))
-        pp = np.tile(self._pvals.reshape(-1, 1), (1, n))
-        a_all = np.asarray(self._jac_fn.map(n)(tt, xx, uu, pp), dtype=float)  # nx x (nx*n)
-        g_all = np.asarray(self._map_fn.map(n)(tt, xx, uu), dtype=float)  # nx x (n_r*n)
-        n_r = std.shape[1]
-        cov = np.zeros((self.nx, self.nx))
-        out = np.zeros((n + 1, self.nx))
-        for k in range(n):
-            a = a_all[:, k * self.nx : (k + 1) * self.nx]
-            gk = g_all[:, k * n_r : (k + 1) * n_r] * h
-            cov = a @ cov @ a.T + gk @ np.diag(std[k] ** 2) @ gk.T
-            out[k + 1] = np.sqrt(np.maximum(np.diag(cov), 0.0))
-        return std, np.nan_to_num(out)
+        std, state_std, _ = self._per_step(states, inputs, times)
+        return std, state_std
 
     def _linearisation(
         self, states: FloatArray, inputs: FloatArray, times: FloatArray
     ) -> FloatArray:
         """Residual mean, its state Jacobian and the state along a plan: (nq, N)."""
         n = self.horizon
-        if self._lin_fn is None:
+        if not self._linearized or self._lin_fn is None:
             return np.zeros((0, n))
-        q = self._lin_fn.map(n)(times[:n].reshape(1, -1), states[:n].T, inputs.T)
-        return np.nan_to_num(np.asarray(q, dtype=float))
+        return self._per_step(states, inputs, times)[2]
+
+    def _per_step(
+        self, states: FloatArray, inputs: FloatArray, times: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """The per-step function on a plan, evaluated once per plan (the result is kept for
+        the second caller of the same step)."""
+        n = self.horizon
+        cached = getattr(self, "_per_step_cache", None)
+        if (
+            cached is not None
+            and cached[0] is self._res_data
+            and cached[6] is self._lin_fn
+            and np.array_equal(cached[1], states)
+            and np.array_equal(cached[2], inputs)
+            and np.array_equal(cached[3], times)
+            and np.array_equal(cached[4], self._pvals)
+        ):
+            return cached[5]
+        fn = self._lin_fn
+        if fn is None:  # guarded by the callers
+            raise ModelError("no residual per-step function")
+        # zero-copy evaluation: the arguments are read in place (a numpy argument of a
+        # plain call is converted element by element, milliseconds for a large GP's data)
+        buffer = getattr(self, "_per_step_buffer", None)
+        if buffer is None or buffer[0] is not fn:
+            buffer = (fn, *fn.buffer())
+            self._per_step_buffer = buffer
+        # (CasADi's stub wants (i, buffer, size); its typemap takes the size from the buffer)
+        buf: Any = buffer[1]
+        evaluate = buffer[2]
+        args = [
+            np.ascontiguousarray(times[:n], dtype=np.float64),
+            np.ascontiguousarray(states[:n], dtype=np.float64),  # (N, nx) = column-major x
+            np.ascontiguousarray(inputs, dtype=np.float64),
+            np.ascontiguousarray(self._pvals, dtype=np.float64),
+            np.ascontiguousarray(self._res_data, dtype=np.float64),
+        ]
+        results = [np.zeros(fn.numel_out(i)) for i in range(3)]
+        for i, arg in enumerate(args):
+            if arg.size != fn.numel_in(i):
+                raise ModelError(f"residual per-step input {i}: {arg.size} != {fn.numel_in(i)}")
+            buf.set_arg(i, arg.data)
+        for i, res in enumerate(results):
+            buf.set_res(i, res.data)
+        evaluate()
+        std, state_std, q = results
+        n_r = fn.size1_out(0)
+        out = (
+            np.nan_to_num(std.reshape(n, n_r)),  # column-major (n_r, N) = (N, n_r) rows
+            np.nan_to_num(state_std.reshape(n + 1, self.nx)),
+            np.nan_to_num(q.reshape(n, -1).T) if q.size else np.zeros((0, n)),
+        )
+        self._per_step_cache = (
+            self._res_data,
+            states.copy(),
+            inputs.copy(),
+            times.copy(),
+            self._pvals.copy(),
+            out,
+            fn,
+        )
+        return out
 
     def _pack(
         self, states: FloatArray, inputs: FloatArray, x: FloatArray, target: float, term: FloatArray

@@ -619,3 +619,71 @@ def test_batch_effect_needs_batches_and_observe_needs_batch_effect(fitted: Fitte
     plain = copy.deepcopy(fitted[0])
     with pytest.raises(ConfigError, match="no batch effect"):
         plain.observe(fitted[1][:2], fitted[2][:2])
+
+
+# ---------------------------------------------------------------------- numeric-data export
+def _assert_data_export_matches(model: GPResidual, fn: ca.Function, points: FloatArray) -> None:
+    """``to_casadi_data`` with the current ``casadi_data`` equals a fresh embedded export
+    (``to_casadi``: the data as constants, built symbolically now) and ``predict``."""
+    embedded = model.to_casadi("embedded")
+    data = model.casadi_data()
+    assert data.shape == (model.data_size,)
+    mean_p, var_p = model.predict(points)
+    for x, m_p, v_p in zip(points, mean_p, var_p, strict=True):
+        mean, var = (float(v) for v in fn(x, data))
+        mean_e, var_e = (float(v) for v in embedded(x))
+        scale = max(1.0, abs(mean_e))
+        assert abs(mean - mean_e) <= 1e-9 * scale
+        assert abs(var - var_e) <= 1e-9 * max(var_e, 1e-6)
+        assert mean == pytest.approx(m_p, rel=1e-9, abs=1e-10)
+        assert max(var, 0.0) == pytest.approx(v_p, rel=1e-7, abs=1e-10)
+
+
+def test_numeric_data_export_follows_update_without_rebuild(fitted: Fitted) -> None:
+    """Issue 25: the residual's data are an input of a function built once; after an
+    update only the data vector changes (same length), and the function gives what a
+    symbolic re-export would."""
+    model = copy.deepcopy(fitted[0])
+    fn = model.to_casadi_data("gp")
+    layout = model.data_layout()
+    points = probe_points(40)
+    _assert_data_export_matches(model, fn, points)
+    before = model.casadi_data()
+    model.update(*make_data(15, seed=41))
+    assert model.data_layout() == layout
+    assert not np.array_equal(model.casadi_data(), before)
+    _assert_data_export_matches(model, fn, points)
+
+
+def test_numeric_data_export_of_the_running_batch(batch_fitted) -> None:  # type: ignore[no-untyped-def]
+    """Running-batch slots are fixed (batch_capacity), zero when unused: the same function
+    serves 0, some, a full and an overfull running batch (the oldest drop out), a finished
+    batch added to the population, and a new batch."""
+    model = copy.deepcopy(batch_fitted[0])
+    fn = model.to_casadi_data("gp")
+    layout = model.data_layout()
+    points = batch_probe_points(42)
+    _assert_data_export_matches(model, fn, points)
+    X_run, y_run, _ = batch_data(1, model.batch_capacity + 5, seed=43)
+    model.observe(X_run[:2], y_run[:2])
+    _assert_data_export_matches(model, fn, points)
+    model.observe(X_run[2:], y_run[2:])  # more than the slots: the most recent K are kept
+    assert model.n_running_ == model.batch_capacity
+    assert model.data_layout() == layout
+    _assert_data_export_matches(model, fn, points)
+    X_new, y_new, _ = batch_data(1, 10, seed=44)
+    model.update(X_new, y_new)
+    assert model.data_layout() == layout
+    _assert_data_export_matches(model, fn, points)
+    model.begin_batch()
+    _assert_data_export_matches(model, fn, points)
+
+
+def test_numeric_data_export_differentiates_like_the_embedded_one(fitted: Fitted) -> None:
+    model = copy.deepcopy(fitted[0])
+    x = ca.MX.sym("x", 2)
+    data = ca.DM(model.casadi_data())
+    new = ca.Function("j", [x], [ca.jacobian(model.to_casadi_data("gp")(x, data)[0], x)])
+    old = ca.Function("j", [x], [ca.jacobian(model.to_casadi("gp")(x)[0], x)])
+    for point in probe_points(45)[:8]:
+        np.testing.assert_allclose(np.asarray(new(point)), np.asarray(old(point)), atol=1e-9)

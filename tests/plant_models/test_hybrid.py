@@ -166,3 +166,85 @@ def test_observe_learns_the_running_batch_and_begin_batch_forgets(base, batch_fa
     assert hybrid.rates_numpy(100.0, x, u)["growth_rate"] == pytest.approx(before, rel=1e-12)
     with pytest.raises(ModelError, match="no residual"):
         hybrid.observe("death_rate", features, np.zeros(5))
+
+
+def _reference_correction(hybrid: HybridModel, t: float, x, u):  # type: ignore[no-untyped-def]
+    """(mean, variance) of each corrected rate from the residuals' embedded export built
+    now (``GPResidual.to_casadi``: the symbolic path before issue 25)."""
+    means, variances = [], []
+    base_rates = hybrid.base.rates_numpy(t, x, u)
+    for c in hybrid.corrections:
+        feats = hybrid.features(t, list(x), list(u), c.residual.feature_names)
+        mean, var = (float(v) for v in c.residual.to_casadi("ref")(np.array(feats)))
+        if c.mode == "multiplicative":
+            rate = base_rates[c.rate]
+            mean, var = rate * mean, var * rate**2
+        means.append(mean)
+        variances.append(var)
+    return np.array(means), np.array(variances)
+
+
+def test_refresh_swaps_data_and_keeps_the_functions(base, batch_factor) -> None:  # type: ignore[no-untyped-def]
+    """Issue 25: observe/refresh only swap the residual's numeric data; the parametric
+    rate correction built once gives what a symbolic re-export would, before and after
+    learning (also with more observations than running-batch slots)."""
+    import copy
+
+    hybrid = HybridModel(base, [RateCorrection("growth_rate", copy.deepcopy(batch_factor))])
+    fn = hybrid.rate_correction()
+    size = hybrid.residual_data_size
+    rng = np.random.default_rng(8)
+    probes = []
+    for _ in range(6):
+        x = base.state_vector(base.initial_state()) * rng.uniform(0.5, 5.0, size=7)
+        probes.append((float(rng.uniform(20.0, 200.0)), x, np.array([1.0, 0.5, 0.0])))
+
+    def check() -> None:
+        data = hybrid.residual_data()
+        for t, x, u in probes:
+            mean, var = (np.asarray(v, dtype=float).ravel() for v in fn(t, x, u, data))
+            ref_mean, ref_var = _reference_correction(hybrid, t, x, u)
+            np.testing.assert_allclose(mean, ref_mean, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(var, ref_var, rtol=1e-9, atol=1e-15)
+            assert hybrid.rates_numpy(t, x, u)["growth_rate"] == pytest.approx(
+                hybrid.base.rates_numpy(t, x, u)["growth_rate"] + ref_mean[0], rel=1e-9
+            )
+
+    check()
+    capacity = batch_factor.batch_capacity
+    features = np.column_stack([np.full(capacity + 4, 10.0), np.linspace(30.0, 96.0, capacity + 4)])
+    hybrid.observe("growth_rate", features[:3], np.full(3, 0.4))
+    assert hybrid.rate_correction() is fn and hybrid.residual_data_size == size
+    check()
+    hybrid.observe("growth_rate", features[3:], np.full(capacity + 1, 0.5))  # overfull
+    assert hybrid.corrections[0].residual.n_running_ == capacity
+    assert hybrid.rate_correction() is fn and hybrid.residual_data_size == size
+    check()
+    hybrid.begin_batch()
+    assert hybrid.rate_correction() is fn
+    check()
+
+
+def test_a_changed_data_layout_rebuilds_once_and_says_so(  # type: ignore[no-untyped-def]
+    base, residual, caplog
+) -> None:
+    """A residual re-fitted on more points has a longer data vector: refresh rebuilds the
+    functions once (logged) and they agree with the new residual."""
+    import copy
+    import logging
+
+    gp = copy.deepcopy(residual)
+    hybrid = HybridModel(base, [RateCorrection("growth_rate", gp)])
+    fn = hybrid.rate_correction()
+    size = hybrid.residual_data_size
+    rng = np.random.default_rng(9)
+    x_train = rng.uniform([0.0, 0.0], [25.0, 240.0], size=(55, 2))
+    gp.fit(x_train, -0.004 * x_train[:, 0] / 25.0 + 0.0002 * rng.normal(size=55))
+    with caplog.at_level(logging.WARNING, logger="plant_models.hybrid"):
+        hybrid.refresh()
+    assert "data layout changed" in caplog.text
+    assert hybrid.residual_data_size > size and hybrid.rate_correction() is not fn
+    x = base.state_vector(base.initial_state())
+    u = np.array([1.0, 0.0, 0.0])
+    mean = float(hybrid.rate_correction()(50.0, x, u, hybrid.residual_data())[0])
+    assert mean == pytest.approx(_reference_correction(hybrid, 50.0, x, u)[0][0], rel=1e-9)

@@ -51,7 +51,7 @@ def test_hybrid_mpc_learns_from_the_running_batch(tmp_path: Path) -> None:
     assert isinstance(learner, RunningBatchLearner)
     mpc = controller.mpc
     probe = (100.0, np.array([1.0, 0.1, 10.0, 5.0, 30.0, 50.0, 1.0]), np.zeros(3))
-    before = float(mpc._mean_fn(*probe))
+    before = float(mpc.residual_at(*probe)[0][0])
     plant = VirtualBioreactor.for_process(
         "tcell", VirtualPatient.draw(1, load_cohort_spec()[0])
     )  # slow grower
@@ -59,7 +59,7 @@ def test_hybrid_mpc_learns_from_the_running_batch(tmp_path: Path) -> None:
     # 24 h windows close from 24 h on, one every 6 h: the running batch was observed and
     # the MPC's residual function now differs (the NLP was not rebuilt)
     assert learner.observations >= 3
-    after = float(mpc._mean_fn(*probe))
+    after = float(mpc.residual_at(*probe)[0][0])
     assert after != pytest.approx(before, abs=1e-9)
     assert all(r.success for r in controller.results)
     assert df["hard_violation"].sum() == 0
