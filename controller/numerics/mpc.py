@@ -26,12 +26,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
+from controller.numerics.compiled import CompileOutcome, compiled_nlpsol
 from controller.numerics.mpc_config import MPCConfig, StateBound
 from plant_models.base import CASADI_OPS, rk4
 from plant_models.config import suggest
@@ -146,6 +148,7 @@ class _Plan:
     lam_g: FloatArray
     states: FloatArray  # (N+1, nx)
     inputs: FloatArray  # (N, nu)
+    structured: bool = False  # lam_g belongs to the structured (sqpmethod) NLP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -599,20 +602,29 @@ class NonlinearMPC:
         ubg: list[FloatArray] = []
 
         blocks: list[tuple[int, int, int]] = []  # (start, size, rows per stage or 0)
+        # what each row block is: "x0" (initial state) and "hard" (hard state limits) are
+        # variable bounds in the structured (sqpmethod) NLP, not rows
+        tags: list[str] = []
 
         def add(
-            expr: Any, low: float | FloatArray, high: float | FloatArray, *, staged: bool = True
+            expr: Any,
+            low: float | FloatArray,
+            high: float | FloatArray,
+            *,
+            staged: bool = True,
+            tag: str = "",
         ) -> None:
             e = ca.vec(expr)
             size = int(e.size1())
             start = int(sum(int(q.size1()) for q in g))
             blocks.append((start, size, int(expr.size1()) if staged else 0))
+            tags.append(tag)
             g.append(e)
             lbg.append(np.broadcast_to(np.asarray(low, dtype=float), (size,)).copy())
             ubg.append(np.broadcast_to(np.asarray(high, dtype=float), (size,)).copy())
 
         # initial state and shooting gaps (scaled)
-        add(xs[:, 0] - par["x0"] / sx, 0.0, 0.0, staged=False)
+        add(xs[:, 0] - par["x0"] / sx, 0.0, 0.0, staged=False, tag="x0")
         times = par["t0"] + h * ca.DM(np.arange(n)).T
         x_next = step_fn.map(n)(
             times,
@@ -635,7 +647,7 @@ class NonlinearMPC:
         for j, hd in enumerate(hards):
             si = float(self.state_scale[hd.state])
             viol = hd.sign * (xp[hd.state, 1:] - hd.limit)
-            add(par["mask"] * viol / si - rs[j, :], -np.inf, 0.0)
+            add(par["mask"] * viol / si - rs[j, :], -np.inf, 0.0, tag="hard")
         for j, s in enumerate(softs):
             si = float(self.state_scale[s.state])
             viol = s.sign * (xp[s.state, 1:] - s.limit) + par["tightening"][s.state, :]
@@ -714,13 +726,95 @@ class NonlinearMPC:
         self._lbg, self._ubg = np.concatenate(lbg), np.concatenate(ubg)
         self._nw, self._ng, self._np = nw, int(self._lbg.size), self._p_layout.size
         nlp = {"x": w, "p": p, "f": cost, "g": ca.vertcat(*g)}
-        self._solver_cold = ca.nlpsol("mpc_cold", c.solver.name, nlp, self._solver_options(False))
-        self._solver_warm = (
-            ca.nlpsol("mpc_warm", c.solver.name, nlp, self._solver_options(True))
-            if c.solver.warm_start
-            else self._solver_cold
-        )
+        self.compile_outcomes: list[CompileOutcome] = []
+        self._structured = c.solver.name == "sqpmethod"
+        if not self._structured:
+            self._solver_cold = self._nlpsol("mpc_cold", "ipopt", nlp, False, compiled=True)
+            self._solver_warm = (
+                self._nlpsol("mpc_warm", "ipopt", nlp, True, compiled=True)
+                if c.solver.warm_start
+                else self._solver_cold
+            )
+            self._solver_fast: Any = None
+        else:
+            self._build_structured(wsym, p, cost, g, lbg, ubg, blocks, tags, sym)
+            # IPOPT on the full NLP: the fallback of a failed SQP solve and the recovery
+            # mode (hard limits relaxed by slacks); not compiled, rarely used
+            self._solver_cold = self._nlpsol("mpc_ipopt", "ipopt", nlp, False, compiled=False)
+            self._solver_warm = self._solver_cold
         log.debug("MPC built: %d variables, %d constraints, %d parameters", nw, self._ng, self._np)
+
+    def _build_structured(
+        self,
+        wsym: Mapping[str, Any],
+        p: Any,
+        cost: Any,
+        g: Sequence[Any],
+        lbg: Sequence[FloatArray],
+        ubg: Sequence[FloatArray],
+        blocks: Sequence[tuple[int, int, int]],
+        tags: Sequence[str],
+        sym: Any,
+    ) -> None:
+        """The structured NLP of ``sqpmethod``: the full NLP without the recovery slacks,
+        the initial state and the hard state limits as bounds of the state variables (set
+        per step in :meth:`_fast_bounds`), and its SQP solver."""
+        layout = self._w_layout
+        if layout.names[-1] != "recovery_slacks":  # the fast vector is a prefix of w
+            raise ModelError("NLP layout: recovery_slacks must be the last block")
+        n_fast = layout["recovery_slacks"].offset
+        rs = wsym["recovery_slacks"]
+        w_fast = ca.vertcat(*[ca.vec(wsym[k]) for k in layout.names if k != "recovery_slacks"])
+        f_fast = cost
+        if rs.numel() > 0:
+            f_fast = ca.substitute(cost, rs, sym.zeros(*rs.shape))
+        keep = [i for i, tag in enumerate(tags) if tag not in ("x0", "hard")]
+        fast_blocks: list[tuple[int, int, int]] = []
+        start = 0
+        for i in keep:
+            _, size, rows = blocks[i]
+            fast_blocks.append((start, size, rows))
+            start += size
+        g_fast = ca.vertcat(*[g[i] for i in keep])
+        self._lbg_fast = np.concatenate([lbg[i] for i in keep]) if keep else np.zeros(0)
+        self._ubg_fast = np.concatenate([ubg[i] for i in keep]) if keep else np.zeros(0)
+        self._g_blocks_fast = fast_blocks
+        self._n_fast = n_fast
+        self._lbw_fast = self._lbw[:n_fast].copy()
+        self._ubw_fast = self._ubw[:n_fast].copy()
+        nlp = {"x": w_fast, "p": p, "f": f_fast, "g": g_fast}
+        self._solver_fast = self._nlpsol("mpc_sqp", "sqpmethod", nlp, True, compiled=True)
+
+    def _fast_bounds(self, x: FloatArray, active: int) -> tuple[FloatArray, FloatArray]:
+        """Bounds of the structured NLP's variables for one step: the initial state fixed,
+        the hard limits on the states of the active stages (scaled)."""
+        lbx, ubx = self._lbw_fast.copy(), self._ubw_fast.copy()
+        off, nx = self._w_layout["states"].offset, self.nx
+        lbx[off : off + nx] = ubx[off : off + nx] = x / self.state_scale
+        for hd in self._hards:
+            idx = off + nx * np.arange(1, active + 1) + hd.state
+            limit = hd.limit / float(self.state_scale[hd.state])
+            if hd.sign > 0:
+                ubx[idx] = np.minimum(ubx[idx], limit)
+            else:
+                lbx[idx] = np.maximum(lbx[idx], limit)
+        return lbx, ubx
+
+    def _nlpsol(
+        self, name: str, plugin: str, nlp: Mapping[str, Any], warm: bool, *, compiled: bool
+    ) -> ca.Function:
+        """``ca.nlpsol`` with this tuning's options; with ``jit`` (and ``compiled``) its
+        functions are generated C, cached on disk (:func:`compiled_nlpsol`)."""
+        s = self.config.solver
+        opts = self._solver_options(warm, plugin)
+        if not (s.jit and compiled):
+            return ca.nlpsol(name, plugin, nlp, opts)
+        cache = Path(s.cache_dir).expanduser() if s.cache_dir else None
+        solver, outcome = compiled_nlpsol(
+            name, plugin, nlp, opts, cache_dir=cache, flags=(s.jit_optimisation,)
+        )
+        self.compile_outcomes.append(outcome)
+        return solver
 
     def _linearisation_function(self) -> ca.Function | None:
         """(t, x, u) -> [residual mean; vec(d mean / dx); x] for the linearised residual."""
@@ -775,17 +869,17 @@ class NonlinearMPC:
             return xp[iv, :] / (xp[names.index("total_cells"), :] + 1e-9)
         return None
 
-    def _solver_options(self, warm: bool) -> dict[str, Any]:
+    def _solver_options(self, warm: bool, plugin: str = "ipopt") -> dict[str, Any]:
         s = self.config.solver
-        common: dict[str, Any] = {}
-        if s.jit:
-            common = {
-                "jit": True,
-                "compiler": "shell",
-                "jit_options": {"flags": ["-O1"], "verbose": False},
-            }
-        if s.name == "sqpmethod":
-            return common | {
+        if plugin == "sqpmethod":
+            qp_opts: dict[str, Any] = {"error_on_fail": False}
+            if s.qpsol == "qrqp":
+                qp_opts |= {"print_iter": False, "print_header": False, "print_info": False}
+            elif s.qpsol == "qpoases":
+                qp_opts |= {"printLevel": "none", "sparse": True}
+            elif s.qpsol == "osqp":
+                qp_opts |= {"verbose": False, "osqp": {"verbose": False}}
+            return {
                 "print_time": False,
                 "print_header": False,
                 "print_iteration": False,
@@ -794,15 +888,11 @@ class NonlinearMPC:
                 "max_iter": s.max_iter,
                 "tol_pr": s.tolerance,
                 "tol_du": s.tolerance,
-                "qpsol": "qrqp",
-                "qpsol_options": {
-                    "print_iter": False,
-                    "print_header": False,
-                    "error_on_fail": False,
-                },
+                "qpsol": s.qpsol,
+                "qpsol_options": qp_opts,
                 "hessian_approximation": "exact" if s.hessian == "exact" else "limited-memory",
             }
-        opts: dict[str, Any] = common | {
+        opts: dict[str, Any] = {
             "print_time": False,
             "error_on_fail": False,
             "ipopt.print_level": 0,
@@ -1025,44 +1115,65 @@ class NonlinearMPC:
 
         t_start = time.perf_counter()
         iterations = 0
-        attempts: list[tuple[Any, bool, bool]] = []
-        if lam is not None and c.solver.warm_start and not recovery:
-            attempts.append((self._solver_warm, True, False))
-        attempts.append((self._solver_cold, False, recovery))
-        if not recovery and self._hards:
+        # (solver, warm start, hard limits relaxed, structured NLP)
+        attempts: list[tuple[Any, bool, bool, bool]] = []
+        if self._structured and not recovery:
+            attempts.append((self._solver_fast, True, False, True))
+            if c.solver.fallback == "ipopt":
+                # IPOPT from the same initial guess (strict limits); then the relaxed retry
+                attempts.append((self._solver_cold, False, False, False))
+        else:
+            if lam is not None and c.solver.warm_start and not recovery:
+                attempts.append((self._solver_warm, True, False, False))
+            attempts.append((self._solver_cold, False, recovery, False))
+        if not recovery and self._hards and (not self._structured or c.solver.fallback != "none"):
             # the strict problem may be infeasible from inside the limits too (a state that
             # cannot be stopped in time): the last attempt relaxes the hard limits
-            attempts.append((self._solver_cold, False, True))
+            attempts.append((self._solver_cold, False, True, False))
         status = "not solved"
         sol: Any = None
         accepted = False
-        for solver, warm, relaxed in attempts:
+        structured = False
+        for solver, warm, relaxed, structured in attempts:
             if not warm and sol is not None:
-                # the cold retry must not push the step beyond the CPU budget
+                # a retry must not push the step beyond the CPU budget
                 if time.perf_counter() - t_start > 0.5 * c.solver.max_cpu_time_s:
                     break
-            kwargs: dict[str, Any] = {
-                "x0": w0,
-                "p": p,
-                "lbx": self._lbw,
-                "ubx": self._ubw_recovery if relaxed else self._ubw,
-                "lbg": self._lbg,
-                "ubg": self._ubg,
-            }
-            if warm and lam is not None:
-                kwargs["lam_x0"], kwargs["lam_g0"] = lam
+            kwargs: dict[str, Any] = {"p": p}
+            if structured:
+                lbx, ubx = self._fast_bounds(x, active)
+                nf = self._n_fast
+                kwargs |= {
+                    "x0": w0[:nf],
+                    "lbx": lbx,
+                    "ubx": ubx,
+                    "lbg": self._lbg_fast,
+                    "ubg": self._ubg_fast,
+                }
+                if lam is not None and lam[2]:
+                    kwargs["lam_x0"], kwargs["lam_g0"] = lam[0][:nf], lam[1]
+            else:
+                kwargs |= {
+                    "x0": w0,
+                    "lbx": self._lbw,
+                    "ubx": self._ubw_recovery if relaxed else self._ubw,
+                    "lbg": self._lbg,
+                    "ubg": self._ubg,
+                }
+                if warm and lam is not None and not lam[2]:
+                    kwargs["lam_x0"], kwargs["lam_g0"] = lam[0], lam[1]
             sol = solver(**kwargs)
             stats = solver.stats()
             status = str(stats.get("return_status", "unknown"))
             iterations += int(stats.get("iter_count", 0))
-            accepted = self._accept(stats, sol)
+            accepted = self._accept(stats, sol, sqp=structured)
             recovery = relaxed
             if accepted:
                 break
             log.info(
                 "MPC t=%.2f h: %s%s solve failed (%s)",
                 t,
-                "warm" if warm else "cold",
+                "SQP" if structured else ("warm" if warm else "cold"),
                 " recovery" if relaxed else "",
                 status,
             )
@@ -1071,15 +1182,20 @@ class NonlinearMPC:
             return self._fallback(t, up, f"solver status {status}", status, iterations, elapsed)
 
         wopt = np.asarray(sol["x"], dtype=float).reshape(-1)
+        lam_x = np.asarray(sol["lam_x"], dtype=float).reshape(-1)
+        if structured:  # the recovery slacks (not in the structured NLP) are 0
+            wopt = np.concatenate([wopt, np.zeros(self._nw - wopt.size)])
+            lam_x = np.concatenate([lam_x, np.zeros(self._nw - lam_x.size)])
         states, inputs, slack, sdose = self._unpack(wopt)
         rec = self._w_layout.unpack(wopt)["recovery_slacks"]
         self._plan = _Plan(
             t,
             wopt,
-            np.asarray(sol["lam_x"], dtype=float).reshape(-1),
+            lam_x,
             np.asarray(sol["lam_g"], dtype=float).reshape(-1),
             states,
             inputs,
+            structured,
         )
         move = self._project(inputs[0], up)
         slacks = {
@@ -1177,7 +1293,7 @@ class NonlinearMPC:
 
     def _initial_guess(
         self, x: FloatArray, t: float, up: FloatArray
-    ) -> tuple[FloatArray, FloatArray, tuple[FloatArray, FloatArray] | None]:
+    ) -> tuple[FloatArray, FloatArray, tuple[FloatArray, FloatArray, bool] | None]:
         n, h = self.horizon, self.config.step_h
         plan = self._plan
         if plan is not None and self.config.solver.warm_start:
@@ -1193,8 +1309,9 @@ class NonlinearMPC:
             shift = round((t - plan.time_h) / h)
             if 0 <= shift < n:
                 lam_x = _shift_blocks(plan.lam_x, self._w_blocks, shift)
-                lam_g = _shift_blocks(plan.lam_g, self._g_blocks, shift)
-                return states, inputs, (lam_x, lam_g)
+                g_blocks = self._g_blocks_fast if plan.structured else self._g_blocks
+                lam_g = _shift_blocks(plan.lam_g, g_blocks, shift)
+                return states, inputs, (lam_x, lam_g, plan.structured)
             return states, inputs, None
         u0 = np.clip(up, self.u_low, self.u_high)
         inputs = np.tile(u0, (n, 1))
@@ -1286,10 +1403,10 @@ class NonlinearMPC:
         sdose = float(dose[0, 0]) if dose.size else 0.0
         return states, inputs, parts["slacks"], sdose
 
-    def _accept(self, stats: Mapping[str, Any], sol: Mapping[str, Any]) -> bool:
+    def _accept(self, stats: Mapping[str, Any], sol: Mapping[str, Any], *, sqp: bool) -> bool:
         status = str(stats.get("return_status", ""))
         ok = status in ACCEPTED_STATUSES
-        if self.config.solver.name != "ipopt":
+        if sqp:
             ok = bool(stats.get("success", False))
         if not ok:
             return False
