@@ -114,6 +114,9 @@ class MPCResult:
         recovery: the hard state limits were relaxed by exact-penalty slacks (the initial
             state was already beyond one, or the strict problem was infeasible); the
             violations are in ``slacks`` as ``<state>_<low|high>_recovery``.
+        solver: the solver whose solution was accepted (``sqpmethod`` or ``ipopt``; ``""``
+            when none was); with ``[solver] name = "sqpmethod"``, ``ipopt`` means the SQP
+            solve failed and the IPOPT fallback (or recovery) produced the move.
     """
 
     u: Mapping[str, float]
@@ -136,6 +139,7 @@ class MPCResult:
     fallback_used: str = ""
     fallback_reason: str = ""
     recovery: bool = False
+    solver: str = ""
 
 
 @dataclasses.dataclass
@@ -885,7 +889,7 @@ class NonlinearMPC:
                 "print_iteration": False,
                 "print_status": False,
                 "error_on_fail": False,
-                "max_iter": s.max_iter,
+                "max_iter": s.sqp_max_iter,
                 "tol_pr": s.tolerance,
                 "tol_du": s.tolerance,
                 "qpsol": s.qpsol,
@@ -1226,6 +1230,7 @@ class NonlinearMPC:
             cost=float(sol["f"]),
             slacks=slacks,
             recovery=recovery,
+            solver="sqpmethod" if structured else "ipopt",
         )
 
     # ------------------------------------------------------------------ helpers

@@ -146,6 +146,8 @@ class SolverSettings:
         cache_dir: directory of the compiled libraries ("" : ``$HMPC_CACHE_DIR`` or
             ``~/.cache/hmpc``, sub-directory ``nlp``).
         qpsol: QP solver of ``sqpmethod`` (``qrqp``: CasADi's sparse active-set solver).
+        sqp_max_iter: iteration limit of one SQP solve (``sqpmethod``; a failed SQP solve
+            should leave time for the fallback).
         fallback: ``sqpmethod`` only: ``ipopt`` re-solves a failed SQP step with IPOPT from
             the same initial guess (within ``max_cpu_time_s``); ``none`` goes straight to
             the failure policy.
@@ -173,6 +175,7 @@ class SolverSettings:
     jit_optimisation: str = setting("-O2", choices=JIT_OPTIMISATION)
     cache_dir: str = setting("")
     qpsol: str = setting("qrqp", choices=QP_SOLVERS)
+    sqp_max_iter: int = setting(100, low=1, high=100000)
     fallback: str = setting("ipopt", choices=FALLBACK_SOLVERS)
 
 
