@@ -144,7 +144,11 @@ class MPCResult:
 
 @dataclasses.dataclass
 class _Plan:
-    """The last accepted solution (for warm starts and the ``shift`` policy)."""
+    """The last accepted solution (for warm starts and the ``shift`` policy).
+
+    ``w``, ``lam_x`` and ``lam_g`` are in the layout of the full NLP whichever NLP solved
+    (the structured one's multipliers embedded: zeros for its missing rows and variables),
+    so that a stored plan (controller/runtime/restart.py) fits either path."""
 
     time_h: float
     w: FloatArray
@@ -152,7 +156,6 @@ class _Plan:
     lam_g: FloatArray
     states: FloatArray  # (N+1, nx)
     inputs: FloatArray  # (N, nu)
-    structured: bool = False  # lam_g belongs to the structured (sqpmethod) NLP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -773,16 +776,12 @@ class NonlinearMPC:
         if rs.numel() > 0:
             f_fast = ca.substitute(cost, rs, sym.zeros(*rs.shape))
         keep = [i for i, tag in enumerate(tags) if tag not in ("x0", "hard")]
-        fast_blocks: list[tuple[int, int, int]] = []
-        start = 0
-        for i in keep:
-            _, size, rows = blocks[i]
-            fast_blocks.append((start, size, rows))
-            start += size
+        # rows of the full NLP that the structured one keeps (in order)
+        rows = [np.arange(blocks[i][0], blocks[i][0] + blocks[i][1]) for i in keep]
+        self._fast_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=int)
         g_fast = ca.vertcat(*[g[i] for i in keep])
         self._lbg_fast = np.concatenate([lbg[i] for i in keep]) if keep else np.zeros(0)
         self._ubg_fast = np.concatenate([ubg[i] for i in keep]) if keep else np.zeros(0)
-        self._g_blocks_fast = fast_blocks
         self._n_fast = n_fast
         self._lbw_fast = self._lbw[:n_fast].copy()
         self._ubw_fast = self._ubw[:n_fast].copy()
@@ -890,6 +889,10 @@ class NonlinearMPC:
                 "print_status": False,
                 "error_on_fail": False,
                 "max_iter": s.sqp_max_iter,
+                # the default 3 line-search steps end cold starts far from the solution in
+                # Search_Direction_Becomes_Too_Small (do-mpc batch reactor, step 0)
+                "max_iter_ls": 10,
+                "calc_lam_p": False,
                 "tol_pr": s.tolerance,
                 "tol_du": s.tolerance,
                 "qpsol": s.qpsol,
@@ -1106,7 +1109,10 @@ class NonlinearMPC:
                 "overshoot_active": overshoot_active,
             }
         )
-        w0 = self._pack(guess_states, guess_inputs, x, dose_target, term)
+        # (the structured NLP has no recovery slacks: their guess is made when needed)
+        w0 = self._pack(
+            guess_states, guess_inputs, x, dose_target, term, violations=not self._structured
+        )
 
         # recovery mode: a state already beyond a hard limit makes the strict problem
         # infeasible; its limits become exact-penalty soft constraints (always feasible)
@@ -1154,9 +1160,11 @@ class NonlinearMPC:
                     "lbg": self._lbg_fast,
                     "ubg": self._ubg_fast,
                 }
-                if lam is not None and lam[2]:
-                    kwargs["lam_x0"], kwargs["lam_g0"] = lam[0][:nf], lam[1]
+                if lam is not None:
+                    kwargs["lam_x0"], kwargs["lam_g0"] = lam[0][:nf], lam[1][self._fast_rows]
             else:
+                if self._structured:
+                    w0 = self._pack(guess_states, guess_inputs, x, dose_target, term)
                 kwargs |= {
                     "x0": w0,
                     "lbx": self._lbw,
@@ -1164,7 +1172,7 @@ class NonlinearMPC:
                     "lbg": self._lbg,
                     "ubg": self._ubg,
                 }
-                if warm and lam is not None and not lam[2]:
+                if warm and lam is not None:
                     kwargs["lam_x0"], kwargs["lam_g0"] = lam[0], lam[1]
             sol = solver(**kwargs)
             stats = solver.stats()
@@ -1187,20 +1195,16 @@ class NonlinearMPC:
 
         wopt = np.asarray(sol["x"], dtype=float).reshape(-1)
         lam_x = np.asarray(sol["lam_x"], dtype=float).reshape(-1)
-        if structured:  # the recovery slacks (not in the structured NLP) are 0
+        lam_g = np.asarray(sol["lam_g"], dtype=float).reshape(-1)
+        if structured:  # embedded in the full NLP's layout (recovery slacks 0)
             wopt = np.concatenate([wopt, np.zeros(self._nw - wopt.size)])
             lam_x = np.concatenate([lam_x, np.zeros(self._nw - lam_x.size)])
+            full = np.zeros(self._ng)
+            full[self._fast_rows] = lam_g
+            lam_g = full
         states, inputs, slack, sdose = self._unpack(wopt)
         rec = self._w_layout.unpack(wopt)["recovery_slacks"]
-        self._plan = _Plan(
-            t,
-            wopt,
-            lam_x,
-            np.asarray(sol["lam_g"], dtype=float).reshape(-1),
-            states,
-            inputs,
-            structured,
-        )
+        self._plan = _Plan(t, wopt, lam_x, lam_g, states, inputs)
         move = self._project(inputs[0], up)
         slacks = {
             s.label: float(np.max(slack[j]) * self.state_scale[s.state]) if n else 0.0
@@ -1298,25 +1302,34 @@ class NonlinearMPC:
 
     def _initial_guess(
         self, x: FloatArray, t: float, up: FloatArray
-    ) -> tuple[FloatArray, FloatArray, tuple[FloatArray, FloatArray, bool] | None]:
+    ) -> tuple[FloatArray, FloatArray, tuple[FloatArray, FloatArray] | None]:
         n, h = self.horizon, self.config.step_h
         plan = self._plan
         if plan is not None and self.config.solver.warm_start:
             # previous solution, shifted to the new time grid by interpolation
-            old_t = plan.time_h + h * np.arange(n + 1)
-            new_t = t + h * np.arange(n + 1)
-            states = np.column_stack(
-                [np.interp(new_t, old_t, plan.states[:, i]) for i in range(self.nx)]
-            )
-            states[0] = x
-            idx = np.clip(np.floor((new_t[:n] - plan.time_h) / h + 1e-9).astype(int), 0, n - 1)
-            inputs = plan.inputs[idx]
             shift = round((t - plan.time_h) / h)
+            if 0 <= shift <= n and abs((t - plan.time_h) / h - shift) < 1e-9:
+                # on the old grid (sample period = step): a shift of whole rows, the same
+                # as the interpolation below (which holds the last value), but cheaper
+                keep = n + 1 - shift
+                states = np.empty_like(plan.states)
+                states[:keep] = plan.states[shift:]
+                states[keep:] = plan.states[-1]
+                states[0] = x
+                idx = np.minimum(np.arange(n) + shift, n - 1)
+            else:
+                old_t = plan.time_h + h * np.arange(n + 1)
+                new_t = t + h * np.arange(n + 1)
+                states = np.column_stack(
+                    [np.interp(new_t, old_t, plan.states[:, i]) for i in range(self.nx)]
+                )
+                states[0] = x
+                idx = np.clip(np.floor((new_t[:n] - plan.time_h) / h + 1e-9).astype(int), 0, n - 1)
+            inputs = plan.inputs[idx]
             if 0 <= shift < n:
                 lam_x = _shift_blocks(plan.lam_x, self._w_blocks, shift)
-                g_blocks = self._g_blocks_fast if plan.structured else self._g_blocks
-                lam_g = _shift_blocks(plan.lam_g, g_blocks, shift)
-                return states, inputs, (lam_x, lam_g, plan.structured)
+                lam_g = _shift_blocks(plan.lam_g, self._g_blocks, shift)
+                return states, inputs, (lam_x, lam_g)
             return states, inputs, None
         u0 = np.clip(up, self.u_low, self.u_high)
         inputs = np.tile(u0, (n, 1))
@@ -1362,7 +1375,14 @@ class NonlinearMPC:
         return np.nan_to_num(np.asarray(q, dtype=float))
 
     def _pack(
-        self, states: FloatArray, inputs: FloatArray, x: FloatArray, target: float, term: FloatArray
+        self,
+        states: FloatArray,
+        inputs: FloatArray,
+        x: FloatArray,
+        target: float,
+        term: FloatArray,
+        *,
+        violations: bool = True,
     ) -> FloatArray:
         """Initial guess of the decision vector from states (N+1, nx) and inputs (N, nu)."""
         dose_slack = np.zeros(0)
@@ -1377,7 +1397,11 @@ class NonlinearMPC:
                 "inputs": (inputs / self.input_scale).T,
                 "slacks": np.zeros(self._w_layout["slacks"].shape),
                 "dose_slack": dose_slack,
-                "recovery_slacks": self._violations(states),
+                "recovery_slacks": (
+                    self._violations(states)
+                    if violations
+                    else np.zeros(self._w_layout["recovery_slacks"].shape)
+                ),
             }
         )
 

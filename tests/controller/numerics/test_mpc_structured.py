@@ -115,7 +115,7 @@ def test_bad_solver_settings_are_config_errors(tmp_path: Path, key: str, value: 
     path = tmp_path / "mpc.toml"
     path.write_text(
         '[mpc]\nstep_h = 1.0\nhorizon = 10\nobjective = "tracking"\n'
-        '[tracking]\nglucose = { reference = 8.0, weight = 1.0 }\n'
+        "[tracking]\nglucose = { reference = 8.0, weight = 1.0 }\n"
         f'[solver]\n{key} = "{value}"\n'
     )
     with pytest.raises(ConfigError, match=f"{key}.*{value}"):
