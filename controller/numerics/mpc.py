@@ -748,7 +748,7 @@ class NonlinearMPC:
             # IPOPT on the full NLP: the fallback of a failed SQP solve and the recovery
             # mode (hard limits relaxed by slacks); not compiled, rarely used
             self._solver_cold = self._nlpsol("mpc_ipopt", "ipopt", nlp, False, compiled=False)
-            self._solver_warm = self._solver_cold
+            self._solver_warm = self._nlpsol("mpc_ipopt_warm", "ipopt", nlp, True, compiled=False)
         log.debug("MPC built: %d variables, %d constraints, %d parameters", nw, self._ng, self._np)
 
     def _build_structured(
@@ -779,6 +779,12 @@ class NonlinearMPC:
         # rows of the full NLP that the structured one keeps (in order)
         rows = [np.arange(blocks[i][0], blocks[i][0] + blocks[i][1]) for i in keep]
         self._fast_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=int)
+        # rows of the initial state (nx) and of each hard limit (one per stage), whose
+        # multipliers are those of the state bounds in the structured NLP
+        x0_block = blocks[tags.index("x0")]
+        self._x0_rows = np.arange(x0_block[0], x0_block[0] + x0_block[1])
+        hard_blocks = [blocks[i] for i, tag in enumerate(tags) if tag == "hard"]
+        self._hard_rows = [np.arange(b[0], b[0] + b[1]) for b in hard_blocks]
         g_fast = ca.vertcat(*[g[i] for i in keep])
         self._lbg_fast = np.concatenate([lbg[i] for i in keep]) if keep else np.zeros(0)
         self._ubg_fast = np.concatenate([ubg[i] for i in keep]) if keep else np.zeros(0)
@@ -787,6 +793,38 @@ class NonlinearMPC:
         self._ubw_fast = self._ubw[:n_fast].copy()
         nlp = {"x": w_fast, "p": p, "f": f_fast, "g": g_fast}
         self._solver_fast = self._nlpsol("mpc_sqp", "sqpmethod", nlp, True, compiled=True)
+
+    def _state_index(self, stage: Any, state: Any) -> Any:
+        return self._w_layout["states"].offset + self.nx * stage + state
+
+    def _to_full_duals(self, lam_x: FloatArray, lam_g: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Multipliers of the structured NLP in the full NLP's layout: the state bounds'
+        multipliers become those of the initial-state and hard-limit rows (CasADi's sign
+        convention: positive at an upper bound)."""
+        n = self.horizon
+        full_x = np.concatenate([lam_x, np.zeros(self._nw - lam_x.size)])
+        full_g = np.zeros(self._ng)
+        full_g[self._fast_rows] = lam_g
+        x0_idx = self._state_index(0, np.arange(self.nx))
+        full_g[self._x0_rows] = full_x[x0_idx]
+        stages = np.arange(1, n + 1)
+        for rows, hd in zip(self._hard_rows, self._hards, strict=True):
+            full_g[rows] = np.maximum(hd.sign * full_x[self._state_index(stages, hd.state)], 0.0)
+        off = self._w_layout["states"].offset
+        full_x[off : off + self.nx * (n + 1)] = 0.0  # no state bounds in the full NLP
+        return full_x, full_g
+
+    def _to_structured_duals(
+        self, lam_x: FloatArray, lam_g: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """The inverse of :meth:`_to_full_duals` (a shifted plan's multipliers)."""
+        n = self.horizon
+        fast_x = lam_x[: self._n_fast].copy()
+        fast_x[self._state_index(0, np.arange(self.nx))] = lam_g[self._x0_rows]
+        stages = np.arange(1, n + 1)
+        for rows, hd in zip(self._hard_rows, self._hards, strict=True):
+            fast_x[self._state_index(stages, hd.state)] += hd.sign * lam_g[rows]
+        return fast_x, lam_g[self._fast_rows]
 
     def _fast_bounds(self, x: FloatArray, active: int) -> tuple[FloatArray, FloatArray]:
         """Bounds of the structured NLP's variables for one step: the initial state fixed,
@@ -1130,8 +1168,9 @@ class NonlinearMPC:
         if self._structured and not recovery:
             attempts.append((self._solver_fast, True, False, True))
             if c.solver.fallback == "ipopt":
-                # IPOPT from the same initial guess (strict limits); then the relaxed retry
-                attempts.append((self._solver_cold, False, False, False))
+                # IPOPT from the same initial guess and multipliers (strict limits), warm
+                # when there are multipliers; then the relaxed retry
+                attempts.append((self._solver_warm, lam is not None, False, False))
         else:
             if lam is not None and c.solver.warm_start and not recovery:
                 attempts.append((self._solver_warm, True, False, False))
@@ -1145,7 +1184,7 @@ class NonlinearMPC:
         accepted = False
         structured = False
         for solver, warm, relaxed, structured in attempts:
-            if not warm and sol is not None:
+            if sol is not None and (not warm or self._structured):
                 # a retry must not push the step beyond the CPU budget
                 if time.perf_counter() - t_start > 0.5 * c.solver.max_cpu_time_s:
                     break
@@ -1161,7 +1200,8 @@ class NonlinearMPC:
                     "ubg": self._ubg_fast,
                 }
                 if lam is not None:
-                    kwargs["lam_x0"], kwargs["lam_g0"] = lam[0][:nf], lam[1][self._fast_rows]
+                    lam_x0, lam_g0 = self._to_structured_duals(lam[0], lam[1])
+                    kwargs["lam_x0"], kwargs["lam_g0"] = lam_x0, lam_g0
             else:
                 if self._structured:
                     w0 = self._pack(guess_states, guess_inputs, x, dose_target, term)
@@ -1198,10 +1238,7 @@ class NonlinearMPC:
         lam_g = np.asarray(sol["lam_g"], dtype=float).reshape(-1)
         if structured:  # embedded in the full NLP's layout (recovery slacks 0)
             wopt = np.concatenate([wopt, np.zeros(self._nw - wopt.size)])
-            lam_x = np.concatenate([lam_x, np.zeros(self._nw - lam_x.size)])
-            full = np.zeros(self._ng)
-            full[self._fast_rows] = lam_g
-            lam_g = full
+            lam_x, lam_g = self._to_full_duals(lam_x, lam_g)
         states, inputs, slack, sdose = self._unpack(wopt)
         rec = self._w_layout.unpack(wopt)["recovery_slacks"]
         self._plan = _Plan(t, wopt, lam_x, lam_g, states, inputs)
