@@ -199,3 +199,19 @@ def test_a_different_problem_gets_a_different_library(
     a = NonlinearMPC(tcell, cfg).compile_outcomes[0]
     b = NonlinearMPC(tcell, dataclasses.replace(cfg, horizon=2)).compile_outcomes[0]
     assert a.key != b.key and a.path != b.path and b.action == "built"
+
+
+def test_plan_multipliers_are_kept_in_the_full_nlp_layout(tcell: TCellExpansionModel) -> None:
+    # glucose near its hard limit: state-bound multipliers are active in the plan
+    mpc = NonlinearMPC(tcell, config(tcell, name="sqpmethod"))
+    res = closed_loop(mpc, tcell, 2)[-1]
+    assert res.solver == "sqpmethod"
+    plan = mpc._plan
+    assert plan is not None
+    assert plan.lam_x.shape == (mpc.n_variables,) and plan.lam_g.shape == (mpc.n_constraints,)
+    # the structured NLP's multipliers survive the round trip through the full layout
+    sol_x, sol_g = mpc._to_structured_duals(plan.lam_x, plan.lam_g)
+    back_x, back_g = mpc._to_full_duals(sol_x, sol_g)
+    np.testing.assert_allclose(back_x, plan.lam_x, atol=1e-12)
+    np.testing.assert_allclose(back_g, plan.lam_g, atol=1e-12)
+    assert np.any(plan.lam_g[mpc._x0_rows] != 0.0)  # the initial state's multipliers
