@@ -26,12 +26,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import casadi as ca
 import numpy as np
 import numpy.typing as npt
 
+from controller.numerics.compiled import CompileOutcome, compiled_nlpsol
 from controller.numerics.mpc_config import MPCConfig, StateBound
 from plant_models.base import CASADI_OPS, rk4
 from plant_models.config import suggest
@@ -120,6 +122,9 @@ class MPCResult:
         recovery: the hard state limits were relaxed by exact-penalty slacks (the initial
             state was already beyond one, or the strict problem was infeasible); the
             violations are in ``slacks`` as ``<state>_<low|high>_recovery``.
+        solver: the solver whose solution was accepted (``sqpmethod`` or ``ipopt``; ``""``
+            when none was); with ``[solver] name = "sqpmethod"``, ``ipopt`` means the SQP
+            solve failed and the IPOPT fallback (or recovery) produced the move.
     """
 
     u: Mapping[str, float]
@@ -142,11 +147,16 @@ class MPCResult:
     fallback_used: str = ""
     fallback_reason: str = ""
     recovery: bool = False
+    solver: str = ""
 
 
 @dataclasses.dataclass
 class _Plan:
-    """The last accepted solution (for warm starts and the ``shift`` policy)."""
+    """The last accepted solution (for warm starts and the ``shift`` policy).
+
+    ``w``, ``lam_x`` and ``lam_g`` are in the layout of the full NLP whichever NLP solved
+    (the structured one's multipliers embedded: zeros for its missing rows and variables),
+    so that a stored plan (controller/runtime/restart.py) fits either path."""
 
     time_h: float
     w: FloatArray
@@ -615,20 +625,29 @@ class NonlinearMPC:
         ubg: list[FloatArray] = []
 
         blocks: list[tuple[int, int, int]] = []  # (start, size, rows per stage or 0)
+        # what each row block is: "x0" (initial state) and "hard" (hard state limits) are
+        # variable bounds in the structured (sqpmethod) NLP, not rows
+        tags: list[str] = []
 
         def add(
-            expr: Any, low: float | FloatArray, high: float | FloatArray, *, staged: bool = True
+            expr: Any,
+            low: float | FloatArray,
+            high: float | FloatArray,
+            *,
+            staged: bool = True,
+            tag: str = "",
         ) -> None:
             e = ca.vec(expr)
             size = int(e.size1())
             start = int(sum(int(q.size1()) for q in g))
             blocks.append((start, size, int(expr.size1()) if staged else 0))
+            tags.append(tag)
             g.append(e)
             lbg.append(np.broadcast_to(np.asarray(low, dtype=float), (size,)).copy())
             ubg.append(np.broadcast_to(np.asarray(high, dtype=float), (size,)).copy())
 
         # initial state and shooting gaps (scaled)
-        add(xs[:, 0] - par["x0"] / sx, 0.0, 0.0, staged=False)
+        add(xs[:, 0] - par["x0"] / sx, 0.0, 0.0, staged=False, tag="x0")
         times = par["t0"] + h * ca.DM(np.arange(n)).T
         x_next = step_fn.map(n)(
             times,
@@ -651,7 +670,7 @@ class NonlinearMPC:
         for j, hd in enumerate(hards):
             si = float(self.state_scale[hd.state])
             viol = hd.sign * (xp[hd.state, 1:] - hd.limit)
-            add(par["mask"] * viol / si - rs[j, :], -np.inf, 0.0)
+            add(par["mask"] * viol / si - rs[j, :], -np.inf, 0.0, tag="hard")
         for j, s in enumerate(softs):
             si = float(self.state_scale[s.state])
             viol = s.sign * (xp[s.state, 1:] - s.limit) + par["tightening"][s.state, :]
@@ -730,13 +749,129 @@ class NonlinearMPC:
         self._lbg, self._ubg = np.concatenate(lbg), np.concatenate(ubg)
         self._nw, self._ng, self._np = nw, int(self._lbg.size), self._p_layout.size
         nlp = {"x": w, "p": p, "f": cost, "g": ca.vertcat(*g)}
-        self._solver_cold = ca.nlpsol("mpc_cold", c.solver.name, nlp, self._solver_options(False))
-        self._solver_warm = (
-            ca.nlpsol("mpc_warm", c.solver.name, nlp, self._solver_options(True))
-            if c.solver.warm_start
-            else self._solver_cold
-        )
+        self.compile_outcomes: list[CompileOutcome] = []
+        self._structured = c.solver.name == "sqpmethod"
+        if not self._structured:
+            self._solver_cold = self._nlpsol("mpc_cold", "ipopt", nlp, False, compiled=True)
+            self._solver_warm = (
+                self._nlpsol("mpc_warm", "ipopt", nlp, True, compiled=True)
+                if c.solver.warm_start
+                else self._solver_cold
+            )
+            self._solver_fast: Any = None
+        else:
+            self._build_structured(wsym, p, cost, g, lbg, ubg, blocks, tags, sym)
+            # IPOPT on the full NLP: the fallback of a failed SQP solve and the recovery
+            # mode (hard limits relaxed by slacks); not compiled, rarely used
+            self._solver_cold = self._nlpsol("mpc_ipopt", "ipopt", nlp, False, compiled=False)
+            self._solver_warm = self._solver_cold
         log.debug("MPC built: %d variables, %d constraints, %d parameters", nw, self._ng, self._np)
+
+    def _build_structured(
+        self,
+        wsym: Mapping[str, Any],
+        p: Any,
+        cost: Any,
+        g: Sequence[Any],
+        lbg: Sequence[FloatArray],
+        ubg: Sequence[FloatArray],
+        blocks: Sequence[tuple[int, int, int]],
+        tags: Sequence[str],
+        sym: Any,
+    ) -> None:
+        """The structured NLP of ``sqpmethod``: the full NLP without the recovery slacks,
+        the initial state and the hard state limits as bounds of the state variables (set
+        per step in :meth:`_fast_bounds`), and its SQP solver."""
+        layout = self._w_layout
+        if layout.names[-1] != "recovery_slacks":  # the fast vector is a prefix of w
+            raise ModelError("NLP layout: recovery_slacks must be the last block")
+        n_fast = layout["recovery_slacks"].offset
+        rs = wsym["recovery_slacks"]
+        w_fast = ca.vertcat(*[ca.vec(wsym[k]) for k in layout.names if k != "recovery_slacks"])
+        f_fast = cost
+        if rs.numel() > 0:
+            f_fast = ca.substitute(cost, rs, sym.zeros(*rs.shape))
+        keep = [i for i, tag in enumerate(tags) if tag not in ("x0", "hard")]
+        # rows of the full NLP that the structured one keeps (in order)
+        rows = [np.arange(blocks[i][0], blocks[i][0] + blocks[i][1]) for i in keep]
+        self._fast_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=int)
+        # rows of the initial state (nx) and of each hard limit (one per stage), whose
+        # multipliers are those of the state bounds in the structured NLP
+        x0_block = blocks[tags.index("x0")]
+        self._x0_rows = np.arange(x0_block[0], x0_block[0] + x0_block[1])
+        hard_blocks = [blocks[i] for i, tag in enumerate(tags) if tag == "hard"]
+        self._hard_rows = [np.arange(b[0], b[0] + b[1]) for b in hard_blocks]
+        g_fast = ca.vertcat(*[g[i] for i in keep])
+        self._lbg_fast = np.concatenate([lbg[i] for i in keep]) if keep else np.zeros(0)
+        self._ubg_fast = np.concatenate([ubg[i] for i in keep]) if keep else np.zeros(0)
+        self._n_fast = n_fast
+        self._lbw_fast = self._lbw[:n_fast].copy()
+        self._ubw_fast = self._ubw[:n_fast].copy()
+        nlp = {"x": w_fast, "p": p, "f": f_fast, "g": g_fast}
+        self._solver_fast = self._nlpsol("mpc_sqp", "sqpmethod", nlp, True, compiled=True)
+
+    def _state_index(self, stage: Any, state: Any) -> Any:
+        return self._w_layout["states"].offset + self.nx * stage + state
+
+    def _to_full_duals(self, lam_x: FloatArray, lam_g: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Multipliers of the structured NLP in the full NLP's layout: the state bounds'
+        multipliers become those of the initial-state and hard-limit rows (CasADi's sign
+        convention: positive at an upper bound)."""
+        n = self.horizon
+        full_x = np.concatenate([lam_x, np.zeros(self._nw - lam_x.size)])
+        full_g = np.zeros(self._ng)
+        full_g[self._fast_rows] = lam_g
+        x0_idx = self._state_index(0, np.arange(self.nx))
+        full_g[self._x0_rows] = full_x[x0_idx]
+        stages = np.arange(1, n + 1)
+        for rows, hd in zip(self._hard_rows, self._hards, strict=True):
+            full_g[rows] = np.maximum(hd.sign * full_x[self._state_index(stages, hd.state)], 0.0)
+        off = self._w_layout["states"].offset
+        full_x[off : off + self.nx * (n + 1)] = 0.0  # no state bounds in the full NLP
+        return full_x, full_g
+
+    def _to_structured_duals(
+        self, lam_x: FloatArray, lam_g: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """The inverse of :meth:`_to_full_duals` (a shifted plan's multipliers)."""
+        n = self.horizon
+        fast_x = lam_x[: self._n_fast].copy()
+        fast_x[self._state_index(0, np.arange(self.nx))] = lam_g[self._x0_rows]
+        stages = np.arange(1, n + 1)
+        for rows, hd in zip(self._hard_rows, self._hards, strict=True):
+            fast_x[self._state_index(stages, hd.state)] += hd.sign * lam_g[rows]
+        return fast_x, lam_g[self._fast_rows]
+
+    def _fast_bounds(self, x: FloatArray, active: int) -> tuple[FloatArray, FloatArray]:
+        """Bounds of the structured NLP's variables for one step: the initial state fixed,
+        the hard limits on the states of the active stages (scaled)."""
+        lbx, ubx = self._lbw_fast.copy(), self._ubw_fast.copy()
+        off, nx = self._w_layout["states"].offset, self.nx
+        lbx[off : off + nx] = ubx[off : off + nx] = x / self.state_scale
+        for hd in self._hards:
+            idx = off + nx * np.arange(1, active + 1) + hd.state
+            limit = hd.limit / float(self.state_scale[hd.state])
+            if hd.sign > 0:
+                ubx[idx] = np.minimum(ubx[idx], limit)
+            else:
+                lbx[idx] = np.maximum(lbx[idx], limit)
+        return lbx, ubx
+
+    def _nlpsol(
+        self, name: str, plugin: str, nlp: Mapping[str, Any], warm: bool, *, compiled: bool
+    ) -> ca.Function:
+        """``ca.nlpsol`` with this tuning's options; with ``jit`` (and ``compiled``) its
+        functions are generated C, cached on disk (:func:`compiled_nlpsol`)."""
+        s = self.config.solver
+        opts = self._solver_options(warm, plugin)
+        if not (s.jit and compiled):
+            return ca.nlpsol(name, plugin, nlp, opts)
+        cache = Path(s.cache_dir).expanduser() if s.cache_dir else None
+        solver, outcome = compiled_nlpsol(
+            name, plugin, nlp, opts, cache_dir=cache, flags=(s.jit_optimisation,)
+        )
+        self.compile_outcomes.append(outcome)
+        return solver
 
     def _linearisation_function(self) -> ca.Function | None:
         """The residual's work of one MPC step as ONE function, evaluated once per step:
@@ -884,34 +1019,34 @@ class NonlinearMPC:
             return xp[iv, :] / (xp[names.index("total_cells"), :] + 1e-9)
         return None
 
-    def _solver_options(self, warm: bool) -> dict[str, Any]:
+    def _solver_options(self, warm: bool, plugin: str = "ipopt") -> dict[str, Any]:
         s = self.config.solver
-        common: dict[str, Any] = {}
-        if s.jit:
-            common = {
-                "jit": True,
-                "compiler": "shell",
-                "jit_options": {"flags": ["-O1"], "verbose": False},
-            }
-        if s.name == "sqpmethod":
-            return common | {
+        if plugin == "sqpmethod":
+            qp_opts: dict[str, Any] = {"error_on_fail": False}
+            if s.qpsol == "qrqp":
+                qp_opts |= {"print_iter": False, "print_header": False, "print_info": False}
+            elif s.qpsol == "qpoases":
+                qp_opts |= {"printLevel": "none", "sparse": True}
+            elif s.qpsol == "osqp":
+                qp_opts |= {"verbose": False, "osqp": {"verbose": False}}
+            return {
                 "print_time": False,
                 "print_header": False,
                 "print_iteration": False,
                 "print_status": False,
                 "error_on_fail": False,
-                "max_iter": s.max_iter,
+                "max_iter": s.sqp_max_iter,
+                # the default 3 line-search steps end cold starts far from the solution in
+                # Search_Direction_Becomes_Too_Small (do-mpc batch reactor, step 0)
+                "max_iter_ls": 10,
+                "calc_lam_p": False,
                 "tol_pr": s.tolerance,
                 "tol_du": s.tolerance,
-                "qpsol": "qrqp",
-                "qpsol_options": {
-                    "print_iter": False,
-                    "print_header": False,
-                    "error_on_fail": False,
-                },
+                "qpsol": s.qpsol,
+                "qpsol_options": qp_opts,
                 "hessian_approximation": "exact" if s.hessian == "exact" else "limited-memory",
             }
-        opts: dict[str, Any] = common | {
+        opts: dict[str, Any] = {
             "print_time": False,
             "error_on_fail": False,
             "ipopt.print_level": 0,
@@ -1170,7 +1305,10 @@ class NonlinearMPC:
                 "overshoot_active": overshoot_active,
             }
         )
-        w0 = self._pack(guess_states, guess_inputs, x, dose_target, term)
+        # (the structured NLP has no recovery slacks: their guess is made when needed)
+        w0 = self._pack(
+            guess_states, guess_inputs, x, dose_target, term, violations=not self._structured
+        )
 
         # recovery mode: a state already beyond a hard limit makes the strict problem
         # infeasible; its limits become exact-penalty soft constraints (always feasible)
@@ -1183,44 +1321,70 @@ class NonlinearMPC:
 
         t_start = time.perf_counter()
         iterations = 0
-        attempts: list[tuple[Any, bool, bool]] = []
-        if lam is not None and c.solver.warm_start and not recovery:
-            attempts.append((self._solver_warm, True, False))
-        attempts.append((self._solver_cold, False, recovery))
-        if not recovery and self._hards:
+        # (solver, warm start, hard limits relaxed, structured NLP)
+        attempts: list[tuple[Any, bool, bool, bool]] = []
+        if self._structured and not recovery:
+            attempts.append((self._solver_fast, True, False, True))
+            if c.solver.fallback == "ipopt":
+                # IPOPT from the same initial guess, cold (strict limits); then the relaxed
+                # retry. (A warm IPOPT restart from the SQP's multipliers was slower on the
+                # hybrid problem at N = 3000: p95 11 s against 6-7 s.)
+                attempts.append((self._solver_cold, False, False, False))
+        else:
+            if lam is not None and c.solver.warm_start and not recovery:
+                attempts.append((self._solver_warm, True, False, False))
+            attempts.append((self._solver_cold, False, recovery, False))
+        if not recovery and self._hards and (not self._structured or c.solver.fallback != "none"):
             # the strict problem may be infeasible from inside the limits too (a state that
             # cannot be stopped in time): the last attempt relaxes the hard limits
-            attempts.append((self._solver_cold, False, True))
+            attempts.append((self._solver_cold, False, True, False))
         status = "not solved"
         sol: Any = None
         accepted = False
-        for solver, warm, relaxed in attempts:
-            if not warm and sol is not None:
-                # the cold retry must not push the step beyond the CPU budget
+        structured = False
+        for solver, warm, relaxed, structured in attempts:
+            if sol is not None and (not warm or self._structured):
+                # a retry must not push the step beyond the CPU budget
                 if time.perf_counter() - t_start > 0.5 * c.solver.max_cpu_time_s:
                     break
-            kwargs: dict[str, Any] = {
-                "x0": w0,
-                "p": p,
-                "lbx": self._lbw,
-                "ubx": self._ubw_recovery if relaxed else self._ubw,
-                "lbg": self._lbg,
-                "ubg": self._ubg,
-            }
-            if warm and lam is not None:
-                kwargs["lam_x0"], kwargs["lam_g0"] = lam
+            kwargs: dict[str, Any] = {"p": p}
+            if structured:
+                lbx, ubx = self._fast_bounds(x, active)
+                nf = self._n_fast
+                kwargs |= {
+                    "x0": w0[:nf],
+                    "lbx": lbx,
+                    "ubx": ubx,
+                    "lbg": self._lbg_fast,
+                    "ubg": self._ubg_fast,
+                }
+                if lam is not None:
+                    lam_x0, lam_g0 = self._to_structured_duals(lam[0], lam[1])
+                    kwargs["lam_x0"], kwargs["lam_g0"] = lam_x0, lam_g0
+            else:
+                if self._structured:
+                    w0 = self._pack(guess_states, guess_inputs, x, dose_target, term)
+                kwargs |= {
+                    "x0": w0,
+                    "lbx": self._lbw,
+                    "ubx": self._ubw_recovery if relaxed else self._ubw,
+                    "lbg": self._lbg,
+                    "ubg": self._ubg,
+                }
+                if warm and lam is not None:
+                    kwargs["lam_x0"], kwargs["lam_g0"] = lam[0], lam[1]
             sol = solver(**kwargs)
             stats = solver.stats()
             status = str(stats.get("return_status", "unknown"))
             iterations += int(stats.get("iter_count", 0))
-            accepted = self._accept(stats, sol)
+            accepted = self._accept(stats, sol, sqp=structured)
             recovery = relaxed
             if accepted:
                 break
             log.info(
                 "MPC t=%.2f h: %s%s solve failed (%s)",
                 t,
-                "warm" if warm else "cold",
+                "SQP" if structured else ("warm" if warm else "cold"),
                 " recovery" if relaxed else "",
                 status,
             )
@@ -1229,16 +1393,14 @@ class NonlinearMPC:
             return self._fallback(t, up, f"solver status {status}", status, iterations, elapsed)
 
         wopt = np.asarray(sol["x"], dtype=float).reshape(-1)
+        lam_x = np.asarray(sol["lam_x"], dtype=float).reshape(-1)
+        lam_g = np.asarray(sol["lam_g"], dtype=float).reshape(-1)
+        if structured:  # embedded in the full NLP's layout (recovery slacks 0)
+            wopt = np.concatenate([wopt, np.zeros(self._nw - wopt.size)])
+            lam_x, lam_g = self._to_full_duals(lam_x, lam_g)
         states, inputs, slack, sdose = self._unpack(wopt)
         rec = self._w_layout.unpack(wopt)["recovery_slacks"]
-        self._plan = _Plan(
-            t,
-            wopt,
-            np.asarray(sol["lam_x"], dtype=float).reshape(-1),
-            np.asarray(sol["lam_g"], dtype=float).reshape(-1),
-            states,
-            inputs,
-        )
+        self._plan = _Plan(t, wopt, lam_x, lam_g, states, inputs)
         move = self._project(inputs[0], up)
         slacks = {
             s.label: float(np.max(slack[j]) * self.state_scale[s.state]) if n else 0.0
@@ -1268,6 +1430,7 @@ class NonlinearMPC:
             cost=float(sol["f"]),
             slacks=slacks,
             recovery=recovery,
+            solver="sqpmethod" if structured else "ipopt",
         )
 
     # ------------------------------------------------------------------ helpers
@@ -1340,15 +1503,25 @@ class NonlinearMPC:
         plan = self._plan
         if plan is not None and self.config.solver.warm_start:
             # previous solution, shifted to the new time grid by interpolation
-            old_t = plan.time_h + h * np.arange(n + 1)
-            new_t = t + h * np.arange(n + 1)
-            states = np.column_stack(
-                [np.interp(new_t, old_t, plan.states[:, i]) for i in range(self.nx)]
-            )
-            states[0] = x
-            idx = np.clip(np.floor((new_t[:n] - plan.time_h) / h + 1e-9).astype(int), 0, n - 1)
-            inputs = plan.inputs[idx]
             shift = round((t - plan.time_h) / h)
+            if 0 <= shift <= n and abs((t - plan.time_h) / h - shift) < 1e-9:
+                # on the old grid (sample period = step): a shift of whole rows, the same
+                # as the interpolation below (which holds the last value), but cheaper
+                keep = n + 1 - shift
+                states = np.empty_like(plan.states)
+                states[:keep] = plan.states[shift:]
+                states[keep:] = plan.states[-1]
+                states[0] = x
+                idx = np.minimum(np.arange(n) + shift, n - 1)
+            else:
+                old_t = plan.time_h + h * np.arange(n + 1)
+                new_t = t + h * np.arange(n + 1)
+                states = np.column_stack(
+                    [np.interp(new_t, old_t, plan.states[:, i]) for i in range(self.nx)]
+                )
+                states[0] = x
+                idx = np.clip(np.floor((new_t[:n] - plan.time_h) / h + 1e-9).astype(int), 0, n - 1)
+            inputs = plan.inputs[idx]
             if 0 <= shift < n:
                 lam_x = _shift_blocks(plan.lam_x, self._w_blocks, shift)
                 lam_g = _shift_blocks(plan.lam_g, self._g_blocks, shift)
@@ -1448,7 +1621,14 @@ class NonlinearMPC:
         return out
 
     def _pack(
-        self, states: FloatArray, inputs: FloatArray, x: FloatArray, target: float, term: FloatArray
+        self,
+        states: FloatArray,
+        inputs: FloatArray,
+        x: FloatArray,
+        target: float,
+        term: FloatArray,
+        *,
+        violations: bool = True,
     ) -> FloatArray:
         """Initial guess of the decision vector from states (N+1, nx) and inputs (N, nu)."""
         dose_slack = np.zeros(0)
@@ -1463,7 +1643,11 @@ class NonlinearMPC:
                 "inputs": (inputs / self.input_scale).T,
                 "slacks": np.zeros(self._w_layout["slacks"].shape),
                 "dose_slack": dose_slack,
-                "recovery_slacks": self._violations(states),
+                "recovery_slacks": (
+                    self._violations(states)
+                    if violations
+                    else np.zeros(self._w_layout["recovery_slacks"].shape)
+                ),
             }
         )
 
@@ -1494,10 +1678,10 @@ class NonlinearMPC:
         sdose = float(dose[0, 0]) if dose.size else 0.0
         return states, inputs, parts["slacks"], sdose
 
-    def _accept(self, stats: Mapping[str, Any], sol: Mapping[str, Any]) -> bool:
+    def _accept(self, stats: Mapping[str, Any], sol: Mapping[str, Any], *, sqp: bool) -> bool:
         status = str(stats.get("return_status", ""))
         ok = status in ACCEPTED_STATUSES
-        if self.config.solver.name != "ipopt":
+        if sqp:
             ok = bool(stats.get("success", False))
         if not ok:
             return False

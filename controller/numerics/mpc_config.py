@@ -66,6 +66,9 @@ HESSIANS = ("exact", "limited-memory")
 INTEGRATORS = ("rk4",)
 RESIDUAL_MODES = ("exact", "linearized")
 LINEAR_SOLVERS = ("mumps", "ma27", "ma57")
+QP_SOLVERS = ("qrqp", "qpoases", "osqp")
+FALLBACK_SOLVERS = ("ipopt", "none")
+JIT_OPTIMISATION = ("-O0", "-O1", "-O2", "-O3")
 
 
 def _empty() -> Mapping[str, Any]:
@@ -120,7 +123,10 @@ class SolverSettings:
     """Optimiser choice and limits.
 
     Attributes:
-        name: ``ipopt`` (interior point, default) or ``sqpmethod`` (CasADi SQP with qrqp).
+        name: ``ipopt`` (interior point, default) or ``sqpmethod`` (CasADi SQP with a QP
+            solver; the structure-exploiting path: the hard state limits are bounds of the
+            state variables, the initial state is fixed by bounds, primal and dual warm
+            start from the shifted plan; a failed SQP solve falls back to ``fallback``).
         max_iter: iteration limit per solve.
         max_cpu_time_s: CPU-time limit per solve, s (must be below the sample period).
         tolerance: convergence tolerance (IPOPT ``tol``).
@@ -132,8 +138,19 @@ class SolverSettings:
             cold).
         linear_solver: IPOPT linear solver.
         expand: expand the NLP to scalar (SX) expressions when the model allows it.
-        jit: compile the NLP's functions to C at build time (needs a C compiler; takes
-            seconds to minutes once, then every evaluation is several times faster).
+        jit: compile the NLP's functions to C (needs a C compiler; takes seconds to
+            minutes once, then every evaluation is several times faster). The library is
+            cached on disk by a hash of the problem (:mod:`controller.numerics.compiled`),
+            so a restart does not compile again.
+        jit_optimisation: the compiler's optimisation flag.
+        cache_dir: directory of the compiled libraries ("" : ``$HMPC_CACHE_DIR`` or
+            ``~/.cache/hmpc``, sub-directory ``nlp``).
+        qpsol: QP solver of ``sqpmethod`` (``qrqp``: CasADi's sparse active-set solver).
+        sqp_max_iter: iteration limit of one SQP solve (``sqpmethod``; a failed SQP solve
+            should leave time for the fallback).
+        fallback: ``sqpmethod`` only: ``ipopt`` re-solves a failed SQP step with IPOPT from
+            the same initial guess (within ``max_cpu_time_s``); ``none`` goes straight to
+            the failure policy.
     """
 
     name: str = setting("ipopt", choices=SOLVERS)
@@ -155,6 +172,11 @@ class SolverSettings:
     linear_solver: str = setting("mumps", choices=LINEAR_SOLVERS)
     expand: bool = setting(True)
     jit: bool = setting(False)
+    jit_optimisation: str = setting("-O2", choices=JIT_OPTIMISATION)
+    cache_dir: str = setting("")
+    qpsol: str = setting("qrqp", choices=QP_SOLVERS)
+    sqp_max_iter: int = setting(100, low=1, high=100000)
+    fallback: str = setting("ipopt", choices=FALLBACK_SOLVERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +320,16 @@ class MPCConfig:
                 f"{where} [mpc] on_failure = {self.on_failure!r}; allowed: "
                 f"{', '.join(FAILURE_POLICIES)}."
             )
+        for key, value, allowed in (
+            ("name", self.solver.name, SOLVERS),
+            ("qpsol", self.solver.qpsol, QP_SOLVERS),
+            ("fallback", self.solver.fallback, FALLBACK_SOLVERS),
+            ("jit_optimisation", self.solver.jit_optimisation, JIT_OPTIMISATION),
+        ):
+            if value not in allowed:
+                raise ConfigError(
+                    f"{where} [solver] {key} = {value!r}; allowed: {', '.join(allowed)}."
+                )
         if self.solver.max_cpu_time_s >= self.sample_period_h * 3600.0:
             raise ConfigError(
                 f"{where} [solver] max_cpu_time_s = {self.solver.max_cpu_time_s:g} s must be "

@@ -154,17 +154,25 @@ def test_mpc_sees_the_estimate_and_the_estimate_follows_the_truth() -> None:
 
 
 def test_dompc_batch_matches_the_peers_fingerprint() -> None:
-    out = bench_dompc_batch(steps=5, with_peer=False)
+    out = bench_dompc_batch(steps=5, with_peer=False, jit=False)
     assert out["fingerprint_vs_documented_max_abs_err"] < 1e-4
     assert np.allclose(out["ours_first_inputs"], DOMPC_FINGERPRINT["first_inputs"], atol=1e-4)
+    # both of our paths: the structured one (SQP, every step) and the IPOPT reference
+    assert np.allclose(out["ipopt_path_first_inputs"], out["ours_first_inputs"], atol=1e-6)
+    assert out["failed_steps"] == 0 and out["ipopt_path_failed_steps"] == 0
 
 
 @pytest.mark.slow
 def test_dompc_batch_full_closed_loop_final_state() -> None:
-    out = bench_dompc_batch(steps=150, with_peer=False)
+    out = bench_dompc_batch(steps=150, with_peer=False, jit=False)
     assert np.allclose(
         out["ours_final_state"], DOMPC_FINGERPRINT["final_state"], atol=1e-4, rtol=1e-5
     )
+    assert np.allclose(
+        out["ipopt_path_final_state"], DOMPC_FINGERPRINT["final_state"], atol=1e-4, rtol=1e-5
+    )
+    # biomass reaches its 3.7 limit: the SQP path solves every step (recovery aside)
+    assert out["failed_steps"] == 0
 
 
 @pytest.mark.slow
@@ -221,6 +229,7 @@ def test_bench_command_writes_json(tmp_path: Path) -> None:
             "--problem",
             "dompc-batch",
             "--no-peer",
+            "--no-jit",
             "--steps",
             "3",
             "--json",
@@ -231,6 +240,8 @@ def test_bench_command_writes_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["problem"] == "dompc-batch" and data["steps"] == 3
     assert data["ours_median_s"] > 0
+    for key in ("ipopt_path_median_s", "speedup_vs_ipopt_path", "failed_steps", "load_average"):
+        assert key in data
 
 
 # ----------------------------------------------------------------------------- hybrid model
