@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import casadi as ca
@@ -25,7 +26,8 @@ from controller.numerics.mpc_config import load_mpc_config, with_process_limits
 from plant_models.gp import GPResidual
 from plant_models.hybrid import HybridModel, RateCorrection
 from plant_models.tcell import TCellExpansionModel, load_tcell_parameters, load_tcell_process
-from tests.controller.laws.test_control import HOURLY
+
+HOURLY = Path(__file__).resolve().parents[3] / "configs" / "mpc_tcell_hourly.toml"
 
 FloatArray = np.ndarray
 
