@@ -15,16 +15,26 @@ processes sharing the directory never see a half-written library.
 
 Cache directory: ``[solver] cache_dir`` of the MPC tuning, else ``$HMPC_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/hmpc`` (``~/.cache/hmpc``), with a ``nlp`` sub-directory.
+
+A cached library is code that runs inside the controller, so the cache must be the
+service account's own: the directory is created private (0700) and refused (a
+:class:`ConfigError` naming it) when another user owns it or group or others may write to
+it; a library that is a symbolic link, another user's file or group/other-writable is not
+loaded but rebuilt (logged); staged files get unpredictable names (``mkstemp``). The
+SHA-256 sidecar detects corruption (a truncated copy, a disk error), not tampering: whoever
+can write the library can write its sidecar, which is why the directory must be private.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -71,6 +81,63 @@ def default_cache_dir() -> Path:
     return base / "hmpc"
 
 
+def _private_directory(directory: Path) -> Path:
+    """Create ``directory`` (0700) if needed; refuse one that is not the process owner's
+    own or that group or others may write to (a library placed there would run in the
+    controller)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = directory.stat()
+    except OSError as exc:
+        raise ConfigError(f"compiled-NLP cache directory {directory}: {exc}") from exc
+    problems = []
+    if not stat.S_ISDIR(st.st_mode):
+        problems.append("it is not a directory")
+    if st.st_uid != os.getuid():
+        problems.append(f"it is owned by uid {st.st_uid}, not by this process (uid {os.getuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append(f"group or others may write to it (mode {stat.S_IMODE(st.st_mode):o})")
+    if problems:
+        raise ConfigError(
+            f"compiled-NLP cache directory {directory}: {'; '.join(problems)}. A library there "
+            "runs inside the controller: use a directory only the service account can write "
+            "(chmod 700), or set [solver] cache_dir / $HMPC_CACHE_DIR to one."
+        )
+    return directory
+
+
+def _untrusted(path: Path) -> str:
+    """Why the cached file ``path`` must not be loaded ('' when it may): a symbolic link,
+    not a regular file, another user's, or writable by group or others."""
+    try:
+        st = path.lstat()
+    except OSError as exc:
+        return f"cannot stat it ({exc})"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"group or others may write to it (mode {stat.S_IMODE(st.st_mode):o})"
+    return ""
+
+
+def _stage(directory: Path, target: Path, write: Any) -> None:
+    """Write a file under an unpredictable name in ``directory`` (O_EXCL, 0600), then move
+    it onto ``target``: never through a name another user could have planted."""
+    fd, name = tempfile.mkstemp(prefix=".staging-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+
+
 def nlp_cache_key(
     plugin: str, nlp: Mapping[str, Any], options: Mapping[str, Any], flags: Sequence[str]
 ) -> str:
@@ -114,7 +181,6 @@ def _build_library(
     solver: ca.Function, target: Path, prefix: str, flags: Sequence[str], timeout_s: float
 ) -> None:
     """Generate the C code of ``solver``'s functions and compile it to ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     cc = _compiler()
     with tempfile.TemporaryDirectory(prefix=f"{prefix}-", dir=target.parent) as tmp:
         source = "nlp_code.c"
@@ -137,13 +203,10 @@ def _build_library(
                 f"compiling the MPC's NLP failed ({' '.join(cmd)}): {done.stderr.strip()[-2000:]}"
             )
         digest = _file_digest(lib)
-        staged = target.with_name(target.name + f".{os.getpid()}.tmp")
-        shutil.copyfile(lib, staged)
-        os.replace(staged, target)
+        with lib.open("rb") as src:
+            _stage(target.parent, target, lambda fh: shutil.copyfileobj(src, fh))
         side = target.with_suffix(".sha256")
-        staged_side = side.with_name(side.name + f".{os.getpid()}.tmp")
-        staged_side.write_text(digest + "\n")
-        os.replace(staged_side, side)
+        _stage(target.parent, side, lambda fh: fh.write((digest + "\n").encode()))
 
 
 def compiled_nlpsol(
@@ -175,16 +238,16 @@ def compiled_nlpsol(
     """
     import time
 
-    directory = (cache_dir or default_cache_dir() / "nlp").expanduser()
+    directory = _private_directory((cache_dir or default_cache_dir() / "nlp").expanduser())
     key = nlp_cache_key(plugin, nlp, options, flags)
     path = directory / f"{prefix}-{key[:32]}.so"
     side = path.with_suffix(".sha256")
     action = "built"
-    if path.exists():
-        problem = ""
+    if path.exists() or path.is_symlink():
+        problem = _untrusted(path) or _untrusted(side)
         try:
             expected = side.read_text().strip()
-            if _file_digest(path) != expected:
+            if not problem and _file_digest(path) != expected:
                 problem = "its SHA-256 does not match the recorded one"
         except OSError as exc:
             problem = f"cannot read it or its digest ({exc})"
@@ -195,7 +258,7 @@ def compiled_nlpsol(
                 return solver, CompileOutcome(path, key, "hit")
             except RuntimeError as exc:
                 problem = f"it does not load ({str(exc).splitlines()[0][:200]})"
-        log.warning("MPC: cached compiled NLP %s is corrupt (%s); rebuilding it", path, problem)
+        log.warning("MPC: cached compiled NLP %s is not loaded (%s); rebuilding it", path, problem)
         action = "rebuilt"
     t0 = time.perf_counter()
     symbolic = ca.nlpsol(name, plugin, dict(nlp), dict(options))

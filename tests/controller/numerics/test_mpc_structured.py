@@ -176,7 +176,7 @@ def test_compiled_nlp_is_cached_on_disk_and_rebuilt_when_corrupt(
     with caplog.at_level(logging.WARNING, logger="controller.numerics.compiled"):
         third = NonlinearMPC(tcell, cfg)
     assert [o.action for o in third.compile_outcomes] == ["rebuilt"]
-    assert "corrupt" in caplog.text
+    assert "SHA-256 does not match" in caplog.text
     c = third.step(x, 100.0, U0)
     assert c.success and c.u == pytest.approx(a.u)
 
@@ -186,6 +186,37 @@ def test_compiled_nlp_is_cached_on_disk_and_rebuilt_when_corrupt(
     fourth = NonlinearMPC(tcell, cfg)
     assert [o.action for o in fourth.compile_outcomes] == ["rebuilt"]
     assert fourth.step(x, 100.0, U0).u == pytest.approx(a.u)
+
+    # a library that is a symbolic link (to a working library with a matching digest), or
+    # that group or others may write to, is code someone else could have put there: it
+    # is not loaded but rebuilt, and the rebuilt file is a private regular file
+    planted = tmp_path / "elsewhere.so"
+    planted.write_bytes(lib.read_bytes())
+    lib.unlink()
+    lib.symlink_to(planted)
+    with caplog.at_level(logging.WARNING, logger="controller.numerics.compiled"):
+        fifth = NonlinearMPC(tcell, cfg)
+    assert [o.action for o in fifth.compile_outcomes] == ["rebuilt"]
+    assert "symbolic link" in caplog.text
+    assert not lib.is_symlink() and lib.stat().st_mode & 0o022 == 0
+    lib.chmod(0o666)
+    sixth = NonlinearMPC(tcell, cfg)
+    assert [o.action for o in sixth.compile_outcomes] == ["rebuilt"]
+    assert [o.action for o in NonlinearMPC(tcell, cfg).compile_outcomes] == ["hit"]
+    # no staging file is left behind, and none has a guessable (pid-based) name
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".sha256", ".so", ".so"]
+
+
+def test_a_cache_directory_others_may_write_to_is_refused(
+    tcell: TCellExpansionModel, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    cfg = config(tcell, horizon=4, name="sqpmethod", jit=True, cache_dir=str(shared))
+    with pytest.raises(ConfigError, match="group or others may write to it"):
+        NonlinearMPC(tcell, cfg)
+    assert list(shared.iterdir()) == []  # nothing compiled, nothing loaded
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a C compiler")
