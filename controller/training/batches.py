@@ -209,13 +209,32 @@ def read_batch_record(
         raise ConfigError(f"{p}: batch record lacks column(s) {missing}; required: {needed}.")
     if len(raw) < 3:
         raise ConfigError(f"{p}: batch record has {len(raw)} rows; at least 3 are needed.")
-    steps = raw[needed].astype(float)
+    steps = _finite_columns(raw, needed, p)
     if TRUE_CELLS in raw.columns:  # simulator records carry the true state as well
-        steps[TRUE_CELLS_KEY] = raw[TRUE_CELLS].astype(float)
+        steps[TRUE_CELLS_KEY] = pd.to_numeric(raw[TRUE_CELLS], errors="coerce").astype(float)
     if not np.all(np.diff(steps["time"].to_numpy()) > 0):
         raise ConfigError(f"{p}: time must increase strictly from row to row.")
     name = p.parent.name if p.name == "trajectory.csv" else p.stem
     return BatchRecord(name, steps, assays, process=process, path=p)
+
+
+def _finite_columns(raw: pd.DataFrame, names: Sequence[str], p: Path) -> pd.DataFrame:
+    """The columns ``names`` as floats; a cell that is not a finite number (text, an empty
+    cell, nan, inf) is refused, naming the file, the column and the row: a record with a
+    missing reading is cleaned by the site (drop the row), never guessed here."""
+    out = pd.DataFrame(index=raw.index)
+    for name in names:
+        values = pd.to_numeric(raw[name], errors="coerce").astype(float)
+        bad = ~np.isfinite(values.to_numpy())
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ConfigError(
+                f"{p}: column {name!r} row {row + 2} (line in the file) holds "
+                f"{raw[name].iloc[row]!r}, not a finite number ({int(bad.sum())} such cell(s)); "
+                "drop or fix the row."
+            )
+        out[name] = values
+    return out
 
 
 def load_batch_records(

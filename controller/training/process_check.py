@@ -52,6 +52,10 @@ def _process_fields(process: Any) -> dict[str, tuple[float, str]]:
 
 
 def _differs(a: float, b: float, tolerance: float) -> bool:
+    """Whether two values differ by more than ``tolerance`` (relative); a value that is not
+    finite (nan, inf) always differs: it cannot show that the record fits."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return True
     return abs(a - b) > tolerance * max(abs(a), abs(b), 1e-12)
 
 

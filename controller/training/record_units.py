@@ -411,6 +411,9 @@ def read_export(
         factor = column_factor(name, unit, units[name], f"{mapping.path} [constants] {name}")
         steps[name] = np.full(len(hours), value * factor)
     table = pd.DataFrame(steps)
+    infinite = [c for c in table.columns if np.isinf(table[c].to_numpy(float)).any()]
+    if infinite:
+        raise ConfigError(f"{p}: column(s) for {infinite} hold infinite values.")
     complete = table.notna().all(axis=1).to_numpy() & np.isfinite(hours)
     table = table[complete].reset_index(drop=True)
     assays = (

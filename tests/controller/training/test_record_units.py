@@ -309,3 +309,43 @@ def test_excel_exports_need_the_excel_extra(tmp_path: Path, model) -> None:  # t
     _vendor_table(steps, assays).to_excel(path, index=False)
     rec = read_batch_record(path, model, mapping=tmp_path / "map.toml")
     pd.testing.assert_frame_equal(rec.steps, native.steps, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "unit"),
+    [
+        ("measured_glucose", "nan", "mM"),
+        ("measured_glucose", "bad", "g/L"),  # text in a converted column: not coerced to NaN
+        ("glucose_feed", "inf", "mL/h"),
+        ("volume", "", "L"),
+        ("perfusion_rate", "bad", "1/d"),  # text in a canonical column: named, not a bare error
+    ],
+)
+def test_a_cell_that_is_not_a_finite_number_is_refused_naming_column_and_row(
+    tmp_path: Path,
+    model,  # type: ignore[no-untyped-def]
+    column: str,
+    value: str,
+    unit: str,
+) -> None:
+    steps, assays = _native()
+    if unit == "g/L":
+        steps[column] *= GLUCOSE_MOLAR_MASS / 1000.0
+    steps = steps.astype(object)
+    steps.loc[5, column] = value
+    path = _write_native(tmp_path, steps, assays, {**CANONICAL, column: unit})
+    with pytest.raises(ConfigError, match="not a finite number") as err:
+        read_batch_record(path, model)
+    assert column in str(err.value) and "row 7" in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_process_value_that_is_not_finite_never_fits(tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
+    from controller.training import check_records_fit_process
+
+    steps, assays = _native()
+    path = _write_native(tmp_path / "b1", steps, assays, CANONICAL)
+    (tmp_path / "b1" / "record.toml").write_text(
+        '[process]\nmedia_glucose = { value = nan, unit = "mM" }\n'
+    )
+    with pytest.raises(ConfigError, match="media_glucose"):
+        check_records_fit_process([read_batch_record(path, model)], model)
