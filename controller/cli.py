@@ -348,7 +348,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             n_held = min(len(paths) - 1, max(1, round(fraction * len(paths))))
             paths, held_paths = paths[:-n_held], paths[-n_held:]
         else:
-            held_paths = [p for p in _record_paths(args.holdout) if p not in paths]
+            held_paths = _record_paths(args.holdout)
+            both = [
+                p for p in held_paths if Path(p).resolve() in {Path(q).resolve() for q in paths}
+            ]
+            if both:
+                raise ConfigError(
+                    f"--holdout {both} are also in --data: a held-out batch must not be "
+                    "calibrated on; name it in one of the two"
+                )
+    if args.out is not None and args.report is not None:
+        if Path(args.out).resolve() == Path(args.report).resolve():
+            raise ConfigError("--out and --report name the same file; the report would replace it")
     records = [read_batch_record(p, model, mapping=args.mapping) for p in paths]
     held = [read_batch_record(p, model, mapping=args.mapping) for p in held_paths]
     # the records must have run under the process the model is built for (start volume,

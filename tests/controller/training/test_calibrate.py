@@ -199,6 +199,14 @@ def test_calibrate_refuses_bad_options(
     small.write_text(_replace(text, "initial_volume", "1.0", "0.35"))
     assert main([*base, "--process", str(small), "--parameters", "mu_max"]) == 2
     assert "start at another volume" in capsys.readouterr().err
+    # a held-out batch that is also calibrated on, and a report over the parameter file
+    rc = main(
+        [*base, "--process", "cho", "--parameters", "mu_max", "--holdout", str(records / "train")]
+    )
+    assert rc == 2 and "also in --data" in capsys.readouterr().err
+    out = str(tmp_path / "same.toml")
+    rc = main([*base, "--process", "cho", "--parameters", "mu_max", "--out", out, "--report", out])
+    assert rc == 2 and "same file" in capsys.readouterr().err
 
 
 def test_a_parameter_the_data_cannot_see_has_a_flat_profile(records: Path) -> None:
