@@ -108,6 +108,7 @@ class OpcUaPlant:
         self._io: OpcUaPlantIO | None = None
         self._opened = False
         self._plant_id = self.config.batch_id or self.config.name
+        self._batch_start: Any = None
 
     # -- life cycle --------------------------------------------------------------------
     def open(self) -> Self:
@@ -115,6 +116,8 @@ class OpcUaPlant:
         wait until the operator grants Remote. Raises :class:`PlantIOError` on time-out."""
         if self._opened:
             return self
+        if self._thread.ident is not None:
+            raise PlantIOError(f"{self.unit}: this plant was closed; make a new OpcUaPlant")
         self._thread.start()
         self._opened = True
         try:
@@ -131,6 +134,7 @@ class OpcUaPlant:
         self._set_bounds()
         self.time_h = self._status().clock_h
         self._plant_id = self._status().batch_id
+        self._batch_start = self._status().batch_start
         return self
 
     def close(self) -> None:
@@ -173,8 +177,6 @@ class OpcUaPlant:
     @property
     def plant_id(self) -> str:
         """The plant's batch id (the site file's, or the plant's ``BatchId``)."""
-        if self._opened:
-            self._plant_id = self._status().batch_id
         return self._plant_id
 
     def status(self) -> PlantStatus:
@@ -201,6 +203,10 @@ class OpcUaPlant:
                 f"{self.unit}: not in Remote (fallback={status.fallback}); the controller may "
                 "not write. An operator grants Remote at the SCADA."
             )
+        self._check_same_batch(status)
+        missing = [n for n in self._input_names if n not in inputs]
+        if missing:
+            raise ModelError(f"{self.unit}: inputs {missing} missing; nothing written")
         held: dict[str, float] = {}
         for name in self._input_names:
             low, high = self.bounds[name]
@@ -223,8 +229,26 @@ class OpcUaPlant:
                 lambda: self._status().clock_h >= end - _CLOCK_TOL_H, f"process time {end:g} h"
             )
         )
+        self._check_same_batch(self._status())
         self.time_h = end
         return self._take()
+
+    def _check_same_batch(self, status: PlantStatus) -> None:
+        """The plant must still run the batch the loop started on: a restarted plant (new
+        BatchId or BatchStartTime, its clock behind the loop's) ends the step with an error
+        instead of continuing the record on another culture."""
+        changed = status.batch_id != self._plant_id or (
+            self._batch_start is not None
+            and status.batch_start is not None
+            and status.batch_start != self._batch_start
+        )
+        if changed or status.clock_h < self.time_h - _CLOCK_TOL_H:
+            raise PlantIOError(
+                f"{self.unit}: the plant now runs batch {status.batch_id} (started "
+                f"{status.batch_start}, clock {status.clock_h:.3f} h), not {self._plant_id} "
+                f"(started {self._batch_start}) at {self.time_h:.3f} h: it restarted or was "
+                "reset; this batch's record ends here."
+            )
 
     def true_values(self) -> dict[str, float]:
         """The true state from ``truth`` or, without it, the latest good measurements;

@@ -168,3 +168,63 @@ def test_step_refuses_to_write_when_the_operator_took_the_unit_back(
             assert len(thread.writes) == writes  # nothing written
     finally:
         thread.close()
+
+
+@pytest.mark.slow
+def test_a_restarted_plant_ends_the_batch_instead_of_continuing_it(
+    tmp_path: Path, pki: Path
+) -> None:
+    """The simulator restarts as another batch (new BatchId, clock back at 0) on the same
+    endpoint; once the operator grants Remote again, the next step raises instead of
+    continuing the record on the new culture (an outsider's finding). A closed plant cannot
+    be reopened."""
+    (port,) = free_ports(1)
+
+    def config(seed: int) -> SimulatorConfig:
+        return SimulatorConfig(
+            port=port, printer_port=0, units=1, speed=SPEED, patient_seed=seed, pki=pki,
+            heartbeat_timeout_s=5.0, plant_step_h=1.0,
+        )  # fmt: skip
+
+    threads = [PlantThread(config(7), paused=True).start()]
+
+    def pace(end_h: float) -> None:
+        thread = threads[-1]
+        start = getattr(thread, "origin", None)
+        if start is None:
+            start = thread.origin = thread.gate()  # type: ignore[attr-defined]
+        thread.gate.limit = start + (end_h + 0.5) * 3600.0 / SPEED
+        thread.gate.resume()
+
+    def grant(site: object) -> None:
+        status = asyncio.run(grant_remote(site, "BR01", PASSWORDS["operator"], timeout_s=60.0))  # type: ignore[arg-type]
+        assert status == "Good"
+
+    try:
+        site = write_sim_site(
+            tmp_path / "site.toml", endpoint=threads[0].endpoint, pki=pki, units=["BR01"]
+        )
+        plant = OpcUaPlant(site, "BR01", pace=pace, timeout_s=60.0)
+        worker = threading.Thread(target=grant, args=(site,))
+        worker.start()
+        with plant.open():
+            worker.join(70)
+            low = {n: plant.bounds[n][0] for n in plant.input_names}
+            plant.step(low, 1.0)
+            plant.step(low, 1.0)
+            first = plant.plant_id
+            threads[0].close()
+            threads.append(PlantThread(config(8), paused=True).start())
+            wait_until(lambda: plant.status().connected, 60, "the reconnect")
+            grant(site)
+            wait_until(lambda: plant.status().remote, 60, "Remote again")
+            writes = len(threads[-1].writes)
+            with pytest.raises(PlantIOError, match="restarted or was reset"):
+                plant.step(low, 1.0)
+            assert len(threads[-1].writes) == writes  # nothing written to the new batch
+            assert plant.plant_id == first
+        with pytest.raises(PlantIOError, match="closed"):
+            plant.open()
+    finally:
+        for thread in threads:
+            thread.close()
