@@ -28,7 +28,7 @@ import glob
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ __all__ = [
     "LogNoiseModel",
     "causal_log_cells",
     "estimate_log_noise",
+    "forecast_windows",
     "growth_rate_observations",
     "load_batch_records",
     "read_batch_record",
@@ -255,6 +256,24 @@ def load_batch_records(
         else mapping
     )
     return [read_batch_record(p, model, mapping=rmap) for p in paths]
+
+
+def forecast_windows(
+    t: FloatArray, horizon_h: float, every_h: float, first_h: float = 24.0
+) -> Iterator[tuple[int, int]]:
+    """Start and end row ``(i, end)`` of each ``horizon_h``-ahead prediction of a record with
+    times ``t``: from day 1 (``first_h`` after the first row), one start every ``every_h``
+    hours, while a row lies exactly ``horizon_h`` after the start (the validations of
+    ``hmpc fit`` and ``hmpc calibrate`` use the same windows)."""
+    next_start = t[0] + first_h
+    for i in range(len(t)):
+        if t[i] < next_start - 1e-9:
+            continue
+        end = int(np.searchsorted(t, t[i] + horizon_h - 1e-9))
+        if end >= len(t) or abs(t[end] - t[i] - horizon_h) > 1e-6:
+            return
+        next_start = t[i] + every_h
+        yield i, end
 
 
 def _assay_series(record: BatchRecord, name: str, times: FloatArray, default: float) -> FloatArray:

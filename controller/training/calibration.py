@@ -1049,6 +1049,7 @@ def validate_24h_mechanistic(
     from controller.training.batches import (
         TRUE_CELLS_KEY,
         causal_log_cells,
+        forecast_windows,
         reconstruct_states,
     )
     from plant_models.hybrid import discretize
@@ -1063,14 +1064,7 @@ def validate_24h_mechanistic(
         x = reconstruct_states(rec, first)
         t = rec.steps["time"].to_numpy(float)
         u = rec.steps[list(first.input_names)].to_numpy(float)
-        next_start = t[0] + 24.0
-        for i in range(len(t)):
-            if t[i] < next_start - 1e-9:
-                continue
-            end = int(np.searchsorted(t, t[i] + horizon_h - 1e-9))
-            if end >= len(t) or abs(t[end] - t[i] - horizon_h) > 1e-6:
-                break
-            next_start = t[i] + every_h
+        for i, end in forecast_windows(t, horizon_h, every_h):
             log_start, _ = causal_log_cells(rec, i, smoothing_h)
             x0 = x[i].copy()
             x0[i_cells] = math.exp(log_start)

@@ -637,6 +637,7 @@ def validate_24h(
         TRUE_CELLS_KEY,
         causal_log_cells,
         estimate_log_noise,
+        forecast_windows,
         growth_rate_observations,
         reconstruct_states,
     )
@@ -691,17 +692,10 @@ def validate_24h(
         online = population
         online_steps: dict[float, Any] = {}
         used = 0
-        next_start = t[0] + 24.0
         adapt_theta = None
         meas_cells = np.maximum(x[:, i_cells], 1e-9)
         log_meas, log_sd = np.log(meas_cells), np.sqrt(noise.variance(meas_cells))
-        for i in range(len(t)):
-            if t[i] < next_start - 1e-9:
-                continue
-            end = int(np.searchsorted(t, t[i] + horizon_h - 1e-9))
-            if end >= len(t) or abs(t[end] - t[i] - horizon_h) > 1e-6:
-                break
-            next_start = t[i] + every_h
+        for i, end in forecast_windows(t, horizon_h, every_h):
             fresh = own.iloc[used:]
             fresh = fresh[fresh["available"] <= t[i] + 1e-9]
             if len(fresh):
