@@ -31,6 +31,7 @@ from typing import Any, Self, TypeVar
 from controller.numerics.measurements import Measurement
 from controller.runtime.plant_io import (
     COMM_ERRORS,
+    BatchContinuity,
     OpcUaConnection,
     OpcUaPlantIO,
     PlantStatus,
@@ -108,7 +109,7 @@ class OpcUaPlant:
         self._io: OpcUaPlantIO | None = None
         self._opened = False
         self._plant_id = self.config.batch_id or self.config.name
-        self._batch_start: Any = None
+        self._continuity = BatchContinuity()
 
     # -- life cycle --------------------------------------------------------------------
     def open(self) -> Self:
@@ -134,7 +135,7 @@ class OpcUaPlant:
         self._set_bounds()
         self.time_h = self._status().clock_h
         self._plant_id = self._status().batch_id
-        self._batch_start = self._status().batch_start
+        self._continuity.check(self._status())  # marks the batch
         return self
 
     def close(self) -> None:
@@ -234,20 +235,14 @@ class OpcUaPlant:
         return self._take()
 
     def _check_same_batch(self, status: PlantStatus) -> None:
-        """The plant must still run the batch the loop started on: a restarted plant (new
-        BatchId or BatchStartTime, its clock behind the loop's) ends the step with an error
-        instead of continuing the record on another culture."""
-        changed = status.batch_id != self._plant_id or (
-            self._batch_start is not None
-            and status.batch_start is not None
-            and status.batch_start != self._batch_start
-        )
-        if changed or status.clock_h < self.time_h - _CLOCK_TOL_H:
+        """The plant must still run the batch the loop started on (the runtime's
+        :class:`BatchContinuity`): a restarted plant ends the step with an error instead of
+        continuing the record on another culture."""
+        why = self._continuity.check(status)
+        if why:
             raise PlantIOError(
-                f"{self.unit}: the plant now runs batch {status.batch_id} (started "
-                f"{status.batch_start}, clock {status.clock_h:.3f} h), not {self._plant_id} "
-                f"(started {self._batch_start}) at {self.time_h:.3f} h: it restarted or was "
-                "reset; this batch's record ends here."
+                f"{self.unit}: {why}: the plant restarted or was reset; this batch's record "
+                "ends here."
             )
 
     def true_values(self) -> dict[str, float]:

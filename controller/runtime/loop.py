@@ -41,7 +41,13 @@ from controller.numerics.validation import MeasurementValidator, ValidationSetti
 from controller.records.audit import AuditTrail
 from controller.records.historian import Historian, WriteIntent, config_event
 from controller.records.steps import EventRecord, MeasurementRecord, SetpointRecord, StepRecord
-from controller.runtime.plant_io import PlantIO, PlantLimits, PlantStatus
+from controller.runtime.plant_io import (
+    START_TOLERANCE_S,
+    BatchContinuity,
+    PlantIO,
+    PlantLimits,
+    PlantStatus,
+)
 from controller.runtime.site import SetpointTag
 from plant_models.errors import PlantIOError
 
@@ -59,8 +65,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _EPS = 1e-6
-#: BatchStartTime differences below this are clock noise, not another batch, s
-_START_TOLERANCE_S = 1.0
 #: After (re-)engagement a setpoint with no finite rate limit (neither the plant's nor the
 #: site file's) moves at most span / this many periods per cycle while this many periods
 #: pass (when no engagement ramp is configured): a resumed controller never jumps a
@@ -264,7 +268,7 @@ class UnitLoop:
         #: the plant's batch as last seen (BatchId, BatchStartTime, latest process time):
         #: a later status that contradicts it is a different plant (see _discontinuity)
         self._plant_batch = ""
-        self._plant_mark: tuple[str, datetime | None, float] | None = None
+        self._continuity = BatchContinuity()
         #: printer coordination (default: attached at start when the site has a [printer])
         self.printing = printing
         #: crash-safe restart (controller.runtime.restart.Checkpoint): state saved after
@@ -480,31 +484,8 @@ class UnitLoop:
     # -- a restarted or replaced plant -----------------------------------------------------
     def _discontinuity(self, st: PlantStatus) -> str:
         """Why ``st`` cannot be the plant of the batch this loop controls ("" when it can):
-        its BatchId or BatchStartTime changed, or its process time went backwards."""
-        if not math.isfinite(st.clock_h):
-            return ""
-        if self._plant_mark is None:
-            self._plant_mark = (st.batch_id, st.batch_start, st.clock_h)
-            return ""
-        batch, start, clock = self._plant_mark
-        if st.batch_id != batch:
-            return f"the plant's BatchId changed from {batch!r} to {st.batch_id!r}"
-        if (
-            start is not None
-            and st.batch_start is not None
-            and abs((st.batch_start - start).total_seconds()) > _START_TOLERANCE_S
-        ):
-            return (
-                f"the plant's BatchStartTime changed from {start.isoformat()} to "
-                f"{st.batch_start.isoformat()} under BatchId {batch!r}"
-            )
-        if st.clock_h < clock - _EPS:
-            return (
-                f"the plant's process time went back from {clock:.3f} h to {st.clock_h:.3f} h "
-                f"under BatchId {batch!r}"
-            )
-        self._plant_mark = (batch, start or st.batch_start, max(clock, st.clock_h))
-        return ""
+        :class:`~controller.runtime.plant_io.BatchContinuity`."""
+        return self._continuity.check(st)
 
     async def _stop_at_discontinuity(self, why: str, st: PlantStatus) -> None:
         """A different plant: write nothing more, hand the unit back to Local, raise one
@@ -519,7 +500,8 @@ class UnitLoop:
                 handed = f"handed back to Local ({await self.io.hand_back()})"
             except PlantIOError as exc:
                 handed = f"hand-back failed ({exc}); the plant's watchdog sheds it"
-        last_t = self._plant_mark[2] if self._plant_mark is not None else math.nan
+        mark = self._continuity.mark
+        last_t = mark[2] if mark is not None else math.nan
         self.summary.ended = "discontinuity"
         self._event(
             "discontinuity",
@@ -595,7 +577,7 @@ class UnitLoop:
         known = next((s for s in reversed(starts) if s), None)
         if known and st.batch_start is not None:
             recorded = datetime.fromisoformat(known)
-            if abs((st.batch_start - recorded).total_seconds()) > _START_TOLERANCE_S:
+            if abs((st.batch_start - recorded).total_seconds()) > START_TOLERANCE_S:
                 return (
                     f"the plant's BatchStartTime {st.batch_start.isoformat()} is not the "
                     f"recorded {recorded.isoformat()} of batch record {record!r}"

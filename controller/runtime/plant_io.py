@@ -125,6 +125,48 @@ class PlantLimits:
     fallback: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
+#: BatchStartTime differences below this are rounding, not another batch, s
+START_TOLERANCE_S = 1.0
+
+
+class BatchContinuity:
+    """Whether the plant is still the one a batch started on: the first status with a
+    known clock marks it (BatchId, BatchStartTime, process time); :meth:`check` then says
+    why a later status is another plant ('' when it is not): a changed BatchId, a
+    BatchStartTime moved by more than :data:`START_TOLERANCE_S`, or a process time that
+    went backwards (a restarted or reset plant). Used by the control loop and by the
+    closed loop's OPC UA plant."""
+
+    def __init__(self) -> None:
+        self.mark: tuple[str, datetime | None, float] | None = None
+
+    def check(self, st: PlantStatus) -> str:
+        if not math.isfinite(st.clock_h):
+            return ""
+        if self.mark is None:
+            self.mark = (st.batch_id, st.batch_start, st.clock_h)
+            return ""
+        batch, start, clock = self.mark
+        if st.batch_id != batch:
+            return f"the plant's BatchId changed from {batch!r} to {st.batch_id!r}"
+        if (
+            start is not None
+            and st.batch_start is not None
+            and abs((st.batch_start - start).total_seconds()) > START_TOLERANCE_S
+        ):
+            return (
+                f"the plant's BatchStartTime changed from {start.isoformat()} to "
+                f"{st.batch_start.isoformat()} under BatchId {batch!r}"
+            )
+        if st.clock_h < clock - 1e-6:
+            return (
+                f"the plant's process time went back from {clock:.3f} h to {st.clock_h:.3f} h "
+                f"under BatchId {batch!r}"
+            )
+        self.mark = (batch, start or st.batch_start, max(clock, st.clock_h))
+        return ""
+
+
 class PlantIO(Protocol):
     """What the control loop needs of a plant (OPC UA, or an in-process simulation)."""
 
